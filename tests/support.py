@@ -99,8 +99,9 @@ class Daemon:
     def signal(self, sig):
         self.proc.send_signal(sig)
 
-    def stop(self, sig=signal.SIGTERM, timeout=40):
+    def stop(self, sig=None, timeout=40):
         """Stop the daemon (SIGTERM by default) and return its exit code."""
+        sig = signal.SIGTERM if sig is None else sig  # (in the class body, `signal` is the method above)
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
