@@ -29,7 +29,8 @@ USER_ID = "256ebe90-c0c8-11ec-9fcd-0648baddf8b3"
 
 class FakeIconik:
     """iconik's API on loopback. ``assets`` {id: AssetSchema dict}, ``proxies`` {asset id: [ProxySchema]},
-    ``analyze_calls`` (support.Recorded, in order), ``seen`` (every request)."""
+    ``analyze_calls`` (the analyze requests iconik took, as support.Recorded, in order; a "drop" counts,
+    a scripted or auth failure does not), ``seen`` (every request)."""
 
     def __init__(self, app_id="app-id-1", auth_token="auth-token-1"):
         self.app_id, self.auth_token = app_id, auth_token
@@ -129,6 +130,8 @@ class FakeIconik:
         return 405, {"errors": ["Method not allowed"]}
 
     def _analyze(self, rec, asset_id):
+        if not is_analyze_body(rec.body):
+            return 400, {"errors": ["Bad request"]}
         with self._lock:
             scripted = self._script.pop(0) if self._script else None
             if scripted is not None and scripted != "drop":
@@ -159,6 +162,17 @@ class FakeIconik:
                 if proxy["id"] == proxy_id:
                     return 200, dict(proxy)
             return 404, {"errors": ["Proxy for this asset doesn't exist"]}
+
+
+def is_analyze_body(body):
+    """Empty, or a JSON object with only AnalyzeSchema's optional fields."""
+    if not body:
+        return True
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(value, dict) and set(value) <= {"force", "force_type", "service_name"}
 
 
 # -- iconik's side of a webhook ----------------------------------------------------------------------

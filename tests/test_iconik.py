@@ -124,6 +124,47 @@ class StateMachineTest(unittest.TestCase):
         self.assertIsNone(self.step(iconik.on_proxy_closed, "a")[0])
 
 
+class FakeIconikTest(unittest.TestCase):
+    """The fake answers as upstreams.md §1.5 says, so the end-to-end tests below mean something."""
+
+    def setUp(self):
+        self.fake = FakeIconik()
+        self.addCleanup(self.fake.close)
+        self.auth = {"App-ID": self.fake.app_id, "Auth-Token": TOKEN, "Content-Type": "application/json"}
+
+    def call(self, method, path, headers=None, body=b"{}"):
+        status, _, raw = support.request(method, self.fake.url + path, body if method == "POST" else None,
+                                         self.auth if headers is None else headers)
+        return status, json.loads(raw)
+
+    def test_analyze_needs_both_headers_and_a_known_asset(self):
+        asset = self.fake.add_asset()
+        path = ANALYZE + asset["id"] + "/"
+        for headers in ({}, {"App-ID": self.fake.app_id}, {"Auth-Token": TOKEN},
+                        dict(self.auth, **{"Auth-Token": "x"})):
+            self.assertEqual(self.call("POST", path, headers), (401, {"errors": ["Token is invalid"]}))
+        self.assertEqual(self.call("POST", ANALYZE + "no-such-asset/")[0], 404)
+        status, job = self.call("POST", path + "profiles/default/")
+        self.assertEqual((status, job["status"]), (201, "STARTED"))
+        self.assertEqual(self.call("GET", "/API/assets/v1/assets/%s/" % asset["id"])[1]["analyze_status"],
+                         "REQUESTED")
+
+    def test_old_videointel_path_is_404(self):
+        asset = self.fake.add_asset()
+        status, _ = self.call("POST", "/API/transcode/v1/videointel/assets/%s/" % asset["id"])
+        self.assertEqual(status, 404)
+        self.assertEqual(self.fake.analyze_calls, [])
+
+    def test_proxies_list(self):
+        asset = self.fake.add_asset()
+        proxy = self.fake.add_proxy(asset["id"])
+        status, page = self.call("GET", "/API/files/v1/assets/%s/proxies/" % asset["id"])
+        self.assertEqual((status, page["total"], page["objects"][0]["status"]), (200, 1, "CLOSED"))
+        self.assertEqual(self.call("GET", "/API/files/v1/assets/%s/proxies/%s/" % (asset["id"], proxy["id"]))[0],
+                         200)
+        self.assertEqual(self.call("GET", "/API/files/v1/assets/nope/proxies/")[0], 404)
+
+
 # -- end to end --------------------------------------------------------------------------------------------
 
 class DaemonCase(unittest.TestCase):
