@@ -1,0 +1,358 @@
+"""Preservica webhooks (v6.8+): the subscription handshake, signed event deliveries, thumbnails and Teams cards.
+
+Strategy: ``accept`` runs on the request thread and never touches the network. A POST carrying
+``?challengeCode=C`` is the subscription handshake and is answered at once with
+``{"challengeCode": C, "challengeResponse": hex(HMAC-SHA256(secret, C))}``, before and without any
+signature check. Any other POST must carry ``Preservica-Signature`` = hex HMAC-SHA256(secret,
+``b"preservica-webhook-auth"`` + the raw body bytes), compared in constant time; then each element of
+``events[]`` becomes its own stored job (payload = the envelope's fields plus ``"event": element``), so
+one failing asset never holds up the others. On a worker, ``run`` does the ``thumbnail`` action itself
+(log in, cache the token, fetch, write atomically); ``teams``, ``command`` and ``forward`` are the core's
+generic actions, run afterwards in the order the ``actions`` key lists them, and ``card`` tells the Teams
+action what to say. Wire facts: reference/upstreams.md §2 (pyPreservica ``webHooksAPI.py``,
+developers.preservica.com access-token API).
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+
+from hookd_core import http
+from hookd_core.actions import retry_after
+from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Reject,
+                            Response, Retry, dedupe_key)
+
+SIGNATURE_PREFIX = b"preservica-webhook-auth"
+# The handshake signs any code it is given; a code that begins like a signed event body would turn the
+# handshake into a signing oracle for forged events, so such codes are refused.
+MAX_CHALLENGE = 512        # characters; real codes are short random strings
+MAX_EVENTS = 1000          # elements per delivery; a bigger array is not something Preservica sends
+API_TIMEOUT = 30           # seconds for each call to the Preservica API
+MAX_ENTITY_XML = 1 << 20   # bytes of entity XML read for the card's title
+TOKEN_MARGIN = 60          # seconds before validFor runs out that a cached token is dropped
+ACTIONS = ("thumbnail", "teams", "command", "forward")
+GENERIC = {"teams": "teams.url", "command": "command", "forward": "forward"}
+SIZES = ("small", "medium", "large")
+THUMB_TYPES = {"IO": "IO", "SO": "SO"}  # entity types the thumbnail API knows; CO has none
+TRIGGER_WORDS = {
+    "FULL_TEXT_INDEXED": "ingested and indexed",
+    "MOVED": "moved",
+    "INGEST_FAILED": "failed to ingest",
+    "CHANGED_SECURITY_DESCRIPTOR": "security descriptor changed",
+    "CHANGE_ASSET_VISIBILITY": "visibility changed",
+}
+ENTITY_PATHS = {"IO": "information-objects", "SO": "structural-objects", "CO": "content-objects"}
+ENTITY_WORDS = {"IO": "asset", "SO": "folder", "CO": "content object"}
+
+
+def sign(secret, message):
+    """Lower-case hex HMAC-SHA256 of ``message`` (bytes or str, UTF-8) under ``secret``."""
+    if isinstance(message, str):
+        message = message.encode("utf-8")
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def safe_name(ref):
+    """``ref`` as a file name that cannot leave its directory: only [A-Za-z0-9_.-], no leading dot."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", ref)[:200].lstrip(".")
+    if not name:
+        raise Fail("entity reference %r cannot be used as a file name" % ref[:80])
+    return name
+
+
+def trigger_of(payload):
+    """The event's trigger: the per-event ``event`` field [U], else the envelope's ``trigger``."""
+    event = payload.get("event") or {}
+    return str(event.get("event") or payload.get("trigger") or "UNKNOWN")
+
+
+class Handler(Integration):
+    SECTION = "preservica"
+    route = "/preservica"
+    KEYS = {
+        "secret.key": REQUIRED,
+        "server": "",
+        "username": "",
+        "password": "",
+        "tenant": "",
+        "actions": "",
+        "thumbnail.size": "large",
+        "thumbnail.dir": "",
+    }
+    SECRET_KEYS = ("secret.key", "password")
+
+    def __init__(self, name, conf, app):
+        super().__init__(name, conf, app)
+        self._token = None
+        self._token_until = 0.0
+        self._token_lock = threading.Lock()
+        unlisted = [n for n, key in GENERIC.items() if conf.get(key) and n not in self.wanted()]
+        if unlisted and getattr(app, "log", None):
+            app.log.warning("[%s] %s configured but not in actions; they will not run",
+                            name, ", ".join(unlisted))
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def wanted(self):
+        """The ``actions`` key as a list of names, in the order given."""
+        return [a.lower() for a in self.conf.list("actions")]
+
+    def check(self):
+        problems = []
+        wanted = self.wanted()
+        for name in wanted:
+            if name not in ACTIONS:
+                problems.append("[%s] actions: unknown action %r (known: %s)" % (
+                    self.name, name, ", ".join(ACTIONS)))
+            elif name in GENERIC and not self.conf.get(GENERIC[name]):
+                problems.append("[%s] actions lists %s but %s is empty" % (self.name, name, GENERIC[name]))
+        if "thumbnail" in wanted:
+            for key in ("server", "username", "password"):
+                if not self.conf.get(key):
+                    problems.append("[%s] actions lists thumbnail but %s is empty" % (self.name, key))
+            if self.conf.get("thumbnail.size") not in SIZES:
+                problems.append("[%s] thumbnail.size must be one of %s" % (self.name, ", ".join(SIZES)))
+        server = self.conf.get("server")
+        if server and urllib.parse.urlsplit(server).scheme not in ("http", "https"):
+            problems.append("[%s] server must be an http(s):// URL" % self.name)
+        return problems
+
+    def actions(self):
+        """The generic actions named in ``actions``, in that order; an empty key runs none."""
+        return [name for name in self.wanted() if name in GENERIC]
+
+    # -- request thread ------------------------------------------------------------------------------
+
+    def accept(self, req):
+        if "challengeCode" in req.query:
+            return self.challenge(req.query1("challengeCode", ""))
+        self.verify(req)
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+            raise BadPayload("body is not an object with an events array")
+        events = body["events"]
+        if not events:
+            return Response(200, {"success": True, "status": "empty", "ids": []})
+        if len(events) > MAX_EVENTS:
+            raise BadPayload("more than %d events in one delivery" % MAX_EVENTS)
+        envelope = {k: v for k, v in body.items() if k != "events"}
+        return [self.new_event(req, envelope, element, i) for i, element in enumerate(events)]
+
+    def challenge(self, code):
+        """The subscription handshake: echo the code with its HMAC (SPEC §5.1, upstreams.md §2.2)."""
+        if len(code) > MAX_CHALLENGE:
+            raise Reject("challengeCode longer than %d characters" % MAX_CHALLENGE)
+        if code.startswith(SIGNATURE_PREFIX.decode("ascii")):
+            raise Reject("challengeCode looks like a signed event body; refused")
+        answer = {"challengeCode": code, "challengeResponse": sign(self.conf.get("secret.key"), code)}
+        return Response(200, json.dumps(answer).encode("utf-8"))
+
+    def verify(self, req):
+        """Constant-time check of Preservica-Signature over the exact bytes received, or 401."""
+        given = (req.headers.get("Preservica-Signature") or "").strip().lower()
+        if not given:
+            raise BadSignature("Preservica-Signature header missing")
+        expected = sign(self.conf.get("secret.key"), SIGNATURE_PREFIX + req.body)
+        if not hmac.compare_digest(expected.encode("ascii"), given.encode("utf-8", "replace")):
+            raise BadSignature("Preservica-Signature does not match")
+
+    def new_event(self, req, envelope, element, index):
+        """One NewEvent for ``events[index]``: its own dedupe key and one serial lane per entity."""
+        if not isinstance(element, dict):
+            raise BadPayload("events[%d] is not an object" % index)
+        ref = element.get("entityRef")
+        if not isinstance(ref, str) or not ref.strip():
+            raise BadPayload("events[%d] has no entityRef" % index)
+        payload = dict(envelope, event=element)
+        return NewEvent(payload, self.event_key(req, payload, index), "%s:%s" % (self.name, ref))
+
+    def event_key(self, req, payload, index):
+        """The dedupe key of one element. With the section's ``dedupe`` rule: that rule's key plus the
+        element's position. Otherwise a hash of the subscription, timestamp, trigger and the element, so a
+        redelivery is recognised and a later event about the same asset is not (no timestamp: the body
+        hash joins in)."""
+        rule = self.conf.get("dedupe")
+        if rule:
+            key = dedupe_key(rule, req)
+            return None if key is None else "%s#%d" % (key, index)
+        material = {k: payload.get(k) for k in ("subscriptionId", "timestamp", "trigger", "event")}
+        if not payload.get("timestamp"):
+            material["body"] = hashlib.sha256(req.body).hexdigest()
+            material["index"] = index
+        digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+        return "pv:%s:%s" % (payload["event"]["entityRef"][:80], digest[:32])
+
+    # -- worker thread -------------------------------------------------------------------------------
+
+    def run(self, ctx):
+        if "thumbnail" not in self.wanted():
+            return None
+        return self.thumbnail(ctx)
+
+    def thumbnail(self, ctx):
+        """Fetch the entity's thumbnail and write ``thumbnail.dir/REF.jpg|.png``; a 404 is done."""
+        event = ctx.payload["event"]
+        ref, kind = event["entityRef"], str(event.get("entityType") or "IO").upper()
+        if kind not in THUMB_TYPES:
+            return "no thumbnail for entity type %s" % kind
+        query = urllib.parse.urlencode({"id": "sdb:%s|%s" % (THUMB_TYPES[kind], ref),
+                                        "size": self.conf.get("thumbnail.size")})
+        reply = self.api_get("/api/content/thumbnail?" + query, "image/png, image/jpeg, image/*")
+        if reply.status == 404:
+            ctx.log.info("preservica: no thumbnail for sdb:%s|%s", kind, ref)
+            return "no thumbnail for sdb:%s|%s" % (kind, ref)
+        if reply.status != 200:
+            raise self.failure("thumbnail", reply)
+        if not reply.body:
+            raise Retry("thumbnail for %s came back empty" % ref)
+        path = self.write_thumbnail(ref, reply.headers.get("Content-Type", ""), reply.body)
+        ctx.log.info("preservica: thumbnail %s (%d bytes)", path, len(reply.body))
+        return "thumbnail %s" % os.path.basename(path)
+
+    def write_thumbnail(self, ref, content_type, data):
+        """Write ``data`` atomically as REF.png (Content-Type image/png) or REF.jpg; return the path."""
+        folder = self.thumbnail_dir()
+        os.makedirs(folder, exist_ok=True)
+        ext = ".png" if content_type.split(";")[0].strip().lower() == "image/png" else ".jpg"
+        name = safe_name(ref)
+        path = os.path.join(folder, name + ext)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=ext)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        other = os.path.join(folder, name + (".jpg" if ext == ".png" else ".png"))
+        if os.path.exists(other):
+            os.unlink(other)  # the asset's thumbnail changed type; keep only the current one
+        return path
+
+    def thumbnail_dir(self):
+        """``thumbnail.dir`` (relative paths are below state_dir), default ``state_dir/thumbnails``."""
+        folder = self.conf.get("thumbnail.dir") or "thumbnails"
+        return os.path.join(self.app.state_dir, os.path.expanduser(folder))
+
+    # -- the Teams card ------------------------------------------------------------------------------
+
+    def card(self, ctx):
+        """Trigger, entity type, reference and title (read from Preservica when credentials are set)."""
+        payload = ctx.payload
+        event = payload.get("event") or {}
+        ref, kind = str(event.get("entityRef", "")), str(event.get("entityType") or "IO").upper()
+        trigger = trigger_of(payload)
+        title = self.title_of(ctx, kind, ref)
+        facts = [("Trigger", trigger), ("Entity type", kind), ("Reference", ref),
+                 ("Title", title or "(unknown)")]
+        for key, label in (("tenant", "Tenant"), ("timestamp", "Time")):
+            if payload.get(key):
+                facts.append((label, str(payload[key])))
+        words = TRIGGER_WORDS.get(trigger, trigger.lower().replace("_", " "))
+        what = "Preservica: %s %s" % (ENTITY_WORDS.get(kind, "entity"), words)
+        return {"title": "%s: %s" % (what, title) if title else what,
+                "facts": facts,
+                "text": "%s (%s) %s" % (title, ref, words) if title else "%s %s" % (ref, words)}
+
+    def title_of(self, ctx, kind, ref):
+        """The entity's Title from ``GET /api/entity/{kind path}/REF``, or None (no credentials, failure)."""
+        if not (self.conf.get("server") and self.conf.get("username") and ENTITY_PATHS.get(kind)):
+            return None
+        try:
+            reply = self.api_get("/api/entity/%s/%s" % (ENTITY_PATHS[kind], urllib.parse.quote(ref, safe="")),
+                                 "application/xml", max_body=MAX_ENTITY_XML)
+            if reply.status != 200:
+                raise self.failure("entity", reply)
+            return xml_title(reply.body)
+        except (Retry, Fail, ET.ParseError) as e:
+            ctx.log.warning("preservica: title of %s not read: %s", ref, e)
+            return None
+
+    # -- the Preservica API --------------------------------------------------------------------------
+
+    def api_get(self, path, accept, max_body=http.MAX_REPLY):
+        """GET ``server + path`` with the cached token; on a 401 log in again once and repeat."""
+        for fresh in (False, True):
+            token = self.token(renew=fresh)
+            reply = http.request("GET", self.url(path), headers={
+                "Preservica-Access-Token": token, "Accept": accept},
+                timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
+            if reply.status != 401:
+                return reply
+            self.drop_token(token)
+        raise Fail("Preservica answered 401 to %s even after a new login" % path.split("?")[0])
+
+    def token(self, renew=False):
+        """A valid access token: the cached one, or a new login (one at a time per handler)."""
+        with self._token_lock:
+            if renew or not self._token or time.monotonic() >= self._token_until:
+                self._token, self._token_until = self.login()
+            return self._token
+
+    def drop_token(self, token):
+        with self._token_lock:
+            if self._token == token:
+                self._token = None
+
+    def login(self):
+        """``POST /api/accesstoken/login`` (form fields); returns (token, monotonic expiry)."""
+        form = {"username": self.conf.get("username"), "password": self.conf.get("password")}
+        if self.conf.get("tenant"):
+            form["tenant"] = self.conf.get("tenant")
+        reply = http.request("POST", self.url("/api/accesstoken/login"), headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+            body=urllib.parse.urlencode(form), timeout=API_TIMEOUT, allowed_hosts=[self.host()])
+        if reply.status != 200:
+            raise self.failure("login", reply)
+        doc = reply.json()
+        token = doc.get("token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise Fail("Preservica login answered 200 without a token")
+        try:
+            lifetime = float(doc.get("validFor", 15)) * 60
+        except (TypeError, ValueError):
+            lifetime = 15 * 60
+        margin = min(TOKEN_MARGIN, lifetime / 4)
+        return token, time.monotonic() + lifetime - margin
+
+    def failure(self, what, reply):
+        """The job outcome for an unexpected API status: 5xx/429 retry, other statuses fail."""
+        reason = "Preservica %s answered %d%s" % (what, reply.status, api_message(reply))
+        if reply.status >= 500 or reply.status in (408, 429):
+            return Retry(reason, after=retry_after(reply))
+        return Fail(reason)
+
+    def url(self, path):
+        return self.conf.get("server").rstrip("/") + path
+
+    def host(self):
+        return urllib.parse.urlsplit(self.conf.get("server")).hostname or ""
+
+
+def api_message(reply):
+    """``: message`` from a Preservica JSON error body (e.g. login's 401), or empty."""
+    try:
+        doc = json.loads(reply.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    message = doc.get("message") if isinstance(doc, dict) else None
+    return ": %s" % str(message)[:200] if message else ""
+
+
+def xml_title(data):
+    """The first ``Title`` element's text in an EntityAPI answer (any XIP namespace version), or None."""
+    root = ET.fromstring(data)
+    for elem in root.iter():
+        if elem.tag.rsplit("}", 1)[-1] == "Title" and elem.text and elem.text.strip():
+            return elem.text.strip()
+    return None
