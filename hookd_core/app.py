@@ -1,0 +1,300 @@
+"""The App: configuration, the integrations found in ``handlers/``, the store, and the daemon's lifecycle.
+
+Strategy: ``App.load(path)`` reads the file, imports every module in ``handlers/`` and builds one
+``Handler`` per matching section, collecting problems (fatal) and warnings (logged). ``serve()`` opens the
+store (requeueing events a crash left 'running'), starts the worker pool and the HTTP server on a
+thread, then keeps the main thread for signals: handlers only put the signal on a queue (no logging in
+a signal handler), and the main loop acts on it: SIGTERM/SIGINT stop intake and drain within
+``shutdown_grace``; SIGHUP reloads the configuration in place. The same App, without ``serve()``, backs
+the CLI subcommands, so they work on the daemon's state directory while it runs.
+"""
+
+import importlib
+import ipaddress
+import hmac
+import json
+import os
+import pkgutil
+import queue
+import signal
+import ssl
+import threading
+
+from . import config as config_mod
+from . import logs, systemd_glue
+from .api import Integration, NewEvent, dedupe_key
+from .metrics import Metrics
+from .store import Store
+from .workers import Pool
+
+
+def discover():
+    """{SECTION: Handler class} for every module in handlers/ (modules starting with _ are skipped)."""
+    import handlers
+    found = {}
+    for info in pkgutil.iter_modules(handlers.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module("handlers." + info.name)
+        cls = getattr(mod, "Handler", None)
+        if cls is None or not issubclass(cls, Integration) or not cls.SECTION:
+            continue
+        if cls.SECTION in found:
+            raise SystemExit("handlers/%s.py: section %s is already taken" % (info.name, cls.SECTION))
+        found[cls.SECTION] = cls
+    return found
+
+
+def handler_for(section, classes):
+    if section in classes:
+        return classes[section]
+    for name, cls in classes.items():
+        if name.endswith(":") and section.startswith(name) and len(section) > len(name):
+            return cls
+    return None
+
+
+class App:
+    def __init__(self, path):
+        self.path = path
+        self.log = logs.setup("text")
+        self.stopping = threading.Event()
+        self.metrics = Metrics()
+        self.store = None
+        self.pool = None
+        self.server = None
+        self.integrations = []
+        self.problems, self.warnings = [], []
+        self.classes = discover()
+        self._signals = queue.SimpleQueue()
+        self.load()
+
+    # -- configuration ------------------------------------------------------------------------------
+    def load(self):
+        """(Re)read the configuration; sets settings, integrations, problems, warnings."""
+        problems, warnings = [], []
+        try:
+            cfg = config_mod.load(self.path)
+        except config_mod.ConfigError as e:
+            self.problems, self.warnings = [str(e)], []
+            return False
+        warnings.extend(cfg.warnings)
+        settings = config_mod.make_section("hookd", cfg.raw.get("hookd", {}), config_mod.HOOKD_KEYS, problems,
+                                           warnings)
+        integrations = []
+        for name in cfg.section_names():
+            cls = handler_for(name, self.classes)
+            if cls is None:
+                warnings.append("unknown section [%s] (ignored)" % name)
+                continue
+            keys = dict(config_mod.ACTION_KEYS)
+            keys.update(cls.KEYS)
+            conf = config_mod.make_section(name, cfg.raw[name], keys, problems, warnings)
+            integ = cls(name, conf, self)
+            try:
+                problems.extend(integ.check())
+            except config_mod.ConfigError as e:
+                problems.append(str(e))
+            integrations.append(integ)
+        problems.extend(self._check_settings(settings))
+        self.cfg, self.problems, self.warnings = cfg, problems, warnings
+        if not problems:
+            self.settings, self.integrations = settings, integrations
+            self.state_dir = os.path.abspath(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                                             or settings.get("state_dir"))
+            self.log = logs.setup(settings.get("log.format"))
+        return not problems
+
+    def _check_settings(self, s):
+        out = []
+        for key in ("workers", "max_body", "max_connections", "queue_limit", "retry.max_attempts",
+                    "retention.days"):
+            try:
+                if s.int(key) < 1:
+                    out.append("[hookd] %s must be at least 1" % key)
+            except config_mod.ConfigError as e:
+                out.append(str(e))
+        for key in ("read_timeout", "retry.base_delay", "retry.max_delay", "shutdown_grace"):
+            try:
+                if s.float(key) < 0:
+                    out.append("[hookd] %s must not be negative" % key)
+            except config_mod.ConfigError as e:
+                out.append(str(e))
+        if s.get("log.format") not in ("text", "json"):
+            out.append("[hookd] log.format must be text or json")
+        if bool(s.get("tls.cert")) != bool(s.get("tls.key")):
+            out.append("[hookd] tls.cert and tls.key go together")
+        return out
+
+    def secrets(self):
+        """Every configured secret value (to keep them out of stored headers)."""
+        out = [self.settings.get("admin.token")]
+        for integ in self.integrations:
+            for key, value in integ.conf.items():
+                if key in integ.SECRET_KEYS or "secret" in key or "token" in key or "password" in key:
+                    out.extend(str(value).split())
+        return [s for s in out if s and len(s) >= 4]
+
+    # -- routing and intake -------------------------------------------------------------------------
+    def route_for(self, path):
+        for integ in self.integrations:
+            if integ.match(path):
+                return integ
+        return None
+
+    def integration(self, name):
+        for integ in self.integrations:
+            if integ.name == name:
+                return integ
+        return None
+
+    def event_rows(self, integ, req, events):
+        """Rows for the store from accept()'s NewEvents: dedupe key, stored headers, body, payload."""
+        from .server import stored_headers
+        headers = json.dumps(stored_headers(req.headers, self._secret_cache()))
+        rule = integ.conf.get("dedupe") or getattr(integ, "DEFAULT_DEDUPE", "body")
+        rows = []
+        for ev in events:
+            if not isinstance(ev, NewEvent):
+                ev = NewEvent(ev)
+            key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
+            rows.append({"dedupe_key": key, "serial_key": ev.serial_key, "headers": headers,
+                         "content_type": req.headers.get("Content-Type"), "body": req.body,
+                         "payload": json.dumps(ev.payload) if ev.payload is not None else None})
+        return rows
+
+    def _secret_cache(self):
+        cache = getattr(self, "_secrets", None)
+        if cache is None or cache[0] is not self.integrations:
+            cache = (self.integrations, self.secrets())
+            self._secrets = cache
+        return cache[1]
+
+    def admin_allowed(self, req):
+        token = self.settings.get("admin.token")
+        auth = req.headers.get("Authorization") or ""
+        if token and auth.startswith("Bearer ") and hmac.compare_digest(
+                auth[7:].strip().encode(), token.encode()):
+            return True
+        try:
+            return ipaddress.ip_address(req.client).is_loopback
+        except ValueError:
+            return False
+
+    def ready(self):
+        """(ok, reason): the database takes a write and the workers are alive."""
+        try:
+            self.store.write(lambda c: c.execute("CREATE TABLE IF NOT EXISTS hookd_ready(x)"))
+        except Exception as e:
+            return False, "database: %s" % e
+        if not self.pool.healthy():
+            return False, "workers stuck or dead"
+        return True, "ok"
+
+    # -- store and lifecycle ------------------------------------------------------------------------
+    def open_store(self):
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.store = Store(os.path.join(self.state_dir, "hookd.sqlite3"))
+        for integ in self.integrations:
+            if integ.SCHEMA:
+                self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
+        return self.store
+
+    def prune_daily(self):
+        n = self.store.prune(self.settings.float("retention.days"))
+        if n:
+            self.log.info("pruned %d finished events older than %s days", n, self.settings.get("retention.days"))
+
+    def serve(self, host, port):
+        """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+        from .server import Server
+        self._announce()
+        self.open_store()
+        n = self.store.requeue_running()
+        if n:
+            self.log.warning("requeued %d events left running by an earlier stop", n)
+        self.pool = Pool(self, self.settings.int("workers"))
+        inherited = systemd_glue.inherited_socket()
+        self.server = Server((host, port), self, sock=inherited)
+        scheme = self._wrap_tls()
+        self.pool.start()
+        self.pool.schedule_once()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="hookd-http", daemon=True).start()
+        h, p = self.server.server_address[:2]
+        self.log.info("listening on %s://%s:%d (%d workers, state %s)", scheme, h, p,
+                      self.settings.int("workers"), self.state_dir)
+        systemd_glue.ready(self)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, f: self._signals.put(s))  # no logging here, just queue it
+        return self._main_loop()
+
+    def _announce(self):
+        for w in self.warnings:
+            self.log.warning("config: %s", w)
+        if self.path is None or not os.path.exists(self.path):
+            self.log.warning("no configuration file (%s): every integration is disabled",
+                             self.path or "credentials.properties")
+        elif not self.integrations:
+            self.log.warning("no integration configured in %s: every route answers 404", self.path)
+
+    def _wrap_tls(self):
+        cert, key = self.settings.get("tls.cert"), self.settings.get("tls.key")
+        if not cert:
+            return "http"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
+        return "https"
+
+    def _main_loop(self):
+        while True:
+            try:
+                sig = self._signals.get(timeout=systemd_glue.tick_interval())
+            except queue.Empty:
+                systemd_glue.tick(self)
+                continue
+            if sig == signal.SIGHUP:
+                self.reload()
+                continue
+            return self.shutdown(signal.Signals(sig).name)
+
+    def reload(self):
+        old = self.integrations
+        if self.load():
+            for integ in self.integrations:
+                if integ.SCHEMA:
+                    self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
+            for w in self.warnings:
+                self.log.warning("config: %s", w)
+            self.log.info("configuration reloaded: %d integrations (workers, state_dir and the address"
+                          " change only on restart)", len(self.integrations))
+        else:
+            self.integrations = old
+            for p in self.problems:
+                self.log.error("reload refused: %s", p)
+
+    def shutdown(self, why):
+        grace = self.settings.float("shutdown_grace")
+        self.log.info("%s: stopping intake, letting running jobs finish (up to %.0fs)", why, grace)
+        systemd_glue.stopping()
+        self.server.stopping = True
+        self.server.shutdown()
+        self.server.reaper.fire_all()
+        self.stopping.set()
+        left = self.pool.join(grace)
+        self.server.server_close()
+        if left:
+            self.log.warning("%d jobs still running after shutdown_grace; they run again after restart", left)
+        self.store.close()
+        self.log.info("stopped")
+        return 0
+
+
+def _executescript(conn, sql):
+    """Run each statement of a handler's SCHEMA inside the writer's open transaction."""
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+

@@ -1,0 +1,236 @@
+"""The command line: run the daemon, or one subcommand on the same configuration and state directory.
+
+Strategy: ``main(argv)`` looks at the first word. A known subcommand (``check-config``, ``events``,
+``event``, ``retry``, ``replay``, ``prune``, or one that an integration adds through ``COMMANDS``) runs on
+an ``App`` that opens the store but starts no server and no workers; anything else is the daemon's
+``[HOST:PORT]``. Exit codes: 0 success, 1 a problem the message explains, 2 bad usage.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from . import config as config_mod
+from .app import App
+from .server import public_event
+from .store import list_events, row_dict, STATUSES
+
+USAGE = """usage: hookd.py [HOST:PORT] [--config FILE]
+       hookd.py check-config [--config FILE]
+       hookd.py events [--status S] [--route R] [--json] [--limit N] [--config FILE]
+       hookd.py event ID [--json] [--config FILE]
+       hookd.py retry ID | --dead [--config FILE]
+       hookd.py replay ID [--config FILE]
+       hookd.py prune [--days N] [--config FILE]
+       hookd.py test-recording | ixon-configure | zencoder-submit ...   (integration commands)"""
+
+BUILTIN = ("check-config", "events", "event", "retry", "replay", "prune")
+
+
+class Usage(Exception):
+    """Bad command-line usage: exit 2."""
+
+
+def _split_config(argv):
+    """Remove ``--config FILE`` from argv wherever it stands; returns (config_path, rest)."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise Usage("--config needs a file")
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i][9:], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return config_mod.find_path(path), rest
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, rest = _split_config(argv)
+        if rest and rest[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0
+        if rest and rest[0] in BUILTIN:
+            return builtin(rest[0], rest[1:], path)
+        app = App(path)
+        if rest and rest[0] in _integration_commands(app):
+            return integration_command(app, rest[0], rest[1:])
+        return daemon(app, rest)
+    except Usage as e:
+        print("hookd: %s\n%s" % (e, USAGE), file=sys.stderr)
+        return 2
+
+
+def _integration_commands(app):
+    out = {}
+    for cls in app.classes.values():
+        out.update(cls.COMMANDS)
+    return out
+
+
+def daemon(app, rest):
+    if len(rest) > 1:
+        raise Usage("unexpected arguments: %s" % " ".join(rest[1:]))
+    host, port = parse_address(rest[0] if rest else "127.0.0.1:8000")
+    if app.problems:
+        for p in app.problems:
+            print("hookd: %s" % p, file=sys.stderr)
+        return 1
+    try:
+        return app.serve(host, port)
+    except OSError as e:
+        app.log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
+        return 1
+
+
+def parse_address(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise Usage("expected HOST:PORT, got %r" % text)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _open(path):
+    app = App(path)
+    if app.problems:
+        for p in app.problems:
+            print("hookd: %s" % p, file=sys.stderr)
+        raise SystemExit(1)
+    app.open_store()
+    return app
+
+
+def integration_command(app, name, args):
+    if app.problems:
+        for p in app.problems:
+            print("hookd: %s" % p, file=sys.stderr)
+        return 1
+    app.open_store()
+    try:
+        return _integration_commands(app)[name](app, args) or 0
+    finally:
+        app.store.close()
+
+
+def builtin(name, args, path):
+    if name == "check-config":
+        return check_config(args, path)
+    parser = _parsers()[name]
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    app = _open(path)
+    try:
+        return globals()["cmd_" + name.replace("-", "_")](app, ns)
+    finally:
+        app.store.close()
+
+
+def _parsers():
+    p = {}
+    ev = p["events"] = _Parser(prog="hookd.py events")
+    ev.add_argument("--status", choices=STATUSES)
+    ev.add_argument("--route")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--limit", type=int, default=50)
+    one = p["event"] = _Parser(prog="hookd.py event")
+    one.add_argument("id", type=int)
+    one.add_argument("--json", action="store_true")
+    rt = p["retry"] = _Parser(prog="hookd.py retry")
+    rt.add_argument("id", type=int, nargs="?")
+    rt.add_argument("--dead", action="store_true")
+    rp = p["replay"] = _Parser(prog="hookd.py replay")
+    rp.add_argument("id", type=int)
+    pr = p["prune"] = _Parser(prog="hookd.py prune")
+    pr.add_argument("--days", type=float)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print("hookd: %s" % message, file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_config(args, path):
+    if args:
+        print("hookd: check-config takes no arguments but --config", file=sys.stderr)
+        return 2
+    if not os.path.exists(path):
+        print("%s: not found (the daemon would start with every integration disabled)" % path)
+        return 1
+    app = App(path)
+    for w in app.warnings:
+        print("warning: %s" % w)
+    for p in app.problems:
+        print(p)
+    if app.problems:
+        return 1
+    print("%s: OK, %d integrations: %s" % (path, len(app.integrations),
+                                           ", ".join(i.name for i in app.integrations) or "none"))
+    return 0
+
+
+def cmd_events(app, ns):
+    rows = app.store.read(lambda c: list_events(c, ns.status, ns.route, ns.limit))
+    events = [public_event(r) for r in rows]
+    if ns.json:
+        print(json.dumps(events, indent=1))
+        return 0
+    print("%-8s %-20s %-9s %-4s %-24s %s" % ("ID", "ROUTE", "STATUS", "TRY", "RECEIVED", "LAST ERROR"))
+    for e in events:
+        print("%-8s %-20s %-9s %-4s %-24s %s" % (e["id"], e["route"][:20], e["status"], e["attempts"],
+                                                 e["received_at"], (e["last_error"] or "")[:80]))
+    return 0
+
+
+def cmd_event(app, ns):
+    row = app.store.read(lambda c: row_dict(c, ns.id, with_body=True))
+    if row is None:
+        print("hookd: no event %d" % ns.id, file=sys.stderr)
+        return 1
+    event = public_event(row, full=True)
+    if ns.json:
+        print(json.dumps(event, indent=1))
+    else:
+        for key in ("id", "route", "status", "attempts", "received_at", "updated_at", "next_attempt_at",
+                    "last_error", "note", "duplicate_of", "content_type"):
+            print("%-16s %s" % (key + ":", "" if event.get(key) is None else event[key]))
+        print("payload:")
+        print(json.dumps(event["payload"], indent=1) if event["payload"] is not None
+              else event.get("body", "(binary body)"))
+    return 0
+
+
+def cmd_retry(app, ns):
+    if (ns.id is None) == (not ns.dead):
+        print("hookd: retry takes an event ID or --dead", file=sys.stderr)
+        return 2
+    ids = app.store.retry(ns.id, all_dead=ns.dead)
+    if not ids:
+        print("hookd: %s" % ("no dead events" if ns.dead else "event %d is not dead or retrying" % ns.id),
+              file=sys.stderr)
+        return 1
+    print("queued again: %s" % " ".join(str(i) for i in ids))
+    return 0
+
+
+def cmd_replay(app, ns):
+    new_id = app.store.replay(ns.id)
+    if new_id is None:
+        print("hookd: no event %d" % ns.id, file=sys.stderr)
+        return 1
+    print(new_id)
+    return 0
+
+
+def cmd_prune(app, ns):
+    days = ns.days if ns.days is not None else app.settings.float("retention.days")
+    print("pruned %d events" % app.store.prune(days))
+    return 0

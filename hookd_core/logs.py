@@ -1,0 +1,53 @@
+"""Logging setup: one line per event to stderr, as text or as one JSON object per line.
+
+Strategy: everything logs through the ``hookd`` logger. A record may carry ``event`` (an event id) via
+``extra=`` or through ``EventLog`` (a LoggerAdapter the workers hand to jobs), and both formats show it.
+Secrets never reach this module: callers log reasons, routes and ids, never headers or bodies.
+"""
+
+import json
+import logging
+import sys
+import time
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record):
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        event = getattr(record, "event", None)
+        line = "%s.%03dZ %s %s%s" % (ts, record.msecs, record.levelname,
+                                     "event=%s " % event if event is not None else "", record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs,
+               "level": record.levelname, "msg": record.getMessage()}
+        event = getattr(record, "event", None)
+        if event is not None:
+            out["event"] = event
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(fmt="text", level=logging.INFO):
+    """Point the ``hookd`` logger at stderr in ``fmt`` (text | json); returns the logger."""
+    log = logging.getLogger("hookd")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    return log
+
+
+class EventLog(logging.LoggerAdapter):
+    """A logger whose lines carry one event's id."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {})["event"] = self.extra["event"]
+        return msg, kwargs

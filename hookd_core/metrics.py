@@ -1,0 +1,72 @@
+"""Prometheus text metrics: counters kept in memory, queue gauges read from the store at scrape time.
+
+Strategy: the request path only bumps a dict entry under a lock (cheap); everything about the queue is
+computed when ``/metrics`` is scraped, from the events table, so the numbers cannot drift from the truth.
+"""
+
+import threading
+import time
+
+BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, float("inf"))
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = {}       # (route, code) -> n
+        self.verify_failures = {}  # route -> n
+        self.job_buckets = [0] * len(BUCKETS)
+        self.job_sum = 0.0
+        self.job_count = 0
+
+    def request(self, route, code):
+        with self._lock:
+            key = (route, code)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if code == 401:
+                self.verify_failures[route] = self.verify_failures.get(route, 0) + 1
+
+    def job(self, seconds):
+        with self._lock:
+            self.job_sum += seconds
+            self.job_count += 1
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    self.job_buckets[i] += 1
+
+    def render(self, store):
+        """The whole exposition text."""
+        rows = store.read(lambda c: c.execute("SELECT route, status, count(*) FROM events GROUP BY route, status")
+                          .fetchall())
+        oldest = store.read(lambda c: c.execute(
+            "SELECT min(received_at) FROM events WHERE status IN ('queued','retry')").fetchone()[0])
+        out = []
+        with self._lock:
+            out.append("# TYPE hookd_requests_total counter")
+            for (route, code), n in sorted(self.requests.items()):
+                out.append('hookd_requests_total{route="%s",code="%d"} %d' % (_esc(route), code, n))
+            out.append("# TYPE hookd_verify_failures_total counter")
+            for route, n in sorted(self.verify_failures.items()):
+                out.append('hookd_verify_failures_total{route="%s"} %d' % (_esc(route), n))
+            out.append("# TYPE hookd_job_seconds histogram")
+            for bound, n in zip(BUCKETS, self.job_buckets):
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append('hookd_job_seconds_bucket{le="%s"} %d' % (le, n))
+            out.append("hookd_job_seconds_sum %f" % self.job_sum)
+            out.append("hookd_job_seconds_count %d" % self.job_count)
+        out.append("# TYPE hookd_events_total gauge")
+        depth = dict.fromkeys(("queued", "running", "retry", "dead"), 0)
+        for route, status, n in rows:
+            out.append('hookd_events_total{route="%s",status="%s"} %d' % (_esc(route), status, n))
+            if status in depth:
+                depth[status] += n
+        out.append("# TYPE hookd_queue_depth gauge")
+        for status, n in depth.items():
+            out.append('hookd_queue_depth{status="%s"} %d' % (status, n))
+        out.append("# TYPE hookd_oldest_queued_seconds gauge")
+        out.append("hookd_oldest_queued_seconds %f" % (max(0.0, time.time() - oldest) if oldest else 0.0))
+        return "\n".join(out) + "\n"
+
+
+def _esc(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

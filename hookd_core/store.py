@@ -1,0 +1,346 @@
+"""The durable store: one sqlite file (WAL, synchronous=FULL), one writer thread, group commit.
+
+Strategy: sqlite is the source of truth and only this module touches it. Every write is a function
+``fn(conn)`` handed to the single writer thread, which takes everything that is waiting, runs each
+function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction, commits once (one fsync for
+the whole group) and only then wakes the callers. So N concurrent webhooks cost one fsync, not N, and a
+caller that gets a result knows it is on disk. If the commit fails (disk full, read-only file) every
+caller of that group gets the error and nothing of the group is stored. Reads use a connection per
+thread (WAL readers do not block the writer). Counts of waiting events per route live in memory,
+changed by the writer after each commit and re-read from the table now and then (the CLI may change
+rows while the daemon runs).
+"""
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+
+WAITING = ("queued", "retry", "running")
+STATUSES = ("queued", "running", "done", "retry", "dead", "duplicate")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY,
+  route TEXT NOT NULL,
+  status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  received_at REAL NOT NULL,
+  updated_at REAL NOT NULL,
+  next_at REAL NOT NULL DEFAULT 0,
+  last_error TEXT,
+  note TEXT,
+  dedupe_key TEXT,
+  duplicate_of INTEGER,
+  serial_key TEXT,
+  headers TEXT,
+  content_type TEXT,
+  body BLOB,
+  payload TEXT,
+  progress TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
+CREATE INDEX IF NOT EXISTS events_route ON events(route, status);
+"""
+
+MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
+
+
+class _Op:
+    __slots__ = ("fn", "result", "error", "done", "delta")
+
+    def __init__(self, fn):
+        self.fn, self.result, self.error, self.done, self.delta = fn, None, None, threading.Event(), None
+
+
+class StoreError(Exception):
+    """The database could not take a write (disk full, read-only, locked too long)."""
+
+
+class Store:
+    """``write(fn)``, ``read(fn)``, ``waiting(route)``, plus the event operations the core needs."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._local = threading.local()
+        self._q = queue.SimpleQueue()
+        self._waiting = {}
+        self._count_lock = threading.Lock()
+        self._closed = False
+        self._conn = self._connect()
+        self._conn.executescript(SCHEMA)
+        self._recount(self._conn)
+        self._thread = threading.Thread(target=self._writer, name="hookd-writer", daemon=True)
+        self._thread.start()
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # the 2xx promises the event survives power loss
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    # -- writing ------------------------------------------------------------------------------------
+    def write(self, fn, delta=None):
+        """Run ``fn(conn)`` in the writer's transaction and return its result once committed.
+        ``delta`` = {route: n} is added to the waiting counts after the commit."""
+        if self._closed:
+            raise StoreError("store is closed")
+        op = _Op(fn)
+        op.delta = delta
+        self._q.put(op)
+        op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _writer(self):
+        while True:
+            op = self._q.get()
+            if op is None:
+                return
+            group = [op]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                group.append(nxt)
+            self._commit_group(group)
+
+    def _commit_group(self, group):
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            return self._fail_all(group, e)
+        for op in group:
+            try:
+                conn.execute("SAVEPOINT op")
+                op.result = op.fn(conn)
+                conn.execute("RELEASE op")
+            except Exception as e:  # one bad operation must not sink the group
+                op.error = e
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error as e2:
+                    return self._fail_all(group, e2)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            return self._fail_all(group, e)
+        with self._count_lock:
+            for op in group:
+                if op.error is None and op.delta:
+                    for route, n in op.delta.items():
+                        self._waiting[route] = self._waiting.get(route, 0) + n
+        for op in group:
+            op.done.set()
+
+    def _fail_all(self, group, exc):
+        """The transaction could not commit: nothing of the group is stored, every caller hears why."""
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        err = StoreError("database write failed: %s" % exc)
+        for op in group:
+            op.error, op.result = err, None
+            op.done.set()
+
+    # -- reading ------------------------------------------------------------------------------------
+    def read(self, fn):
+        """Run ``fn(conn)`` on this thread's own read connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._local.conn = conn
+        return fn(conn)
+
+    def waiting(self, route=None):
+        """Events queued, retrying or running: for ``route``, or in total."""
+        with self._count_lock:
+            if route is None:
+                return sum(self._waiting.values())
+            return self._waiting.get(route, 0)
+
+    def recount(self):
+        """Re-read the waiting counts from the table (the CLI may have changed rows)."""
+        self.write(self._recount)
+
+    def _recount(self, conn):
+        rows = conn.execute("SELECT route, count(*) FROM events WHERE status IN ('queued','retry','running')"
+                            " GROUP BY route").fetchall()
+        with self._count_lock:
+            self._waiting = dict(rows)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        self._thread.join(10)
+        self._conn.close()
+
+    # -- event operations ---------------------------------------------------------------------------
+    def add_events(self, route, rows, now=None):
+        """Insert one request's events (dicts from ``event_row``) atomically; returns [(id, status)].
+        A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the original."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            out = []
+            for row in rows:
+                out.append(_insert(conn, route, row, now))
+            return out
+        result = self.write(fn)
+        fresh = sum(1 for _, status in result if status == "queued")
+        if fresh:
+            with self._count_lock:
+                self._waiting[route] = self._waiting.get(route, 0) + fresh
+        return result
+
+    def claim(self, event_id, now=None):
+        """queued/retry -> running, attempts + 1; returns the row as a dict, or None if not claimable."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            cur = conn.execute("UPDATE events SET status='running', attempts=attempts+1, updated_at=?"
+                               " WHERE id=? AND status IN ('queued','retry')", (now, event_id))
+            if cur.rowcount != 1:
+                return None
+            return row_dict(conn, event_id, with_body=True)
+        return self.write(fn)
+
+    def finish(self, event_id, route, status, error=None, note=None, next_at=0.0, now=None):
+        """End an attempt: 'done', 'dead' or 'retry' (with ``next_at``)."""
+        now = time.time() if now is None else now
+        delta = {route: -1} if status in ("done", "dead") else None
+
+        def fn(conn):
+            conn.execute("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?,"
+                         " updated_at=? WHERE id=? AND status='running'",
+                         (status, error, note, next_at, now, event_id))
+        self.write(fn, delta=delta)
+
+    def save_progress(self, event_id, progress):
+        self.write(lambda conn: conn.execute("UPDATE events SET progress=? WHERE id=?",
+                                             (json.dumps(progress), event_id)))
+
+    def requeue_running(self):
+        """After a crash: events left 'running' go back to the queue. Returns how many."""
+        return self.write(lambda conn: conn.execute(
+            "UPDATE events SET status='queued', next_at=0 WHERE status='running'").rowcount)
+
+    def due(self, now, limit=1000):
+        """(id, route, serial_key) of events whose time has come."""
+        return self.read(lambda conn: conn.execute(
+            "SELECT id, route, serial_key FROM events WHERE status IN ('queued','retry') AND next_at <= ?"
+            " ORDER BY next_at, id LIMIT ?", (now, limit)).fetchall())
+
+    def next_due(self):
+        row = self.read(lambda conn: conn.execute(
+            "SELECT min(next_at) FROM events WHERE status IN ('queued','retry')").fetchone())
+        return row[0]
+
+    def retry(self, event_id=None, all_dead=False, now=None):
+        """Put a dead (or retrying) event back in the queue now; returns the ids moved."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            if all_dead:
+                ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE status='dead'")]
+            else:
+                ids = [r[0] for r in conn.execute(
+                    "SELECT id FROM events WHERE id=? AND status IN ('dead','retry')", (event_id,))]
+            for i in ids:
+                conn.execute("UPDATE events SET status='queued', attempts=0, next_at=0, updated_at=?,"
+                             " note='retried by hand' WHERE id=?", (now, i))
+            return ids
+        return self.write(fn)
+
+    def replay(self, event_id, now=None):
+        """Store a copy of an event as a new queued event (no dedupe); returns the new id or None."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            row = conn.execute("SELECT route, serial_key, headers, content_type, body, payload FROM events"
+                               " WHERE id=?", (event_id,)).fetchone()
+            if row is None:
+                return None
+            cur = conn.execute(
+                "INSERT INTO events(route, status, received_at, updated_at, serial_key, headers, content_type,"
+                " body, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                row[:1] + (now, now) + row[1:] + ("replay of %d" % event_id,))
+            return cur.lastrowid
+        return self.write(fn)
+
+    def prune(self, days, now=None):
+        """Delete done and duplicate events last changed more than ``days`` ago; returns the count."""
+        cutoff = (time.time() if now is None else now) - days * 86400.0
+        return self.write(lambda conn: conn.execute(
+            "DELETE FROM events WHERE status IN ('done','duplicate') AND updated_at < ?", (cutoff,)).rowcount)
+
+
+def _insert(conn, route, row, now):
+    key = row.get("dedupe_key")
+    if key is not None:
+        hit = conn.execute("SELECT id FROM events WHERE route=? AND dedupe_key=?", (route, key)).fetchone()
+        if hit is not None:
+            conn.execute(
+                "INSERT INTO events(route, status, received_at, updated_at, duplicate_of, headers,"
+                " content_type, note) VALUES (?, 'duplicate', ?, ?, ?, ?, ?, ?)",
+                (route, now, now, hit[0], row.get("headers"), row.get("content_type"),
+                 "duplicate of %d" % hit[0]))
+            return hit[0], "duplicate"
+    cur = conn.execute(
+        "INSERT INTO events(route, status, received_at, updated_at, dedupe_key, serial_key, headers,"
+        " content_type, body, payload) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (route, now, now, key, row.get("serial_key"), row.get("headers"), row.get("content_type"),
+         row.get("body"), row.get("payload")))
+    return cur.lastrowid, "queued"
+
+
+COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note",
+           "dedupe_key", "duplicate_of", "serial_key", "headers", "content_type", "payload", "progress")
+
+
+_ROW_SQL = "SELECT " + ", ".join(COLUMNS) + ", body FROM events WHERE id=?"  # constant text only
+
+
+def row_dict(conn, event_id, with_body=False):
+    row = conn.execute(_ROW_SQL, (event_id,)).fetchone()
+    if row is None:
+        return None
+    out = dict(zip(COLUMNS + ("body",), row))
+    if not with_body:
+        out.pop("body")
+    return out
+
+
+def list_events(conn, status=None, route=None, limit=100):
+    """Newest first, filtered; dicts of the summary columns."""
+    where, args = [], []
+    if status:
+        where.append("status=?")
+        args.append(status)
+    if route:
+        where.append("route=?")
+        args.append(route)
+    sql = "SELECT id, route, status, attempts, received_at, updated_at, next_at, last_error, note FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(int(limit))
+    cols = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note")
+    return [dict(zip(cols, r)) for r in conn.execute(sql, args)]

@@ -1,0 +1,268 @@
+"""Workers: take stored events, run the integration's work and its actions, record the outcome.
+
+Strategy (after huey's consumer, with at-least-once instead of its delete-on-dequeue): the
+``queue.Queue`` carries only (id, route, serial key) and is just a wake-up; sqlite says what is true.
+Fresh events are put on the queue by the intake right after their commit; a scheduler thread finds due
+retries and anything the CLI queued by polling the table. ``Worker.loop()`` is one iteration: get an id,
+wait its turn if its serial key or its route's ``max_parallel`` is busy, claim it (queued -> running in
+one UPDATE, so a second claim finds nothing), run it, and store done / retry (exponential backoff with
+jitter) / dead. Steps already done (the integration's own work, each action) are saved in ``progress``
+and not run again on a retry. Tests call ``loop()`` directly.
+"""
+
+import json
+import queue
+import random
+import threading
+import time
+import traceback
+
+from .api import Fail, JobContext, Retry
+from .logs import EventLog
+
+
+class Pool:
+    """The worker threads, the scheduler thread, and the bookkeeping that keeps jobs apart."""
+
+    def __init__(self, app, size):
+        self.app, self.size = app, size
+        self.queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._inflight = set()
+        self._deferred = []
+        self._busy_keys = set()
+        self._running = {}  # route -> jobs running now
+        self._wake = threading.Condition()
+        self._wake_at = None
+        self.threads = []
+        self.workers = [Worker(self, i) for i in range(size)]
+        self.last_progress = time.monotonic()
+
+    # -- feeding the queue --------------------------------------------------------------------------
+    def submit(self, event_id, route, serial_key=None):
+        with self._lock:
+            if event_id in self._inflight:
+                return
+            self._inflight.add(event_id)
+        self.queue.put((event_id, route, serial_key))
+
+    def wake_at(self, when):
+        """Ask the scheduler to look again at ``when`` (epoch seconds)."""
+        with self._wake:
+            if self._wake_at is None or when < self._wake_at:
+                self._wake_at = when
+                self._wake.notify()
+
+    def schedule_once(self, now=None):
+        """Queue every due event not already in flight; returns how many were queued."""
+        now = time.time() if now is None else now
+        n = 0
+        for event_id, route, key in self.app.store.due(now):
+            with self._lock:
+                if event_id in self._inflight:
+                    continue
+            self.submit(event_id, route, key)
+            n += 1
+        return n
+
+    def _scheduler(self):
+        poll, last_recount, last_prune = 1.0, time.monotonic(), 0.0
+        while not self.app.stopping.is_set():
+            try:
+                self.schedule_once()
+                if time.monotonic() - last_recount > 30:
+                    self.app.store.recount()
+                    last_recount = time.monotonic()
+                if time.time() - last_prune > 86400:
+                    self.app.prune_daily()
+                    last_prune = time.time()
+            except Exception:
+                self.app.log.exception("scheduler iteration failed")
+            with self._wake:
+                timeout = poll
+                if self._wake_at is not None:
+                    timeout = max(0.0, min(poll, self._wake_at - time.time()))
+                self._wake.wait(timeout)
+                self._wake_at = None
+
+    # -- gates --------------------------------------------------------------------------------------
+    def try_start(self, item):
+        """True if the job may run now; otherwise it waits in ``_deferred`` until a job ends."""
+        event_id, route, key = item
+        integ = self.app.integration(route)
+        limit = integ.max_parallel if integ is not None else None
+        with self._lock:
+            if (key and key in self._busy_keys) or (limit and self._running.get(route, 0) >= limit):
+                self._deferred.append(item)
+                return False
+            if key:
+                self._busy_keys.add(key)
+            self._running[route] = self._running.get(route, 0) + 1
+            return True
+
+    def release(self, item, forget=True):
+        event_id, route, key = item
+        with self._lock:
+            self._busy_keys.discard(key)
+            self._running[route] = self._running.get(route, 1) - 1
+            if forget:
+                self._inflight.discard(event_id)
+            waiting, self._deferred = self._deferred, []
+        for w in waiting:
+            self.queue.put(w)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self):
+        for w in self.workers:
+            t = threading.Thread(target=w.run_forever, name="hookd-worker-%d" % w.index, daemon=True)
+            t.start()
+            self.threads.append(t)
+        t = threading.Thread(target=self._scheduler, name="hookd-scheduler", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def join(self, grace):
+        """Wait up to ``grace`` seconds for running jobs; returns the number still running."""
+        deadline = time.monotonic() + grace
+        with self._wake:
+            self._wake.notify_all()
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return sum(1 for w in self.workers if w.busy_since is not None)
+
+    def healthy(self, now=None):
+        """Idle workers are healthy; a busy one is healthy until its job's timeout has passed."""
+        now = time.monotonic() if now is None else now
+        if not all(t.is_alive() for t in self.threads) and not self.app.stopping.is_set():
+            return False
+        for w in self.workers:
+            if w.busy_since is not None and now - w.busy_since > w.busy_timeout:
+                return False
+        return True
+
+
+class Worker:
+    """One worker; ``loop()`` does one iteration and never raises."""
+
+    def __init__(self, pool, index):
+        self.pool, self.index = pool, index
+        self.busy_since, self.busy_timeout = None, 0
+
+    def run_forever(self):
+        while not self.pool.app.stopping.is_set():
+            self.loop(timeout=0.5)
+
+    def loop(self, timeout=0.5, now=None):
+        """Take one job from the queue (waiting up to ``timeout``) and run it. Returns its outcome."""
+        try:
+            item = self.pool.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if not self.pool.try_start(item):
+            return "deferred"
+        try:
+            return self._run(item, now)
+        except Exception:
+            self.pool.app.log.exception("worker failed on event %s", item[0])
+            return "error"
+        finally:
+            self.busy_since = None
+            self.pool.last_progress = time.monotonic()
+            self.pool.release(item)
+
+    def _run(self, item, now):
+        app = self.pool.app
+        event_id, route = item[0], item[1]
+        row = app.store.claim(event_id, now)
+        if row is None:
+            return "gone"
+        integ = app.integration(route)
+        log = EventLog(app.log, {"event": event_id})
+        started = time.monotonic()
+        self.busy_since, self.busy_timeout = started, (integ.job_timeout if integ else 60) + 30
+        try:
+            if integ is None:
+                raise Fail("route %s is no longer configured" % route)
+            note = self._steps(integ, row, log)
+        except Retry as e:
+            return self._retry(row, str(e), e.after, log)
+        except Fail as e:
+            return self._end(row, "dead", str(e) or e.__class__.__name__, None, log)
+        except Exception as e:
+            log.error("job raised %s: %s", e.__class__.__name__, e)
+            app.log.debug("%s", traceback.format_exc())
+            return self._retry(row, "%s: %s" % (e.__class__.__name__, e), None, log)
+        finally:
+            app.metrics.job(time.monotonic() - started)
+        return self._end(row, "done", None, note, log)
+
+    def _steps(self, integ, row, log):
+        """The integration's own work, then each action; finished steps are remembered."""
+        app = self.pool.app
+        progress = json.loads(row["progress"]) if row["progress"] else {}
+        ctx = make_context(app, integ, row, log)
+        if not progress.get("main"):
+            note = integ.run(ctx)
+            progress = {"main": True, "note": note, "input": ctx.action_input, "skip": ctx.skip_actions,
+                        "actions": []}
+        ctx.action_input, ctx.skip_actions = progress.get("input"), progress.get("skip")
+        names = [] if ctx.skip_actions else [n for n in integ.actions() if n not in progress["actions"]]
+        if names:
+            app.store.save_progress(row["id"], progress)
+            from . import actions
+            for name in names:
+                actions.ACTIONS[name](ctx, integ)
+                progress["actions"].append(name)
+                app.store.save_progress(row["id"], progress)
+        return progress.get("note")
+
+    def _retry(self, row, reason, after, log):
+        settings = self.pool.app.settings
+        if row["attempts"] >= settings.int("retry.max_attempts"):
+            return self._end(row, "dead", "%s (after %d attempts)" % (reason, row["attempts"]), None, log)
+        delay = backoff(row["attempts"], settings.float("retry.base_delay"), settings.float("retry.max_delay"))
+        if after is not None:
+            delay = min(float(after), settings.float("retry.max_delay"))
+        next_at = time.time() + delay
+        self.pool.app.store.finish(row["id"], row["route"], "retry", error=reason, next_at=next_at)
+        self.pool.wake_at(next_at)
+        log.warning("attempt %d failed, retry in %.1fs: %s", row["attempts"], delay, reason)
+        return "retry"
+
+    def _end(self, row, status, error, note, log):
+        self.pool.app.store.finish(row["id"], row["route"], status, error=error, note=note)
+        if status == "done":
+            log.info("done (%s, attempt %d)%s", row["route"], row["attempts"], ": %s" % note if note else "")
+        else:
+            log.error("dead (%s, attempt %d): %s", row["route"], row["attempts"], error)
+        return status
+
+
+def backoff(attempts, base, cap):
+    """Exponential backoff with jitter: base * 2^(attempts-1), capped, scaled by a random 0.5..1.0."""
+    delay = min(cap, base * (2 ** max(0, attempts - 1)))
+    return delay * (0.5 + random.random() / 2)
+
+
+def make_context(app, integ, row, log):
+    headers = json.loads(row["headers"]) if row["headers"] else {}
+    body = row.get("body") or b""
+    if row["payload"] is not None:
+        payload = json.loads(row["payload"])
+    else:
+        try:
+            payload = json.loads(body.decode("utf-8")) if body else None
+        except (UnicodeDecodeError, ValueError):
+            payload = None
+    return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
+                      headers=headers, content_type=row["content_type"],
+                      received_at=iso(row["received_at"]), conf=integ.conf, app=app,
+                      stopping=app.stopping, log=log)
+
+
+def iso(ts):
+    """Epoch seconds as ISO 8601 UTC with milliseconds."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % int((ts % 1) * 1000)
+
