@@ -1,0 +1,198 @@
+"""The generic actions any section can run after its integration's own work: command, forward, teams.
+
+Strategy: each action is ``fn(ctx, integration) -> note or None`` and ends like a job does: return when
+done, raise ``Retry`` (backoff, then dead) or ``Fail`` (dead at once). The core calls
+``ACTIONS[name](ctx, integration)`` for each name in ``integration.actions()``. ``command`` runs a program
+through ``proc.run`` (no shell, own process group killed on timeout) with the event JSON on stdin;
+``forward`` POSTs the original bytes through ``http.request`` (which never follows a redirect); ``teams``
+posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a legacy MessageCard
+(reference/upstreams.md §6). Notes and errors never contain secrets: program output is trimmed and the
+section's secret values are masked; URLs are logged without their query (Teams URLs carry a signature).
+"""
+
+import base64
+import json
+import os
+import shlex
+import urllib.parse
+
+from . import http, proc
+from .api import Fail, Retry
+
+MAX_NOTE = 300          # characters of a program's stderr kept in last_error
+MAX_RETRY_AFTER = 3600  # seconds; a larger Retry-After from an upstream is capped to this
+TEAMS_FORMATS = ("adaptive", "messagecard")
+
+
+# -- command -------------------------------------------------------------------------------------------
+
+def event_document(ctx):
+    """What a command gets on stdin: ``ctx.action_input`` if the integration set one, else the event."""
+    if getattr(ctx, "action_input", None) is not None:
+        return ctx.action_input
+    body = ctx.body or b""
+    try:
+        text, encoding = body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    return {"id": ctx.id, "route": ctx.route, "received_at": ctx.received_at, "attempt": ctx.attempt,
+            "headers": ctx.headers, "content_type": ctx.content_type, "payload": ctx.payload,
+            "body": text, "body_encoding": encoding}
+
+
+def command(ctx, integration):
+    """Run ``command`` with the event JSON on stdin; exit 0 is done, anything else a Retry."""
+    conf = ctx.conf
+    try:
+        argv = shlex.split(conf.get("command") or "")
+    except ValueError as e:
+        raise Fail("command cannot be split into arguments: %s" % e)
+    if not argv:
+        raise Fail("command is empty")
+    timeout = conf.float("command.timeout")
+    stdin = json.dumps(event_document(ctx)).encode("utf-8")
+    env = dict(os.environ, HOOKD_EVENT_ID=str(ctx.id), HOOKD_ROUTE=str(ctx.route),
+               HOOKD_ATTEMPT=str(ctx.attempt))
+    try:
+        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env)
+    except OSError as e:
+        raise Retry("command %s could not start: %s" % (argv[0], e.strerror or e))
+    if done.timed_out:
+        raise Retry("command timed out after %gs; its process group was killed" % timeout)
+    if done.returncode != 0:
+        how = ("killed by signal %d" % -done.returncode) if done.returncode < 0 else \
+            "exited %d" % done.returncode
+        detail = _last_line(done.stderr, _secret_values(integration))
+        raise Retry("command %s%s" % (how, ": " + detail if detail else ""))
+    return "command exited 0"
+
+
+def _last_line(data, secrets):
+    """The last non-empty line of a program's output, trimmed, with secret values masked."""
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    for secret in secrets:
+        line = line.replace(secret, "***")
+    return line[:MAX_NOTE]
+
+
+def _secret_values(integration):
+    """Every configured secret of the section (each space-separated part too), for masking."""
+    values = []
+    for key in getattr(integration, "SECRET_KEYS", ()):
+        raw = integration.conf.get(key) or ""
+        values += [v for v in [raw] + raw.split() if len(v) >= 4]
+    return sorted(set(values), key=len, reverse=True)
+
+
+# -- forward -------------------------------------------------------------------------------------------
+
+def forward(ctx, integration):
+    """POST the original body bytes and content type (or ``action_input`` as JSON) to ``forward``."""
+    conf = ctx.conf
+    url = conf.get("forward")
+    if getattr(ctx, "action_input", None) is not None:
+        body, ctype = json.dumps(ctx.action_input).encode("utf-8"), "application/json"
+    else:
+        body, ctype = ctx.body or b"", ctx.content_type or "application/octet-stream"
+    headers = {"Content-Type": ctype, "User-Agent": "hookd", "X-Hookd-Event-Id": str(ctx.id),
+               "X-Hookd-Route": str(ctx.route), "X-Hookd-Attempt": str(ctx.attempt)}
+    reply = http.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"))
+    where = http.redact_url(url)
+    if reply.ok:
+        return "forwarded to %s: %d" % (where, reply.status)
+    if 300 <= reply.status < 400:
+        raise Retry("forward to %s answered %d; redirects are not followed" % (where, reply.status))
+    raise Retry("forward to %s answered %d" % (where, reply.status), after=retry_after(reply))
+
+
+def retry_after(reply):
+    """The upstream's Retry-After in seconds (capped), or None when absent or not a number."""
+    value = (reply.headers.get("Retry-After") or "").strip() if reply.headers else ""
+    return min(int(value), MAX_RETRY_AFTER) if value.isdigit() else None
+
+
+# -- Microsoft Teams -----------------------------------------------------------------------------------
+
+def adaptive_card(card):
+    """A Workflows "When a Teams webhook request is received" body carrying one Adaptive Card."""
+    body = [{"type": "TextBlock", "text": card.get("title") or "hookd", "weight": "Bolder",
+             "size": "Medium", "wrap": True}]
+    if card.get("text"):
+        body.append({"type": "TextBlock", "text": card["text"], "wrap": True})
+    facts = [{"title": str(n), "value": str(v)} for n, v in card.get("facts") or ()]
+    if facts:
+        body.append({"type": "FactSet", "facts": facts})
+    content = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+               "version": "1.2", "body": body}
+    return {"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": content}]}
+
+
+def message_card(card):
+    """A legacy Office 365 connector MessageCard (Teams needs ``summary`` or ``text``)."""
+    title = card.get("title") or "hookd"
+    out = {"@type": "MessageCard", "@context": "http://schema.org/extensions", "summary": title,
+           "themeColor": "0076D7", "title": title}
+    if card.get("text"):
+        out["text"] = card["text"]
+    facts = [{"name": str(n), "value": str(v)} for n, v in card.get("facts") or ()]
+    if facts:
+        out["sections"] = [{"facts": facts}]
+    return out
+
+
+def post_teams(url, fmt, card, timeout=30):
+    """Post ``card`` ({"title", "facts": [(name, value)], "text"}) to a Teams webhook URL.
+    Any 2xx is success (legacy answers 200 "1", Workflows 202 empty); 429/5xx/network → Retry;
+    other 4xx → Fail. Returns a note."""
+    if fmt not in TEAMS_FORMATS:
+        raise Fail("teams.format must be adaptive or messagecard, not %r" % fmt)
+    doc = adaptive_card(card) if fmt == "adaptive" else message_card(card)
+    reply = http.request("POST", url, headers={"Content-Type": "application/json", "User-Agent": "hookd"},
+                         body=json.dumps(doc).encode("utf-8"), timeout=timeout)
+    host = urllib.parse.urlsplit(url).hostname
+    if reply.ok and b"HTTP error 429" in reply.body[:1000]:
+        raise Retry("teams (%s) throttled: connector answered 2xx with an HTTP 429 text" % host, after=60)
+    if reply.ok:
+        return "teams card posted (%s): %d" % (host, reply.status)
+    if reply.status == 429 or reply.status >= 500 or 300 <= reply.status < 400:
+        raise Retry("teams (%s) answered %d" % (host, reply.status), after=retry_after(reply))
+    raise Fail("teams (%s) refused the card: %d %s" % (host, reply.status, _short(reply.body)))
+
+
+def _short(body):
+    return body[:200].decode("utf-8", "replace").replace("\n", " ").strip()
+
+
+def teams(ctx, integration):
+    """Post ``integration.card(ctx)`` to ``teams.url`` in ``teams.format``."""
+    conf = ctx.conf
+    fmt = (conf.get("teams.format") or "adaptive").strip().lower()
+    return post_teams(conf.get("teams.url"), fmt, integration.card(ctx))
+
+
+ACTIONS = {"command": command, "forward": forward, "teams": teams}
+
+
+def check(conf):
+    """Problems with a section's generic action keys, one string each."""
+    problems = []
+    try:
+        if conf.get("command") and not shlex.split(conf.get("command")):
+            problems.append("command is empty")
+    except ValueError as e:
+        problems.append("command cannot be split into arguments: %s" % e)
+    for key in ("command.timeout", "forward.timeout"):
+        try:
+            if float(conf.get(key) or 1) <= 0:
+                problems.append("%s must be more than 0" % key)
+        except ValueError:
+            problems.append("%s must be a number of seconds" % key)
+    for key in ("forward", "teams.url"):
+        value = conf.get(key)
+        if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+            problems.append("%s must be an http:// or https:// URL" % key)
+    if (conf.get("teams.format") or "adaptive").strip().lower() not in TEAMS_FORMATS:
+        problems.append("teams.format must be adaptive or messagecard")
+    return problems

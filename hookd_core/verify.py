@@ -1,0 +1,424 @@
+"""Signature and credential checks for webhook senders: one pure function per scheme, over the raw body.
+
+Strategy: every scheme function takes the request headers (anything with a ``get``; an
+``email.message.Message`` or a dict), the exact body bytes received, and the list of secrets configured
+(several, space-separated in the file, so a secret can be rotated without downtime). It returns None
+when one secret matches and raises ``BadSignature`` (401) otherwise. Malformed headers (bad base64, no
+``t=``, a timestamp that is not a number) are a 401 too, never an exception escaping to a 500. Every
+comparison is ``hmac.compare_digest`` over bytes. Timestamped schemes take ``now`` so tests can pin the
+clock. ``verify(conf, ...)`` dispatches on ``conf.get("verify")``; ``check(conf)`` lists configuration
+problems for check-config; ``default_dedupe(scheme)`` names each sender's delivery id.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import time
+
+from .api import BadSignature
+
+SCHEMES = ("standard-webhooks", "github", "stripe", "shopify", "hmac", "token", "none")
+ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
+ENCODINGS = ("hex", "base64")
+MAX_SIGNATURES = 16  # signature entries looked at per header; rotation needs two or three, not hundreds
+
+# What each sender sends once per event and repeats on every redelivery (peers.md §3).
+DEFAULT_DEDUPE = {
+    "standard-webhooks": "header:webhook-id",
+    "github": "header:X-GitHub-Delivery",
+    "shopify": "header:X-Shopify-Webhook-Id",
+    "stripe": "json:id",
+}
+
+
+def default_dedupe(scheme):
+    """The dedupe rule a sender using ``scheme`` needs: its delivery id, else the body hash."""
+    return DEFAULT_DEDUPE.get(scheme, "body")
+
+
+def header(headers, name):
+    """The value of header ``name`` (case-insensitive), stripped, or None."""
+    value = headers.get(name)
+    if value is None and isinstance(headers, dict):
+        wanted = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == wanted), None)
+    return value.strip() if isinstance(value, str) else None
+
+
+def _require(headers, name):
+    value = header(headers, name)
+    if not value:
+        raise BadSignature("missing %s header" % name)
+    return value
+
+
+def _utf8(text):
+    return text.encode("utf-8")
+
+
+def _any_equal(expected, candidates):
+    """True when one of ``candidates`` (bytes) equals ``expected`` (bytes); constant time per pair."""
+    found = False
+    for candidate in candidates[:MAX_SIGNATURES]:
+        if hmac.compare_digest(expected, candidate):
+            found = True
+    return found
+
+
+def _mac(secret, message, algorithm="sha256"):
+    return hmac.new(secret, message, ALGORITHMS[algorithm]).digest()
+
+
+def _decode(text, encoding):
+    """Signature text to bytes, or None when it is not valid ``encoding``."""
+    try:
+        if encoding == "hex":
+            return bytes.fromhex(text)
+        return base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _check_timestamp(value, tolerance, now):
+    """Raise BadSignature unless ``value`` is whole Unix seconds within ``tolerance`` of ``now``."""
+    if not re.fullmatch(r"[0-9]{1,12}", value or ""):
+        raise BadSignature("timestamp is not a number of seconds")
+    now = time.time() if now is None else now
+    if tolerance and abs(now - int(value)) > tolerance:
+        raise BadSignature("timestamp outside the tolerance of %ds" % tolerance)
+
+
+# -- Standard Webhooks (peers.md §2) -------------------------------------------------------------------
+
+def whsec_key(secret):
+    """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64), or ValueError."""
+    raw = secret[len("whsec_"):] if secret.startswith("whsec_") else secret
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except binascii.Error:
+        raise ValueError("not base64 after whsec_")
+    if not key:
+        raise ValueError("empty key")
+    return key
+
+
+def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
+    """``webhook-signature: v1,<base64> [v1,<base64> ...]`` = HMAC-SHA256(key, id.timestamp.body).
+    ``v1a,<base64>`` entries (ed25519) are checked against ``whpk_`` secrets."""
+    msg_id = _require(headers, "webhook-id")
+    stamp = _require(headers, "webhook-timestamp")
+    entries = _require(headers, "webhook-signature").split()
+    _check_timestamp(stamp, tolerance, now)
+    message = _utf8(msg_id) + b"." + _utf8(stamp) + b"." + body
+    v1 = [_decode(e[3:], "base64") for e in entries if e.startswith("v1,")]
+    v1a = [_decode(e[4:], "base64") for e in entries if e.startswith("v1a,")]
+    v1, v1a = [s for s in v1 if s], [s for s in v1a if s]
+    for secret in secrets:
+        if secret.startswith("whpk_"):
+            if _ed25519_any(secret, message, v1a):
+                return
+            continue
+        try:
+            key = whsec_key(secret)
+        except ValueError:
+            continue  # check() reports it; a bad secret matches nothing
+        if _any_equal(_mac(key, message), v1):
+            return
+    raise BadSignature("no webhook-signature entry matches")
+
+
+def _ed25519_any(secret, message, signatures):
+    try:
+        public = base64.b64decode(secret[len("whpk_"):], validate=True)
+    except binascii.Error:
+        return False
+    return any(ed25519_verify(public, message, s) for s in signatures[:MAX_SIGNATURES])
+
+
+# -- ed25519 verification (RFC 8032 §5.1.7), for Standard Webhooks v1a --------------------------------
+# Not in CPython's stdlib; this is the RFC's reference arithmetic in extended coordinates. It is slow
+# (a few milliseconds per signature) but webhooks arrive at human rates. Verification handles only public
+# data, so it needs no constant-time care.
+
+_P = 2 ** 255 - 19
+_L = 2 ** 252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _recover_x(y, sign):
+    if y >= _P:
+        return None
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    if x2 == 0:
+        return None if sign else 0
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return None
+    return _P - x if (x & 1) != sign else x
+
+
+def _point(encoded):
+    """A 32-byte compressed point to extended coordinates (X, Y, Z, T), or None."""
+    if len(encoded) != 32:
+        return None
+    n = int.from_bytes(encoded, "little")
+    y, sign = n & ((1 << 255) - 1), n >> 255
+    x = _recover_x(y, sign)
+    return None if x is None else (x, y, 1, x * y % _P)
+
+
+def _add(p, q):
+    a = (p[1] - p[0]) * (q[1] - q[0]) % _P
+    b = (p[1] + p[0]) * (q[1] + q[0]) % _P
+    c = 2 * p[3] * q[3] * _D % _P
+    d = 2 * p[2] * q[2] % _P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _mul(n, p):
+    q = (0, 1, 1, 0)
+    while n:
+        if n & 1:
+            q = _add(q, p)
+        p, n = _add(p, p), n >> 1
+    return q
+
+
+def _same(p, q):
+    return (p[0] * q[2] - q[0] * p[2]) % _P == 0 and (p[1] * q[2] - q[1] * p[2]) % _P == 0
+
+
+_G = _point((4 * pow(5, _P - 2, _P) % _P).to_bytes(32, "little"))  # the base point, y = 4/5
+
+
+def ed25519_verify(public, message, signature):
+    """True when ``signature`` (64 bytes) is ``public``'s (32 bytes) ed25519 signature of ``message``."""
+    if len(signature) != 64:
+        return False
+    a, r = _point(public), _point(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or r is None or s >= _L:
+        return False
+    h = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    return _same(_mul(s, _G), _add(r, _mul(h, a)))
+
+
+# -- GitHub, Stripe, Shopify (peers.md §3) -------------------------------------------------------------
+
+def github(headers, body, secrets):
+    """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>``."""
+    value = _require(headers, "X-Hub-Signature-256")
+    if not value.startswith("sha256="):
+        raise BadSignature("X-Hub-Signature-256 does not start with sha256=")
+    given = _decode(value[7:], "hex")
+    if given is None:
+        raise BadSignature("X-Hub-Signature-256 is not hex")
+    if not any(_any_equal(_mac(_utf8(s), body), [given]) for s in secrets):
+        raise BadSignature("X-Hub-Signature-256 does not match")
+
+
+def parse_stripe(value):
+    """``t=123,v1=abc,v1=def,v0=...`` → (t, [v1 bytes]); BadSignature when malformed."""
+    stamp, v1 = None, []
+    for item in value.split(","):
+        key, sep, val = item.strip().partition("=")
+        if not sep:
+            raise BadSignature("Stripe-Signature item without '='")
+        if key == "t":
+            stamp = val
+        elif key == "v1":
+            decoded = _decode(val, "hex")
+            if decoded:
+                v1.append(decoded)
+    if stamp is None or not v1:
+        raise BadSignature("Stripe-Signature needs t= and at least one v1=")
+    return stamp, v1
+
+
+def stripe(headers, body, secrets, tolerance=300, now=None):
+    """``Stripe-Signature: t=<ts>,v1=<hex HMAC-SHA256(secret, "t.body")>[,v1=...]``."""
+    stamp, given = parse_stripe(_require(headers, "Stripe-Signature"))
+    _check_timestamp(stamp, tolerance, now)
+    message = _utf8(stamp) + b"." + body
+    if not any(_any_equal(_mac(_utf8(s), message), given) for s in secrets):
+        raise BadSignature("no Stripe-Signature v1 matches")
+
+
+def shopify(headers, body, secrets):
+    """``X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256(secret, body)>``."""
+    given = _decode(_require(headers, "X-Shopify-Hmac-Sha256"), "base64")
+    if given is None:
+        raise BadSignature("X-Shopify-Hmac-Sha256 is not base64")
+    if not any(_any_equal(_mac(_utf8(s), body), [given]) for s in secrets):
+        raise BadSignature("X-Shopify-Hmac-Sha256 does not match")
+
+
+# -- generic HMAC recipe -------------------------------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def template_problems(template):
+    """Unknown placeholders in a signature.message template (only {body} and {header:NAME} exist)."""
+    return ["unknown placeholder {%s} in signature.message" % name
+            for name in PLACEHOLDER.findall(template)
+            if name != "body" and not (name.startswith("header:") and name[7:].strip())]
+
+
+def build_message(template, headers, body):
+    """The bytes to sign: the template with {body} replaced by the raw body bytes and {header:NAME} by
+    that header's value. Literal text is UTF-8, so a non-UTF-8 body still verifies byte for byte."""
+    out, pos = [], 0
+    for m in PLACEHOLDER.finditer(template):
+        out.append(_utf8(template[pos:m.start()]))
+        name = m.group(1)
+        if name == "body":
+            out.append(body)
+        elif name.startswith("header:"):
+            value = header(headers, name[7:].strip())
+            if value is None:
+                raise BadSignature("header %s (signed) is missing" % name[7:].strip())
+            out.append(_utf8(value))
+        else:
+            out.append(_utf8(m.group(0)))
+        pos = m.end()
+    out.append(_utf8(template[pos:]))
+    return b"".join(out)
+
+
+def hmac_scheme(headers, body, secrets, name, prefix="", encoding="hex", algorithm="sha256",
+                template="{body}"):
+    """HMAC(secret, template) in header ``name``, after ``prefix``; several signatures may be given,
+    separated by commas or spaces (adnanh/webhook does the same)."""
+    value = _require(headers, name)
+    given = []
+    for item in re.split(r"[,\s]+", value)[:MAX_SIGNATURES]:
+        if prefix and not item.startswith(prefix):
+            continue
+        decoded = _decode(item[len(prefix):], encoding)
+        if decoded:
+            given.append(decoded)
+    if not given:
+        raise BadSignature("%s holds no %s signature%s" % (name, encoding, " after " + prefix if prefix else ""))
+    message = build_message(template, headers, body)
+    if not any(_any_equal(_mac(_utf8(s), message, algorithm), given) for s in secrets):
+        raise BadSignature("%s does not match" % name)
+
+
+# -- static token or HTTP basic auth -------------------------------------------------------------------
+
+def token(headers, body, secrets, name="Authorization"):
+    """The token in header ``name``: the bare token, ``Bearer <token>``, or HTTP basic auth whose password
+    (or whole ``user:password``) is the token."""
+    value = _require(headers, name)
+    candidates = [_utf8(value)]
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        candidates.append(_utf8(rest.strip()))
+    elif scheme.lower() == "basic":
+        decoded = _decode(rest.strip(), "base64") or b""
+        candidates.append(decoded)
+        candidates.append(decoded.partition(b":")[2])
+    if not any(_any_equal(_utf8(s), candidates) for s in secrets):
+        raise BadSignature("%s does not hold a valid token" % name)
+
+
+# -- configuration glue --------------------------------------------------------------------------------
+
+def secrets_of(conf):
+    return (conf.get("secret") or "").split()
+
+
+def _tolerance(conf):
+    try:
+        return int(conf.get("tolerance") or 300)
+    except ValueError:
+        return 300  # check() reports it
+
+
+def verify(conf, headers, body, now=None):
+    """Check one request against the section ``conf`` (``verify``, ``secret``, ...). BadSignature if not."""
+    scheme = (conf.get("verify") or "").strip()
+    secrets = secrets_of(conf)
+    if scheme == "none":
+        if not _truthy(conf.get("allow_unsigned")):
+            raise BadSignature("verify = none without allow_unsigned = true")
+        return
+    if not secrets:
+        raise BadSignature("no secret configured")
+    if scheme == "standard-webhooks":
+        return standard_webhooks(headers, body, secrets, _tolerance(conf), now)
+    if scheme == "stripe":
+        return stripe(headers, body, secrets, _tolerance(conf), now)
+    if scheme == "github":
+        return github(headers, body, secrets)
+    if scheme == "shopify":
+        return shopify(headers, body, secrets)
+    if scheme == "hmac":
+        return hmac_scheme(headers, body, secrets, conf.get("signature.header") or "",
+                           conf.get("signature.prefix") or "", _enc(conf), _alg(conf),
+                           conf.get("signature.message") or "{body}")
+    if scheme == "token":
+        return token(headers, body, secrets, conf.get("token.header") or "Authorization")
+    raise BadSignature("unknown verify scheme")
+
+
+def _enc(conf):
+    return (conf.get("signature.encoding") or "hex").strip().lower()
+
+
+def _alg(conf):
+    return (conf.get("signature.algorithm") or "sha256").strip().lower()
+
+
+def _truthy(value):
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check(conf):
+    """Configuration problems of a verifying section, one string each (empty list: fine)."""
+    scheme = (conf.get("verify") or "").strip()
+    if scheme not in SCHEMES:
+        return ["verify = %r is not one of %s" % (scheme, ", ".join(SCHEMES))]
+    if scheme == "none":
+        return [] if _truthy(conf.get("allow_unsigned")) else [
+            "verify = none accepts anything; set allow_unsigned = true to allow it"]
+    problems = [] if secrets_of(conf) else ["secret is required for verify = %s" % scheme]
+    if scheme in ("standard-webhooks", "stripe") and not re.fullmatch(r"[0-9]+", conf.get("tolerance") or "300"):
+        problems.append("tolerance must be a whole number of seconds")
+    if scheme == "standard-webhooks":
+        problems += _whsec_problems(secrets_of(conf))
+    if scheme == "hmac":
+        problems += _hmac_problems(conf)
+    return problems
+
+
+def _whsec_problems(secrets):
+    problems = []
+    for i, secret in enumerate(secrets, 1):
+        try:
+            if secret.startswith("whpk_"):
+                if len(base64.b64decode(secret[5:], validate=True)) != 32:
+                    raise ValueError("a whpk_ key must be 32 bytes")
+            else:
+                whsec_key(secret)
+        except (ValueError, binascii.Error) as e:
+            problems.append("secret #%d is not a valid Standard Webhooks secret (%s)" % (i, e))
+    return problems
+
+
+def _hmac_problems(conf):
+    problems = []
+    if not (conf.get("signature.header") or "").strip():
+        problems.append("signature.header is required for verify = hmac")
+    if _enc(conf) not in ENCODINGS:
+        problems.append("signature.encoding must be hex or base64")
+    if _alg(conf) not in ALGORITHMS:
+        problems.append("signature.algorithm must be sha1, sha256 or sha512")
+    return problems + template_problems(conf.get("signature.message") or "{body}")
