@@ -182,6 +182,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.reaper.disarm(self._deadline)
 
+    def finish(self):
+        """After an error answer that closes the connection, drain what the client still sends for a
+        moment, so the kernel does not reset the connection and destroy the answer before it is read."""
+        try:
+            super().finish()
+            if self.close_connection and getattr(self, "_linger", False):
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.5)
+                for _ in range(64):
+                    if not self.connection.recv(65536):
+                        break
+        except OSError:
+            pass
+
     def _client_gone(self, exc):
         self.close_connection = True
         if self._deadline[3]:
@@ -329,6 +343,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._reply(e.status, {"error": str(e)}, e.headers, close=close or e.status == 408)
 
     def _reply(self, status, obj, headers=(), close=False):
+        if status >= 400 and (close or self.close_connection):
+            self._linger = True
         self._send(status, json.dumps(obj).encode(), "application/json", headers, close)
 
     def _send(self, status, body, content_type, headers=(), close=False):

@@ -1,0 +1,170 @@
+"""Framing fixtures: every raw request in tests/framing/{valid,invalid} fed whole, line by line and byte by
+byte to the body reader, and whole and byte by byte to the real daemon over a socket.
+
+A fixture is NAME.http (the raw request; real newlines are ignored, escapes \\r \\n \\xHH are bytes) with
+NAME.json (valid: the status and decoded body) or NAME.txt (invalid: "STATUS ExceptionName", then why).
+A new parser edge case is a new pair of files and no new test code.
+"""
+
+import glob
+import http.client
+import io
+import json
+import os
+import re
+import socket
+import unittest
+
+from hookd_core import framing
+from hookd_core.api import Reject
+from tests.support import Daemon, wait_until
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "framing")
+MAX_BODY = 1024
+
+
+def load_raw(path):
+    with open(path, encoding="ascii") as f:
+        text = f.read().replace("\n", "")
+    return re.sub(rb"\\(r|n|0|\\|x[0-9a-fA-F]{2})",
+                  lambda m: {b"r": b"\r", b"n": b"\n", b"0": b"\0", b"\\": b"\\"}.get(
+                      m.group(1), bytes([int(m.group(1)[1:], 16)]) if m.group(1)[:1] == b"x" else b""),
+                  text.encode("ascii"))
+
+
+def fixtures(kind):
+    out = []
+    for path in sorted(glob.glob(os.path.join(HERE, kind, "*.http"))):
+        name = os.path.basename(path)[:-5]
+        if kind == "valid":
+            with open(path[:-5] + ".json") as f:
+                expect = json.load(f)
+        else:
+            with open(path[:-5] + ".txt") as f:
+                first = f.readline().split()
+            expect = {"status": int(first[0]), "exception": first[1]}
+        out.append((name, load_raw(path), expect))
+    return out
+
+
+class Trickle(io.RawIOBase):
+    """A raw stream that hands out the data in the given pieces: one readinto() per piece at most."""
+
+    def __init__(self, pieces):
+        self.pieces = [p for p in pieces if p]
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if not self.pieces:
+            return 0
+        piece = self.pieces[0][:len(b)]
+        self.pieces[0] = self.pieces[0][len(piece):]
+        if not self.pieces[0]:
+            self.pieces.pop(0)
+        b[:len(piece)] = piece
+        return len(piece)
+
+
+def feeds(data):
+    return {
+        "whole": [data],
+        "lines": [l for l in re.split(rb"(?<=\n)", data)],
+        "bytes": [data[i:i + 1] for i in range(len(data))],
+    }
+
+
+def parse(data, pieces):
+    """Request line + headers with the stdlib parser, then hookd's body reader. Returns body or raises."""
+    rfile = io.BufferedReader(Trickle(pieces), buffer_size=64)
+    line = rfile.readline(65537)
+    version = line.split()[2].decode()
+    headers = http.client.parse_headers(rfile)
+    kind, length = framing.body_framing(headers, version, MAX_BODY)
+    return framing.read_body(rfile, kind, length, MAX_BODY)
+
+
+class FramingUnitTest(unittest.TestCase):
+    def test_corpus_is_there(self):
+        self.assertGreaterEqual(len(fixtures("valid")), 8)
+        self.assertGreaterEqual(len(fixtures("invalid")), 20)
+
+    def test_valid_fixtures_decode_the_same_in_every_feed(self):
+        for name, data, expect in fixtures("valid"):
+            for mode, pieces in feeds(data).items():
+                with self.subTest(fixture=name, feed=mode):
+                    self.assertEqual(parse(data, pieces), expect["body"].encode("utf-8"))
+
+    def test_invalid_fixtures_are_refused_with_their_status_in_every_feed(self):
+        for name, data, expect in fixtures("invalid"):
+            for mode, pieces in feeds(data).items():
+                with self.subTest(fixture=name, feed=mode):
+                    with self.assertRaises(Reject) as cm:
+                        parse(data, pieces)
+                    self.assertEqual(cm.exception.status, expect["status"])
+                    self.assertEqual(cm.exception.__class__.__name__, expect["exception"])
+
+    def test_truncated_chunked_body_is_client_gone_not_a_body(self):
+        data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
+        with self.assertRaises(framing.ClientGone):
+            parse(data, [data])
+
+
+def exchange(port, data, bytewise=False):
+    """Send a raw request, return (status, body) of the one response, and whether the server then closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        if bytewise:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                for i in range(len(data)):
+                    s.sendall(data[i:i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered early and closed; its answer is still to be read
+        else:
+            s.sendall(data)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        body = resp.read()
+        return resp.status, body, resp.getheader("Connection")
+
+
+class FramingDaemonTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon("[hookd]\nmax_body = %d\nworkers = 1\n[hook:t]\nverify = none\nallow_unsigned = true\n"
+                       "dedupe = none\n" % MAX_BODY).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+
+    def test_valid_fixtures_are_stored(self):
+        for name, data, expect in fixtures("valid"):
+            with self.subTest(fixture=name):
+                status, body, _ = exchange(self.d.port, data)
+                self.assertEqual(status, 202, body)
+                event = self.d.event(json.loads(body)["id"])
+                self.assertEqual(event["body"], expect["body"])
+
+    def test_valid_chunked_fixture_sent_byte_by_byte(self):
+        data = dict((n, d) for n, d, _ in fixtures("valid"))["chunked_trailers"]
+        status, body, _ = exchange(self.d.port, data, bytewise=True)
+        self.assertEqual(status, 202)
+
+    def test_invalid_fixtures_get_their_status_and_store_nothing(self):
+        before = len(self.d.events())
+        for name, data, expect in fixtures("invalid"):
+            for bytewise in (False, True):
+                with self.subTest(fixture=name, bytewise=bytewise):
+                    status, body, connection = exchange(self.d.port, data, bytewise)
+                    self.assertEqual(status, expect["status"], body)
+                    self.assertEqual(connection, "close")
+        self.assertEqual(len(self.d.events()), before)
+        status, _, _ = exchange(self.d.port, fixtures("valid")[0][1])
+        self.assertEqual(status, 202, "daemon still serves after the corpus")
+        wait_until(lambda: "400 hook:t" in self.d.log(), 5, message="one log line per refusal")
+
+
+if __name__ == "__main__":
+    unittest.main()
