@@ -28,7 +28,7 @@ import time
 
 from hookd_core import http
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, NotFound,
-                            Response)
+                            Reject, Response)
 
 ROUTE = "/zencoder/notifications"
 JOB_PATH = re.compile(r"^/zencoder/jobs/([^/]+)$")
@@ -411,15 +411,10 @@ def submit(app, argv):
 
 def cli_section(app):
     """The [zencoder] Section for a CLI command (the core gives commands ``app`` only)."""
-    for handler in _app_handlers(app):
-        if isinstance(handler, Handler):
-            return handler.conf
+    for integ in app.integrations:
+        if isinstance(integ, Handler):
+            return integ.conf
     raise SubmitError("the configuration has no [zencoder] section")
-
-
-def _app_handlers(app):
-    handlers = getattr(app, "handlers", None) or ()
-    return handlers.values() if isinstance(handlers, dict) else handlers
 
 
 # -- the integration -------------------------------------------------------------------------------------
@@ -469,8 +464,11 @@ class Handler(Integration):
         return [NewEvent(doc, notification_key(job_id, state, outputs), "zencoder:%d" % job_id)]
 
     def run(self, ctx):
-        summary, notify, note = self.app.store.write(
-            lambda conn: apply_notification(conn, ctx.id, ctx.payload))
+        try:
+            summary, notify, note = self.app.store.write(
+                lambda conn: apply_notification(conn, ctx.id, ctx.payload))
+        except Reject as e:  # a stored payload that is not a notification (a replay of something odd)
+            raise Fail(str(e))
         if notify:
             ctx.action_input = summary
         else:

@@ -21,8 +21,12 @@ from tests import fake_zencoder, support
 SECRET = "zn-s3cret-9f2"
 ROUTE = "/zencoder/notifications"
 NOTIFY_URL = "http://zencoder:%s@hookd.example.org%s" % (SECRET, ROUTE)
-RECORDER = """import sys
+RECORDER = """import os, sys
 data = sys.stdin.read()
+marker = os.path.join(os.path.dirname(sys.argv[1]), "fail-next")
+if os.path.exists(marker):
+    os.remove(marker)
+    sys.exit(3)
 with open(sys.argv[1], "a") as f:
     f.write(data.replace("\\n", " ") + "\\n")
 """
@@ -58,6 +62,9 @@ class ZencoderEndToEnd(unittest.TestCase):
         cls.fake.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
+    def setUp(self):
+        self.fake.fail_next = []
+
     # -- helpers ----------------------------------------------------------------------------------------
     def submit(self, *outputs, input_url="gcs://59d69c94f488551661254569/_/02.mkv"):
         args = ["zencoder-submit", input_url]
@@ -85,11 +92,12 @@ class ZencoderEndToEnd(unittest.TestCase):
         return json.loads(body)
 
     def summaries(self, job_id):
+        """Every document the command got about this job (a summary, or any other event document)."""
         if not os.path.exists(self.received):
             return []
         with open(self.received) as f:
             docs = [json.loads(line) for line in f if line.strip()]
-        return [doc for doc in docs if doc.get("job_id") == job_id]
+        return [doc for doc in docs if doc.get("job_id") == job_id or str(job_id) in json.dumps(doc)]
 
     def zencoder_events(self):
         return len(self.d.events("--route", "zencoder"))
@@ -183,7 +191,8 @@ class ZencoderEndToEnd(unittest.TestCase):
         self.assertIn(status, (200, 202))
         self.assertEqual(json.loads(body)["status"], "duplicate")
         again = fake_zencoder.job_notification(self.fake, job_id, "finished", sizes={0: 6050358, 1: 4100})
-        self.assertEqual(json.loads(self.notify(again)[2])["status"], "duplicate")  # new timestamps only
+        again["job"]["updated_at"] = "2030-01-01T00:00:00Z"
+        self.assertEqual(json.loads(self.notify(again)[2])["status"], "duplicate")  # only a timestamp differs
         one_output = fake_zencoder.notification(job_id, "finished", finished["outputs"][:1])
         self.delivered(one_output)  # other news of the same finished job: stored, changes nothing
         late = fake_zencoder.job_notification(self.fake, job_id, "processing", sizes={0: 1, 1: 2})
@@ -211,6 +220,16 @@ class ZencoderEndToEnd(unittest.TestCase):
         sent = self.summaries(job_id)
         self.assertEqual([s["status"] for s in sent], ["failed"])
         self.assertEqual(sent[0]["variations"][1]["error"], "Unsupported video codec: vp9 at 1280x720")
+
+    def test_failed_command_is_retried_with_the_same_summary(self):
+        job_id = self.submit("mp4:640x360")
+        open(os.path.join(self.tmp, "fail-next"), "w").close()  # the command exits 3 once
+        status, _, body = self.notify(fake_zencoder.job_notification(self.fake, job_id, "finished"))
+        self.assertEqual(status, 202, body)
+        event = self.d.wait_status(json.loads(body)["id"], "done")
+        self.assertEqual(event["attempts"], 2)
+        sent = self.summaries(job_id)
+        self.assertEqual([(s["job_id"], s["status"]) for s in sent], [(job_id, "finished")])
 
     def test_output_without_width_matches_by_format(self):
         job_id = self.submit("mp4:640x360")
@@ -278,6 +297,33 @@ class ZencoderStateRules(unittest.TestCase):
                                                                 size=1)])
         var = zencoder.file_summary(self.conn, 7)["variations"][0]
         self.assertEqual((var["state"], var["length"]), ("finished", 5))
+
+
+class FakeZencoderFollowsUpstreams(unittest.TestCase):
+    """The fake itself answers like upstreams.md §5.5 says, so the tests above can trust it."""
+
+    def setUp(self):
+        self.fake = fake_zencoder.FakeZencoder()
+        self.addCleanup(self.fake.close)
+
+    def create(self, body, key=fake_zencoder.API_KEY):
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Zencoder-Api-Key"] = key
+        status, _, reply = support.post(self.fake.api_url + "/jobs", json.dumps(body), headers)
+        return status, json.loads(reply)
+
+    def test_job_creation_answers(self):
+        good = {"input": "gcs://b/a.mkv", "outputs": [{"format": "mp4", "size": "640x360"}]}
+        self.assertEqual(self.create(good, key=None)[0], 401)
+        self.assertEqual(self.create(good, key="wrong")[0], 401)
+        status, reply = self.create({"input": "gcs://b/a.mkv", "outputs": [{"format": "mp4", "witdh": 640}]})
+        self.assertEqual(status, 422)
+        self.assertIn("witdh", reply["errors"][0])
+        status, reply = self.create(good)
+        self.assertEqual(status, 201)
+        self.assertIsInstance(reply["id"], int)
+        self.assertEqual(set(reply["outputs"][0]), {"id", "label", "url"})
 
 
 if __name__ == "__main__":
