@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS zencoder_variation (
 
 VARIATION_COLUMNS = ("format", "width", "height", "length", "duration", "state", "error", "output_id",
                      "url")
+UPDATABLE = ("state", "length", "width", "height", "duration", "output_id", "url", "error")  # update order
 
 
 def now_iso():
@@ -209,11 +210,13 @@ def load_variations(conn, job_id):
 
 
 def update_variation(conn, job_id, position, changes, stamp):
-    names = sorted(changes)
-    assignments = ", ".join("%s = ?" % name for name in names)  # names come from VARIATION_COLUMNS only
-    assert set(names) <= set(VARIATION_COLUMNS)
-    conn.execute("UPDATE zencoder_variation SET %s, updated_at = ? WHERE job_id = ? AND position = ?"
-                 % assignments, [changes[n] for n in names] + [stamp, job_id, position])
+    """Write ``changes`` (a subset of UPDATABLE) to one variation; absent columns keep their value."""
+    conn.execute("UPDATE zencoder_variation SET state = coalesce(?, state), length = coalesce(?, length),"
+                 " width = coalesce(?, width), height = coalesce(?, height),"
+                 " duration = coalesce(?, duration), output_id = coalesce(?, output_id),"
+                 " url = coalesce(?, url), error = coalesce(?, error), updated_at = ?"
+                 " WHERE job_id = ? AND position = ?",
+                 [changes.get(name) for name in UPDATABLE] + [stamp, job_id, position])
 
 
 def file_summary(conn, job_id):
@@ -243,8 +246,8 @@ def apply_notification(conn, event_id, doc):
         conn.execute("UPDATE zencoder_file SET status = ?, updated_at = ?,"
                      " notified_event = CASE WHEN ? THEN ? ELSE notified_event END WHERE job_id = ?",
                      (state, stamp, moved, str(event_id), job_id))
-    input_ms = (doc.get("input") or {}).get("duration_in_ms") if isinstance(doc.get("input"), dict) else None
-    touched = apply_outputs(conn, job_id, outputs, input_ms, stamp)
+    media = doc.get("input") if isinstance(doc.get("input"), dict) else {}
+    touched = apply_outputs(conn, job_id, outputs, media.get("duration_in_ms"), stamp)
     notify = moved or (old in NOTIFY_ON and notified is not None and str(notified) == str(event_id))
     summary = file_summary(conn, job_id)
     note = "job %d %s -> %s, %d/%d outputs applied" % (job_id, old, summary["status"], touched,
