@@ -1,0 +1,443 @@
+"""IXON Cloud Notify alarms: record a clip from the IP camera next to the alarming machine.
+
+Strategy: ``POST /ixon/webhook`` takes the IXON message (a JSON object, or a JSON string holding one, as
+the old video_store_service sent it), checks ``createdOn`` and ``extraInfo["Device name"]`` (else 422),
+and refuses with 503 + Retry-After when ``queue_size`` recordings are already waiting, so nothing is
+dropped silently. Each event's serial key is the camera, so one camera is never recorded twice at once;
+``max_parallel`` bounds recordings overall. The job finds the stream (``stream.url`` straight from the
+camera, or IXON API v2: bearer token or a cached login, ``POST /web-access`` for ``webaccess.server``,
+one GET of the returned URL for its auth cookie, then ``stream.path`` behind it) and lets the supervised
+ffmpeg in ``hookd_core.ffmpeg`` read the URL itself, with the cookie and camera credentials as ffmpeg
+options. The clip is ``video.dir/<createdOn, : → ->_<device name>.mp4`` and appears only when complete.
+Wire format: reference/upstreams.md §4 (API v2, §4.3).
+"""
+
+import base64
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+import urllib.parse
+
+from hookd_core import ffmpeg, http
+from hookd_core.api import BadPayload, Busy, Fail, Integration, NewEvent, Retry
+
+API_TIMEOUT = 20           # seconds for one IXON API call
+TOKEN_LIFETIME = 3600      # seconds a login token is asked to live (IXON allows 60..5184000)
+TOKEN_SLACK = 120          # renew a cached token this long before it expires
+MAX_PAGES = 50             # list pages followed by ixon-configure (moreAfter paging)
+NAME_RE = re.compile(r"[^A-Za-z0-9_.-]")
+AUTH_MODES = ("none", "basic", "digest")
+STREAM_SCHEMES = ("http", "https", "rtsp", "rtsps")
+
+
+# -- the message and the file name (pure functions) ----------------------------------------------------
+
+def parse_message(body):
+    """The IXON message from the raw body: a JSON object, or a JSON string containing one."""
+    try:
+        msg = json.loads(body.decode("utf-8"))
+        if isinstance(msg, str):
+            msg = json.loads(msg)
+    except (UnicodeDecodeError, ValueError) as e:
+        from hookd_core.api import Unparsable
+        raise Unparsable("body is not JSON: %s" % e.__class__.__name__)
+    if not isinstance(msg, dict):
+        raise BadPayload("the IXON message must be a JSON object (or a JSON string holding one)")
+    created, device = msg.get("createdOn"), device_name(msg)
+    if not isinstance(created, str) or not created.strip():
+        raise BadPayload("the IXON message has no createdOn")
+    if not device:
+        raise BadPayload('the IXON message has no extraInfo["Device name"]')
+    return msg
+
+
+def device_name(msg):
+    extra = msg.get("extraInfo")
+    name = extra.get("Device name") if isinstance(extra, dict) else None
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def clip_name(msg):
+    """``<createdOn with : → ->_<device name with spaces → _>.mp4``, only ``[A-Za-z0-9_.-]``, as the
+    original service named them (2019-08-29T12-26-24_Project_D4_Alarming_machine.mp4)."""
+    raw = "%s_%s" % (msg["createdOn"].strip().replace(":", "-"), device_name(msg).replace(" ", "_"))
+    name = NAME_RE.sub("", raw).lstrip(".")[:200] or "clip"
+    return name + ".mp4"
+
+
+def with_credentials(url, username, password):
+    """``url`` with ``user:password@`` in it (percent-encoded), which ffmpeg uses for basic and digest."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = urllib.parse.quote(username, safe="") + ":" + urllib.parse.quote(password, safe="")
+    netloc = userinfo + "@" + parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def behind_webaccess(webaccess_url, stream_path):
+    """The camera path behind a web-access URL: its query (``?auth=...``) dropped, the path appended."""
+    base = webaccess_url.split("?", 1)[0].split("#", 1)[0]
+    return base.rstrip("/") + "/" + stream_path.lstrip("/")
+
+
+def cookies_of(reply):
+    """``name=value`` pairs from every Set-Cookie header of an http.Reply."""
+    pairs = []
+    for header in reply.headers.get_all("Set-Cookie") or []:
+        first = header.split(";", 1)[0].strip()
+        if "=" in first and first.split("=", 1)[0].strip():
+            pairs.append(first)
+    return pairs
+
+
+# -- IXON API v2 client ---------------------------------------------------------------------------------
+
+class IxonApi:
+    """Calls to the IXON API v2 with the ``Api-*`` headers and a bearer token (configured, or obtained by
+    logging in and cached until shortly before it expires; a login token refused with 401 is renewed once)."""
+
+    def __init__(self, conf):
+        self.conf = conf
+        self.base = conf.get("api.url").rstrip("/")
+        self._lock = threading.Lock()
+        self._token, self._expires = None, 0.0
+        self.logins = 0
+
+    def headers(self, company=True):
+        """The ``Api-*`` headers; ``company`` True: the configured company, a string: that one, False: none."""
+        h = {"Accept": "application/json", "Api-Version": "2",
+             "Api-Application": self.conf.get("api.application")}
+        company = self.conf.get("company") if company is True else company
+        if company:
+            h["Api-Company"] = company
+        return h
+
+    def token(self, fresh=False):
+        if self.conf.get("token"):
+            return self.conf.get("token")
+        with self._lock:
+            if fresh or not self._token or time.time() > self._expires - TOKEN_SLACK:
+                self._token, self._expires = self._login(), time.time() + TOKEN_LIFETIME
+            return self._token
+
+    def _login(self):
+        """``POST /access-tokens`` with Basic base64(email:otp:password) → 201 data.secretId."""
+        if not (self.conf.get("email") and self.conf.get("password")):
+            raise Fail("[ixon] needs token, or email and password")
+        cred = "%s:%s:%s" % (self.conf.get("email"), self.conf.get("otp") or "", self.conf.get("password"))
+        h = dict(self.headers(company=False), Authorization="Basic " + base64.b64encode(
+            cred.encode("utf-8")).decode("ascii"), **{"Content-Type": "application/json"})
+        reply = http.request("POST", self.base + "/access-tokens?fields=secretId", headers=h,
+                             body=json.dumps({"expiresIn": TOKEN_LIFETIME}), timeout=API_TIMEOUT)
+        self.logins += 1
+        if reply.status in (200, 201):
+            secret = _data(reply).get("secretId") if isinstance(_data(reply), dict) else None
+            if isinstance(secret, str) and secret:
+                return secret
+            raise Retry("IXON login answered %d without a secretId" % reply.status)
+        raise _error("IXON login", reply)
+
+    def call(self, method, path, body=None, company=True):
+        """One authorised call; returns the reply's ``data``. Renews a login token once on 401."""
+        for attempt in (1, 2):
+            h = dict(self.headers(company), Authorization="Bearer " + self.token(fresh=attempt == 2))
+            if body is not None:
+                h["Content-Type"] = "application/json"
+            reply = http.request(method, self.base + path, headers=h, timeout=API_TIMEOUT,
+                                 body=None if body is None else json.dumps(body))
+            if reply.status == 401 and attempt == 1 and not self.conf.get("token"):
+                continue
+            if 200 <= reply.status < 300:
+                return reply
+            raise _error("IXON %s %s" % (method, path.split("?")[0]), reply)
+
+    def web_access_url(self, server):
+        """``POST /web-access`` for the server's publicId → the URL of a web-access session."""
+        reply = self.call("POST", "/web-access", {"server": {"publicId": server}})
+        data = _data(reply)
+        if isinstance(data, list):
+            data = data[0] if data else None
+        url = data.get("url") if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise Retry("IXON web-access answer has no usable url")
+        return url
+
+    def listing(self, path, company=True):
+        """Every item of a list endpoint, following ``moreAfter`` paging."""
+        items, after = [], None
+        for _ in range(MAX_PAGES):
+            sep = "&" if "?" in path else "?"
+            page = path + (sep + "page-after=" + urllib.parse.quote(after) if after else "")
+            body = self.call("GET", page, company=company).json()
+            data = body.get("data") if isinstance(body, dict) else None
+            items += [d for d in (data or []) if isinstance(d, dict)]
+            after = body.get("moreAfter") if isinstance(body, dict) else None
+            if not after:
+                break
+        return items
+
+
+def _data(reply):
+    body = reply.json()
+    return body.get("data") if isinstance(body, dict) else None
+
+
+def _error(what, reply):
+    """A Fail for answers retrying cannot fix (bad token, unknown server), else a Retry."""
+    msg = "%s answered %d" % (what, reply.status)
+    if reply.status in (429, 408) or reply.status >= 500:
+        return Retry(msg)
+    return Fail(msg)
+
+
+# -- the integration -----------------------------------------------------------------------------------
+
+class Handler(Integration):
+    SECTION = "ixon"
+    route = "/ixon/webhook"
+    KEYS = {
+        "api.url": "https://portal.ixon.cloud/api",
+        "api.application": "",
+        "company": "",
+        "token": "",
+        "email": "",
+        "password": "",
+        "otp": "",
+        "webaccess.server": "",
+        "stream.path": "/video.mjpg",
+        "stream.url": "",
+        "camera.auth": "none",
+        "camera.username": "",
+        "camera.password": "",
+        "duration": "10",
+        "framerate": "auto",
+        "recode": "true",
+        "video.dir": "",
+        "queue_size": "10",
+        "max_parallel": "1",
+        "stall_timeout": "10",
+        "time_margin": "15",
+    }
+    SECRET_KEYS = ("token", "password", "otp", "camera.password")
+
+    def __init__(self, name, conf, app):
+        super().__init__(name, conf, app)
+        self.api = IxonApi(conf)
+        self.duration = _number(conf, "duration", 10.0)
+        self.stall_timeout = _number(conf, "stall_timeout", 10.0)
+        self.margin = _number(conf, "time_margin", 15.0)
+        self.max_parallel = max(1, int(_number(conf, "max_parallel", 1)))
+        self.queue_size = max(1, int(_number(conf, "queue_size", 10)))
+        # API calls + connect + the clip + ffmpeg's grace and margin; the watchdog must not beat ffmpeg's own.
+        self.job_timeout = int(4 * API_TIMEOUT + self.stall_timeout + self.duration + self.margin + 30)
+
+    # -- configuration -------------------------------------------------------------------------------
+    def check(self):
+        c, problems = self.conf, []
+        for key in ("duration", "stall_timeout", "time_margin", "queue_size", "max_parallel"):
+            if _number(c, key, None) is None or _number(c, key, 0) <= 0:
+                problems.append("[%s] %s must be a positive number" % (self.name, key))
+        rate = (c.get("framerate") or "auto").strip().lower()
+        if rate != "auto" and (_float(rate) is None or _float(rate) <= 0):
+            problems.append("[%s] framerate must be auto or a positive number" % self.name)
+        if (c.get("camera.auth") or "none").strip().lower() not in AUTH_MODES:
+            problems.append("[%s] camera.auth must be one of %s" % (self.name, ", ".join(AUTH_MODES)))
+        problems += self._check_source()
+        problems += ["[%s] %s is not installed (needed to record)" % (self.name, p) for p in ffmpeg.which()]
+        return problems
+
+    def _check_source(self):
+        c = self.conf
+        if c.get("stream.url"):
+            scheme = urllib.parse.urlsplit(c.get("stream.url")).scheme.lower()
+            if scheme not in STREAM_SCHEMES:
+                return ["[%s] stream.url must be http(s):// or rtsp(s)://" % self.name]
+            return []
+        missing = [k for k in ("api.url", "api.application", "company", "webaccess.server") if not c.get(k)]
+        if not c.get("token") and not (c.get("email") and c.get("password")):
+            missing.append("token (or email and password)")
+        return ["[%s] %s is required unless stream.url is set" % (self.name, k) for k in missing]
+
+    # -- request thread ------------------------------------------------------------------------------
+    def accept(self, req):
+        msg = parse_message(req.body)
+        waiting = self.app.store.waiting(self.name)
+        if waiting >= self.queue_size:
+            raise Busy("%d recordings already waiting (queue_size = %d)" % (waiting, self.queue_size),
+                       retry_after=max(5, int(self.duration)))
+        key = None
+        if not self.conf.get("dedupe"):  # the same alarm sent twice, as object or as string: one clip
+            key = "ixon:" + hashlib.sha256(json.dumps(msg, sort_keys=True).encode("utf-8")).hexdigest()
+        return [NewEvent(payload=msg, dedupe_key=key, serial_key=self.camera_key())]
+
+    def camera_key(self):
+        """One string per camera, so the core never runs two recordings of it at once."""
+        if self.conf.get("stream.url"):
+            return "camera:" + http.redact_url(self.conf.get("stream.url"))
+        return "webaccess:" + (self.conf.get("webaccess.server") or "")
+
+    # -- worker thread -------------------------------------------------------------------------------
+    def run(self, ctx):
+        msg = ctx.payload
+        if not isinstance(msg, dict) or not device_name(msg) or not msg.get("createdOn"):
+            raise Fail("stored event is not an IXON message")
+        out = os.path.join(self.video_dir(), clip_name(msg))
+        clip = self.record(out, ctx.stopping, ctx.log)
+        ctx.action_input = {"file": clip.path, "duration": round(clip.duration, 2),
+                            "device": device_name(msg), "createdOn": msg.get("createdOn"),
+                            "stopped_early": clip.stopped_early, "message": msg}
+        note = "recorded %s (%.1f s)" % (os.path.basename(clip.path), clip.duration)
+        return note + (", stopped early by shutdown" if clip.stopped_early else "")
+
+    def record(self, out_path, stopping, log, overwrite=False, duration=None):
+        """Find the stream and record one clip into ``out_path``; returns ffmpeg.Clip."""
+        input_args, secrets = self.stream_input(log)
+        return ffmpeg.record(input_args, out_path, duration or self.duration,
+                             recode=self.conf.bool("recode"), framerate=self.conf.get("framerate"),
+                             stopping=stopping, margin=self.margin, stall_timeout=self.stall_timeout,
+                             overwrite=overwrite, secrets=secrets, log=log)
+
+    def video_dir(self):
+        d = self.conf.get("video.dir") or os.path.join(self.app.state_dir, "videos")
+        return os.path.abspath(d)
+
+    def stream_input(self, log=None):
+        """ffmpeg input options ending in ``-i URL``, and the secrets in them (for redaction)."""
+        c = self.conf
+        secrets = [c.get("camera.password"), c.get("token")]
+        headers = []
+        if c.get("stream.url"):
+            url = c.get("stream.url")
+        else:
+            url, cookies = self.open_webaccess()
+            headers.append("Cookie: " + "; ".join(cookies))
+            secrets += [p.split("=", 1)[1] for p in cookies] + [url.split("?", 1)[-1]]
+            url = behind_webaccess(url, c.get("stream.path") or "/")
+        if log:
+            log.info("recording from %s", http.redact_url(url))
+        return camera_input(url, c, headers, self.stall_timeout), secrets
+
+    def open_webaccess(self):
+        """A web-access session for ``webaccess.server``: its URL and the auth cookie(s) it sets."""
+        url = self.api.web_access_url(self.conf.get("webaccess.server"))
+        reply = http.request("GET", url, timeout=API_TIMEOUT)  # redirects are not followed: we want the cookie
+        cookies = cookies_of(reply)
+        if reply.status >= 400 or not cookies:
+            raise Retry("IXON web-access URL answered %d%s" % (
+                reply.status, "" if cookies else " without an auth cookie"))
+        return url, cookies
+
+    def card(self, ctx):
+        msg = ctx.payload if isinstance(ctx.payload, dict) else {}
+        info = ctx.action_input or {}
+        return {"title": "IXON alarm: %s" % (device_name(msg) or "?"),
+                "facts": [("device", device_name(msg) or "?"), ("created", str(msg.get("createdOn"))),
+                          ("clip", os.path.basename(info.get("file") or "") or "-")],
+                "text": str(msg.get("shortContent") or "")}
+
+
+def camera_input(url, conf, headers=(), stall_timeout=10):
+    """Input options for ffmpeg: camera credentials in the URL (ffmpeg answers basic and digest
+    challenges itself; ``-auth_type basic`` sends basic at once), extra headers, an I/O timeout twice the
+    stall timeout (the supervisor's stall check acts first), and RTSP over TCP."""
+    auth = (conf.get("camera.auth") or "none").strip().lower()
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    args = []
+    if auth in ("basic", "digest") and conf.get("camera.username"):
+        url = with_credentials(url, conf.get("camera.username"), conf.get("camera.password") or "")
+    if scheme in ("http", "https"):
+        if auth == "basic":
+            args += ["-auth_type", "basic"]
+        if headers:
+            args += ["-headers", "".join(h + "\r\n" for h in headers)]
+        args += ["-rw_timeout", str(int(stall_timeout * 2 * 1000000))]
+    elif scheme in ("rtsp", "rtsps"):
+        args += ["-rtsp_transport", "tcp"]
+    return args + ["-i", url]
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _number(conf, key, default):
+    value = _float(conf.get(key))
+    return default if value is None else value
+
+
+# -- CLI: test-recording and ixon-configure ------------------------------------------------------------
+
+def _handler(app):
+    """The configured [ixon] Handler, or None (the message is printed)."""
+    for attr in ("integrations", "handlers"):
+        found = getattr(app, attr, None)
+        items = found.values() if isinstance(found, dict) else (found or [])
+        for integ in items:
+            if isinstance(integ, Handler):
+                return integ
+    getter = getattr(app, "integration", None)
+    integ = getter("ixon") if callable(getter) else None
+    if isinstance(integ, Handler):
+        return integ
+    print("hookd: no [ixon] section in the configuration", file=sys.stderr)
+    return None
+
+
+def test_recording(app, argv):
+    """``test-recording [--out FILE]``: record one clip now; print its path and ffprobe duration."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="hookd.py test-recording")
+    parser.add_argument("--out", help="file to write (default: video.dir/test.mp4, replaced)")
+    args = parser.parse_args(argv)
+    integ = _handler(app)
+    if integ is None:
+        return 1
+    out = os.path.abspath(args.out or os.path.join(integ.video_dir(), "test.mp4"))
+    try:
+        clip = integ.record(out, threading.Event(), app.log, overwrite=True)
+    except (Retry, Fail) as e:
+        print("hookd: test recording failed: %s" % e, file=sys.stderr)
+        return 1
+    print(clip.path)
+    print("duration %.2f s" % clip.duration)
+    return 0
+
+
+def ixon_configure(app, argv):
+    """``ixon-configure``: list companies, their agents and the agents' servers with publicIds."""
+    integ = _handler(app)
+    if integ is None:
+        return 1
+    api = integ.api
+    try:
+        companies = api.listing("/companies?fields=publicId,name", company=False)
+        chosen = integ.conf.get("company")
+        for comp in companies:
+            print("company %s  %s" % (comp.get("publicId"), comp.get("name", "")))
+            if chosen and comp.get("publicId") != chosen:
+                print("  (not the configured company; set company = %s to use it)" % comp.get("publicId"))
+                continue
+            _print_agents(api, comp.get("publicId"))
+    except (Retry, Fail) as e:
+        print("hookd: IXON API: %s" % e, file=sys.stderr)
+        return 1
+    print("put the camera's server publicId in [ixon] webaccess.server, the company in company")
+    return 0
+
+
+def _print_agents(api, company):
+    for agent in api.listing("/agents?fields=publicId,name", company=company):
+        print("  agent %s  %s" % (agent.get("publicId"), agent.get("name", "")))
+        path = "/agents/%s/servers?fields=publicId,name" % urllib.parse.quote(
+            str(agent.get("publicId")), safe="")
+        for server in api.listing(path, company=company):
+            print("    server %s  %s" % (server.get("publicId"), server.get("name", "")))
+
+
+Handler.COMMANDS = {"test-recording": test_recording, "ixon-configure": ixon_configure}
