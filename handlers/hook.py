@@ -60,7 +60,7 @@ def parse_json(body):
     """The body as JSON, or None when it is not JSON (it is still stored and given to the command)."""
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' nested 100000 deep
         return None
 
 
