@@ -248,18 +248,26 @@ queue_size = 1
         self.d.wait_status(later, "done", timeout=30)
 
 
-class StallTest(Base):
-    """A camera that hangs mid-stream: ffmpeg is killed by the stall check, the job is retried."""
+class CameraOnly(Base):
+    """A daemon recording straight from one fake camera: CAMERA (FakeCamera options), SECTION (the rest
+    of [ixon], with %(url)s for the camera's base URL), ATTEMPTS (retry.max_attempts)."""
+    CAMERA, SECTION, ATTEMPTS = {}, "", 3
 
     @classmethod
     def setUpClass(cls):
-        cls.cam = FakeCamera(fps=10, stall_after=5, stall_connections=1)
-        cls.d = start_daemon("stream.url = %s\nduration = 2\nstall_timeout = 1\n" % cls.cam.stream_url)
+        cls.cam = FakeCamera(fps=10, **cls.CAMERA)
+        cls.d = start_daemon(cls.SECTION % {"url": cls.cam.url}, attempts=cls.ATTEMPTS)
 
     @classmethod
     def tearDownClass(cls):
         cls.d.stop()
         cls.cam.close()
+
+
+class StallTest(CameraOnly):
+    """A camera that hangs mid-stream: ffmpeg is killed by the stall check, the job is retried."""
+    CAMERA = {"stall_after": 5, "stall_connections": 1}
+    SECTION = "stream.url = %(url)s/video.mjpg\nduration = 2\nstall_timeout = 1\n"
 
     def test_stalled_recording_is_killed_and_retried(self):
         event_id = self.accepted(MESSAGE)
@@ -271,18 +279,9 @@ class StallTest(Base):
         self.assert_clip(FIRST_NAME)
 
 
-class UnreachableStreamTest(Base):
+class UnreachableStreamTest(CameraOnly):
     """A stream that never works: retried, then dead, and no file at all."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.cam = FakeCamera(fps=10)
-        cls.d = start_daemon("stream.url = %s/missing\nduration = 2\n" % cls.cam.url, attempts=2)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
-        cls.cam.close()
+    SECTION, ATTEMPTS = "stream.url = %(url)s/missing\nduration = 2\n", 2
 
     def test_failed_recording_is_retried_then_dead(self):
         event_id = self.accepted(MESSAGE)
