@@ -17,7 +17,6 @@ the events still waiting or running.
 
 import base64
 import binascii
-import datetime
 import hmac
 import json
 import os
@@ -25,6 +24,7 @@ import re
 import shlex
 import shutil
 import sqlite3
+import time
 
 from hookd_core import http, proc
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Response,
@@ -177,7 +177,8 @@ class Handler(Integration):
         if done.timed_out:
             raise Retry("labeler timed out after %gs (process group killed)" % timeout)
         if done.returncode != 0:
-            raise Retry("labeler exited with %d: %s" % (done.returncode, tail(done.stderr)))
+            stderr = tail(done.stderr).replace(self.conf.get("api_key"), "***")
+            raise Retry("labeler exited with %d: %s" % (done.returncode, stderr))
         return parse_labels(done.stdout)
 
     def _post(self, url, labels):
@@ -433,7 +434,7 @@ def _who(payload_text):
 
 
 def iso(value):
-    """received_at as ISO 8601 UTC, whether the core stored epoch seconds or a string already."""
-    if isinstance(value, (int, float)):
-        return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
-    return value
+    """received_at (epoch seconds) as ISO 8601 UTC with milliseconds, as ``hookd.py events`` shows it."""
+    if not isinstance(value, (int, float)):
+        return value
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(value)) + ".%03dZ" % int((value % 1) * 1000)

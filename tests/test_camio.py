@@ -220,6 +220,11 @@ with open(path + ".tmp", "w") as f:
 os.replace(path + ".tmp", path)
 if task["camera"] == "hang":
     time.sleep(120)
+if task["camera"] == "crash":
+    sys.exit("model crashed: boom")
+if task["camera"] == "junk":
+    print("cat, dog, mouse")
+    sys.exit(0)
 labels = {}
 for img in task["images"]:
     ts = img["timestamp"]["date"] if isinstance(img["timestamp"], dict) else img["timestamp"]
@@ -285,6 +290,17 @@ class CamioCommandTest(CamioCase):
         self.assertEqual(posts[0].json(), posts[1].json())
         self.assertTrue(os.path.exists(os.path.join(self.records, "once-1.json")))
         self.assertFalse(os.path.exists(os.path.join(self.records, "once-2.json")), "model ran twice")
+
+    def test_failing_model_is_retried_and_junk_output_fails_at_once(self):
+        crash = self.send(self.camio.task("crash", [image(self.frames["colour"], "t")], camera="crash"))
+        junk = self.send(self.camio.task("junk", [image(self.frames["colour"], "t")], camera="junk"))
+        crashed = self.d.wait_status(crash, "dead")
+        self.assertEqual(crashed["attempts"], 2)
+        self.assertIn("exited with 1: model crashed: boom", crashed["last_error"])
+        junked = self.d.wait_status(junk, "dead")
+        self.assertEqual(junked["attempts"], 1)
+        self.assertIn("not JSON", junked["last_error"])
+        self.assertEqual(self.camio.labels_posted("crash") + self.camio.labels_posted("junk"), [])
 
     def test_hung_labeler_is_killed_retried_then_dead(self):
         event_id = self.send(self.camio.task("hang", [image(self.frames["colour"], "t")], camera="hang"))
