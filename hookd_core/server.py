@@ -362,7 +362,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_error(self, code, message=None, explain=None):
-        """Errors found by the stdlib parser (bad request line, too many headers): JSON, one log line."""
+        """Errors found by the stdlib parser (bad request line, too many headers): JSON, one log line.
+        A request cut short by the read_timeout deadline is a 408, whatever the parser made of it."""
+        if getattr(self, "_deadline", None) and self._deadline[3]:
+            code, message = 408, "request not received within read_timeout"
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # the stdlib would send a bare body; hookd speaks no 0.9
         self.server.app.log.warning("%d malformed request from %s: %s", code, self.client_address[0],
                                     message or "")
         self.server.app.metrics.request("-", code)
