@@ -75,9 +75,10 @@ class FakeCamio:
         return {"callback_url": self.callback_url(event, host), "user_id": user_id, "camera": camera,
                 "images": images}
 
-    def hold(self, event, status=503):
+    def hold(self, event, status=503, headers=None):
+        """Answer /labels/<event> with ``status`` (and ``headers``, e.g. a Location) until release()."""
         with self._lock:
-            self._held[event] = status
+            self._held[event] = (status, headers or {})
 
     def release(self, event):
         with self._lock:
@@ -116,7 +117,8 @@ class FakeCamio:
     def _labels(self, rec, event):
         with self._lock:
             if event in self._held:
-                return self._held[event], b"", {}
+                status, headers = self._held[event]
+                return status, b"", headers
             pending = self._fail.get(event)
             if pending:
                 return pending.pop(0), b"", {}

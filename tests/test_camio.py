@@ -165,6 +165,18 @@ class CamioStatsTest(CamioCase):
         self.assertEqual(event["attempts"], 1)
         self.assertEqual(self.camio.labels_posted("ssrf"), [])
 
+    def test_a_redirect_is_not_followed(self):
+        elsewhere = self.camio.callback_url("redirected", host="localhost")
+        self.camio.hold("bounce", 302, {"Location": elsewhere})
+        status, _, body = self.send(self.camio.task("bounce", [image(self.frames["colour"], "t")]))
+        self.assertEqual(status, 202, body)
+        event_id = json.loads(body)["id"]
+        support.wait_until(lambda: len(self.camio.labels_posted("bounce")) >= 2, 20, message="a retry")
+        self.assertIn("302", self.d.event(event_id)["last_error"])
+        self.camio.release("bounce")
+        self.d.wait_status(event_id, "done")
+        self.assertEqual(self.camio.labels_posted("redirected"), [])
+
     def test_callback_503_then_200_is_done(self):
         self.camio.fail_next("flaky", 1, 503)
         status, _, body = self.send(self.camio.task("flaky", [image(self.frames["bright"], "t")]))
