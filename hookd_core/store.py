@@ -71,6 +71,7 @@ class Store:
         self._waiting = {}
         self._count_lock = threading.Lock()
         self._closed = False
+        self.groups = 0  # commits done; tests use it to see group commit at work
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
         self._recount(self._conn)
@@ -137,6 +138,7 @@ class Store:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
+        self.groups += 1
         with self._count_lock:
             for op in group:
                 if op.error is None and op.delta:
@@ -203,7 +205,10 @@ class Store:
             for row in rows:
                 out.append(_insert(conn, route, row, now))
             return out
-        result = self.write(fn)
+        try:
+            result = self.write(fn)
+        except sqlite3.OperationalError as e:  # disk full, read-only file, locked: storage, not input
+            raise StoreError("database write failed: %s" % e)
         fresh = sum(1 for _, status in result if status == "queued")
         if fresh:
             with self._count_lock:

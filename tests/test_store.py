@@ -1,0 +1,137 @@
+"""The store on a real sqlite file: adding, dedupe, claiming, finishing, retrying, replaying, pruning,
+crash recovery, and group commit (many concurrent writers, fewer commits, every caller told the truth)."""
+
+import os
+import sqlite3
+import tempfile
+import threading
+import unittest
+
+from hookd_core.store import Store, StoreError, list_events, row_dict
+
+
+def row(key=None, body=b"{}", serial=None):
+    return {"dedupe_key": key, "serial_key": serial, "headers": "{}", "content_type": "application/json",
+            "body": body, "payload": None}
+
+
+class StoreTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.tmp.name, "s.sqlite3")
+        self.store = Store(self.path)
+
+    def tearDown(self):
+        self.store.close()
+        self.tmp.cleanup()
+
+    def status(self, event_id):
+        return self.store.read(lambda c: row_dict(c, event_id))["status"]
+
+    def test_add_claim_finish(self):
+        [(eid, st)] = self.store.add_events("r", [row("k1")])
+        self.assertEqual(st, "queued")
+        self.assertEqual(self.store.waiting("r"), 1)
+        claimed = self.store.claim(eid)
+        self.assertEqual(claimed["attempts"], 1)
+        self.assertEqual(claimed["body"], b"{}")
+        self.assertIsNone(self.store.claim(eid), "a second claim must find nothing")
+        self.store.finish(eid, "r", "done", note="ok")
+        self.assertEqual(self.status(eid), "done")
+        self.assertEqual(self.store.waiting("r"), 0)
+
+    def test_same_dedupe_key_is_a_duplicate_row_pointing_at_the_first(self):
+        [(first, _)] = self.store.add_events("r", [row("same")])
+        [(again, st)] = self.store.add_events("r", [row("same")])
+        self.assertEqual((again, st), (first, "duplicate"))
+        rows = self.store.read(lambda c: list_events(c))
+        self.assertEqual(sorted(r["status"] for r in rows), ["duplicate", "queued"])
+        [(other, st)] = self.store.add_events("other-route", [row("same")])
+        self.assertEqual(st, "queued", "dedupe keys are per route")
+        self.assertEqual(self.store.waiting(), 2)
+
+    def test_retry_then_due(self):
+        [(eid, _)] = self.store.add_events("r", [row()])
+        self.store.claim(eid, now=100.0)
+        self.store.finish(eid, "r", "retry", error="boom", next_at=150.0)
+        self.assertEqual(self.store.due(149.0), [])
+        self.assertEqual([r[0] for r in self.store.due(151.0)], [eid])
+        self.assertEqual(self.store.claim(eid)["attempts"], 2)
+
+    def test_dead_retry_by_hand_and_replay(self):
+        [(eid, _)] = self.store.add_events("r", [row("k")])
+        self.store.claim(eid)
+        self.store.finish(eid, "r", "dead", error="no")
+        self.assertEqual(self.store.retry(999), [])
+        self.assertEqual(self.store.retry(eid), [eid])
+        self.assertEqual(self.status(eid), "queued")
+        new = self.store.replay(eid)
+        self.assertNotEqual(new, eid)
+        self.assertEqual(self.store.read(lambda c: row_dict(c, new, with_body=True))["body"], b"{}")
+        self.assertIsNone(self.store.replay(424242))
+
+    def test_running_events_are_requeued_after_a_crash(self):
+        [(eid, _)] = self.store.add_events("r", [row()])
+        self.store.claim(eid)
+        self.store.close()  # as if the process died here
+        self.store = Store(self.path)
+        self.assertEqual(self.store.waiting("r"), 1)
+        self.assertEqual(self.store.requeue_running(), 1)
+        self.assertEqual(self.status(eid), "queued")
+
+    def test_prune_keeps_dead_and_recent(self):
+        ids = [self.store.add_events("r", [row()])[0][0] for _ in range(3)]
+        for eid, end in zip(ids, ("done", "dead", "done")):
+            self.store.claim(eid, now=10.0)
+            self.store.finish(eid, "r", end, now=10.0 if eid != ids[2] else 1e12)
+        self.assertEqual(self.store.prune(days=1, now=10.0 + 2 * 86400), 1)
+        left = {r["id"] for r in self.store.read(lambda c: list_events(c))}
+        self.assertEqual(left, {ids[1], ids[2]})
+
+    def test_group_commit_many_writers_fewer_commits(self):
+        before = self.store.groups
+        results, errors = [], []
+
+        def writer(i):
+            try:
+                results.append(self.store.add_events("g", [row("g%d" % i)])[0])
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        self.assertEqual(len({r[0] for r in results}), 64)
+        commits = self.store.groups - before
+        self.assertLess(commits, 64, "64 concurrent writers should share commits")
+        # every acknowledged id is really on disk, seen through a fresh connection
+        conn = sqlite3.connect(self.path)
+        n = conn.execute("SELECT count(*) FROM events WHERE route='g'").fetchone()[0]
+        conn.close()
+        self.assertEqual(n, 64)
+
+    def test_failing_operation_does_not_sink_its_group(self):
+        def bad(conn):
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+        with self.assertRaises(sqlite3.OperationalError):
+            self.store.write(bad)
+        [(eid, st)] = self.store.add_events("r", [row()])
+        self.assertEqual(st, "queued")
+
+    def test_full_database_is_a_store_error_and_stores_nothing(self):
+        # max_page_count makes sqlite answer SQLITE_FULL exactly as a full disk does
+        pages = self.store.write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        self.store.write(lambda c: c.execute("PRAGMA max_page_count=%d" % (pages + 2)))
+        with self.assertRaises(StoreError):
+            self.store.add_events("r", [row(body=b"x" * 200000)])
+        self.assertEqual(self.store.read(lambda c: list_events(c)), [])
+        self.assertEqual(self.store.waiting(), 0)
+        self.store.write(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
+        [(eid, st)] = self.store.add_events("r", [row(body=b"x" * 200000)])
+        self.assertEqual(st, "queued")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,106 @@
+"""Workers driven one iteration at a time (``Worker.loop()``), on a real App, store and command.
+
+No thread is started: each test puts events in the store, submits them, and calls ``loop()`` itself, so
+outcomes (done, retry with backoff, dead, deferral by serial key or max_parallel) are checked exactly.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import unittest
+
+from hookd_core.app import App
+from hookd_core.workers import Pool, backoff
+
+EXIT_WITH = "import sys; sys.exit(int(open(sys.argv[1]).read()))"
+
+
+class WorkerTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.code = os.path.join(self.tmp.name, "code")
+        self.set_exit(0)
+        path = os.path.join(self.tmp.name, "c.properties")
+        with open(path, "w") as f:
+            f.write("[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
+                    "retry.max_delay = 100\n[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
+                    "command = %s -c \"%s\" %s\n" % (self.tmp.name, sys.executable, EXIT_WITH, self.code))
+        os.chmod(path, 0o600)
+        self.app = App(path)
+        self.assertEqual(self.app.problems, [])
+        self.app.open_store()
+        self.pool = Pool(self.app, 1)
+        self.worker = self.pool.workers[0]
+
+    def tearDown(self):
+        self.app.store.close()
+        self.tmp.cleanup()
+
+    def set_exit(self, code):
+        with open(self.code, "w") as f:
+            f.write(str(code))
+
+    def add(self, serial=None):
+        row = {"dedupe_key": None, "serial_key": serial, "headers": "{}", "content_type": "application/json",
+               "body": b'{"x": 1}', "payload": None}
+        [(eid, _)] = self.app.store.add_events("hook:w", [row])
+        self.pool.submit(eid, "hook:w", serial)
+        return eid
+
+    def event(self, eid):
+        return self.app.store.read(lambda c: c.execute(
+            "SELECT status, attempts, next_at, last_error FROM events WHERE id=?", (eid,)).fetchone())
+
+    def test_success_is_done(self):
+        eid = self.add()
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.event(eid)[:2], ("done", 1))
+
+    def test_failure_is_retry_with_backoff_then_dead(self):
+        self.set_exit(5)
+        eid = self.add()
+        self.assertEqual(self.worker.loop(timeout=0, now=1000.0), "retry")
+        status, attempts, next_at, error = self.event(eid)
+        self.assertEqual((status, attempts), ("retry", 1))
+        self.assertIn("exit", error)
+        self.assertGreater(next_at, 0)
+        for expected in ("retry", "dead"):
+            self.app.store.write(lambda c: c.execute("UPDATE events SET next_at=0 WHERE id=?", (eid,)))
+            self.pool.schedule_once()
+            self.assertEqual(self.worker.loop(timeout=0), expected)
+        self.assertEqual(self.event(eid)[:2], ("dead", 3))
+
+    def test_same_serial_key_waits_for_the_running_one(self):
+        a, b = self.add("cam1"), self.add("cam1")
+        first = self.pool.queue.get_nowait()
+        self.assertTrue(self.pool.try_start(first))
+        self.assertEqual(self.worker.loop(timeout=0), "deferred")
+        self.assertEqual(self.event(b)[0], "queued", "must not run while cam1 is busy")
+        self.pool.release(first)
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.event(b)[0], "done")
+        self.assertEqual(self.event(a)[0], "queued")
+
+    def test_progress_skips_finished_steps_on_retry(self):
+        eid = self.add()
+        self.app.store.write(lambda c: c.execute(
+            "UPDATE events SET progress=? WHERE id=?",
+            (json.dumps({"main": True, "note": "n", "input": None, "skip": False, "actions": ["command"]}), eid)))
+        self.set_exit(9)  # the command would fail, but it already ran
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+
+    def test_backoff_grows_and_is_capped(self):
+        for attempt, low, high in ((1, 1, 2), (2, 2, 4), (3, 4, 8), (10, 50, 100)):
+            d = backoff(attempt, 2, 100)
+            self.assertTrue(low <= d <= high, (attempt, d))
+
+    def test_unhealthy_when_a_job_overruns_its_timeout(self):
+        self.assertTrue(self.pool.healthy())
+        self.worker.busy_since, self.worker.busy_timeout = 0.0, 5
+        self.assertFalse(self.pool.healthy(now=10.0))
+        self.assertTrue(self.pool.healthy(now=4.0))
+
+
+if __name__ == "__main__":
+    unittest.main()
