@@ -200,7 +200,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if self._deadline[3]:
             self.server.app.log.warning("408 %s %s: request not received within read_timeout", self.command,
-                                        self.path)
+                                        self._log_path())
             self.server.app.metrics.request(self._route, 408)
             self._reply(408, {"error": "request not received within read_timeout"}, close=True)
         else:
@@ -259,7 +259,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         result = integ.accept(req)
         if isinstance(result, Response):
-            app.log.info("%d %s %s answered without storing", result.status, integ.name, req.path)
+            app.log.info("%d %s answered without storing", result.status, integ.name)
             app.metrics.request(integ.name, result.status)
             return self._send(result.status, result.body, result.content_type, result.headers)
         if app.store.waiting() >= app.settings.int("queue_limit"):
@@ -295,7 +295,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Reject as e:
             self._reject(e)
         except Exception:
-            app.log.exception("500 GET %s: fault inside hookd", parts.path[:200])
+            app.log.exception("500 GET %s: fault inside hookd", self._log_path())
             self._reply(500, {"error": "internal error"}, close=True)
 
     def do_HEAD(self):
@@ -338,9 +338,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- answering ----------------------------------------------------------------------------------
     def _reject(self, e, close=False):
         app = self.server.app
-        app.log.warning("%d %s %s: %s", e.status, self._route, urllib.parse.urlsplit(self.path).path[:200], e)
+        app.log.warning("%d %s %s: %s", e.status, self._route, self._log_path(), e)
         app.metrics.request(self._route, e.status)
         self._reply(e.status, {"error": str(e)}, e.headers, close=close or e.status == 408)
+
+    def _log_path(self):
+        """The path for a log line. A matched route may carry a secret in its path (Camio's key), so
+        only unmatched paths are logged as sent (cut to 200 characters)."""
+        if self._route != "-":
+            return "(%s route)" % self._route
+        return urllib.parse.urlsplit(self.path).path[:200]
 
     def _reply(self, status, obj, headers=(), close=False):
         if status >= 400 and (close or self.close_connection):
