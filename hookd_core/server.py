@@ -346,7 +346,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The path for a log line. A matched route may carry a secret in its path (Camio's key), so
         only unmatched paths are logged as sent (cut to 200 characters)."""
         if self._route != "-":
-            return "(%s route)" % self._route
+            integ = self.server.app.integration(self._route)
+            return integ.route if integ is not None and integ.route else "(%s route)" % self._route
         return urllib.parse.urlsplit(self.path).path[:200]
 
     def _reply(self, status, obj, headers=(), close=False):
