@@ -23,7 +23,8 @@ import time
 import urllib.parse
 
 from hookd_core import ffmpeg, http
-from hookd_core.api import BadPayload, Busy, Fail, Integration, NewEvent, Retry
+from hookd_core.api import BadPayload, Busy, Fail, Integration, NewEvent, Retry, Unparsable
+from hookd_core.config import ConfigError
 
 API_TIMEOUT = 20           # seconds for one IXON API call
 TOKEN_LIFETIME = 3600      # seconds a login token is asked to live (IXON allows 60..5184000)
@@ -43,7 +44,6 @@ def parse_message(body):
         if isinstance(msg, str):
             msg = json.loads(msg)
     except (UnicodeDecodeError, ValueError) as e:
-        from hookd_core.api import Unparsable
         raise Unparsable("body is not JSON: %s" % e.__class__.__name__)
     if not isinstance(msg, dict):
         raise BadPayload("the IXON message must be a JSON object (or a JSON string holding one)")
@@ -243,6 +243,10 @@ class Handler(Integration):
         rate = (c.get("framerate") or "auto").strip().lower()
         if rate != "auto" and (_float(rate) is None or _float(rate) <= 0):
             problems.append("[%s] framerate must be auto or a positive number" % self.name)
+        try:
+            c.bool("recode")
+        except ConfigError as e:
+            problems.append(str(e))
         if (c.get("camera.auth") or "none").strip().lower() not in AUTH_MODES:
             problems.append("[%s] camera.auth must be one of %s" % (self.name, ", ".join(AUTH_MODES)))
         problems += self._check_source()
