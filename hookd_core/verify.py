@@ -306,7 +306,8 @@ def hmac_scheme(headers, body, secrets, name, prefix="", encoding="hex", algorit
         if decoded:
             given.append(decoded)
     if not given:
-        raise BadSignature("%s holds no %s signature%s" % (name, encoding, " after " + prefix if prefix else ""))
+        after = " after " + prefix if prefix else ""
+        raise BadSignature("%s holds no %s signature%s" % (name, encoding, after))
     message = build_message(template, headers, body)
     if not any(_any_equal(_mac(_utf8(s), message, algorithm), given) for s in secrets):
         raise BadSignature("%s does not match" % name)
@@ -391,7 +392,8 @@ def check(conf):
         return [] if _truthy(conf.get("allow_unsigned")) else [
             "verify = none accepts anything; set allow_unsigned = true to allow it"]
     problems = [] if secrets_of(conf) else ["secret is required for verify = %s" % scheme]
-    if scheme in ("standard-webhooks", "stripe") and not re.fullmatch(r"[0-9]+", conf.get("tolerance") or "300"):
+    timestamped = scheme in ("standard-webhooks", "stripe")
+    if timestamped and not re.fullmatch(r"[0-9]+", conf.get("tolerance") or "300"):
         problems.append("tolerance must be a whole number of seconds")
     if scheme == "standard-webhooks":
         problems += _whsec_problems(secrets_of(conf))

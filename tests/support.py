@@ -299,3 +299,13 @@ class Recorded:
 
     def __repr__(self):
         return "<%s %s %d bytes>" % (self.method, self.path, len(self.body))
+
+
+def process_alive(pid):
+    """True while ``pid`` exists and is not a zombie waiting to be reaped (a killed orphan whose new
+    parent has not reaped it yet counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -16,7 +16,7 @@ from hookd_core import actions, config
 from hookd_core.api import Fail, JobContext, Retry
 from handlers.hook import Handler
 from tests.fake_teams import FakeTeams
-from tests.support import FakeUpstream, wait_until
+from tests.support import FakeUpstream, process_alive, wait_until
 
 BODY = b'{"type": "user.created", "data": {"name": "Zo\xc3\xab"}}'
 
@@ -53,15 +53,6 @@ def make_ctx(body=BODY, **conf_values):
                      received_at="2026-01-02T03:04:05Z", conf=conf, app=None,
                      stopping=threading.Event(), log=logging.getLogger("test"))
     return ctx, Handler("hook:t", conf, None)
-
-
-def alive(pid):
-    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class CommandTest(unittest.TestCase):
@@ -132,7 +123,7 @@ class CommandTest(unittest.TestCase):
         self.assertIn("timed out", str(cm.exception))
         with open(pidfile) as f:
             child = int(f.read())
-        wait_until(lambda: not alive(child), 5, message="sleeping child %d to be gone" % child)
+        wait_until(lambda: not process_alive(child), 5, message="sleeping child %d to be gone" % child)
 
 
 class ForwardTest(unittest.TestCase):

@@ -15,7 +15,7 @@ import time
 import unittest
 
 from tests.fake_teams import FakeTeams
-from tests.support import Daemon, FakeUpstream, hmac_hex, wait_until
+from tests.support import Daemon, FakeUpstream, hmac_hex, process_alive, wait_until
 
 SW_SECRET_OLD = "whsec_" + base64.b64encode(b"old standard webhooks key").decode()
 SW_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -39,6 +39,12 @@ COMMAND = textwrap.dedent("""\
         sys.exit("not yet (attempt %d)" % attempt)
     if mode.startswith("fixable:") and not os.path.exists(mode[8:]):
         sys.exit("broken until %s exists" % mode[8:])
+    if mode == "hang":
+        import subprocess, time
+        child = subprocess.Popen(["sleep", "60"])
+        with open(log + ".children", "a") as f:
+            f.write("%d\\n" % child.pid)
+        time.sleep(60)
 """)
 
 
@@ -50,8 +56,8 @@ def sw_sign(secret, msg_id, stamp, body):
 
 def sw_headers(msg_id, body, secret=SW_SECRET, stamp=None):
     stamp = str(int(time.time())) if stamp is None else str(stamp)
-    return {"webhook-id": msg_id, "webhook-timestamp": stamp, "webhook-signature": sw_sign(secret, msg_id, stamp, body),
-            "Content-Type": "application/json"}
+    return {"webhook-id": msg_id, "webhook-timestamp": stamp, "Content-Type": "application/json",
+            "webhook-signature": sw_sign(secret, msg_id, stamp, body)}
 
 
 def stripe_headers(body, secret=STRIPE_SECRET, stamp=None):
@@ -129,6 +135,12 @@ class HooksTest(unittest.TestCase):
             dedupe = none
             {cmd_fixable}
 
+            [hook:hang]
+            verify = token
+            secret = {tok}
+            {cmd_hang}
+            command.timeout = 0.5
+
             [hook:filtered]
             verify = token
             secret = {tok}
@@ -146,7 +158,8 @@ class HooksTest(unittest.TestCase):
             teams.format = adaptive
             """).format(sw_old=SW_SECRET_OLD, sw=SW_SECRET, gh=GH_SECRET, stripe=STRIPE_SECRET,
                         shop=SHOP_SECRET, pres=PRES_SECRET, tok=TOKEN, cmd_ok=cmd("ok"),
-                        cmd_flaky=cmd("flaky"), cmd_fixable=cmd("fixable:" + cls.fix), up=cls.up.url,
+                        cmd_flaky=cmd("flaky"), cmd_fixable=cmd("fixable:" + cls.fix), cmd_hang=cmd("hang"),
+                        up=cls.up.url,
                         teams=cls.teams.workflow_url)
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -186,11 +199,13 @@ class HooksTest(unittest.TestCase):
         with open("%s.%s.stdin" % (self.runs, first["id"]), "rb") as f:
             doc = json.loads(f.read())
         self.assertEqual((doc["payload"]["type"], doc["body"].encode()), ("invoice.paid", body))
-        self.assertEqual(sorted(e["status"] for e in self.d.events("--route", "hook:sw")), ["done", "duplicate"])
+        statuses = sorted(e["status"] for e in self.d.events("--route", "hook:sw"))
+        self.assertEqual(statuses, ["done", "duplicate"])
         self.assert_refused("sw", body, sw_headers("msg_e2e_2", body, stamp=int(time.time()) - 301))
         self.assert_refused("sw", body, sw_headers("msg_e2e_3", body,
                                                    "whsec_" + base64.b64encode(b"x" * 24).decode()))
-        self.assert_refused("sw", body, {"webhook-id": "m", "webhook-timestamp": "x", "webhook-signature": "v1,!"})
+        self.assert_refused("sw", body, {"webhook-id": "m", "webhook-timestamp": "x",
+                                         "webhook-signature": "v1,!"})
 
     def test_github_signature_and_delivery_dedupe(self):
         headers = {"X-Hub-Signature-256": "sha256=" + hmac_hex(GH_SECRET, "Hello, World!"),
@@ -260,6 +275,17 @@ class HooksTest(unittest.TestCase):
         self.d.wait_status(first["id"], "done")
         self.assertEqual(len(self.runs_of("broken")), 4)
 
+    def test_command_timeout_kills_its_children_and_ends_dead(self):
+        first = self.post("hang", '{"n": 3}', {"Authorization": TOKEN}, 202)
+        event = self.d.wait_status(first["id"], "dead")
+        self.assertEqual(event["attempts"], 3)
+        self.assertIn("timed out", event["last_error"])
+        with open(self.runs + ".children") as f:
+            children = [int(line) for line in f]
+        self.assertEqual(len(children), 3)
+        wait_until(lambda: not any(process_alive(pid) for pid in children), 5,
+                   message="sleeping children to be gone")
+
     def test_forward_delivers_the_exact_bytes(self):
         body = b'{"k": "v", "bytes": "\xe2\x82\xac"}\n  '
         headers = {"Authorization": TOKEN, "Content-Type": "application/vnd.custom+json"}
@@ -276,7 +302,8 @@ class HooksTest(unittest.TestCase):
         self.d.wait_status(first["id"], "done")
         kind, doc = self.teams.cards[-1]
         facts = {f["title"]: f["value"] for f in doc["attachments"][0]["content"]["body"][-1]["facts"]}
-        self.assertEqual((kind, facts["event"], facts["type"]), ("adaptive", str(first["id"]), "build.failed"))
+        self.assertEqual((kind, facts["event"], facts["type"]),
+                         ("adaptive", str(first["id"]), "build.failed"))
 
     def test_secrets_never_appear_in_the_log(self):
         self.post("tok", "z", {"Authorization": "Bearer " + TOKEN}, 202)
@@ -301,7 +328,8 @@ class UnsignedTest(unittest.TestCase):
         d = Daemon("[hook:open]\nverify = none\nallow_unsigned = true\n").start()
         self.addCleanup(shutil.rmtree, d.tmp, True)
         self.addCleanup(d.stop)
-        status, _, reply = d.post("/hooks/open", b"\xff\xfe binary", {"Content-Type": "application/octet-stream"})
+        status, _, reply = d.post("/hooks/open", b"\xff\xfe binary",
+                                  {"Content-Type": "application/octet-stream"})
         self.assertEqual(status, 202, reply)
         event = d.wait_status(json.loads(reply)["id"], "done")
         self.assertEqual(event["route"], "hook:open")
