@@ -31,7 +31,7 @@ FFPROBE = "ffprobe"
 STATS_PERIOD = 0.25   # seconds between ffmpeg progress reports; the stall check's resolution
 STDERR_TAIL = 4096    # bytes of ffmpeg's stderr kept for the error message
 PROBE_TIMEOUT = 30    # seconds; ffprobe of a local file that takes longer is broken
-MIN_FREE_NAME = 1000  # numeric suffixes tried before giving up on a free file name
+MAX_SUFFIX = 1000     # numeric suffixes tried before giving up on a free file name
 
 
 class RecordingFailed(Retry):
@@ -102,6 +102,29 @@ def temp_path(final_path):
     return os.path.join(d, ".%s.%d.%s.part" % (base, os.getpid(), os.urandom(4).hex()))
 
 
+def remove_orphans(final_path):
+    """Delete temporary files for ``final_path`` left by a process that no longer exists (hookd killed
+    with SIGKILL mid-recording); a live process's file is left alone."""
+    d, base = os.path.split(final_path)
+    prefix = ".%s." % base
+    for name in os.listdir(d):
+        if not (name.startswith(prefix) and name.endswith(".part")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(os.path.join(d, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def record(input_args, out_path, duration, recode=True, framerate="auto", stopping=None, margin=15,
            stall_timeout=10, grace=5, overwrite=False, secrets=(), log=None):
     """Record ``duration`` seconds from the input into ``out_path`` (or a suffixed free name) and return
@@ -114,6 +137,7 @@ def record(input_args, out_path, duration, recode=True, framerate="auto", stoppi
     if stopping.is_set():
         raise RecordingFailed("not started: hookd is stopping")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), mode=0o750, exist_ok=True)
+    remove_orphans(os.path.abspath(out_path))
     tmp = temp_path(os.path.abspath(out_path))
     argv = build_argv(input_args, tmp, duration, recode, framerate)
     if log:
@@ -169,7 +193,7 @@ def place(tmp, out_path, overwrite=False):
         os.replace(tmp, out_path)
         return out_path
     stem, ext = os.path.splitext(out_path)
-    for n in range(1, MIN_FREE_NAME + 1):
+    for n in range(1, MAX_SUFFIX + 1):
         candidate = out_path if n == 1 else "%s-%d%s" % (stem, n, ext)
         try:
             os.link(tmp, candidate)

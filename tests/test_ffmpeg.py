@@ -143,6 +143,17 @@ class SupervisorTest(unittest.TestCase):
         self.assertIn("401", str(cm.exception))
         self.assertNotIn("wrong-pass-xyz", str(cm.exception))
 
+    def test_orphaned_temporary_file_of_a_dead_process_is_removed(self):
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        orphan = self.out(".clip.mp4.%d.0000.part" % dead.pid)
+        mine = self.out(".clip.mp4.%d.1111.part" % os.getpid())
+        for path in (orphan, mine):
+            with open(path, "wb") as f:
+                f.write(b"half a recording")
+        ffmpeg.record(["-i", self.cam.stream_url], self.out(), 1, recode=False)
+        self.assert_only(["clip.mp4", os.path.basename(mine)])
+
     def test_missing_ffmpeg_is_a_permanent_failure(self):
         saved = ffmpeg.FFMPEG
         ffmpeg.FFMPEG = "/nonexistent/ffmpeg"
