@@ -90,7 +90,7 @@ class Handler(Integration):
             self.conditions, self.filter_problem = [], str(e)
 
     def check(self):
-        problems = verify.check(self.conf) + actions.check(self.conf)
+        problems = verify.check(self.conf)
         if not NAME_RE.match(self.hook):
             problems.append("hook name %r must be letters, digits, '_', '.', '-' (it is a URL path)"
                             % self.hook)

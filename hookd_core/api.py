@@ -101,7 +101,7 @@ class Request:
         """The body parsed as JSON, or Unparsable (400)."""
         try:
             return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise Unparsable("body is not JSON: %s" % e.__class__.__name__)
 
     def query1(self, name, default=None):
@@ -219,7 +219,7 @@ def dedupe_key(rule, req):
     if rule.startswith("json:"):
         try:
             value = json.loads(req.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return None
         for part in rule[5:].strip().split("."):
             if not isinstance(value, dict) or part not in value:

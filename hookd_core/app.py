@@ -21,7 +21,7 @@ import ssl
 import threading
 
 from . import config as config_mod
-from . import logs, systemd_glue
+from . import actions, logs, systemd_glue
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
 from .store import Store
@@ -92,6 +92,7 @@ class App:
             conf = config_mod.make_section(name, cfg.raw[name], keys, problems, warnings)
             integ = cls(name, conf, self)
             try:
+                problems.extend("[%s] %s" % (name, p) for p in actions.check(conf))
                 problems.extend(integ.check())
             except config_mod.ConfigError as e:
                 problems.append(str(e))

@@ -147,6 +147,7 @@ class Worker:
     def __init__(self, pool, index):
         self.pool, self.index = pool, index
         self.busy_since, self.busy_timeout = None, 0
+        self.retry_at = None
 
     def run_forever(self):
         while not self.pool.app.stopping.is_set():
@@ -169,6 +170,9 @@ class Worker:
             self.busy_since = None
             self.pool.last_progress = time.monotonic()
             self.pool.release(item)
+            if self.retry_at is not None:  # only now is the event out of flight for the scheduler
+                self.pool.wake_at(self.retry_at)
+                self.retry_at = None
 
     def _run(self, item, now):
         app = self.pool.app
@@ -225,7 +229,7 @@ class Worker:
             delay = min(float(after), settings.float("retry.max_delay"))
         next_at = time.time() + delay
         self.pool.app.store.finish(row["id"], row["route"], "retry", error=reason, next_at=next_at)
-        self.pool.wake_at(next_at)
+        self.retry_at = next_at
         log.warning("attempt %d failed, retry in %.1fs: %s", row["attempts"], delay, reason)
         return "retry"
 
@@ -252,7 +256,7 @@ def make_context(app, integ, row, log):
     else:
         try:
             payload = json.loads(body.decode("utf-8")) if body else None
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             payload = None
     return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
                       headers=headers, content_type=row["content_type"],

@@ -77,13 +77,14 @@ class Daemon:
         return self
 
     def _pump(self, proc):
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            with self._log_lock:
-                self._log.append(line)
-            m = re.search(r"listening on https?://[0-9.]+:(\d+)", line)
-            if m and self.port is None:
-                self.port = int(m.group(1))
+        with proc.stdout:  # closed at EOF, when the daemon has exited
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace")
+                with self._log_lock:
+                    self._log.append(line)
+                m = re.search(r"listening on https?://[0-9.]+:(\d+)", line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
 
     @property
     def url(self):
