@@ -129,7 +129,8 @@ class Integration:
       SCHEMA       SQL run with executescript at startup (CREATE TABLE IF NOT EXISTS ...), for own tables
       COMMANDS     {"zencoder-submit": function(app, argv) -> exit code}, extra CLI subcommands
       max_parallel at most this many of this section's jobs run at once (None: no limit)
-      queue_size   at most this many of this section's events waiting; more -> 503 (None: no limit)
+      queue_size   at most this many of this section's events waiting (queued, retrying or running); more
+                   -> 503 + Retry-After, checked by the core inside the insert transaction (None: no limit)
       job_timeout  seconds a job may run before the watchdog calls the worker stuck
     ``self.conf`` is a ``config.Section``: ``get``, ``int``, ``float``, ``bool``, ``list`` with defaults
     applied and ``env:``/``file:``/``cred:`` already resolved.

@@ -265,7 +265,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if app.store.waiting() >= app.settings.int("queue_limit"):
             raise Busy("queue_limit %d reached" % app.settings.int("queue_limit"))
         rows = app.event_rows(integ, req, result)
-        stored = app.store.add_events(integ.name, rows)
+        stored = app.store.add_events(integ.name, rows, limit=integ.queue_size)
         fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "queued"]
         for event_id, row in fresh:
             app.pool.submit(event_id, integ.name, row.get("serial_key"))

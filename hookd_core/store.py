@@ -18,6 +18,8 @@ import sqlite3
 import threading
 import time
 
+from .api import Busy
+
 WAITING = ("queued", "retry", "running")
 STATUSES = ("queued", "running", "done", "retry", "dead", "duplicate")
 
@@ -195,12 +197,19 @@ class Store:
         self._conn.close()
 
     # -- event operations ---------------------------------------------------------------------------
-    def add_events(self, route, rows, now=None):
+    def add_events(self, route, rows, now=None, limit=None):
         """Insert one request's events (dicts from ``event_row``) atomically; returns [(id, status)].
-        A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the original."""
+        A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the original.
+        ``limit``: refuse with Busy when the route already has that many events waiting; counted inside
+        the transaction, so concurrent requests cannot both slip past it."""
         now = time.time() if now is None else now
 
         def fn(conn):
+            if limit is not None:
+                waiting = conn.execute("SELECT count(*) FROM events WHERE route=? AND status IN"
+                                       " ('queued','retry','running')", (route,)).fetchone()[0]
+                if waiting + len(rows) > limit:
+                    raise Busy("%s has %d events waiting (queue_size %d)" % (route, waiting, limit))
             out = []
             for row in rows:
                 out.append(_insert(conn, route, row, now))

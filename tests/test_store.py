@@ -120,6 +120,25 @@ class StoreTest(unittest.TestCase):
         [(eid, st)] = self.store.add_events("r", [row()])
         self.assertEqual(st, "queued")
 
+    def test_route_limit_is_exact_under_concurrency(self):
+        from hookd_core.api import Busy
+        outcomes = []
+
+        def add(i):
+            try:
+                self.store.add_events("cam", [row("c%d" % i)], limit=3)
+                outcomes.append("ok")
+            except Busy:
+                outcomes.append("busy")
+        threads = [threading.Thread(target=add, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(outcomes.count("ok"), 3)
+        self.assertEqual(outcomes.count("busy"), 17)
+        self.assertEqual(self.store.waiting("cam"), 3)
+
     def test_full_database_is_a_store_error_and_stores_nothing(self):
         # max_page_count makes sqlite answer SQLITE_FULL exactly as a full disk does
         pages = self.store.write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
