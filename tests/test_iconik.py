@@ -9,7 +9,9 @@ Each test uses fresh asset ids, so one daemon serves a whole class.
 
 import json
 import os
+import shutil
 import sqlite3
+import threading
 import unittest
 
 from handlers import iconik
@@ -124,6 +126,24 @@ class StateMachineTest(unittest.TestCase):
         self.assertIsNone(self.step(iconik.on_proxy_closed, "a")[0])
 
 
+class CheckConfigTest(unittest.TestCase):
+    def test_missing_and_bad_values_are_reported(self):
+        d = support.Daemon("[iconik]\nurl = ftp://x\nsecret.header = X Bad\nanalyze.profile = ../x\n")
+        self.addCleanup(shutil.rmtree, d.tmp, True)
+        r = d.cli("check-config")
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        out = r.stdout + r.stderr
+        for word in ("app_id is required", "auth_token is required", "secret.key is required",
+                     "url must be", "secret.header must be", "analyze.profile must be"):
+            self.assertIn(word, out)
+
+    def test_good_section_passes(self):
+        d = support.Daemon("[iconik]\napp_id = a\nauth_token = t\nsecret.key = k\n")
+        self.addCleanup(shutil.rmtree, d.tmp, True)
+        r = d.cli("check-config")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+
 class FakeIconikTest(unittest.TestCase):
     """The fake answers as upstreams.md §1.5 says, so the end-to-end tests below mean something."""
 
@@ -186,6 +206,7 @@ class DaemonCase(unittest.TestCase):
         finally:
             cls.fake.close()
             cls.forward.close()
+            shutil.rmtree(cls.daemon.tmp, ignore_errors=True)
 
     def send(self, event, secret=SECRET, **kw):
         headers = {"X-Hookd-Secret": secret} if secret is not None else {}
@@ -233,6 +254,10 @@ class IconikEndToEndTest(DaemonCase):
         self.assertEqual(calls[0].headers.get("content-type"), "application/json")
         self.assertEqual(self.fake.assets[asset["id"]]["analyze_status"], "REQUESTED")
         self.assertEqual(self.fake.count("/API/transcode/v1/videointel/"), 0)
+        stored = self.daemon.event(ids[1])
+        self.assertEqual(stored["note"], "analysis submitted (HTTP 201)")
+        self.assertNotIn("x-hookd-secret", {k.lower() for k in stored.get("headers") or {}})
+        self.assertNotIn(SECRET, json.dumps(stored))
 
     def test_three_identical_proxy_deliveries_are_duplicates(self):
         asset, create, proxy = self.created_and_closed()
@@ -259,6 +284,22 @@ class IconikEndToEndTest(DaemonCase):
         self.assertEqual(self.fake.analyze_paths(asset["id"]), [])
         self.done(self.send_ok(create))
         self.assertEqual(self.fake.analyze_paths(asset["id"]), [ANALYZE + asset["id"] + "/"])
+
+    def test_concurrent_burst_for_one_asset_analyzes_once(self):
+        asset, create, _ = self.created_and_closed()
+        events = [create] + [proxy_event(self.fake.add_proxy(asset["id"])) for _ in range(5)]
+        ids = []
+
+        def one(event):
+            ids.append(self.send_ok(event))
+        threads = [threading.Thread(target=one, args=(e,)) for e in reversed(events)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(len(ids), 6)
+        self.assertEqual({e["status"] for e in self.done(*ids)}, {"done"})
+        self.assertEqual(len(self.fake.analyze_paths(asset["id"])), 1)
 
     def test_proxy_not_closed_submits_nothing(self):
         asset = self.fake.add_asset()
@@ -294,7 +335,7 @@ class IconikEndToEndTest(DaemonCase):
         ids = [self.send_ok(asset_created(asset)), self.send_ok(proxy)]
         self.assertEqual([e["status"] for e in self.done(*ids)], ["done", "done"])
         self.assertEqual(self.fake.count(ANALYZE + asset["id"]), 1)
-        self.assertIn("not found", json.dumps(self.daemon.event(ids[1])))
+        self.assertIn("not found", self.daemon.event(ids[1])["note"])
 
     def test_other_events_are_stored_and_touch_no_api(self):
         before = len(self.fake.seen)
