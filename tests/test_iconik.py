@@ -10,6 +10,7 @@ Each test uses fresh asset ids, so one daemon serves a whole class.
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import threading
 import unittest
@@ -410,6 +411,28 @@ class WrongTokenTest(DaemonCase):
         self.assertIn("token", event["last_error"])
         self.assertEqual(self.fake.count(ANALYZE + asset["id"]), 1)
         self.assertNotIn("not-the-token-9c1e", self.daemon.log())
+
+
+class TokenFixedTest(DaemonCase):
+    """The operator's way out of a dead event: fix the token, reload (SIGHUP), `hookd retry ID`."""
+    extra = {"auth_token": "not-the-token-9c1e"}
+
+    def test_after_fixing_the_token_a_retry_submits(self):
+        asset, create, proxy = self.created_and_closed()
+        self.done(self.send_ok(create))
+        dead = self.send_ok(proxy)
+        self.assertEqual(self.done(dead)[0]["status"], "dead")
+        with open(self.daemon.config_path) as f:
+            text = f.read()
+        with open(self.daemon.config_path, "w") as f:
+            f.write(text.replace("not-the-token-9c1e", TOKEN))
+        self.daemon.signal(signal.SIGHUP)
+        self.daemon.wait_log("reload")
+        r = self.daemon.cli("retry", str(dead))
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        support.wait_until(lambda: self.fake.analyze_paths(asset["id"]), 10, message="analyze after retry")
+        self.assertEqual(self.done(dead)[0]["status"], "done")
+        self.assertEqual(len(self.fake.analyze_paths(asset["id"])), 1)
 
 
 if __name__ == "__main__":
