@@ -214,7 +214,7 @@ class Handler(Integration):
         elif kind.action == "proxy" and kind.proxy_status == "CLOSED":
             decision, note = self.app.store.write(lambda conn: on_proxy_closed(conn, kind.asset_id))
         elif kind.action == "proxy":
-            return "proxy status %s; nothing to do until it is CLOSED" % kind.proxy_status
+            return "proxy status %.40s; nothing to do until it is CLOSED" % kind.proxy_status
         else:
             return None
         if decision is None:
