@@ -34,6 +34,7 @@ SIGNATURE_PREFIX = b"preservica-webhook-auth"
 # handshake into a signing oracle for forged events, so such codes are refused.
 MAX_CHALLENGE = 512        # characters; real codes are short random strings
 MAX_EVENTS = 1000          # elements per delivery; a bigger array is not something Preservica sends
+STORE_BUDGET = 256 << 20   # bytes: the core stores the raw body with every event, so N events cost N bodies
 API_TIMEOUT = 30           # seconds for each call to the Preservica API
 MAX_ENTITY_XML = 1 << 20   # bytes of entity XML read for the card's title
 TOKEN_MARGIN = 60          # seconds before validFor runs out that a cached token is dropped
@@ -95,8 +96,7 @@ class Handler(Integration):
         self._token_lock = threading.Lock()
         unlisted = [n for n, key in GENERIC.items() if conf.get(key) and n not in self.wanted()]
         if unlisted and getattr(app, "log", None):
-            app.log.warning("[%s] %s configured but not in actions; they will not run",
-                            name, ", ".join(unlisted))
+            app.log.warning("[%s] not listed in actions, so not run: %s", name, ", ".join(unlisted))
 
     # -- configuration -------------------------------------------------------------------------------
 
@@ -142,6 +142,9 @@ class Handler(Integration):
             return Response(200, {"success": True, "status": "empty", "ids": []})
         if len(events) > MAX_EVENTS:
             raise BadPayload("more than %d events in one delivery" % MAX_EVENTS)
+        if len(events) * len(req.body) > STORE_BUDGET:
+            raise Reject("%d events of a %d-byte body would store more than %d bytes" % (
+                len(events), len(req.body), STORE_BUDGET), status=413)
         envelope = {k: v for k, v in body.items() if k != "events"}
         return [self.new_event(req, envelope, element, i) for i, element in enumerate(events)]
 
@@ -282,27 +285,25 @@ class Handler(Integration):
 
     def api_get(self, path, accept, max_body=http.MAX_REPLY):
         """GET ``server + path`` with the cached token; on a 401 log in again once and repeat."""
-        for fresh in (False, True):
-            token = self.token(renew=fresh)
+        refused = None
+        for _ in range(2):
+            token = self.token(refused)
             reply = http.request("GET", self.url(path), headers={
                 "Preservica-Access-Token": token, "Accept": accept},
                 timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
             if reply.status != 401:
                 return reply
-            self.drop_token(token)
+            refused = token
         raise Fail("Preservica answered 401 to %s even after a new login" % path.split("?")[0])
 
-    def token(self, renew=False):
-        """A valid access token: the cached one, or a new login (one at a time per handler)."""
+    def token(self, refused=None):
+        """A valid access token: the cached one, or a new login when there is none, it is about to run
+        out, or it is the one just ``refused`` (if another worker already replaced it, that one is
+        used: concurrent 401s cost one login, not one each)."""
         with self._token_lock:
-            if renew or not self._token or time.monotonic() >= self._token_until:
+            if not self._token or time.monotonic() >= self._token_until or self._token == refused:
                 self._token, self._token_until = self.login()
             return self._token
-
-    def drop_token(self, token):
-        with self._token_lock:
-            if self._token == token:
-                self._token = None
 
     def login(self):
         """``POST /api/accesstoken/login`` (form fields); returns (token, monotonic expiry)."""

@@ -77,6 +77,7 @@ class FakePreservica:
         self.thumbnails = {}
         self.titles = {}
         self.tokens = {}
+        self.issued = []                     # every token handed out, for "never logged" checks
         self.subscriptions = {}
         self.logins = 0
         self.thumbnail_requests = 0
@@ -158,6 +159,7 @@ class FakePreservica:
         with self._lock:
             self.logins += 1
             self.tokens[token] = (time.monotonic() + self.token_seconds, refresh)
+            self.issued += [token, refresh]
         return {"success": True, "user": user, "token": token, "refresh-token": refresh,
                 "validFor": self.valid_for}
 

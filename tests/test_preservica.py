@@ -1,0 +1,441 @@
+"""End-to-end tests of the Preservica integration: the real daemon, a loopback Preservica, a loopback Teams.
+
+Strategy: each class starts one ``hookd.py`` subprocess (tests/support.Daemon) with a ``[preservica]``
+section pointing at ``FakePreservica`` (tests/fake_preservica.py, upstreams.md §2.7), and drives it the
+way Preservica does: the challenge handshake, chunked and Content-Length deliveries signed over
+``"preservica-webhook-auth" + body``. Side effects are checked where they land: the stored events (CLI
+``--json``), the thumbnail files, the fake's request log and the Teams cards received. Retry delays are
+tiny so retried paths finish in well under a second.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import unittest
+import urllib.parse
+import uuid
+
+from tests import fake_preservica as fp
+from tests.support import Daemon, FakeUpstream, hmac_hex, post, wait_until
+from tests.support import request as support_request
+
+SECRET = "my_shared_secret"
+PASSWORD = "hunter2-preservica"
+FAST = """[hookd]
+workers = 3
+retry.base_delay = 0.05
+retry.max_delay = 0.2
+retry.max_attempts = 3
+"""
+
+
+def new_ref():
+    return str(uuid.uuid4())
+
+
+def delivery_bytes(body):
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def login(fake, password=PASSWORD):
+    """A token from the fake, as pyPreservica gets one."""
+    status, _, body = post(fake.url + "/api/accesstoken/login",
+                           urllib.parse.urlencode({"username": "hookd", "password": password,
+                                                   "tenant": "DEMO"}),
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    return json.loads(body.decode("utf-8")).get("token") if status == 200 else None
+
+
+def request_json(fake, method, path, token, doc=None):
+    headers = {"Preservica-Access-Token": token or "", "Content-Type": "application/json"}
+    body = json.dumps(doc).encode("utf-8") if doc is not None else None
+    return support_request(method, fake.url + path, body, headers)
+
+
+class FakeSelfTest(unittest.TestCase):
+    """The fake itself answers as upstreams.md §2.5-2.7 says (no daemon needed)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fake = fp.FakePreservica()
+        cls.fake.thumbnails["r1"] = (b"\x89PNG fake", "image/png")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.fake.close()
+
+    def test_login_and_thumbnail(self):
+        self.assertIsNone(login(self.fake, password="nope"))
+        token = login(self.fake, password="pw")
+        self.assertTrue(token)
+        status, headers, body = support_request(
+            "GET", self.fake.url + "/api/content/thumbnail?id=sdb%3AIO%7Cr1&size=large", None,
+            {"Preservica-Access-Token": token})
+        self.assertEqual((status, headers["content-type"], body), (200, "image/png", b"\x89PNG fake"))
+        for query, expected in (("id=sdb%3AIO%7Cr9&size=large", 404), ("id=sdb%3AIO%7Cr1&size=huge", 400),
+                                ("id=r1&size=large", 400)):
+            status, _, _ = support_request("GET", self.fake.url + "/api/content/thumbnail?" + query, None,
+                                           {"Preservica-Access-Token": token})
+            self.assertEqual(status, expected, query)
+        status, _, _ = support_request("GET", self.fake.url + "/api/content/thumbnail?id=sdb%3AIO%7Cr1"
+                                       "&size=large", None, {"Preservica-Access-Token": "stale"})
+        self.assertEqual(status, 401)
+
+    def test_token_expiry(self):
+        token = login(self.fake, password="pw")
+        self.fake.expire_tokens()
+        status, _, _ = request_json(self.fake, "GET", "/api/webhook/subscriptions", token)
+        self.assertEqual(status, 401)
+
+
+class TeamsSink:
+    """A loopback Teams (upstreams.md §6.4): ``/workflow/ID`` takes an Adaptive Card message and answers 202
+    empty; ``/legacy/ID`` takes a MessageCard with summary or text and answers 200 ``1``."""
+
+    def __init__(self):
+        self.upstream = FakeUpstream(respond=self.respond)
+        self.url = self.upstream.url
+
+    def respond(self, rec):
+        try:
+            card = rec.json()
+        except ValueError:
+            return 400, b"body is not JSON", {"Content-Type": "text/plain"}
+        if rec.path.startswith("/workflow/"):
+            attachments = card.get("attachments") or []
+            if card.get("type") != "message" or not attachments or any(
+                    a.get("contentType") != "application/vnd.microsoft.card.adaptive" for a in attachments):
+                return 400, b"not an adaptive card message", {"Content-Type": "text/plain"}
+            return 202, b"", {}
+        if rec.path.startswith("/legacy/"):
+            if not (card.get("summary") or card.get("text")):
+                return 400, b"Summary or Text is required.", {"Content-Type": "text/plain"}
+            return 200, b"1", {"Content-Type": "text/plain"}
+        return 404, b"", {}
+
+    def cards(self):
+        return [r for r in self.upstream.seen if r.method == "POST"]
+
+    def close(self):
+        self.upstream.close()
+
+
+class PreservicaCase(unittest.TestCase):
+    """One daemon per class; subclasses give ``section(cls)``."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory(prefix="hookd-preservica-")
+        cls.fake = fp.FakePreservica(username="hookd", password=PASSWORD, tenant="DEMO")
+        cls.teams = TeamsSink()
+        cls.thumbs = os.path.join(cls.tmp.name, "thumbs")
+        cls.d = Daemon(FAST + cls.section(), tmpdir=cls.tmp.name).start()
+        cls.url = cls.d.url + "/preservica"
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.d.stop()
+        finally:
+            cls.fake.close()
+            cls.teams.close()
+            cls.tmp.cleanup()
+
+    @classmethod
+    def section(cls):
+        return "[preservica]\nsecret.key = %s\n" % SECRET
+
+    def deliver(self, events, **kw):
+        status, headers, body = fp.deliver(self.url, SECRET, fp.envelope(events), **kw)
+        self.assertEqual(status, 202, body)
+        doc = json.loads(body.decode("utf-8"))
+        self.assertEqual(doc["status"], "queued")
+        return doc["ids"]
+
+    def deliver_one(self, ref, entity_type="IO"):
+        return self.deliver([fp.io_event(ref, entity_type=entity_type)])[0]
+
+
+class IntakeTest(PreservicaCase):
+    """Handshake and deliveries with no actions: store and log only."""
+
+    def test_challenge_worked_example(self):
+        status, headers, body = post(self.url + "?challengeCode=abc123", b"")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"].split(";")[0], "application/json")
+        self.assertEqual(json.loads(body.decode("utf-8")), {
+            "challengeCode": "abc123",
+            "challengeResponse": "8ecc163a3d4079d2f3eb2c5f36ed1c5c9e855a42477fb81d24fded7cad766946"})
+        self.assertEqual(body, json.dumps(json.loads(body.decode("utf-8"))).encode("utf-8"))
+
+    def test_challenge_comes_before_any_signature_check(self):
+        status, _, body = post(self.url + "?challengeCode=x%22y", b"{}",
+                               {"Preservica-Signature": "00" * 32}, chunked=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body.decode("utf-8")),
+                         {"challengeCode": 'x"y', "challengeResponse": hmac_hex(SECRET, 'x"y')})
+
+    def test_fake_preservica_subscribes_through_the_handshake(self):
+        self.assertEqual(fp.challenge(self.url, SECRET), (True, "ok"))
+        self.assertEqual(fp.challenge(self.url, "another secret"), (False, "wrong challengeResponse"))
+
+    def test_subscribe_call_on_the_fake_runs_the_handshake_against_hookd(self):
+        token = login(self.fake)
+        for secret, expected in ((SECRET, 200), ("wrong", 400)):
+            status, _, body = request_json(self.fake, "POST", "/api/webhook/subscriptions", token, {
+                "url": self.url, "triggerType": "FULL_TEXT_INDEXED", "secret": secret,
+                "includeIdentifiers": "true"})
+            self.assertEqual(status, expected, body)
+        self.assertEqual(len(self.fake.subscriptions), 1)
+
+    def test_challenge_is_not_a_signing_oracle(self):
+        forged = b'{"events":[{"entityRef":"x","entityType":"IO"}]}'
+        code = "preservica-webhook-auth" + forged.decode("ascii")
+        status, _, _ = fp._send(self.url + "?challengeCode=" + urllib.parse.quote(code), b"",
+                                {}, None, 10)
+        self.assertEqual(status, 400)
+
+    def test_chunked_delivery_becomes_one_job_per_event(self):
+        refs = [new_ref(), new_ref()]
+        ids = self.deliver([fp.io_event(refs[0]), fp.io_event(refs[1], entity_type="SO")], chunk_size=16)
+        self.assertEqual(len(ids), 2)
+        for event_id, ref in zip(ids, refs):
+            ev = self.d.wait_status(event_id, "done")
+            self.assertEqual(ev["route"], "preservica")
+            self.assertEqual(ev["payload"]["event"]["entityRef"], ref)
+            self.assertEqual(ev["payload"]["subscriptionId"], "4583e1e6d2c72ed96a1151bc7dfd53c2")
+            self.assertEqual(ev["payload"]["trigger"], "FULL_TEXT_INDEXED")
+            self.assertNotIn("events", ev["payload"])
+
+    def test_content_length_delivery(self):
+        ref = new_ref()
+        event_id = self.deliver([fp.io_event(ref)], chunked=False)[0]
+        self.assertEqual(self.d.wait_status(event_id, "done")["payload"]["event"]["entityRef"], ref)
+
+    def test_non_ascii_body_split_inside_a_character(self):
+        for chunked in (True, False):
+            ev = fp.io_event(new_ref(), batch="東京 café Ærø")
+            event_id = self.deliver([ev], chunked=chunked, split_multibyte=chunked)[0]
+            stored = self.d.wait_status(event_id, "done")["payload"]["event"]
+            self.assertEqual(stored["identifiers"], [{"BatchId": "東京 café Ærø"}])
+
+    def test_optional_fields_may_be_missing(self):
+        ref = new_ref()
+        body = {"subscriptionId": "s1", "events": [{"entityType": "IO", "entityRef": ref}]}
+        status, _, reply = fp.deliver(self.url, SECRET, body)
+        self.assertEqual(status, 202, reply)
+        event_id = json.loads(reply.decode("utf-8"))["id"]
+        self.assertEqual(self.d.wait_status(event_id, "done")["payload"]["event"]["entityRef"], ref)
+
+    def test_redelivery_is_a_duplicate(self):
+        body = fp.envelope([fp.io_event(new_ref())])
+        first = fp.deliver(self.url, SECRET, body)
+        again = fp.deliver(self.url, SECRET, body, chunked=False)
+        self.assertEqual(first[0], 202)
+        self.assertIn(again[0], (200, 202))
+        self.assertEqual(json.loads(again[2].decode("utf-8"))["status"], "duplicate")
+
+    def test_wrong_shapes_are_refused_and_not_stored(self):
+        before = len(self.d.events())
+        cases = [(b"not json", 400), (b'{"events": {}}', 422), (b'[1, 2]', 422),
+                 (b'{"events": [{"entityType": "IO"}]}', 422), (b'{"events": ["x"]}', 422)]
+        for body, expected in cases:
+            status, _, _ = fp.deliver(self.url, SECRET, body)
+            self.assertEqual(status, expected, body)
+        status, _, _ = fp.deliver(self.url, SECRET, b'{"events":[]}')
+        self.assertEqual(status, 200)
+        too_many = fp.envelope([fp.io_event("r%d" % i) for i in range(1001)])
+        self.assertEqual(fp.deliver(self.url, SECRET, too_many, chunk_size=65536)[0], 422)
+        # the core stores the body with each event: 1000 events of a ~400 KB body would be ~400 MB
+        padded = fp.envelope([fp.io_event("r%d" % i, batch="x" * 300) for i in range(1000)])
+        self.assertEqual(fp.deliver(self.url, SECRET, padded, chunk_size=65536)[0], 413)
+        self.assertEqual(len(self.d.events()), before)
+
+
+class RejectTest(PreservicaCase):
+    """Missing or wrong signatures: 401 and nothing stored."""
+
+    def test_bad_and_missing_signatures_are_401_and_nothing_is_stored(self):
+        body = fp.envelope([fp.io_event(new_ref())])
+        raw = delivery_bytes(body)
+        wrong = fp.sign("not the secret", b"preservica-webhook-auth" + raw)
+        unprefixed = fp.sign(SECRET, raw)
+        for sig in (wrong, unprefixed, "", "zz", wrong.upper()[:-1]):
+            for chunked in (True, False):
+                status, _, _ = fp.deliver(self.url, SECRET, raw, chunked=chunked, signature=sig)
+                self.assertEqual(status, 401, (sig, chunked))
+        self.assertEqual(self.d.events(), [])
+        self.assertNotIn(wrong, self.d.log())
+
+    def test_signature_over_different_bytes_is_401(self):
+        raw = delivery_bytes(fp.envelope([fp.io_event(new_ref(), batch="café")]))
+        latin1 = raw.decode("utf-8").encode("latin-1")  # pyPreservica's encoding: other bytes, other HMAC
+        sig = fp.sign(SECRET, b"preservica-webhook-auth" + latin1)
+        status, _, _ = fp.deliver(self.url, SECRET, raw, signature=sig)
+        self.assertEqual(status, 401)
+        self.assertEqual(self.d.events(), [])
+
+
+class ThumbnailTest(PreservicaCase):
+    """``actions = thumbnail`` against the fake Preservica."""
+
+    @classmethod
+    def section(cls):
+        cls.png, cls.jpg = fp.make_images()
+        return ("[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\npassword = %s\n"
+                "tenant = DEMO\nactions = thumbnail\nthumbnail.size = medium\nthumbnail.dir = %s\n"
+                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs))
+
+    def thumb(self, name):
+        return os.path.join(self.thumbs, name)
+
+    def test_jpeg_written_with_the_exact_bytes(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (self.jpg, "image/jpeg")
+        self.d.wait_status(self.deliver_one(ref), "done")
+        with open(self.thumb(ref + ".jpg"), "rb") as f:
+            self.assertEqual(f.read(), self.jpg)
+        self.assertIn(("sdb:IO|%s" % ref, "medium"), self.fake.thumbnail_ids)
+        self.assertEqual([n for n in os.listdir(self.thumbs) if n.startswith(".tmp")], [])
+
+    def test_png_named_by_content_type(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (self.png, "image/png")
+        self.d.wait_status(self.deliver_one(ref), "done")
+        with open(self.thumb(ref + ".png"), "rb") as f:
+            self.assertEqual(f.read(), self.png)
+        self.assertFalse(os.path.exists(self.thumb(ref + ".jpg")))
+
+    def test_folder_uses_sdb_so(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (self.png, "image/png")
+        self.d.wait_status(self.deliver_one(ref, entity_type="SO"), "done")
+        self.assertIn(("sdb:SO|%s" % ref, "medium"), self.fake.thumbnail_ids)
+        self.assertTrue(os.path.exists(self.thumb(ref + ".png")))
+
+    def test_unknown_reference_is_done_without_a_file(self):
+        ref = new_ref()
+        ev = self.d.wait_status(self.deliver_one(ref), "done")
+        self.assertEqual(ev["attempts"], 1)
+        self.assertIn(("sdb:IO|%s" % ref, "medium"), self.fake.thumbnail_ids)
+        self.assertFalse([n for n in os.listdir(self.thumbs) if n.startswith(ref)] if
+                         os.path.isdir(self.thumbs) else [])
+
+    def test_token_is_cached_and_an_expired_token_means_one_new_login(self):
+        first, second = new_ref(), new_ref()
+        self.fake.thumbnails[first] = self.fake.thumbnails[second] = (self.jpg, "image/jpeg")
+        self.d.wait_status(self.deliver_one(first), "done")
+        logins, refused = self.fake.logins, self.fake.count_401()
+        self.d.wait_status(self.deliver_one(new_ref()), "done")
+        self.assertEqual(self.fake.logins, logins, "the cached token was not reused")
+        self.fake.expire_tokens()
+        ev = self.d.wait_status(self.deliver_one(second), "done")
+        self.assertEqual(ev["attempts"], 1)
+        self.assertEqual(self.fake.logins, logins + 1)
+        self.assertEqual(self.fake.count_401(), refused + 1)
+        with open(self.thumb(second + ".jpg"), "rb") as f:
+            self.assertEqual(f.read(), self.jpg)
+        log = self.d.log()
+        for secret in self.fake.issued + [PASSWORD, SECRET]:
+            self.assertNotIn(secret, log)
+
+    def test_preservica_503_is_retried_then_done(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (self.jpg, "image/jpeg")
+        self.fake.fail_next("/api/content/thumbnail", 503, body={"success": False, "message": "busy"})
+        ev = self.d.wait_status(self.deliver_one(ref), "done")
+        self.assertEqual(ev["attempts"], 2)
+        self.assertTrue(os.path.exists(self.thumb(ref + ".jpg")))
+
+    def test_401_after_a_new_login_is_dead(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (self.jpg, "image/jpeg")
+        self.fake.reject_all_tokens = True
+        try:
+            ev = self.d.wait_status(self.deliver_one(ref), "dead")
+        finally:
+            self.fake.reject_all_tokens = False
+        self.assertEqual(ev["attempts"], 1)
+        self.assertIn("401", ev["last_error"])
+        self.assertFalse(os.path.exists(self.thumb(ref + ".jpg")))
+
+    def test_one_failing_asset_does_not_block_the_others(self):
+        bad, good = new_ref(), new_ref()
+        self.fake.broken_refs.add(bad)
+        self.fake.thumbnails[good] = (self.jpg, "image/jpeg")
+        bad_id, good_id = self.deliver([fp.io_event(bad), fp.io_event(good)])
+        self.d.wait_status(good_id, "done")
+        self.assertTrue(os.path.exists(self.thumb(good + ".jpg")))
+        ev = self.d.wait_status(bad_id, "dead")
+        self.assertEqual(ev["attempts"], 3)
+        self.assertIn("500", ev["last_error"])
+
+    def test_reference_cannot_escape_the_thumbnail_dir(self):
+        ref = "../../escaped-" + new_ref()
+        self.fake.thumbnails[ref] = (self.jpg, "image/jpeg")
+        self.d.wait_status(self.deliver_one(ref), "done")
+        self.assertTrue(os.path.exists(self.thumb("_.._" + ref[6:] + ".jpg")))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, ref[6:] + ".jpg")))
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.tmp.name), ref[6:] + ".jpg")))
+
+
+class TeamsTest(PreservicaCase):
+    """``actions = thumbnail, teams``: an Adaptive Card with the asset's title read from Preservica."""
+
+    @classmethod
+    def section(cls):
+        return ("[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\npassword = %s\n"
+                "tenant = DEMO\nactions = thumbnail, teams\nthumbnail.dir = %s\n"
+                "teams.url = %s/workflow/abc\nteams.format = adaptive\n"
+                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs, cls.teams.url))
+
+    def test_card_carries_title_trigger_type_and_reference(self):
+        ref = new_ref()
+        self.fake.titles[ref] = "Harbour ledger, 1852 — Tōkyō"
+        self.d.wait_status(self.deliver_one(ref), "done")
+        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
+        self.assertEqual(len(cards), 1)
+        text = json.dumps(cards[0].json(), ensure_ascii=False)
+        for expected in ("Harbour ledger, 1852 — Tōkyō", "FULL_TEXT_INDEXED", "IO", ref):
+            self.assertIn(expected, text)
+        self.assertEqual(cards[0].json()["type"], "message")
+
+    def test_title_failure_falls_back_to_the_reference(self):
+        ref = new_ref()  # no title known: the entity API answers 404
+        self.d.wait_status(self.deliver_one(ref), "done")
+        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
+        self.assertEqual(len(cards), 1)
+
+
+class CommandAndLegacyTeamsTest(PreservicaCase):
+    """No API credentials: ``actions = command, teams`` with a MessageCard; the card names the reference."""
+
+    @classmethod
+    def section(cls):
+        cls.out = os.path.join(cls.tmp.name, "out")
+        os.makedirs(cls.out)
+        script = os.path.join(cls.tmp.name, "record.py")
+        with open(script, "w") as f:
+            f.write("import os, sys\nopen(os.path.join(sys.argv[1], os.environ['HOOKD_EVENT_ID']), 'wb')"
+                    ".write(sys.stdin.buffer.read())\n")
+        return ("[preservica]\nsecret.key = %s\nactions = command, teams\n"
+                "command = %s %s %s\nteams.url = %s/legacy/xyz\nteams.format = messagecard\n"
+                % (SECRET, sys.executable, script, cls.out, cls.teams.url))
+
+    def test_command_gets_the_event_and_card_names_the_reference(self):
+        ref = new_ref()
+        event_id = self.deliver_one(ref)
+        self.d.wait_status(event_id, "done")
+        path = os.path.join(self.out, str(event_id))
+        wait_until(lambda: os.path.exists(path), 5, message="command output")
+        with open(path, "rb") as f:
+            self.assertIn(ref, f.read().decode("utf-8"))
+        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
+        self.assertEqual(len(cards), 1)
+        self.assertTrue(cards[0].json().get("summary") or cards[0].json().get("text"))
+        self.assertEqual(self.fake.logins, 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
