@@ -263,7 +263,7 @@ class Handler(Integration):
                 facts.append((label, str(payload[key])))
         words = TRIGGER_WORDS.get(trigger, trigger.lower().replace("_", " "))
         what = "Preservica: %s %s" % (ENTITY_WORDS.get(kind, "entity"), words)
-        return {"title": "%s: %s" % (what, title) if title else what,
+        return {"title": "%s: %s" % (what, title or ref),
                 "facts": facts,
                 "text": "%s (%s) %s" % (title, ref, words) if title else "%s %s" % (ref, words)}
 

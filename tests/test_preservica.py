@@ -17,7 +17,8 @@ import urllib.parse
 import uuid
 
 from tests import fake_preservica as fp
-from tests.support import Daemon, FakeUpstream, hmac_hex, post, wait_until
+from tests.fake_teams import FakeTeams
+from tests.support import Daemon, hmac_hex, post, wait_until
 from tests.support import request as support_request
 
 SECRET = "my_shared_secret"
@@ -89,38 +90,6 @@ class FakeSelfTest(unittest.TestCase):
         self.assertEqual(status, 401)
 
 
-class TeamsSink:
-    """A loopback Teams (upstreams.md §6.4): ``/workflow/ID`` takes an Adaptive Card message and answers 202
-    empty; ``/legacy/ID`` takes a MessageCard with summary or text and answers 200 ``1``."""
-
-    def __init__(self):
-        self.upstream = FakeUpstream(respond=self.respond)
-        self.url = self.upstream.url
-
-    def respond(self, rec):
-        try:
-            card = rec.json()
-        except ValueError:
-            return 400, b"body is not JSON", {"Content-Type": "text/plain"}
-        if rec.path.startswith("/workflow/"):
-            attachments = card.get("attachments") or []
-            if card.get("type") != "message" or not attachments or any(
-                    a.get("contentType") != "application/vnd.microsoft.card.adaptive" for a in attachments):
-                return 400, b"not an adaptive card message", {"Content-Type": "text/plain"}
-            return 202, b"", {}
-        if rec.path.startswith("/legacy/"):
-            if not (card.get("summary") or card.get("text")):
-                return 400, b"Summary or Text is required.", {"Content-Type": "text/plain"}
-            return 200, b"1", {"Content-Type": "text/plain"}
-        return 404, b"", {}
-
-    def cards(self):
-        return [r for r in self.upstream.seen if r.method == "POST"]
-
-    def close(self):
-        self.upstream.close()
-
-
 class PreservicaCase(unittest.TestCase):
     """One daemon per class; subclasses give ``section(cls)``."""
 
@@ -128,7 +97,7 @@ class PreservicaCase(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory(prefix="hookd-preservica-")
         cls.fake = fp.FakePreservica(username="hookd", password=PASSWORD, tenant="DEMO")
-        cls.teams = TeamsSink()
+        cls.teams = FakeTeams()
         cls.thumbs = os.path.join(cls.tmp.name, "thumbs")
         cls.d = Daemon(FAST + cls.section(), tmpdir=cls.tmp.name).start()
         cls.url = cls.d.url + "/preservica"
@@ -155,6 +124,10 @@ class PreservicaCase(unittest.TestCase):
 
     def deliver_one(self, ref, entity_type="IO"):
         return self.deliver([fp.io_event(ref, entity_type=entity_type)])[0]
+
+    def cards_about(self, ref):
+        """The valid Teams cards received that mention ``ref``, as (kind, document)."""
+        return [(kind, doc) for kind, doc in list(self.teams.cards) if ref in json.dumps(doc)]
 
 
 class IntakeTest(PreservicaCase):
@@ -387,25 +360,29 @@ class TeamsTest(PreservicaCase):
     def section(cls):
         return ("[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\npassword = %s\n"
                 "tenant = DEMO\nactions = thumbnail, teams\nthumbnail.dir = %s\n"
-                "teams.url = %s/workflow/abc\nteams.format = adaptive\n"
-                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs, cls.teams.url))
+                "teams.url = %s\nteams.format = adaptive\n"
+                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs, cls.teams.workflow_url))
 
     def test_card_carries_title_trigger_type_and_reference(self):
         ref = new_ref()
         self.fake.titles[ref] = "Harbour ledger, 1852 — Tōkyō"
         self.d.wait_status(self.deliver_one(ref), "done")
-        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
-        self.assertEqual(len(cards), 1)
-        text = json.dumps(cards[0].json(), ensure_ascii=False)
-        for expected in ("Harbour ledger, 1852 — Tōkyō", "FULL_TEXT_INDEXED", "IO", ref):
-            self.assertIn(expected, text)
-        self.assertEqual(cards[0].json()["type"], "message")
+        cards = self.cards_about(ref)
+        self.assertEqual([kind for kind, _ in cards], ["adaptive"])
+        content = cards[0][1]["attachments"][0]["content"]
+        facts = {f["title"]: f["value"] for b in content["body"] if b["type"] == "FactSet" for f in b["facts"]}
+        self.assertEqual(facts["Title"], "Harbour ledger, 1852 — Tōkyō")
+        self.assertEqual(facts["Trigger"], "FULL_TEXT_INDEXED")
+        self.assertEqual(facts["Entity type"], "IO")
+        self.assertEqual(facts["Reference"], ref)
+        self.assertIn("Harbour ledger, 1852 — Tōkyō", content["body"][0]["text"])
 
     def test_title_failure_falls_back_to_the_reference(self):
         ref = new_ref()  # no title known: the entity API answers 404
         self.d.wait_status(self.deliver_one(ref), "done")
-        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
+        cards = self.cards_about(ref)
         self.assertEqual(len(cards), 1)
+        self.assertIn(ref, cards[0][1]["attachments"][0]["content"]["body"][0]["text"])
 
 
 class CommandAndLegacyTeamsTest(PreservicaCase):
@@ -420,8 +397,8 @@ class CommandAndLegacyTeamsTest(PreservicaCase):
             f.write("import os, sys\nopen(os.path.join(sys.argv[1], os.environ['HOOKD_EVENT_ID']), 'wb')"
                     ".write(sys.stdin.buffer.read())\n")
         return ("[preservica]\nsecret.key = %s\nactions = command, teams\n"
-                "command = %s %s %s\nteams.url = %s/legacy/xyz\nteams.format = messagecard\n"
-                % (SECRET, sys.executable, script, cls.out, cls.teams.url))
+                "command = %s %s %s\nteams.url = %s\nteams.format = messagecard\n"
+                % (SECRET, sys.executable, script, cls.out, cls.teams.legacy_url))
 
     def test_command_gets_the_event_and_card_names_the_reference(self):
         ref = new_ref()
@@ -431,9 +408,10 @@ class CommandAndLegacyTeamsTest(PreservicaCase):
         wait_until(lambda: os.path.exists(path), 5, message="command output")
         with open(path, "rb") as f:
             self.assertIn(ref, f.read().decode("utf-8"))
-        cards = [c for c in self.teams.cards() if ref in c.body.decode("utf-8")]
-        self.assertEqual(len(cards), 1)
-        self.assertTrue(cards[0].json().get("summary") or cards[0].json().get("text"))
+        cards = self.cards_about(ref)
+        self.assertEqual([kind for kind, _ in cards], ["messagecard"])
+        facts = {f["name"]: f["value"] for f in cards[0][1]["sections"][0]["facts"]}
+        self.assertEqual((facts["Reference"], facts["Title"]), (ref, "(unknown)"))
         self.assertEqual(self.fake.logins, 0)
 
 
