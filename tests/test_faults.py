@@ -164,11 +164,20 @@ class FaultCase(unittest.TestCase):
         for name, text in SCRIPTS.items():
             with open(os.path.join(cls.tmp, name), "w") as f:
                 f.write(text)
-        cls.upstream = None
-        cls.prepare()
-        cls.d = support.Daemon(cls.config_text(), tmpdir=cls.tmp, state_dir=cls.state_dir())
-        DAEMONS.append(cls.d)
-        cls.d.start()
+        cls.upstream, cls.d = None, None
+        try:
+            cls.prepare()
+            cls.d = support.Daemon(cls.config_text(), tmpdir=cls.tmp, state_dir=cls.state_dir())
+            DAEMONS.append(cls.d)
+            cls.d.start()
+        except BaseException:  # tearDownClass does not run after a failed (or skipped) setUpClass
+            if cls.d is not None and cls.d.proc is not None and cls.d.proc.poll() is None:
+                cls.d.kill9()
+            if cls.upstream:
+                cls.upstream.close()
+            cls.cleanup_more()
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def prepare(cls):
