@@ -31,14 +31,30 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
         return Finished(proc.returncode, out[:MAX_OUTPUT], err[:MAX_OUTPUT], False)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        out, err = proc.communicate()
-        return Finished(None, out[:MAX_OUTPUT], err[:MAX_OUTPUT], True)
+        out, err = _drain(proc)
+        return Finished(None if proc.returncode is None or proc.returncode < 0 else proc.returncode,
+                        out[:MAX_OUTPUT], err[:MAX_OUTPUT], True)
     finally:
         if proc.poll() is None:
             kill_group(proc)
             proc.wait()
         else:
             _reap_group(proc.pid)
+
+
+def _drain(proc):
+    """Collect what is left of the output after a kill. A grandchild that escaped into its own session
+    may still hold the pipes open: wait a moment, then close our ends instead of waiting forever."""
+    try:
+        return proc.communicate(timeout=2)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        proc.wait()
+        return b"", b""
 
 
 def kill_group(proc, sig=signal.SIGKILL):

@@ -13,6 +13,7 @@ keep-alive; every answer has Content-Length. A POST goes: route lookup (404 befo
 import heapq
 import http.server
 import json
+import re
 import socket
 import threading
 import time
@@ -170,6 +171,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_error(414)
                 return
             if not self.parse_request():
+                return
+            if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+                self.send_error(505, "HTTP version %s not supported" % self.request_version[:20])
+                return
+            bad = header_problem(self.headers)
+            if bad:
+                self.send_error(400, bad)
                 return
             method = getattr(self, "do_" + self.command, None)
             if method is None:
@@ -338,6 +346,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- answering ----------------------------------------------------------------------------------
     def _reject(self, e, close=False):
         app = self.server.app
+        if self._deadline[3]:  # the head was cut short by read_timeout: whatever it lacks, that is why
+            e = Reject("request not received within read_timeout", status=408)
         app.log.warning("%d %s %s: %s", e.status, self._route, self._log_path(), e)
         app.metrics.request(self._route, e.status)
         self._reply(e.status, {"error": str(e)}, e.headers, close=close or e.status == 408)
@@ -384,6 +394,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         pass  # hookd writes its own line per outcome
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_problem(headers):
+    """Why a parsed head must be refused, or None. RFC 9112 §5.1: no whitespace between a field name and
+    its colon (a classic smuggling vector: "Transfer-Encoding : chunked" read by one parser and not
+    another); names are tokens; §5.2: obs-fold is refused; a line without a colon ends the stdlib's
+    header parsing early, leaving the rest unseen, so it is refused too."""
+    if headers.defects or headers.get_payload():
+        return "malformed header line"
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            return "invalid header name %r" % name[:40]
+        if "\r" in value or "\n" in value or "\0" in value:
+            return "folded or control characters in header %s" % name[:40]
+    return None
 
 
 def public_event(row, full=False):
