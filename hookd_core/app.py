@@ -282,7 +282,7 @@ class App:
         systemd_glue.stopping()
         self.server.stopping = True
         self.server.shutdown()
-        self.server.reaper.fire_all()
+        self.server.reaper.fire_idle()
         self.stopping.set()
         left = self.pool.join(grace)
         self.server.server_close()

@@ -35,8 +35,10 @@ class Reaper:
         self._seq = 0
         threading.Thread(target=self._run, name="hookd-reaper", daemon=True).start()
 
-    def arm(self, sock, seconds):
-        entry = [time.monotonic() + seconds, sock, True, False]  # deadline, socket, armed, fired
+    def arm(self, sock, seconds, between=False):
+        """Watch ``sock`` for ``seconds``. ``between``: the connection is idle between two requests (a
+        keep-alive wait), which shutdown may cut at once; a first request is always given its time."""
+        entry = [time.monotonic() + seconds, sock, True, False, between]  # deadline, socket, armed, fired
         with self._lock:
             self._seq += 1
             heapq.heappush(self._heap, (entry[0], self._seq, entry))
@@ -48,10 +50,11 @@ class Reaper:
     def disarm(entry):
         entry[2] = False
 
-    def fire_all(self):
-        """Shut every armed socket now (shutdown: idle keep-alive connections stop waiting)."""
+    def fire_idle(self):
+        """Shut every connection waiting between requests now (at shutdown). A connection accepted but
+        not yet heard from keeps its deadline: its first request is served, then it is closed."""
         with self._lock:
-            entries = [e for _, _, e in self._heap if e[2]]
+            entries = [e for _, _, e in self._heap if e[2] and e[4]]
         for e in entries:
             _shut(e)
 
@@ -154,7 +157,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- one request, with its deadline -------------------------------------------------------------
     def handle_one_request(self):
         app = self.server.app
-        self._deadline = self.server.reaper.arm(self.connection, app.settings.float("read_timeout"))
+        self._served = getattr(self, "_served", 0)
+        self._deadline = self.server.reaper.arm(self.connection, app.settings.float("read_timeout"),
+                                                between=self._served > 0)
+        self._served += 1
         self._route = "-"
         try:
             self.raw_requestline = self.rfile.readline(65537)

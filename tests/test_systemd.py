@@ -546,14 +546,18 @@ class SocketActivationTest(DaemonTestBase):
         first = self.daemon(ActivatedDaemon, listener=listener).start()
         self.assertEqual(first.post("/hooks/ping", b'{"round": 0}')[0], 202)
         first.signal(signal.SIGTERM)
-        # Connections made while hookd stops and while no hookd runs: the held socket queues them.
-        pending = [socket.create_connection(addr, timeout=30)]
-        self.assertEqual(first.proc.wait(40), 0)
-        pending.append(socket.create_connection(addr, timeout=30))
-        for i, s in enumerate(pending, 1):
+
+        def send(s, i):
             body = b'{"round": %d}' % i
             s.sendall(b"POST /hooks/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        # A connection made while hookd stops (the old process may already have accepted it, then it
+        # serves it), and one made while no hookd runs (the held socket queues it for the next one).
+        pending = [socket.create_connection(addr, timeout=30)]
+        send(pending[0], 1)
+        self.assertEqual(first.proc.wait(40), 0)
+        pending.append(socket.create_connection(addr, timeout=30))
+        send(pending[1], 2)
         second = self.daemon(ActivatedDaemon, listener=listener).start()
         for s in pending:
             with s:
