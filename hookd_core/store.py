@@ -5,12 +5,15 @@ Strategy: sqlite is the source of truth and only this module touches it. Every w
 function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction, commits once (one fsync for
 the whole group) and only then wakes the callers. So N concurrent webhooks cost one fsync, not N, and a
 caller that gets a result knows it is on disk. If the commit fails (disk full, read-only file) every
-caller of that group gets the error and nothing of the group is stored. Reads use a connection per
+caller of that group gets the error and nothing of the group is stored. Request bodies live once in
+``bodies``, keyed by their sha256, so a delivery that becomes many events (Preservica's ``events[]``)
+or arrives many times is stored once. Reads use a connection per
 thread (WAL readers do not block the writer). Counts of waiting events per route live in memory,
 changed by the writer after each commit and re-read from the table now and then (the CLI may change
 rows while the daemon runs).
 """
 
+import hashlib
 import json
 import os
 import queue
@@ -39,9 +42,13 @@ CREATE TABLE IF NOT EXISTS events (
   serial_key TEXT,
   headers TEXT,
   content_type TEXT,
-  body BLOB,
+  body_hash TEXT,
   payload TEXT,
   progress TEXT
+);
+CREATE TABLE IF NOT EXISTS bodies (
+  hash TEXT PRIMARY KEY,
+  data BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
@@ -288,13 +295,13 @@ class Store:
         now = time.time() if now is None else now
 
         def fn(conn):
-            row = conn.execute("SELECT route, serial_key, headers, content_type, body, payload FROM events"
+            row = conn.execute("SELECT route, serial_key, headers, content_type, body_hash, payload FROM events"
                                " WHERE id=?", (event_id,)).fetchone()
             if row is None:
                 return None
             cur = conn.execute(
                 "INSERT INTO events(route, status, received_at, updated_at, serial_key, headers, content_type,"
-                " body, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " body_hash, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 row[:1] + (now, now) + row[1:] + ("replay of %d" % event_id,))
             return cur.lastrowid
         return self.write(fn)
@@ -302,8 +309,14 @@ class Store:
     def prune(self, days, now=None):
         """Delete done and duplicate events last changed more than ``days`` ago; returns the count."""
         cutoff = (time.time() if now is None else now) - days * 86400.0
-        return self.write(lambda conn: conn.execute(
-            "DELETE FROM events WHERE status IN ('done','duplicate') AND updated_at < ?", (cutoff,)).rowcount)
+
+        def fn(conn):
+            n = conn.execute("DELETE FROM events WHERE status IN ('done','duplicate') AND updated_at < ?",
+                             (cutoff,)).rowcount
+            conn.execute("DELETE FROM bodies WHERE hash NOT IN"
+                         " (SELECT body_hash FROM events WHERE body_hash IS NOT NULL)")
+            return n
+        return self.write(fn)
 
 
 def _insert(conn, route, row, now):
@@ -317,11 +330,14 @@ def _insert(conn, route, row, now):
                 (route, now, now, hit[0], row.get("headers"), row.get("content_type"),
                  "duplicate of %d" % hit[0]))
             return hit[0], "duplicate"
+    body = row.get("body") or b""
+    digest = hashlib.sha256(body).hexdigest()
+    conn.execute("INSERT OR IGNORE INTO bodies(hash, data) VALUES (?, ?)", (digest, body))
     cur = conn.execute(
         "INSERT INTO events(route, status, received_at, updated_at, dedupe_key, serial_key, headers,"
-        " content_type, body, payload) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        " content_type, body_hash, payload) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
         (route, now, now, key, row.get("serial_key"), row.get("headers"), row.get("content_type"),
-         row.get("body"), row.get("payload")))
+         digest, row.get("payload")))
     return cur.lastrowid, "queued"
 
 
@@ -329,7 +345,8 @@ COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "ne
            "dedupe_key", "duplicate_of", "serial_key", "headers", "content_type", "payload", "progress")
 
 
-_ROW_SQL = "SELECT " + ", ".join(COLUMNS) + ", body FROM events WHERE id=?"  # constant text only
+_ROW_SQL = ("SELECT " + ", ".join("e." + c for c in COLUMNS) +  # constant text only
+            ", b.data FROM events e LEFT JOIN bodies b ON b.hash = e.body_hash WHERE e.id=?")
 
 
 def row_dict(conn, event_id, with_body=False):

@@ -120,6 +120,20 @@ class StoreTest(unittest.TestCase):
         [(eid, st)] = self.store.add_events("r", [row()])
         self.assertEqual(st, "queued")
 
+    def test_a_body_shared_by_many_events_is_stored_once(self):
+        body = b'{"events": ["%s"]}' % (b"x" * 5000)
+        ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)])
+        self.assertEqual(len(ids), 3)
+        n = self.store.read(lambda c: c.execute("SELECT count(*), sum(length(data)) FROM bodies").fetchone())
+        self.assertEqual(n, (1, len(body)))
+        for eid, _ in ids:
+            self.assertEqual(self.store.read(lambda c: row_dict(c, eid, with_body=True))["body"], body)
+        for eid, _ in ids:
+            self.store.claim(eid, now=1.0)
+            self.store.finish(eid, "r", "done", now=1.0)
+        self.store.prune(days=1, now=3 * 86400)
+        self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM bodies").fetchone()[0]), 0)
+
     def test_route_limit_is_exact_under_concurrency(self):
         from hookd_core.api import Busy
         outcomes = []
