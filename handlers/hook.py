@@ -100,10 +100,11 @@ class Handler(Integration):
 
     def accept(self, req):
         verify.verify(self.conf, req.headers, req.body)
-        payload = parse_json(req.body)
-        if not all(c.holds(payload, req.headers) for c in self.conditions):
-            return Response(200, {"status": "ignored", "reason": "filter did not match"})
-        return [NewEvent(payload=payload, dedupe_key=self.dedupe(req))]
+        if self.conditions:  # parse only when a filter needs it; the worker parses the stored body
+            payload = parse_json(req.body)
+            if not all(c.holds(payload, req.headers) for c in self.conditions):
+                return Response(200, {"status": "ignored", "reason": "filter did not match"})
+        return [NewEvent(payload=None, dedupe_key=self.dedupe(req))]
 
     def dedupe(self, req):
         """The section's rule, else the scheme's delivery id; a missing id falls back to the body hash."""

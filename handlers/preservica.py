@@ -128,6 +128,10 @@ class Handler(Integration):
         """The generic actions named in ``actions``, in that order; an empty key runs none."""
         return [name for name in self.wanted() if name in GENERIC]
 
+    def needs_work(self):
+        """Store-and-log only (``actions`` empty) leaves nothing for a worker."""
+        return bool(self.wanted())
+
     # -- request thread ------------------------------------------------------------------------------
 
     def accept(self, req):

@@ -185,6 +185,11 @@ class Integration:
             names.append("teams")
         return names
 
+    def needs_work(self):
+        """False when a stored event has nothing left to do (no work of its own, no action): it is then
+        stored as done at once and no worker touches it. Override when ``run`` may do nothing."""
+        return type(self).run is not Integration.run or bool(self.actions())
+
     def card(self, ctx):
         """What a Teams card says about this event: {"title": str, "facts": [(name, value)], "text": str}."""
         return {"title": "hookd: %s event %s" % (self.name, ctx.id), "facts": [("route", self.name)],

@@ -154,6 +154,7 @@ class App:
         from .server import stored_headers
         headers = json.dumps(stored_headers(req.headers, self._secret_cache()))
         rule = integ.conf.get("dedupe") or getattr(integ, "DEFAULT_DEDUPE", "body")
+        done = not integ.needs_work()
         rows = []
         for ev in events:
             if not isinstance(ev, NewEvent):
@@ -161,7 +162,8 @@ class App:
             key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
             rows.append({"dedupe_key": key, "serial_key": ev.serial_key, "headers": headers,
                          "content_type": req.headers.get("Content-Type"), "body": req.body,
-                         "payload": json.dumps(ev.payload) if ev.payload is not None else None})
+                         "payload": json.dumps(ev.payload) if ev.payload is not None else None,
+                         "done": done})
         return rows
 
     def _secret_cache(self):

@@ -280,9 +280,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Busy("queue_limit %d reached" % app.settings.int("queue_limit"))
         rows = app.event_rows(integ, req, result)
         stored = app.store.add_events(integ.name, rows, limit=integ.queue_size)
-        fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "queued"]
+        fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
         for event_id, row in fresh:
-            app.pool.submit(event_id, integ.name, row.get("serial_key"))
+            if not row.get("done"):
+                app.pool.submit(event_id, integ.name, row.get("serial_key"))
         ids = [i for i, _ in stored]
         if fresh:
             app.log.info("202 %s stored event %s", integ.name, ",".join(str(i) for i, _ in fresh),
@@ -430,14 +431,22 @@ def public_event(row, full=False):
         out["duplicate_of"] = row.get("duplicate_of")
         out["headers"] = json.loads(row["headers"]) if row.get("headers") else {}
         out["content_type"] = row.get("content_type")
-        out["payload"] = json.loads(row["payload"]) if row.get("payload") else None
         body = row.get("body") or b""
+        out["payload"] = json.loads(row["payload"]) if row.get("payload") else _json_or_none(body)
         try:
             out["body"] = body.decode("utf-8")
         except UnicodeDecodeError:
             import base64
             out["body_base64"] = base64.b64encode(body).decode()
     return out
+
+
+def _json_or_none(body):
+    """The stored body as JSON when it is JSON (events whose payload is the body itself)."""
+    try:
+        return json.loads(body.decode("utf-8")) if body else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
 
 
 def stored_headers(headers, secrets):

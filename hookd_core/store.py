@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
 CREATE INDEX IF NOT EXISTS events_route ON events(route, status);
 """
 
+NOTHING_TO_DO = "stored; no work or action configured for this route"
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 
 
@@ -205,8 +206,9 @@ class Store:
 
     # -- event operations ---------------------------------------------------------------------------
     def add_events(self, route, rows, now=None, limit=None):
-        """Insert one request's events (dicts from ``event_row``) atomically; returns [(id, status)].
-        A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the original.
+        """Insert one request's events (dicts from ``event_row``) atomically; returns [(id, "new" or
+        "duplicate")]. A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the
+        original (whose id is returned). A row with ``done`` set is stored as done at once.
         ``limit``: refuse with Busy when the route already has that many events waiting; counted inside
         the transaction, so concurrent requests cannot both slip past it."""
         now = time.time() if now is None else now
@@ -225,7 +227,7 @@ class Store:
             result = self.write(fn)
         except sqlite3.OperationalError as e:  # disk full, read-only file, locked: storage, not input
             raise StoreError("database write failed: %s" % e)
-        fresh = sum(1 for _, status in result if status == "queued")
+        fresh = sum(1 for (_, status), r in zip(result, rows) if status == "new" and not r.get("done"))
         if fresh:
             with self._count_lock:
                 self._waiting[route] = self._waiting.get(route, 0) + fresh
@@ -333,12 +335,13 @@ def _insert(conn, route, row, now):
     body = row.get("body") or b""
     digest = hashlib.sha256(body).hexdigest()
     conn.execute("INSERT OR IGNORE INTO bodies(hash, data) VALUES (?, ?)", (digest, body))
+    done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
     cur = conn.execute(
         "INSERT INTO events(route, status, received_at, updated_at, dedupe_key, serial_key, headers,"
-        " content_type, body_hash, payload) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (route, now, now, key, row.get("serial_key"), row.get("headers"), row.get("content_type"),
-         digest, row.get("payload")))
-    return cur.lastrowid, "queued"
+        " content_type, body_hash, payload, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (route, "done" if done else "queued", now, now, key, row.get("serial_key"), row.get("headers"),
+         row.get("content_type"), digest, row.get("payload"), NOTHING_TO_DO if done else None))
+    return cur.lastrowid, "new"
 
 
 COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note",

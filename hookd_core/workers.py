@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 
-from .api import Fail, JobContext, Retry
+from .api import Fail, Integration, JobContext, Retry
 from .logs import EventLog
 
 
@@ -211,13 +211,12 @@ class Worker:
                         "actions": []}
         ctx.action_input, ctx.skip_actions = progress.get("input"), progress.get("skip")
         names = [] if ctx.skip_actions else [n for n in integ.actions() if n not in progress["actions"]]
-        if names:
-            app.store.save_progress(row["id"], progress)
-            from . import actions
-            for name in names:
-                actions.ACTIONS[name](ctx, integ)
-                progress["actions"].append(name)
+        from . import actions
+        for i, name in enumerate(names):
+            if i > 0 or type(integ).run is not Integration.run:  # remember what must not run twice
                 app.store.save_progress(row["id"], progress)
+            actions.ACTIONS[name](ctx, integ)
+            progress["actions"].append(name)
         return progress.get("note")
 
     def _retry(self, row, reason, after, log):

@@ -344,6 +344,20 @@ class LifecycleTest(unittest.TestCase):
         finally:
             d.stop()
 
+    def test_route_with_nothing_to_do_is_stored_done_and_never_claimed(self):
+        tmp = tempfile.mkdtemp(prefix="hookd-idle-")
+        d = Daemon("[hook:log]\nverify = token\nsecret = %s\n" % TOKEN, tmpdir=tmp).start()
+        try:
+            status, _, body = d.post("/hooks/log", b'{"only": "stored"}', auth())
+            self.assertEqual(status, 202)
+            self.assertEqual(json.loads(body)["status"], "queued")
+            event = d.event(json.loads(body)["id"])
+            self.assertEqual((event["status"], event["attempts"]), ("done", 0))
+            self.assertIn("no work", event["note"])
+            self.assertEqual(event["payload"], {"only": "stored"})
+        finally:
+            d.stop()
+
     def test_no_config_file_starts_with_everything_disabled(self):
         tmp = tempfile.mkdtemp(prefix="hookd-none-")
         d = Daemon("", tmpdir=tmp)

@@ -30,7 +30,7 @@ class StoreTest(unittest.TestCase):
 
     def test_add_claim_finish(self):
         [(eid, st)] = self.store.add_events("r", [row("k1")])
-        self.assertEqual(st, "queued")
+        self.assertEqual(st, "new")
         self.assertEqual(self.store.waiting("r"), 1)
         claimed = self.store.claim(eid)
         self.assertEqual(claimed["attempts"], 1)
@@ -47,7 +47,7 @@ class StoreTest(unittest.TestCase):
         rows = self.store.read(lambda c: list_events(c))
         self.assertEqual(sorted(r["status"] for r in rows), ["duplicate", "queued"])
         [(other, st)] = self.store.add_events("other-route", [row("same")])
-        self.assertEqual(st, "queued", "dedupe keys are per route")
+        self.assertEqual(st, "new", "dedupe keys are per route")
         self.assertEqual(self.store.waiting(), 2)
 
     def test_retry_then_due(self):
@@ -118,7 +118,7 @@ class StoreTest(unittest.TestCase):
         with self.assertRaises(sqlite3.OperationalError):
             self.store.write(bad)
         [(eid, st)] = self.store.add_events("r", [row()])
-        self.assertEqual(st, "queued")
+        self.assertEqual(st, "new")
 
     def test_a_body_shared_by_many_events_is_stored_once(self):
         body = b'{"events": ["%s"]}' % (b"x" * 5000)
@@ -163,7 +163,7 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store.waiting(), 0)
         self.store.write(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
         [(eid, st)] = self.store.add_events("r", [row(body=b"x" * 200000)])
-        self.assertEqual(st, "queued")
+        self.assertEqual(st, "new")
 
 
 if __name__ == "__main__":
