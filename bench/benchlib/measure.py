@@ -1,0 +1,216 @@
+"""The intake measurement: for each workload, start each target, drive it at 1/16/64 connections, 3 runs.
+
+Strategy: the ceiling runs first in every workload block so its rates size the other targets' pools
+(each run gets a fresh pool of distinct requests, 1.6x the rate it is expected to reach, and the Lua
+script reports any wrap-around). The server's CPU use during each run is recorded as a share of one
+core: a target near 100% is CPU-bound, one far below it is waiting on something. Each target process serves all runs of one workload, then is stopped;
+its peak RSS is read after every run. For hookd and every target that stores, each run is checked:
+stored events (read-only from its database) must equal the 2xx answers, give or take the requests
+still in flight when wrk stopped. For hookd the workers get up to DRAIN_LIMIT seconds to drain
+before the next run (what is left is reported as backlog, not hidden); after the block the CLI's
+``events --json`` count must equal the database count. Points with errors are flagged, never hidden.
+"""
+
+import os
+import shutil
+import statistics
+import time
+
+from . import hookdctl, pool, procs, wrkrun
+from .targets import TARGETS, WORKLOADS
+
+DRAIN_LIMIT = 3.0  # seconds the workers get to empty hookd's queue between runs (the backlog is reported)
+
+
+class Plan:
+    """What to run: durations, repeats, connection counts, filters, and a time budget."""
+
+    def __init__(self, seconds, runs, conns, targets, workloads, workdir, budget):
+        self.seconds, self.runs, self.conns = seconds, runs, conns
+        self.targets, self.workloads, self.workdir = targets, workloads, workdir
+        self.deadline = time.monotonic() + budget
+
+
+def intake(plan, log):
+    """All intake points, as a list of dicts (see ``_point``)."""
+    points = []
+    for workload in WORKLOADS:
+        if workload.name not in plan.workloads:
+            continue
+        ceiling = {}
+        for target in TARGETS:
+            if target.name in plan.targets and workload.name in target.workloads:
+                points += _target_block(plan, target, workload, ceiling, log)
+    return points
+
+
+def _target_block(plan, target, workload, ceiling, log):
+    workdir = os.path.join(plan.workdir, "%s-%s" % (target.name, workload.name))
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    if time.monotonic() > plan.deadline:
+        return [_skipped(target, workload, c) for c in plan.conns]
+    port = procs.free_port()
+    server = procs.Server(target.name, target.argv(port, workdir), port,
+                          os.path.join(workdir, "server.log"), env=_env(), cwd=workdir)
+    points = []
+    with server:
+        for conns in plan.conns:
+            point = _point(plan, target, workload, conns, server, workdir, ceiling, log)
+            if target.role == "ceiling" and point["runs"]:
+                ceiling[conns] = point["rps"]
+            points.append(point)
+        if target.role == "hookd":
+            _cli_check(points, workdir, log)
+    return points
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("HOOKD_CONFIG", "STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET"):
+        env.pop(name, None)
+    return env
+
+
+def _point(plan, target, workload, conns, server, workdir, ceiling, log):
+    point = {"target": target.name, "role": target.role, "workload": workload.name, "conns": conns,
+             "runs": [], "flags": []}
+    scheme, route, header = target.request_shape(workload)
+    base = ceiling.get(conns, 20000.0)
+    expect = max(base, 20000.0)  # a first run may beat the ceiling (a compiled peer does)
+    for r in range(plan.runs):
+        if time.monotonic() > plan.deadline:
+            point["flags"].append("time budget ran out after %d runs" % r)
+            break
+        if not server.alive():
+            point["flags"].append("server died")
+            break
+        run = _one_run(plan, target, workload, conns, server, workdir, (scheme, route, header), expect)
+        expect = _expect(target, base, point["runs"] + [run])
+        point["runs"].append(run)
+        log("  %-14s %-18s c=%-3d run %d: %8.0f req/s  p99 %7.1f ms  non2xx %d  sockerr %d%s"
+            % (target.name, workload.name, conns, r + 1, run["rps"], run["p99_us"] / 1000.0,
+               run["non2xx"], run["socket_errors"], _check_text(run)))
+    _summarise(point)
+    return point
+
+
+def _expect(target, base, runs):
+    """The rate the next run may reach, to size its pool (a wrap is reported, never hidden)."""
+    fastest = max(r["rps"] for r in runs)
+    if target.role == "ceiling":
+        return max(base, 1.3 * fastest)
+    return max(2.0 * fastest, 0.25 * base)
+
+
+def _one_run(plan, target, workload, conns, server, workdir, shape, expect):
+    scheme, route, header = shape
+    count = int(expect * 1.6 * plan.seconds) + 500
+    pool_path = os.path.join(workdir, "pool.txt")
+    pool.build(pool_path, scheme, count)
+    store = target.store_path(workdir)
+    before = hookdctl.count_db(workdir, store) if target.stores else None
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    run = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % server.port, conns, plan.seconds,
+                     pool_path, route, header)
+    run["cpu_share"] = (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    run["pool"] = count
+    if target.closes:
+        _close_delimited(run)
+    if target.stores:
+        _stored_check(run, workdir, store, before)
+    if target.role == "hookd":
+        _hookd_check(run, server, workdir)
+    run["rss_kb"] = server.peak_rss_kb()
+    os.unlink(pool_path)
+    return run
+
+
+def _close_delimited(run):
+    """wrk counts a read error for every response that ends by closing the connection (HTTP/1.0, no
+    Content-Length) although the response was complete; those are not errors of the target."""
+    artefacts = min(run["read"], run["responses"])
+    run["close_delimited"] = artefacts
+    run["socket_errors"] -= artefacts
+
+
+def _stored_check(run, workdir, store, before):
+    time.sleep(0.3)  # requests in flight when wrk stopped finish and commit
+    after = hookdctl.count_db(workdir, store)
+    run["stored"] = None if after is None or before is None else after - before
+    run["ok_2xx"] = run["responses"] - run["non2xx"]
+
+
+def _hookd_check(run, server, workdir):
+    run["oldest_queued_s"] = _oldest(server.port)
+    waited, left = hookdctl.wait_drained(server.port, workdir, DRAIN_LIMIT)
+    run["drain_s"], run["backlog_after_drain"], run["drain_limit"] = round(waited, 2), left, DRAIN_LIMIT
+
+
+def _oldest(port):
+    snap = hookdctl.metrics(port)
+    values = [v for _, v in snap.get("hookd_oldest_queued_seconds", [])]
+    return max(values) if values else None
+
+
+def _check_text(run):
+    if "stored" not in run:
+        return ""
+    return "  stored %s / 2xx %d" % (run["stored"], run["ok_2xx"])
+
+
+def _summarise(point):
+    runs = point["runs"]
+    if not runs:
+        point.update(rps=None, p50_us=None, p99_us=None, rss_kb=None, cpu_share=None)
+        point["flags"].append("no runs")
+        return
+    point["rps"] = statistics.median(r["rps"] for r in runs)
+    point["p50_us"] = statistics.median(r["p50_us"] for r in runs)
+    point["p99_us"] = statistics.median(r["p99_us"] for r in runs)
+    point["rss_kb"] = max(r["rss_kb"] for r in runs)
+    point["cpu_share"] = statistics.median(r["cpu_share"] for r in runs)
+    point["non2xx"] = sum(r["non2xx"] for r in runs)
+    point["socket_errors"] = sum(r["socket_errors"] for r in runs)
+    point["wraps"] = sum(r["wraps"] for r in runs)
+    _flag(point)
+
+
+def _flag(point):
+    flags = point["flags"]
+    if point["non2xx"]:
+        flags.append("%d non-2xx answers" % point["non2xx"])
+    if point["socket_errors"]:
+        flags.append("%d socket errors" % point["socket_errors"])
+    if any(r.get("close_delimited") for r in point["runs"]):
+        point["close_delimited"] = sum(r.get("close_delimited", 0) for r in point["runs"])
+    if point["wraps"]:
+        flags.append("request pool wrapped (duplicates sent)")
+    for i, run in enumerate(point["runs"]):
+        if "stored" in run:
+            _flag_stored(flags, i, run, point["conns"])
+
+
+def _flag_stored(flags, i, run, conns):
+    stored, ok = run["stored"], run["ok_2xx"]
+    if stored is None:
+        flags.append("run %d: stored count unavailable" % (i + 1))
+    elif not 0 <= stored - ok <= conns:
+        flags.append("run %d: stored %d events for %d 2xx answers" % (i + 1, stored, ok))
+
+
+def _cli_check(points, workdir, log):
+    config = os.path.join(workdir, "credentials.properties")
+    by_cli, by_db = hookdctl.count_cli(config), hookdctl.count_db(workdir)
+    log("  hookd events --json lists %s events; database has %s" % (by_cli, by_db))
+    for point in points:
+        point["cli_count"], point["db_count"] = by_cli, by_db
+    if by_cli is None or by_cli != by_db:
+        points[-1]["flags"].append("events --json lists %s events, database has %s" % (by_cli, by_db))
+
+
+def _skipped(target, workload, conns):
+    point = {"target": target.name, "role": target.role, "workload": workload.name, "conns": conns,
+             "runs": [], "flags": ["skipped: time budget ran out"]}
+    _summarise(point)
+    return point

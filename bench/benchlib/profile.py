@@ -1,0 +1,81 @@
+"""Where hookd's request path spends its time: py-spy samples of hookd under the 64-connection intake.
+
+Strategy: hookd is started with the bench configuration, wrk drives the Preservica Content-Length
+workload at 64 connections for one run length, and ``py-spy record --nonblocking --format raw`` (from
+the benchmark venv) samples every thread meanwhile; ``--gil`` keeps only the thread holding the GIL in
+each sample, which is the resource a CPU-bound Python server runs out of. The collapsed stacks are folded into self time per function
+and inclusive time per function (line numbers dropped), as shares of all samples; the top entries go
+into the results file.
+"""
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from . import pool, procs, wrkrun
+from .targets import HOOKD, WORKLOADS, hookd_config, venv_python
+
+_LINE = re.compile(r":\d+\)")
+
+
+def run(plan, log, top=25):
+    """{"self": [(share, func)], "inclusive": [...], "samples": n} or {"error": text}."""
+    spy = os.path.join(os.path.dirname(venv_python()), "py-spy")
+    if not os.path.exists(spy):
+        return {"error": "py-spy not in the bench venv (bench/run --profile installs it)"}
+    workdir = os.path.join(plan.workdir, "profile")
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    port = procs.free_port()
+    argv = [sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", hookd_config(workdir)]
+    with procs.Server("hookd", argv, port, os.path.join(workdir, "server.log"), cwd=workdir) as hookd:
+        raw = _record(spy, hookd, workdir, plan.seconds)
+    result = fold(raw, top)
+    log("  profile: %d samples; top self: %s" % (result.get("samples", 0), ", ".join(
+        "%.0f%% %s" % (s * 100, f) for s, f in result.get("self", [])[:5])))
+    return result
+
+
+def _record(spy, hookd, workdir, seconds):
+    out = os.path.join(workdir, "pyspy.txt")
+    workload = [w for w in WORKLOADS if w.name == "preservica-cl"][0]
+    pool_path = os.path.join(workdir, "pool.txt")
+    pool.build(pool_path, "preservica", 30000 * seconds)
+    rec = subprocess.Popen([spy, "record", "--pid", str(hookd.proc.pid), "--rate", "250", "--nonblocking", "--gil",
+                            "--duration", str(seconds), "--format", "raw", "--output", out],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.3)
+        wrkrun.run(workload.lua, "http://127.0.0.1:%d" % hookd.port, 64, seconds, pool_path,
+                   workload.route, workload.header)
+        rec.wait(seconds + 30)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+    return out
+
+
+def fold(path, top):
+    """Self and inclusive shares per function from a py-spy raw (collapsed stacks) file."""
+    if not os.path.exists(path):
+        return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+    own, incl, total = collections.Counter(), collections.Counter(), 0
+    for line in open(path, encoding="utf-8", errors="replace"):
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return {"error": "no samples"}
+    share = lambda c: [(v / total, f) for f, v in c.most_common(top)]  # noqa: E731
+    return {"samples": total, "self": share(own), "inclusive": share(incl)}
