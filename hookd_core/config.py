@@ -82,6 +82,7 @@ class Section:
 
     def __init__(self, name, values, keys):
         self.name, self._values, self._keys = name, dict(values), keys
+        self._cache = {}  # typed values; a Section never changes (a reload builds new ones)
 
     def get(self, key, default=None):
         if key in self._values:
@@ -93,11 +94,16 @@ class Section:
         return bool(self.get(key))
 
     def _typed(self, key, kind, conv):
+        cached = self._cache.get((key, kind))
+        if cached is not None:
+            return cached
         raw = self.get(key)
         try:
-            return conv(raw)
+            value = conv(raw)
         except (TypeError, ValueError):
             raise ConfigError("[%s] %s = %r is not %s" % (self.name, key, raw, kind))
+        self._cache[(key, kind)] = value
+        return value
 
     def int(self, key):
         return self._typed(key, "a whole number", int)

@@ -36,6 +36,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup(fmt="text", level=logging.INFO):
     """Point the ``hookd`` logger at stderr in ``fmt`` (text | json); returns the logger."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly fields
     log = logging.getLogger("hookd")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

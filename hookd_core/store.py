@@ -49,10 +49,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS bodies (
   hash TEXT PRIMARY KEY,
   data BLOB NOT NULL
-);
+) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
-CREATE INDEX IF NOT EXISTS events_route ON events(route, status);
 """
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
@@ -132,6 +131,8 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
+        if len(group) == 1:  # alone in its transaction: no savepoint needed to isolate it
+            return self._commit_one(group[0])
         for op in group:
             try:
                 conn.execute("SAVEPOINT op")
@@ -144,8 +145,27 @@ class Store:
                     conn.execute("RELEASE op")
                 except sqlite3.Error as e2:
                     return self._fail_all(group, e2)
+        self._finish_group(group)
+
+    def _commit_one(self, op):
+        """A group of one (light load): run it in the open transaction, then commit or roll back."""
+        conn = self._conn
         try:
-            conn.execute("COMMIT")
+            op.result = op.fn(conn)
+        except Exception as e:
+            op.error = e
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            op.done.set()
+            return
+        self._finish_group([op])
+
+    def _finish_group(self, group):
+        """COMMIT, then apply the waiting-count deltas and wake every caller of the group."""
+        try:
+            self._conn.execute("COMMIT")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
         self.groups += 1
