@@ -1,9 +1,10 @@
-"""The durable store: one sqlite file (WAL, synchronous=FULL), one writer thread, group commit.
+"""The durable store: one sqlite file (WAL, synchronous=FULL), one writer at a time, group commit.
 
 Strategy: sqlite is the source of truth and only this module touches it. Every write is a function
-``fn(conn)`` handed to the single writer thread, which takes everything that is waiting, runs each
-function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction, commits once (one fsync for
-the whole group) and only then wakes the callers. So N concurrent webhooks cost one fsync, not N, and a
+``fn(conn)``. The first caller to find nobody writing becomes the group's leader: it takes everything
+that is waiting, runs each function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction,
+commits once (one fsync for the whole group), wakes the callers of the group, and hands the lead to
+the next waiting caller (no separate writer thread, so a caller at light load pays no thread switch). So N concurrent webhooks cost one fsync, not N, and a
 caller that gets a result knows it is on disk. If the commit fails (disk full, read-only file) every
 caller of that group gets the error and nothing of the group is stored. Request bodies live once in
 ``bodies``, keyed by their sha256, so a delivery that becomes many events (Preservica's ``events[]``)
@@ -16,7 +17,6 @@ rows while the daemon runs).
 import hashlib
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -59,10 +59,17 @@ MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds 
 
 
 class _Op:
-    __slots__ = ("fn", "result", "error", "done", "delta")
+    __slots__ = ("fn", "result", "error", "done", "delta", "lead")
 
-    def __init__(self, fn):
-        self.fn, self.result, self.error, self.done, self.delta = fn, None, None, threading.Event(), None
+    def __init__(self, fn, delta):
+        self.fn, self.result, self.error, self.done, self.delta = fn, None, None, threading.Event(), delta
+        self.lead = False  # set when this op's thread is handed the leader's job
+
+
+def _outcome(op):
+    if op.error is not None:
+        raise op.error
+    return op.result
 
 
 class StoreError(Exception):
@@ -76,7 +83,9 @@ class Store:
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._local = threading.local()
-        self._q = queue.SimpleQueue()
+        self._pending = []           # operations waiting for the next group
+        self._plock = threading.Lock()
+        self._leading = False        # a thread is running a group right now
         self._waiting = {}
         self._count_lock = threading.Lock()
         self._closed = False
@@ -84,8 +93,6 @@ class Store:
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
         self._recount(self._conn)
-        self._thread = threading.Thread(target=self._writer, name="hookd-writer", daemon=True)
-        self._thread.start()
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -96,34 +103,45 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------
     def write(self, fn, delta=None):
-        """Run ``fn(conn)`` in the writer's transaction and return its result once committed.
-        ``delta`` = {route: n} is added to the waiting counts after the commit."""
+        """Run ``fn(conn)`` in a group transaction and return its result once committed.
+        ``delta`` = {route: n} is added to the waiting counts after the commit.
+
+        Group commit without a writer thread: the caller that finds nobody leading becomes the leader,
+        takes every pending operation (its own first), runs them in one transaction and commits once.
+        Callers arriving meanwhile queue up and sleep; when the group is done the leader hands the
+        lead to the first of them, which takes the next group. A leader never waits for others, and
+        no extra thread is woken per group."""
         if self._closed:
             raise StoreError("store is closed")
-        op = _Op(fn)
-        op.delta = delta
-        self._q.put(op)
-        op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
+        op = _Op(fn, delta)
+        with self._plock:
+            self._pending.append(op)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            op.done.wait()
+            if not op.lead:
+                return _outcome(op)
+        self._lead()
+        return _outcome(op)
 
-    def _writer(self):
-        while True:
-            op = self._q.get()
-            if op is None:
-                return
-            group = [op]
-            while len(group) < MAX_GROUP:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                group.append(nxt)
+    def _lead(self):
+        with self._plock:
+            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+        try:
             self._commit_group(group)
+        finally:
+            self._hand_over()
+
+    def _hand_over(self):
+        """Give the lead to the first waiting operation, or mark that nobody leads."""
+        with self._plock:
+            nxt = self._pending[0] if self._pending else None
+            if nxt is None:
+                self._leading = False
+        if nxt is not None:
+            nxt.lead = True
+            nxt.done.set()
 
     def _commit_group(self, group):
         conn = self._conn
@@ -217,11 +235,16 @@ class Store:
             self._waiting = dict(rows)
 
     def close(self):
+        """No new writes; wait (up to 10 s) for a running group, then close the connection."""
         if self._closed:
             return
         self._closed = True
-        self._q.put(None)
-        self._thread.join(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._plock:
+                if not self._leading:
+                    break
+            time.sleep(0.01)
         self._conn.close()
 
     # -- event operations ---------------------------------------------------------------------------
