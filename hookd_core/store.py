@@ -3,15 +3,14 @@
 Strategy: sqlite is the source of truth and only this module touches it. Every write is a function
 ``fn(conn)``. The first caller to find nobody writing becomes the group's leader: it takes everything
 that is waiting, runs each function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction,
-commits once (one fsync for the whole group), wakes the callers of the group, and hands the lead to
-the next waiting caller (no separate writer thread, so a caller at light load pays no thread switch). So N concurrent webhooks cost one fsync, not N, and a
-caller that gets a result knows it is on disk. If the commit fails (disk full, read-only file) every
-caller of that group gets the error and nothing of the group is stored. Request bodies live once in
-``bodies``, keyed by their sha256, so a delivery that becomes many events (Preservica's ``events[]``)
-or arrives many times is stored once. Reads use a connection per
-thread (WAL readers do not block the writer). Counts of waiting events per route live in memory,
-changed by the writer after each commit and re-read from the table now and then (the CLI may change
-rows while the daemon runs).
+commits once (one fsync for the whole group), wakes the group's callers and hands the lead to the next
+waiting caller. So N concurrent webhooks cost one fsync, not N; a caller at light load pays no thread
+switch; and a caller that gets a result knows it is on disk. If the commit fails (disk full, read-only
+file) every caller of that group gets the error and nothing of the group is stored. Request bodies live
+once in ``bodies``, keyed by their sha256, so a delivery that becomes many events (Preservica's
+``events[]``) or arrives many times is stored once. Reads use a connection per thread (WAL readers do
+not block the writer). Counts of waiting events per route live in memory, changed after each commit
+and re-read from the table now and then (the CLI may change rows while the daemon runs).
 """
 
 import hashlib
