@@ -7,7 +7,7 @@ Secrets never reach this module: callers log reasons, routes and ids, never head
 
 import json
 import logging
-import sys
+import os
 import time
 
 
@@ -34,11 +34,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class LineHandler(logging.Handler):
+    """Writes each formatted line to file descriptor 2 with one ``os.write`` and no lock: a line
+    (well under PIPE_BUF) is written whole, so request threads never queue behind each other's logging."""
+
+    def createLock(self):
+        self.lock = None
+
+    def emit(self, record):
+        try:
+            os.write(2, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:
+            self.handleError(record)
+
+
 def setup(fmt="text", level=logging.INFO):
     """Point the ``hookd`` logger at stderr in ``fmt`` (text | json); returns the logger."""
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly fields
     log = logging.getLogger("hookd")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
