@@ -230,6 +230,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Answer 100 Continue only for a route that exists and a size that fits."""
         path = urllib.parse.urlsplit(self.path).path
         integ = self.server.app.route_for(path)
+        if header_problem(self.headers):
+            return True  # no 100; handle_one_request refuses the head next
         if self.command != "POST" or integ is None:
             self._reject(NotFound("no route for %s" % path), close=True)
             return False
