@@ -70,6 +70,19 @@ def peer_versions():
         return "venv missing"
 
 
+def hookd_commit():
+    """The commit measured, with "+changes" when hookd's code differs from it in the working tree."""
+    root = os.path.dirname(BENCH)
+    try:
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "hookd.py", "hookd_core",
+                                "handlers"], stdout=subprocess.PIPE, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head[:90] + (" (+uncommitted changes)" if dirty else "")) or "unknown"
+
+
 def ixon(log):
     path = os.path.join(BENCH, "ixon_bench.py")
     if not os.path.exists(path):
@@ -93,20 +106,22 @@ def main(argv=None):
                         available(args.targets.split(","), log), args.workloads.split(","),
                         workdir, args.budget)
     doc = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": report.machine(),
-           "peer_versions": peer_versions(),
+           "peer_versions": peer_versions(), "hookd_commit": hookd_commit(),
            "settings": {"seconds": args.seconds, "runs": args.runs, "conns": args.conns,
                         "quick": args.quick, "pinning": "taskset" if shutil.which("taskset") else "none",
                         "targets": plan.targets}}
     doc["points"] = measure.intake(plan, log)
     report.add_ratios(doc["points"])
     if "hookd" in plan.targets and not args.no_processing:
-        doc["processing"] = processing.run(plan, 5.0 if args.quick else 12.0, log)
+        doc["processing"] = processing.run(plan, 5.0 if args.quick else 8.0, log)
     if args.profile and "hookd" in plan.targets:
         doc["profile"] = profile.run(plan, log)
     if args.ixon:
         doc["ixon"] = ixon(log)
     doc["verdicts"] = report.verdicts(doc["points"])
     doc["elapsed_s"] = time.monotonic() - start
+    if hookd_commit() != doc["hookd_commit"]:
+        doc["hookd_commit"] += " — CHANGED during the run to: %s; rerun before quoting" % hookd_commit()
     doc["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     md, js = report.write(doc, os.path.join(BENCH, "results"), args.out)
     for text, met, detail in doc["verdicts"]:

@@ -5,7 +5,8 @@ workload at 64 connections for one run length, and ``py-spy record --nonblocking
 the benchmark venv) samples every thread meanwhile; ``--gil`` keeps only the thread holding the GIL in
 each sample, which is the resource a CPU-bound Python server runs out of. The collapsed stacks are folded into self time per function
 and inclusive time per function (line numbers dropped), as shares of all samples; the top entries go
-into the results file.
+into the results file, with hookd's CPU use during the profiled run (a share of one core far below
+100% means hookd is waiting, not computing, and the profile then shows only the smaller part).
 """
 
 import collections
@@ -33,8 +34,11 @@ def run(plan, log, top=25):
     port = procs.free_port()
     argv = [sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", hookd_config(workdir)]
     with procs.Server("hookd", argv, port, os.path.join(workdir, "server.log"), cwd=workdir) as hookd:
-        raw = _record(spy, hookd, workdir, plan.seconds)
+        cpu0, t0 = hookd.cpu_seconds(), time.monotonic()
+        raw, rps = _record(spy, hookd, workdir, plan.seconds)
+        cpu_share = (hookd.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     result = fold(raw, top)
+    result.update(cpu_share=cpu_share, rps=rps)
     log("  profile: %d samples; top self: %s" % (result.get("samples", 0), ", ".join(
         "%.0f%% %s" % (s * 100, f) for s, f in result.get("self", [])[:5])))
     return result
@@ -45,19 +49,19 @@ def _record(spy, hookd, workdir, seconds):
     workload = [w for w in WORKLOADS if w.name == "preservica-cl"][0]
     pool_path = os.path.join(workdir, "pool.txt")
     pool.build(pool_path, "preservica", 30000 * seconds)
-    rec = subprocess.Popen([spy, "record", "--pid", str(hookd.proc.pid), "--rate", "250", "--nonblocking", "--gil",
-                            "--duration", str(seconds), "--format", "raw", "--output", out],
+    rec = subprocess.Popen([spy, "record", "--pid", str(hookd.proc.pid), "--rate", "250", "--nonblocking",
+                            "--gil", "--duration", str(seconds), "--format", "raw", "--output", out],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(0.3)
-        wrkrun.run(workload.lua, "http://127.0.0.1:%d" % hookd.port, 64, seconds, pool_path,
-                   workload.route, workload.header)
+        res = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % hookd.port, 64, seconds, pool_path,
+                         workload.route, workload.header)
         rec.wait(seconds + 30)
     finally:
         if rec.poll() is None:
             rec.kill()
             rec.wait()
-    return out
+    return out, res["rps"]
 
 
 def fold(path, top):

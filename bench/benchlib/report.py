@@ -158,6 +158,7 @@ def _machine_md(doc):
             "- CPU: %s, %s cores; memory %s; %s" % (m["cpu_model"], m["cpus"], m["mem_total"], m["platform"]),
             "- Python %s, sqlite %s, %s, %s; peers: %s" % (m["python"], m["sqlite"], m["wrk"], m["webhook"],
                                                           doc.get("peer_versions", "n/a")),
+            "- hookd measured at commit: %s" % doc.get("hookd_commit", "unknown"),
             "- load average at start %s, at end %s (the machine is shared: read ratios, not absolute numbers)"
             % (" ".join(m["loadavg"]), " ".join(doc.get("loadavg_end", []))),
             "- %d s per run, %d runs per point (median reported), connections %s; wrk -t1; server pinned to"
@@ -249,7 +250,9 @@ def profile_md(prof):
     out = ["## Profile of hookd's request path (py-spy, Preservica CL intake at 64 connections)", ""]
     if "error" in prof:
         return out + ["Not taken: %s" % prof["error"], ""]
-    out += ["%d samples of threads holding the GIL; shares of all samples." % prof["samples"], "",
+    out += ["%d samples of the thread holding the GIL (py-spy --gil); shares of all samples. hookd served"
+            " %.0f req/s and used %.0f%% of its core meanwhile." % (prof["samples"], prof.get("rps", 0),
+                                                                   prof.get("cpu_share", 0) * 100), "",
             "| self | function | | inclusive | function |", "|---|---|---|---|---|"]
     for (s, f), (i, g) in zip(prof["self"], prof["inclusive"]):
         out.append("| %.1f%% | `%s` | | %.1f%% | `%s` |" % (s * 100, f, i * 100, g))
