@@ -89,9 +89,39 @@ class NewEvent:
         self.serial_key = serial_key
 
 
+class Headers:
+    """Request headers, indexed once: case-insensitive ``get`` (first value) and ``get_all``, and
+    ``items()`` in arrival order. Built from the stdlib's parsed head (``raw_items``), so a lookup is
+    a dict access rather than a walk over every header."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items):
+        self._items = list(items)
+        self._index = {}
+        for name, value in self._items:
+            self._index.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    __getitem__ = get
+
+    def get_all(self, name, failobj=None):
+        values = self._index.get(name.lower())
+        return list(values) if values else failobj
+
+    def items(self):
+        return list(self._items)
+
+    def __contains__(self, name):
+        return name.lower() in self._index
+
+
 class Request:
-    """What ``accept`` and ``get`` see. ``headers`` is an ``email.message.Message`` (case-insensitive
-    ``get``); ``query`` maps each name to a list of values; ``body`` is the exact bytes received."""
+    """What ``accept`` and ``get`` see. ``headers`` is a ``Headers`` (case-insensitive ``get``,
+    ``get_all``, ``items``); ``query`` maps each name to a list of values; ``body`` is the exact bytes received."""
 
     def __init__(self, method, path, query, headers, body, client):
         self.method, self.path, self.query = method, path, query

@@ -51,6 +51,7 @@ class LineHandler(logging.Handler):
 def setup(fmt="text", level=logging.INFO):
     """Point the ``hookd`` logger at stderr in ``fmt`` (text | json); returns the logger."""
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # unused, costly fields
+    logging._srcfile = None  # no caller lookup (a stack walk per line); documented in logging's source
     log = logging.getLogger("hookd")
     handler = LineHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
