@@ -88,7 +88,9 @@ def ixon(log):
     if not os.path.exists(path):
         log("bench/ixon_bench.py not present: IXON benchmark skipped")
         return None
-    proc = subprocess.run([sys.executable, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    out = os.path.join(BENCH, ".work", "ixon.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    proc = subprocess.run([sys.executable, path, out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=180, check=False)
     return {"exit": proc.returncode, "output": proc.stdout.decode("utf-8", "replace")[-4000:]}
 
