@@ -309,7 +309,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.log.info("202 %s stored event %s", integ.name, ",".join(str(i) for i, _ in fresh),
                          extra={"event": fresh[0][0]})
             app.metrics.request(integ.name, 202)
-            return self._reply(202, {"id": ids[0], "ids": ids, "status": "queued"})
+            return self._send(202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (
+                ids[0], ", ".join(str(i) for i in ids).encode()), "application/json")
         app.log.info("200 %s duplicate of event %s", integ.name, ids[0] if ids else "-")
         app.metrics.request(integ.name, 200)
         return self._reply(200, {"id": ids[0] if ids else None, "ids": ids, "status": "duplicate"})

@@ -58,11 +58,25 @@ MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds 
 
 
 class _Op:
-    __slots__ = ("fn", "result", "error", "done", "delta", "lead")
+    """One write waiting for its group. ``wait``/``wake`` are a bare lock used as a one-shot gate
+    (cheaper than a threading.Event, which builds a Condition per wait); only the leader wakes."""
+
+    __slots__ = ("fn", "result", "error", "delta", "lead", "_gate", "_open")
 
     def __init__(self, fn, delta):
-        self.fn, self.result, self.error, self.done, self.delta = fn, None, None, threading.Event(), delta
+        self.fn, self.result, self.error, self.delta = fn, None, None, delta
         self.lead = False  # set when this op's thread is handed the leader's job
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._open = False
+
+    def wait(self):
+        self._gate.acquire()
+
+    def wake(self):
+        if not self._open:
+            self._open = True
+            self._gate.release()
 
 
 def _outcome(op):
@@ -118,7 +132,7 @@ class Store:
             lead = not self._leading
             self._leading = True
         if not lead:
-            op.done.wait()
+            op.wait()
             if not op.lead:
                 return _outcome(op)
         self._lead()
@@ -140,7 +154,7 @@ class Store:
                 self._leading = False
         if nxt is not None:
             nxt.lead = True
-            nxt.done.set()
+            nxt.wake()
 
     def _commit_group(self, group):
         conn = self._conn
@@ -175,7 +189,7 @@ class Store:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            op.done.set()
+            op.wake()
             return
         self._finish_group([op])
 
@@ -192,7 +206,7 @@ class Store:
                     for route, n in op.delta.items():
                         self._waiting[route] = self._waiting.get(route, 0) + n
         for op in group:
-            op.done.set()
+            op.wake()
 
     def _fail_all(self, group, exc):
         """The transaction could not commit: nothing of the group is stored, every caller hears why."""
@@ -204,7 +218,7 @@ class Store:
         err = StoreError("database write failed: %s" % exc)
         for op in group:
             op.error, op.result = err, None
-            op.done.set()
+            op.wake()
 
     # -- reading ------------------------------------------------------------------------------------
     def read(self, fn):
