@@ -13,8 +13,8 @@ nothing and the generic actions (command, forward, teams) do the work.
 import json
 import re
 
-from hookd_core import actions, verify
-from hookd_core.api import Integration, NewEvent, Response, dedupe_key
+from hookd_core import verify
+from hookd_core.api import Integration, NewEvent, Response, dedupe_key, json_or_none
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the NAME is a URL path segment
 CONDITION_RE = re.compile(r"^\s*(json|header):([^\s=!]+)\s*(==|!=)\s*(.*?)\s*$")
@@ -56,14 +56,6 @@ def parse_filter(text):
     return conditions
 
 
-def parse_json(body):
-    """The body as JSON, or None when it is not JSON (it is still stored and given to the command)."""
-    try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' nested 100000 deep
-        return None
-
-
 class Handler(Integration):
     SECTION = "hook:"
     KEYS = {
@@ -101,7 +93,7 @@ class Handler(Integration):
     def accept(self, req):
         verify.verify(self.conf, req.headers, req.body)
         if self.conditions:  # parse only when a filter needs it; the worker parses the stored body
-            payload = parse_json(req.body)
+            payload = json_or_none(req.body)
             if not all(c.holds(payload, req.headers) for c in self.conditions):
                 return Response(200, {"status": "ignored", "reason": "filter did not match"})
         return [NewEvent(payload=None, dedupe_key=self.dedupe(req))]

@@ -16,6 +16,17 @@ import json
 REQUIRED = object()  # KEYS default meaning "this key must be set"
 
 
+def json_or_none(body):
+    """``body`` (bytes) parsed as JSON, or None when it is empty or not JSON (bad UTF-8, bad syntax, or
+    nesting so deep that the parser gives up with RecursionError)."""
+    if not body:
+        return None
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 # -- errors that carry their HTTP status (h11's error_status_hint) -------------------------------------
 
 class Reject(Exception):
@@ -253,10 +264,7 @@ def dedupe_key(rule, req):
         value = req.headers.get(rule[7:].strip())
         return "h:" + value.strip() if value else None
     if rule.startswith("json:"):
-        try:
-            value = json.loads(req.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return None
+        value = json_or_none(req.body)
         for part in rule[5:].strip().split("."):
             if not isinstance(value, dict) or part not in value:
                 return None

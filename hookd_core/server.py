@@ -20,7 +20,7 @@ import time
 import urllib.parse
 
 from . import framing
-from .api import Busy, Headers, NotFound, Reject, Request, Response
+from .api import Busy, Headers, NotFound, Reject, Request, Response, json_or_none
 from .store import StoreError, list_events, row_dict
 from .workers import iso
 
@@ -464,21 +464,13 @@ def public_event(row, full=False):
         out["headers"] = json.loads(row["headers"]) if row.get("headers") else {}
         out["content_type"] = row.get("content_type")
         body = row.get("body") or b""
-        out["payload"] = json.loads(row["payload"]) if row.get("payload") else _json_or_none(body)
+        out["payload"] = json.loads(row["payload"]) if row.get("payload") else json_or_none(body)
         try:
             out["body"] = body.decode("utf-8")
         except UnicodeDecodeError:
             import base64
             out["body_base64"] = base64.b64encode(body).decode()
     return out
-
-
-def _json_or_none(body):
-    """The stored body as JSON when it is JSON (events whose payload is the body itself)."""
-    try:
-        return json.loads(body.decode("utf-8")) if body else None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
 
 
 def stored_headers(headers, secrets):

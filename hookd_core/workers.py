@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 
-from .api import Fail, Integration, JobContext, Retry
+from .api import Fail, Integration, JobContext, Retry, json_or_none
 from .logs import EventLog
 
 
@@ -250,13 +250,7 @@ def backoff(attempts, base, cap):
 def make_context(app, integ, row, log):
     headers = json.loads(row["headers"]) if row["headers"] else {}
     body = row.get("body") or b""
-    if row["payload"] is not None:
-        payload = json.loads(row["payload"])
-    else:
-        try:
-            payload = json.loads(body.decode("utf-8")) if body else None
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            payload = None
+    payload = json.loads(row["payload"]) if row["payload"] is not None else json_or_none(body)
     return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
                       headers=headers, content_type=row["content_type"],
                       received_at=iso(row["received_at"]), conf=integ.conf, app=app,
