@@ -28,7 +28,7 @@ import time
 
 from hookd_core import http
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, NotFound,
-                            Reject, Response)
+                            Reject, Response, Retry)
 
 ROUTE = "/zencoder/notifications"
 JOB_PATH = re.compile(r"^/zencoder/jobs/([^/]+)$")
@@ -367,18 +367,14 @@ def post_job(conf, body):
             problem = str(e)
             continue
         if reply.status in (200, 201):
-            return reply_json(reply)
+            try:
+                return reply.json()
+            except Retry as e:  # 2xx with a body that is not JSON
+                raise SubmitError("Zencoder answered %s" % e)
         problem = "Zencoder answered %d: %s" % (reply.status, zencoder_errors(reply))
         if reply.status < 500 and reply.status != 403:
             raise SubmitError(problem)
     raise SubmitError("%s (gave up after %d attempts)" % (problem, attempts))
-
-
-def reply_json(reply):
-    try:
-        return json.loads(reply.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise SubmitError("Zencoder answered %d with a body that is not JSON" % reply.status)
 
 
 def check_submit_conf(conf):

@@ -56,6 +56,15 @@ def hook_config(tmp, extra_hookd="", command=None, section_extra=""):
             % (extra_hookd, TOKEN, cmd, section_extra)), out
 
 
+def slow_daemon(prefix, extra_hookd=""):
+    """A daemon whose [hook:t] command takes 1.5 s; returns (daemon, the command's output file)."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    out = os.path.join(tmp, "slow.txt")
+    cmd = "%s %s %s 1.5" % (sys.executable, script(tmp, "slow.py", SLOW), out)
+    text, _ = hook_config(tmp, extra_hookd, command=cmd)
+    return Daemon(text.replace("workers = 2\n", "") if "workers" in extra_hookd else text, tmpdir=tmp), out
+
+
 def auth():
     return {"Authorization": "Bearer " + TOKEN, "Content-Type": "application/json"}
 
@@ -227,11 +236,8 @@ class StatusTableTest(unittest.TestCase):
 
 class QueueLimitTest(unittest.TestCase):
     def test_503_when_queue_limit_reached_and_recovers(self):
-        tmp = tempfile.mkdtemp(prefix="hookd-ql-")
-        out = os.path.join(tmp, "slow.txt")
-        cmd = "%s %s %s 1.5" % (sys.executable, script(tmp, "slow.py", SLOW), out)
-        text, _ = hook_config(tmp, "queue_limit = 2\nworkers = 1\n", command=cmd)
-        d = Daemon(text.replace("workers = 2\n", ""), tmpdir=tmp).start()
+        d, out = slow_daemon("hookd-ql-", "queue_limit = 2\nworkers = 1\n")
+        d.start()
         try:
             codes = [d.post("/hooks/t", b'{"q": %d}' % i, auth()) for i in range(3)]
             self.assertEqual([c[0] for c in codes[:2]], [202, 202])
@@ -315,11 +321,8 @@ class CrashTest(unittest.TestCase):
 
 class LifecycleTest(unittest.TestCase):
     def test_sigterm_lets_a_running_job_finish_and_exits_0(self):
-        tmp = tempfile.mkdtemp(prefix="hookd-term-")
-        out = os.path.join(tmp, "slow.txt")
-        cmd = "%s %s %s 1.5" % (sys.executable, script(tmp, "slow.py", SLOW), out)
-        text, _ = hook_config(tmp, command=cmd)
-        d = Daemon(text, tmpdir=tmp).start()
+        d, out = slow_daemon("hookd-term-")
+        d.start()
         eid = json.loads(d.post("/hooks/t", b'{"t": 1}', auth())[2])["id"]
         wait_until(lambda: os.path.exists(out + ".started"), 10, message="job started")
         self.assertEqual(d.stop(signal.SIGTERM), 0)
