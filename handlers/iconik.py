@@ -169,6 +169,7 @@ class Handler(Integration):
     }
     SECRET_KEYS = ("auth_token", "secret.key")
     SCHEMA = SCHEMA
+    RUNS_REMOTELY = False  # run() moves the per-asset analysis state kept in this hookd's store
     max_parallel = 2  # a burst of ingests must not turn into a burst of API calls, nor take every worker
     job_timeout = 4 * API_TIMEOUT  # at most two calls (check + submit) per job
 

@@ -434,6 +434,7 @@ class Handler(Integration):
     }
     SECRET_KEYS = ("api_key", "notification.secret", "notification.url")
     SCHEMA = SCHEMA
+    RUNS_REMOTELY = False  # run() updates the encoding jobs kept in this hookd's store
     COMMANDS = {"zencoder-submit": submit}
     route = ROUTE
 

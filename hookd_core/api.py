@@ -173,6 +173,8 @@ class Integration:
       queue_size   at most this many of this section's events waiting (queued, retrying or running); more
                    -> 503 + Retry-After, checked by the core inside the insert transaction (None: no limit)
       job_timeout  seconds a job may run before the watchdog calls the worker stuck
+      RUNS_REMOTELY  False when ``run`` keeps state in the store (correlation tables): its jobs then
+                   cannot be leased to a remote worker (``remote = true`` is refused)
     ``self.conf`` is a ``config.Section``: ``get``, ``int``, ``float``, ``bool``, ``list`` with defaults
     applied and ``env:``/``file:``/``cred:`` already resolved.
     """
@@ -185,6 +187,7 @@ class Integration:
     max_parallel = None
     queue_size = None
     job_timeout = 600
+    RUNS_REMOTELY = True
     route = None  # the POST path; override match() for patterns
 
     def __init__(self, name, conf, app):

@@ -93,6 +93,9 @@ class App:
             integ = cls(name, conf, self)
             try:
                 problems.extend("[%s] %s" % (name, p) for p in actions.check(conf))
+                if conf.bool("remote") and not cls.RUNS_REMOTELY:
+                    problems.append("[%s] remote = true is not possible: its jobs keep their state in this"
+                                    " hookd's store" % name)
                 problems.extend(integ.check())
             except config_mod.ConfigError as e:
                 problems.append(str(e))

@@ -41,6 +41,7 @@ ACTION_KEYS = {
     "teams.format": "adaptive",
     "dedupe": "",
     "filter": "",
+    "remote": "false",
 }
 
 

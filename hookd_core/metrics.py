@@ -7,6 +7,8 @@ computed when ``/metrics`` is scraped, from the events table, so the numbers can
 import threading
 import time
 
+from .store import held_leases, list_workers
+
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, float("inf"))
 
 
@@ -18,6 +20,7 @@ class Metrics:
         self.job_buckets = [0] * len(BUCKETS)
         self.job_sum = 0.0
         self.job_count = 0
+        self.leases_expired = {}  # route -> n
 
     def request(self, route, code):
         with self._lock:
@@ -34,14 +37,23 @@ class Metrics:
                 if seconds <= bound:
                     self.job_buckets[i] += 1
 
+    def lease_expired(self, route):
+        with self._lock:
+            self.leases_expired[route] = self.leases_expired.get(route, 0) + 1
+
     def render(self, store):
         """The whole exposition text."""
         rows = store.read(lambda c: c.execute("SELECT route, status, count(*) FROM events GROUP BY route, status")
                           .fetchall())
         oldest = store.read(lambda c: c.execute(
             "SELECT min(received_at) FROM events WHERE status IN ('queued','retry')").fetchone()[0])
+        held = store.read(held_leases)
+        workers = store.read(list_workers)
         out = []
         with self._lock:
+            out.append("# TYPE hookd_lease_expired_total counter")
+            for route, n in sorted(self.leases_expired.items()):
+                out.append('hookd_lease_expired_total{route="%s"} %d' % (_esc(route), n))
             out.append("# TYPE hookd_requests_total counter")
             for (route, code), n in sorted(self.requests.items()):
                 out.append('hookd_requests_total{route="%s",code="%d"} %d' % (_esc(route), code, n))
@@ -63,6 +75,12 @@ class Metrics:
         out.append("# TYPE hookd_queue_depth gauge")
         for status, n in depth.items():
             out.append('hookd_queue_depth{status="%s"} %d' % (status, n))
+        out.append("# TYPE hookd_leases gauge")
+        for route, n in sorted(held.items()):
+            out.append('hookd_leases{route="%s"} %d' % (_esc(route), n))
+        out.append("# TYPE hookd_worker_last_seen_seconds gauge")  # Unix time of its last lease call
+        for w in workers:
+            out.append('hookd_worker_last_seen_seconds{worker="%s"} %.3f' % (_esc(w["worker"]), w["last_seen"]))
         out.append("# TYPE hookd_oldest_queued_seconds gauge")
         out.append("hookd_oldest_queued_seconds %f" % (max(0.0, time.time() - oldest) if oldest else 0.0))
         return "\n".join(out) + "\n"

@@ -16,6 +16,7 @@ and re-read from the table now and then (the CLI may change rows while the daemo
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -51,6 +52,25 @@ CREATE TABLE IF NOT EXISTS bodies (
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
+CREATE TABLE IF NOT EXISTS leases (
+  lease_id TEXT PRIMARY KEY,
+  event_id INTEGER NOT NULL,
+  route TEXT NOT NULL,
+  worker TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  leased_at REAL NOT NULL,
+  lease_until REAL NOT NULL,
+  ended TEXT,
+  ended_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS leases_held ON leases(lease_until) WHERE ended IS NULL;
+CREATE INDEX IF NOT EXISTS leases_event ON leases(event_id);
+CREATE TABLE IF NOT EXISTS lease_workers (
+  worker TEXT PRIMARY KEY,
+  last_seen REAL NOT NULL,
+  address TEXT,
+  routes TEXT
+) WITHOUT ROWID;
 """
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
@@ -290,12 +310,14 @@ class Store:
         return result
 
     def claim(self, event_id, now=None):
-        """queued/retry -> running, attempts + 1; returns the row as a dict, or None if not claimable."""
+        """queued/retry -> running, attempts + 1; returns the row as a dict, or None if not claimable
+        (already claimed, or another event with its serial key is running: a remote worker holds it)."""
         now = time.time() if now is None else now
 
         def fn(conn):
             cur = conn.execute("UPDATE events SET status='running', attempts=attempts+1, updated_at=?"
-                               " WHERE id=? AND status IN ('queued','retry')", (now, event_id))
+                               " WHERE id=? AND status IN ('queued','retry') AND " + _KEY_FREE,
+                               (now, event_id))
             if cur.rowcount != 1:
                 return None
             return row_dict(conn, event_id, with_body=True)
@@ -317,9 +339,11 @@ class Store:
                                              (json.dumps(progress), event_id)))
 
     def requeue_running(self):
-        """After a crash: events left 'running' go back to the queue. Returns how many."""
+        """After a crash: events left 'running' by local workers go back to the queue; those a remote
+        worker holds a lease on stay running until it reports or the lease expires. Returns how many."""
         return self.write(lambda conn: conn.execute(
-            "UPDATE events SET status='queued', next_at=0 WHERE status='running'").rowcount)
+            "UPDATE events SET status='queued', next_at=0 WHERE status='running' AND id NOT IN"
+            " (SELECT event_id FROM leases WHERE ended IS NULL)").rowcount)
 
     def due(self, now, limit=1000):
         """(id, route, serial_key) of events whose time has come."""
@@ -373,8 +397,176 @@ class Store:
                              (cutoff,)).rowcount
             conn.execute("DELETE FROM bodies WHERE hash NOT IN"
                          " (SELECT body_hash FROM events WHERE body_hash IS NOT NULL)")
+            conn.execute("DELETE FROM leases WHERE ended IS NOT NULL AND event_id NOT IN (SELECT id FROM events)")
+            conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,))
             return n
         return self.write(fn)
+
+
+    # -- leases (remote workers, SPEC §10) -----------------------------------------------------------
+    def lease(self, routes, max_jobs, seconds, worker, address=None, now=None):
+        """Lease up to ``max_jobs`` due events of ``routes`` to ``worker`` for ``seconds``: each becomes
+        running (attempts + 1) with a new lease row, in one transaction. An event whose serial key is
+        running anywhere (a local worker, another lease) is skipped, and so is a second event with the
+        same key in one answer. Returns [(lease dict, event row dict with body)], oldest due first."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            _seen(conn, worker, address, routes, now)
+            due = []
+            for route in routes:
+                due += conn.execute(
+                    "SELECT next_at, id, serial_key FROM events WHERE status IN ('queued','retry')"
+                    " AND next_at <= ? AND route=? ORDER BY next_at, id LIMIT ?",
+                    (now, route, max_jobs * 8 + 32)).fetchall()
+            busy = {r[0] for r in conn.execute(
+                "SELECT serial_key FROM events WHERE status='running' AND serial_key IS NOT NULL")}
+            out = []
+            for _, event_id, key in sorted(due):
+                if len(out) >= max_jobs:
+                    break
+                if key is not None and key in busy:
+                    continue
+                conn.execute("UPDATE events SET status='running', attempts=attempts+1, updated_at=? WHERE id=?",
+                             (now, event_id))
+                row = row_dict(conn, event_id, with_body=True)
+                lease = {"lease_id": secrets.token_hex(16), "event_id": event_id, "route": row["route"],
+                         "worker": worker, "attempt": row["attempts"], "leased_at": now,
+                         "lease_until": now + seconds, "ended": None}
+                conn.execute("INSERT INTO leases(lease_id, event_id, route, worker, attempt, leased_at,"
+                             " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             tuple(lease[c] for c in LEASE_COLUMNS[:7]))
+                if key is not None:
+                    busy.add(key)
+                out.append((lease, row))
+            return out
+        return self.write(fn)
+
+    def extend_lease(self, lease_id, seconds, progress=None, now=None):
+        """Push a held lease's end to now + ``seconds`` (and save ``progress`` if given). Returns
+        (outcome, lease dict or None): outcome "ok", or "unknown", "ended" or "expired" (a 409)."""
+        now = time.time() if now is None else now
+
+        def fn(conn):
+            lease = _lease(conn, lease_id)
+            why = _stale(lease, now)
+            if why:
+                return why, lease
+            conn.execute("UPDATE leases SET lease_until=? WHERE lease_id=?", (now + seconds, lease_id))
+            if progress is not None:
+                conn.execute("UPDATE events SET progress=? WHERE id=?", (json.dumps(progress), lease["event_id"]))
+            _seen(conn, lease["worker"], None, None, now)
+            lease["lease_until"] = now + seconds
+            return "ok", lease
+        return self.write(fn)
+
+    def end_lease(self, lease_id, verb, decide, progress=None, now=None):
+        """End a held lease with ``verb`` (done, retry, dead). ``decide(lease)`` runs inside the
+        transaction and gives (status, error, note, next_at) for the event (a retry past
+        retry.max_attempts becomes dead there). The same verb again is "again" (nothing changes);
+        another verb on an ended lease, or any verb on an unknown or overdue one, changes nothing and
+        gives "unknown", "ended" or "expired". Returns (outcome, lease dict or None)."""
+        now = time.time() if now is None else now
+        delta = {}
+
+        def fn(conn):
+            lease = _lease(conn, lease_id)
+            if lease is not None and lease["ended"] == verb:
+                return "again", lease
+            why = _stale(lease, now)
+            if why:
+                return why, lease
+            status, error, note, next_at = decide(lease)
+            conn.execute("UPDATE leases SET ended=?, ended_at=? WHERE lease_id=?", (verb, now, lease_id))
+            conn.execute("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?,"
+                         " updated_at=?, progress=coalesce(?, progress) WHERE id=? AND status='running'",
+                         (status, error, note, next_at, now, None if progress is None else json.dumps(progress),
+                          lease["event_id"]))
+            _seen(conn, lease["worker"], None, None, now)
+            if status in ("done", "dead"):
+                delta[lease["route"]] = delta.get(lease["route"], 0) - 1
+            lease.update(ended=verb, status=status)
+            return "ok", lease
+        return self.write(fn, delta=delta)
+
+    def expire_leases(self, max_attempts, now=None):
+        """Every held lease past its end ends as 'expired': its event goes back to the queue at once
+        (the attempt it used stays counted), or dead when that was its last attempt. Returns the
+        expired leases (dicts with ``status``, the event's new status)."""
+        now = time.time() if now is None else now
+        delta = {}
+
+        def fn(conn):
+            ids = [r[0] for r in conn.execute(
+                "SELECT lease_id FROM leases WHERE ended IS NULL AND lease_until < ?", (now,))]
+            out = []
+            for lease_id in ids:
+                lease = _lease(conn, lease_id)
+                lease["status"] = _expire(conn, lease, now, max_attempts, delta)
+                out.append(lease)
+            return out
+        return self.write(fn, delta=delta)
+
+
+_KEY_FREE = ("(serial_key IS NULL OR NOT EXISTS (SELECT 1 FROM events o WHERE o.status='running'"
+             " AND o.serial_key=events.serial_key))")
+LEASE_COLUMNS = ("lease_id", "event_id", "route", "worker", "attempt", "leased_at", "lease_until", "ended",
+                 "ended_at")
+_LEASE_SQL = "SELECT " + ", ".join(LEASE_COLUMNS) + " FROM leases WHERE lease_id=?"  # constant text only
+
+
+def _lease(conn, lease_id):
+    row = conn.execute(_LEASE_SQL, (lease_id,)).fetchone()
+    return dict(zip(LEASE_COLUMNS, row)) if row is not None else None
+
+
+def _stale(lease, now):
+    """Why ``lease`` cannot be acted on ("unknown", "ended", "expired"), or None while it is held. A held
+    lease past its end is "expired" already; the sweep (``expire_leases``) moves its event."""
+    if lease is None:
+        return "unknown"
+    if lease["ended"] is not None:
+        return "expired" if lease["ended"] == "expired" else "ended"
+    if lease["lease_until"] < now:
+        return "expired"
+    return None
+
+
+def _expire(conn, lease, now, max_attempts, delta):
+    """End one overdue lease; its event goes back to the queue (or dead after its last attempt)."""
+    error = "lease %s… expired (worker %s)" % (lease["lease_id"][:8], lease["worker"])
+    last = max_attempts is not None and lease["attempt"] >= max_attempts
+    status = "dead" if last else "retry"
+    conn.execute("UPDATE leases SET ended='expired', ended_at=? WHERE lease_id=?", (now, lease["lease_id"]))
+    cur = conn.execute("UPDATE events SET status=?, last_error=?, next_at=?, updated_at=? WHERE id=?"
+                       " AND status='running'", (status, error + (" after %d attempts" % lease["attempt"]
+                                                                  if last else ""), now, now, lease["event_id"]))
+    if last and cur.rowcount:
+        delta[lease["route"]] = delta.get(lease["route"], 0) - 1
+    lease["ended"] = "expired"
+    return status
+
+
+def _seen(conn, worker, address, routes, now):
+    """Remember when ``worker`` was last heard from (and from where, asking for which routes)."""
+    conn.execute("INSERT INTO lease_workers(worker, last_seen, address, routes) VALUES (?, ?, ?, ?)"
+                 " ON CONFLICT(worker) DO UPDATE SET last_seen=excluded.last_seen,"
+                 " address=coalesce(excluded.address, address), routes=coalesce(excluded.routes, routes)",
+                 (worker, now, address, None if routes is None else ",".join(routes)))
+
+
+def list_workers(conn):
+    """Remote workers heard from, most recent first: dicts of worker, last_seen, address, routes, leases
+    (how many it holds now). For the console and metrics."""
+    rows = conn.execute(
+        "SELECT w.worker, w.last_seen, w.address, w.routes, (SELECT count(*) FROM leases l WHERE"
+        " l.worker=w.worker AND l.ended IS NULL) FROM lease_workers w ORDER BY w.last_seen DESC").fetchall()
+    return [dict(zip(("worker", "last_seen", "address", "routes", "leases"), r)) for r in rows]
+
+
+def held_leases(conn):
+    """{route: leases held now}."""
+    return dict(conn.execute("SELECT route, count(*) FROM leases WHERE ended IS NULL GROUP BY route").fetchall())
 
 
 def _insert(conn, route, row, now):

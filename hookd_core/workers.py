@@ -37,14 +37,39 @@ class Pool:
         self.threads = []
         self.workers = [Worker(self, i) for i in range(size)]
         self.last_progress = time.monotonic()
+        self._work = threading.Condition()  # remote workers waiting in a lease call (SPEC §10)
+        self._lease_waiters = 0
 
     # -- feeding the queue --------------------------------------------------------------------------
     def submit(self, event_id, route, serial_key=None):
+        if self._lease_waiters:
+            self.work_changed()
+        if self.remote(route):
+            return  # remote workers lease it; no local worker runs it
         with self._lock:
             if event_id in self._inflight:
                 return
             self._inflight.add(event_id)
         self.queue.put((event_id, route, serial_key))
+
+    def remote(self, route):
+        """True when ``[ROUTE] remote = true``: only remote workers run this route's jobs."""
+        integ = self.app.integration(route)
+        return integ is not None and integ.conf.bool("remote")
+
+    def work_changed(self):
+        """Something may be due for a lease now (a new event, a lease ended): wake waiting lease calls."""
+        with self._work:
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout):
+        """Block a lease call until ``work_changed`` or ``timeout`` seconds."""
+        with self._work:
+            self._lease_waiters += 1
+            try:
+                self._work.wait(timeout)
+            finally:
+                self._lease_waiters -= 1
 
     def wake_at(self, when):
         """Ask the scheduler to look again at ``when`` (epoch seconds)."""
@@ -66,10 +91,12 @@ class Pool:
         return n
 
     def _scheduler(self):
+        from . import leases  # leases builds on this module
         poll, last_recount, last_prune = 1.0, time.monotonic(), 0.0
         while not self.app.stopping.is_set():
             try:
                 self.schedule_once()
+                leases.sweep(self.app)
                 if time.monotonic() - last_recount > 30:
                     self.app.store.recount()
                     last_recount = time.monotonic()
@@ -187,7 +214,9 @@ class Worker:
         try:
             if integ is None:
                 raise Fail("route %s is no longer configured" % route)
-            note = self._steps(integ, row, log)
+            progress = json.loads(row["progress"]) if row["progress"] else {}
+            note = run_steps(make_context(app, integ, row, log), integ, progress,
+                             lambda p: app.store.save_progress(event_id, p))
         except Retry as e:
             return self._retry(row, str(e), e.after, log)
         except Fail as e:
@@ -200,33 +229,11 @@ class Worker:
             app.metrics.job(time.monotonic() - started)
         return self._end(row, "done", None, note, log)
 
-    def _steps(self, integ, row, log):
-        """The integration's own work, then each action; finished steps are remembered."""
-        app = self.pool.app
-        progress = json.loads(row["progress"]) if row["progress"] else {}
-        ctx = make_context(app, integ, row, log)
-        if not progress.get("main"):
-            note = integ.run(ctx)
-            progress = {"main": True, "note": note, "input": ctx.action_input, "skip": ctx.skip_actions,
-                        "actions": []}
-        ctx.action_input, ctx.skip_actions = progress.get("input"), progress.get("skip")
-        names = [] if ctx.skip_actions else [n for n in integ.actions() if n not in progress["actions"]]
-        from . import actions
-        for i, name in enumerate(names):
-            if i > 0 or type(integ).run is not Integration.run:  # remember what must not run twice
-                app.store.save_progress(row["id"], progress)
-            actions.ACTIONS[name](ctx, integ)
-            progress["actions"].append(name)
-        return progress.get("note")
-
     def _retry(self, row, reason, after, log):
-        settings = self.pool.app.settings
-        if row["attempts"] >= settings.int("retry.max_attempts"):
-            return self._end(row, "dead", "%s (after %d attempts)" % (reason, row["attempts"]), None, log)
-        delay = backoff(row["attempts"], settings.float("retry.base_delay"), settings.float("retry.max_delay"))
-        if after is not None:
-            delay = min(float(after), settings.float("retry.max_delay"))
-        next_at = time.time() + delay
+        status, error, next_at = after_failure(self.pool.app.settings, row["attempts"], reason, after)
+        if status == "dead":
+            return self._end(row, "dead", error, None, log)
+        delay = next_at - time.time()
         self.pool.app.store.finish(row["id"], row["route"], "retry", error=reason, next_at=next_at)
         self.retry_at = next_at
         log.warning("attempt %d failed, retry in %.1fs: %s", row["attempts"], delay, reason)
@@ -241,6 +248,36 @@ class Worker:
         return status
 
 
+def run_steps(ctx, integ, progress, save_progress):
+    """The integration's own work, then each action; steps already in ``progress`` are skipped, and
+    ``progress`` is saved (``save_progress(progress)``) before a step when an earlier one must not run
+    twice. The same code runs a local job and a job leased by a remote worker. Returns the note."""
+    if not progress.get("main"):
+        note = integ.run(ctx)
+        progress.clear()
+        progress.update(main=True, note=note, input=ctx.action_input, skip=ctx.skip_actions, actions=[])
+    ctx.action_input, ctx.skip_actions = progress.get("input"), progress.get("skip")
+    names = [] if ctx.skip_actions else [n for n in integ.actions() if n not in progress["actions"]]
+    from . import actions
+    for i, name in enumerate(names):
+        if i > 0 or type(integ).run is not Integration.run:  # remember what must not run twice
+            save_progress(progress)
+        actions.ACTIONS[name](ctx, integ)
+        progress["actions"].append(name)
+    return progress.get("note")
+
+
+def after_failure(settings, attempts, reason, after=None, now=None):
+    """(status, error, next_at) for a failed attempt: dead after ``retry.max_attempts``, else a retry
+    after ``after`` seconds (an upstream's Retry-After, capped at retry.max_delay) or the backoff."""
+    if attempts >= settings.int("retry.max_attempts"):
+        return "dead", "%s (after %d attempts)" % (reason, attempts), 0.0
+    delay = backoff(attempts, settings.float("retry.base_delay"), settings.float("retry.max_delay"))
+    if after is not None:
+        delay = min(float(after), settings.float("retry.max_delay"))
+    return "retry", reason, (time.time() if now is None else now) + delay
+
+
 def backoff(attempts, base, cap):
     """Exponential backoff with jitter: base * 2^(attempts-1), capped, scaled by a random 0.5..1.0."""
     delay = min(cap, base * (2 ** max(0, attempts - 1)))
@@ -253,7 +290,7 @@ def make_context(app, integ, row, log):
     payload = json.loads(row["payload"]) if row["payload"] is not None else json_or_none(body)
     return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
                       headers=headers, content_type=row["content_type"],
-                      received_at=iso(row["received_at"]), conf=integ.conf, app=app,
+                      received_at=iso(row["received_at"]), conf=integ.conf if integ else None, app=app,
                       stopping=app.stopping, log=log)
 
 
