@@ -2,13 +2,23 @@
 
 Strategy: everything logs through the ``hookd`` logger. A record may carry ``event`` (an event id) via
 ``extra=`` or through ``EventLog`` (a LoggerAdapter the workers hand to jobs), and both formats show it.
-Secrets never reach this module: callers log reasons, routes and ids, never headers or bodies.
+Secrets never reach this module: callers log reasons, routes and ids, never headers or bodies. A message
+may quote bytes a client sent (a path, a reason): every control character in it (C0, DEL, C1, newlines
+included) is written escaped as ``\\xNN``, so no request can forge a log line or reach a terminal raw.
 """
 
 import json
 import logging
 import os
+import re
 import time
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def escaped(text):
+    """``text`` with every control character written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
 class TextFormatter(logging.Formatter):
@@ -16,7 +26,7 @@ class TextFormatter(logging.Formatter):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         event = getattr(record, "event", None)
         line = "%s.%03dZ %s %s%s" % (ts, record.msecs, record.levelname,
-                                     "event=%s " % event if event is not None else "", record.getMessage())
+                                     "event=%s " % event if event is not None else "", escaped(record.getMessage()))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -25,7 +35,7 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record):
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs,
-               "level": record.levelname, "msg": record.getMessage()}
+               "level": record.levelname, "msg": escaped(record.getMessage())}
         event = getattr(record, "event", None)
         if event is not None:
             out["event"] = event
