@@ -10,20 +10,20 @@ the CLI subcommands, so they work on the daemon's state directory while it runs.
 """
 
 import importlib
-import ipaddress
-import hmac
 import json
 import os
 import pkgutil
 import queue
 import signal
+import socket
 import ssl
 import threading
 
 from . import config as config_mod
-from . import actions, logs, systemd_glue
+from . import actions, admin, logs, systemd_glue
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
+from .server import Server
 from .store import Store
 from .workers import Pool
 
@@ -62,7 +62,7 @@ class App:
         self.metrics = Metrics()
         self.store = None
         self.pool = None
-        self.server = None
+        self.server = self.admin_server = None
         self.integrations = []
         self.problems, self.warnings = [], []
         self.classes = discover()
@@ -112,7 +112,7 @@ class App:
     def _check_settings(self, s):
         out = []
         for key in ("workers", "max_body", "max_connections", "queue_limit", "retry.max_attempts",
-                    "retention.days"):
+                    "retention.days", "max_header_bytes"):
             try:
                 if s.int(key) < 1:
                     out.append("[hookd] %s must be at least 1" % key)
@@ -128,6 +128,7 @@ class App:
             out.append("[hookd] log.format must be text or json")
         if bool(s.get("tls.cert")) != bool(s.get("tls.key")):
             out.append("[hookd] tls.cert and tls.key go together")
+        out.extend(admin.check(s))
         return out
 
     def secrets(self):
@@ -176,17 +177,6 @@ class App:
             self._secrets = cache
         return cache[1]
 
-    def admin_allowed(self, req):
-        token = self.settings.get("admin.token")
-        auth = req.headers.get("Authorization") or ""
-        if token and auth.startswith("Bearer ") and hmac.compare_digest(
-                auth[7:].strip().encode(), token.encode()):
-            return True
-        try:
-            return ipaddress.ip_address(req.client).is_loopback
-        except ValueError:
-            return False
-
     def ready(self):
         """(ok, reason): the database takes a write and the workers are alive."""
         try:
@@ -213,7 +203,6 @@ class App:
 
     def serve(self, host, port):
         """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
-        from .server import Server
         self._announce()
         self.open_store()
         n = self.store.requeue_running()
@@ -222,6 +211,12 @@ class App:
         self.pool = Pool(self, self.settings.int("workers"))
         inherited = systemd_glue.inherited_socket()
         self.server = Server((host, port), self, sock=inherited)
+        where = admin.listen_address(self.settings.get("admin.listen"))
+        try:
+            self.admin_server = where and Server(where, self, admin=True)
+        except OSError as e:
+            self.server.server_close()
+            raise OSError(e.errno, "admin.listen %s: %s" % (self.settings.get("admin.listen"), e.strerror or e))
         scheme = self._wrap_tls()
         self.pool.start()
         self.pool.schedule_once()
@@ -230,10 +225,23 @@ class App:
         h, p = self.server.server_address[:2]
         self.log.info("listening on %s://%s:%d (%d workers, state %s)", scheme, h, p,
                       self.settings.int("workers"), self.state_dir)
+        self._serve_admin()
         systemd_glue.ready(self)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda s, f: self._signals.put(s))  # no logging here, just queue it
         return self._main_loop()
+
+    def _serve_admin(self):
+        """The admin API's own listener (SPEC §4.2), bound by hookd itself, also under socket activation."""
+        if self.admin_server is None:
+            self.log.info("admin API off (admin.listen is empty)")
+            return
+        threading.Thread(target=self.admin_server.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="hookd-admin", daemon=True).start()
+        if self.admin_server.address_family == socket.AF_UNIX:
+            self.log.info("admin API listening on unix:%s", self.admin_server.server_address)
+        else:
+            self.log.info("admin API listening on http://%s:%d", *self.admin_server.server_address[:2])
 
     def _announce(self):
         for w in self.warnings:
@@ -285,12 +293,15 @@ class App:
         grace = self.settings.float("shutdown_grace")
         self.log.info("%s: stopping intake, letting running jobs finish (up to %.0fs)", why, grace)
         systemd_glue.stopping()
-        self.server.stopping = True
-        self.server.shutdown()
-        self.server.reaper.fire_idle()
+        servers = [s for s in (self.server, self.admin_server) if s is not None]
+        for server in servers:
+            server.stopping = True
+            server.shutdown()
+            server.reaper.fire_idle()
         self.stopping.set()
         left = self.pool.join(grace)
-        self.server.server_close()
+        for server in servers:
+            server.server_close()
         if left:
             self.log.warning("%d jobs still running after shutdown_grace; they run again after restart", left)
         self.store.close()

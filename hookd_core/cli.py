@@ -13,7 +13,7 @@ import sys
 
 from . import config as config_mod
 from .app import App
-from .server import public_event
+from .admin import public_event
 from .store import list_events, row_dict, STATUSES
 
 USAGE = """usage: hookd.py [HOST:PORT] [--config FILE]
@@ -89,10 +89,10 @@ def daemon(app, rest):
 
 
 def parse_address(text):
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    try:
+        return config_mod.parse_hostport(text)
+    except config_mod.ConfigError:
         raise Usage("expected HOST:PORT, got %r" % text)
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _open(path):

@@ -25,7 +25,9 @@ HOOKD_KEYS = {
     "retry.max_delay": "600",
     "retention.days": "30",
     "shutdown_grace": "30",
+    "admin.listen": "127.0.0.1:8001",
     "admin.token": "",
+    "max_header_bytes": "16384",
     "log.format": "text",
     "tls.cert": "",
     "tls.key": "",
@@ -76,6 +78,14 @@ def _read_file(path):
             return f.read().strip()
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror))
+
+
+def parse_hostport(text, what="address"):
+    """"HOST:PORT" (HOST may be [v6] or empty for every address) as (host, port). Raises ConfigError."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("%s: expected HOST:PORT, got %r" % (what, text))
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class Section:

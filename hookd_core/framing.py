@@ -1,12 +1,22 @@
-"""Reading a request body by hand: Content-Length or chunked, strictly, within a size limit.
+"""The request reader: hookd's own HTTP/1.1 parser, bytes in, one buffered read path, strict.
 
-Strategy (after gunicorn's ``set_body_reader`` and h11's ``ChunkedReader``): decide the framing once from
-the headers, then read exactly that. Anything ambiguous is refused rather than guessed, because two
-parsers that guess differently are how request smuggling happens (RFC 9112 §6.1, §6.3, §7.1):
+Strategy (after h11's ``_readers.py`` and gunicorn's ``message.py``; RFC 9112): ``Reader`` wraps one
+connection's buffered binary stream and yields requests in order. ``head()`` reads the request line and
+the header block line by line within ``max_header_bytes`` (and 100 header lines; 431 beyond); ``body()``
+decides the framing once from the head, says ``100 Continue`` when the client waits for it, and reads
+exactly that body. ``unread`` tells whether a body is still on the wire: the server closes the
+connection after any answer given while ``unread`` is true, so an unread body is never parsed as the
+next request. Anything ambiguous is refused rather than guessed, because two parsers that guess
+differently are how request smuggling happens:
+  - request line ``METHOD SP TARGET SP HTTP/1.x``: else 400 (505 for another HTTP version);
+  - a bare LF ends a line like CRLF; a CR not followed by LF anywhere in the head: 400;
+  - header names are tokens, no whitespace before the colon, no obs-fold; values hold only VCHAR, SP,
+    HTAB and 0x80-0xFF, and only SP and HTAB are trimmed (never VT, FF, NBSP, NEL): else 400;
+  - HTTP/1.1 with no Host, or any request with two: 400;
   - Transfer-Encoding and Content-Length together: 400 (a CL.TE desync vector);
   - chunked on HTTP/1.0: 400 (1.0 has no chunked; a proxy may read it differently);
-  - a coding other than ``chunked``: 501 (hookd decodes nothing else; the sender should not gzip);
-  - a repeated or non-digit Content-Length: 400;
+  - a coding other than exactly ``chunked``: 501 (hookd decodes nothing else; the sender should not gzip);
+  - a repeated or non-digit Content-Length: 400; a POST with neither: 411;
   - chunk sizes that are not plain hex (``6_0``, ``+5``, ``-5``, ``0x5``, spaces): 400, because Python's
     ``int(x, 16)`` accepts several of them;
   - the CRLF after each chunk's data is checked, not skipped;
@@ -16,12 +26,30 @@ Every line is read with a length cap, so a client cannot make hookd buffer an en
 
 import re
 
-from .api import BadFraming, BodyTooLarge, Reject
+from .api import BadFraming, BodyTooLarge, Headers, Reject
 
+MAX_HEADER_LINES = 100
 MAX_CHUNK_LINE = 4096      # size + extensions; h11 allows 20 hex digits, extensions are rarely used at all
 MAX_TRAILER_BYTES = 16384  # trailers are discarded; more than this is abuse (h11 caps a head at 16 KiB)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_OTHER_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_NOT_FIELD_VALUE = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class BadRequest(Reject):
+    status = 400
+
+
+class HeadTooLarge(Reject):
+    status = 431
+
+
+class VersionNotSupported(Reject):
+    status = 505
 
 
 class UnsupportedCoding(Reject):
@@ -33,32 +61,149 @@ class LengthRequired(Reject):
 
 
 class ClientGone(Exception):
-    """The connection ended (or read_timeout shut it) before the body was complete."""
+    """The connection ended (or read_timeout shut it) before the request was complete."""
+
+
+class Head:
+    """A parsed request head. ``target`` is as sent; ``path`` and ``query`` are split from it (an
+    absolute-form target gives its path); ``headers`` is an ``api.Headers``."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "keep_alive", "expect_continue")
+
+    def __init__(self, method, target, version, headers):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        if target.startswith("http://") or target.startswith("https://"):
+            rest = target.split("//", 1)[1]
+            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        path, _, self.query = target.partition("?")
+        self.path = path.partition("#")[0]
+        tokens = {t.strip(" \t").lower() for v in headers.get_all("Connection", ()) for t in v.split(",")}
+        self.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+        self.expect_continue = version == "HTTP/1.1" and \
+            (headers.get("Expect") or "").strip(" \t").lower() == "100-continue"
+
+
+class Reader:
+    """One connection's requests, in order: ``head()``, then at most one ``body()`` per head."""
+
+    def __init__(self, rfile, max_header_bytes, send_continue=None):
+        self.rfile, self.max_header_bytes, self.send_continue = rfile, max_header_bytes, send_continue
+        self.unread = False
+        self._head = None
+
+    def head(self):
+        """The next request's head, or None at a clean end of stream (or a read_timeout cut) before
+        its first byte. Raises BadRequest, HeadTooLarge, VersionNotSupported or ClientGone."""
+        self.unread, self._head = False, None
+        budget = [self.max_header_bytes]
+        line = self._line(budget, first=True)
+        while line == b"":  # RFC 9112 §2.2: empty lines before a request line are ignored
+            line = self._line(budget)
+        if line is None:
+            return None
+        parts = line.split(b" ")
+        if len(parts) != 3:
+            raise BadRequest("request line is not METHOD SP TARGET SP VERSION")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if _OTHER_VERSION.fullmatch(version):
+                raise VersionNotSupported("HTTP version %s not supported" % version.decode("ascii"))
+            raise BadRequest("bad HTTP version")
+        if not _TOKEN.fullmatch(method):
+            raise BadRequest("method is not a token")
+        if not _TARGET.fullmatch(target) or not (target[:1] == b"/" or target == b"*"
+                                                 or target.startswith((b"http://", b"https://"))):
+            raise BadRequest("bad request target")
+        items = []
+        while True:
+            line = self._line(budget)
+            if not line:
+                break
+            if len(items) >= MAX_HEADER_LINES:
+                raise HeadTooLarge("more than %d header lines" % MAX_HEADER_LINES)
+            if line[:1] in (b" ", b"\t"):
+                raise BadRequest("obs-fold (a header line starting with whitespace)")
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise BadRequest("header line without a colon")
+            if not _TOKEN.fullmatch(name):
+                raise BadRequest("header name is not a token (or whitespace before the colon)")
+            value = value.strip(b" \t")
+            if _NOT_FIELD_VALUE.search(value):
+                raise BadRequest("control character in header %s" % name[:40].decode("ascii"))
+            items.append((name.decode("ascii"), value.decode("latin-1")))
+        headers = Headers(items)
+        version = version.decode("ascii")
+        hosts = headers.get_all("Host", ())
+        if len(hosts) > 1:
+            raise BadRequest("more than one Host header")
+        if not hosts and version == "HTTP/1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
+        self._head = Head(method.decode("ascii"), target.decode("ascii"), version, headers)
+        self.unread = bool(headers.get_all("Transfer-Encoding")) or \
+            any(v != "0" for v in headers.get_all("Content-Length", ()))
+        return self._head
+
+    def _line(self, budget, first=False):
+        """One head line without its line end; None at end of stream before the first byte of a
+        request. A CR not followed by LF is 400; more than the budget left is 431."""
+        raw = self.rfile.readline(budget[0] + 1)
+        if not raw:
+            if first:
+                return None
+            raise ClientGone("connection closed inside the request head")
+        if len(raw) > budget[0]:
+            raise HeadTooLarge("request head over max_header_bytes %d" % self.max_header_bytes)
+        budget[0] -= len(raw)
+        if raw[-1:] != b"\n":
+            raise ClientGone("connection closed inside the request head")
+        line = raw[:-2] if raw[-2:] == b"\r\n" else raw[:-1]
+        if b"\r" in line:
+            raise BadRequest("CR not followed by LF in the request head")
+        return line
+
+    def body(self, max_body):
+        """The body of the last head, read whole (b"" when it has none); says 100 Continue first when
+        the client waits for it. Raises Reject (the framing), or ClientGone."""
+        head = self._head
+        kind, length = body_framing(head.headers, head.version, max_body)
+        if kind is None:
+            if head.method in _BODY_METHODS:  # a body delimited by closing may follow: never read it as a request
+                self.unread = True
+                raise LengthRequired("neither Content-Length nor chunked body")
+            return b""
+        if head.expect_continue and self.send_continue is not None:
+            self.send_continue()
+        data = read_body(self.rfile, kind, length, max_body)
+        self.unread = False
+        return data
 
 
 def body_framing(headers, request_version, max_body):
-    """Decide how the body is framed: ("length", n) or ("chunked", None). Raises Reject."""
+    """Decide how the body is framed: ("length", n), ("chunked", None), or (None, 0) when the head
+    announces no body. Raises Reject."""
     te_values = headers.get_all("Transfer-Encoding") or []
     cl_values = headers.get_all("Content-Length") or []
     if te_values:
         if cl_values:
             raise BadFraming("both Transfer-Encoding and Content-Length")
-        codings = [c.strip().lower() for v in te_values for c in v.split(",") if c.strip()]
+        codings = [c.strip(" \t").lower() for v in te_values for c in v.split(",") if c.strip(" \t")]
         if any(c != "chunked" for c in codings):
-            raise UnsupportedCoding("transfer coding %r not supported" % ",".join(codings))
+            raise UnsupportedCoding("transfer coding %r not supported" % ",".join(codings)[:80])
+        if not codings:
+            raise BadFraming("empty Transfer-Encoding")
         if len(codings) != 1:
             raise BadFraming("chunked applied more than once")
         if request_version != "HTTP/1.1":
             raise BadFraming("chunked body on %s" % request_version)
         return "chunked", None
     if not cl_values:
-        raise LengthRequired("neither Content-Length nor chunked body")
+        return None, 0
     if len(cl_values) != 1:
         raise BadFraming("repeated Content-Length")
-    value = cl_values[0].strip()
-    if not _DIGITS.fullmatch(value):
+    if not _DIGITS.fullmatch(cl_values[0]):
         raise BadFraming("Content-Length is not a number")
-    length = int(value)
+    length = int(cl_values[0])
     if length > max_body:
         raise BodyTooLarge("Content-Length %d over max_body %d" % (length, max_body))
     return "length", length

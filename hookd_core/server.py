@@ -3,29 +3,35 @@
 Strategy: ``Server`` bounds concurrent connections (503 beyond ``max_connections``, written by the
 accepting thread without starting a handler) and owns a ``Reaper`` that enforces ``read_timeout`` as a
 whole-request deadline: when it passes, the socket's read side is shut, the blocked read returns, and
-the handler answers 408 (or closes quietly if the client had sent nothing). ``Handler`` speaks HTTP/1.1
-keep-alive; every answer has Content-Length. A POST goes: route lookup (404 before any ``100 Continue``)
--> framing -> body -> ``integration.accept`` (verify over the raw bytes, parse) -> queue limit ->
-``store.add_events`` (group commit) -> 202 -> the ids go to the worker queue. Every refusal is a
-``Reject`` carrying its status, answered with one WARNING line; anything else is a 500 with a traceback.
+the handler answers 408 (or closes quietly if the client had sent nothing). ``Handler`` reads each
+request with ``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks keep-alive; every answer
+has Content-Length, and an answer given while a body is still unread closes the connection. The same
+classes serve two listeners: the webhook port (webhook routes, /healthz, /readyz) and the admin listener
+(``admin.dispatch``). A webhook POST goes: route lookup (404 before any ``100 Continue``) -> framing ->
+body -> ``integration.accept`` (verify over the raw bytes, parse) -> queue limit -> ``store.add_events``
+(group commit) -> 202 -> the ids go to the worker queue. Every refusal is a ``Reject`` carrying its
+status, answered with one WARNING line; anything else is a 500 with a traceback.
 """
 
 import email.utils
+import http
 import http.server
 import json
+import os
 import re
 import socket
+import socketserver
 import threading
 import time
 import urllib.parse
 
-from . import framing
-from .api import Busy, Headers, NotFound, Reject, Request, Response, json_or_none
-from .store import StoreError, list_events, row_dict
-from .workers import iso
+from . import admin, framing
+from .api import Busy, NotFound, Reject, Request, Response
+from .store import StoreError
 
 SENSITIVE = ("authorization", "cookie", "signature", "secret", "token", "hmac", "api-key", "apikey", "password")
 _SENSITIVE = re.compile("|".join(SENSITIVE))
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
 class Reaper:
@@ -93,25 +99,52 @@ def _shut(entry):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """Bounded, drainable: non-daemon request threads, so ``server_close`` waits for them."""
+    """Bounded, drainable: non-daemon request threads, so ``server_close`` waits for them. ``admin``:
+    this is the admin listener (requests go to ``admin.dispatch``). ``address`` is (host, port), or a
+    path for a unix socket (created mode 0600)."""
 
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, app, sock=None):
-        self.app = app
+    def __init__(self, address, app, sock=None, admin=False):
+        self.app, self.admin = app, admin
         self.reaper = Reaper()
         self._conn_lock = threading.Lock()
         self.connections = 0
         self.stopping = False
+        if isinstance(address, str):
+            self.address_family = socket.AF_UNIX
         if sock is None:
             super().__init__(address, Handler)
         else:  # socket activation: the listening socket is inherited, already bound
             super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
             self.socket = sock
             self.server_address = sock.getsockname()[:2]
+
+    def server_bind(self):
+        if self.address_family != socket.AF_UNIX:
+            return super().server_bind()
+        _remove_stale_socket(self.server_address)
+        old = os.umask(0o177)  # the socket file is born 0600: no moment when others may connect
+        try:
+            socketserver.TCPServer.server_bind(self)
+        finally:
+            os.umask(old)
+        os.chmod(self.server_address, 0o600)
+
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        return sock, (addr if self.address_family != socket.AF_UNIX else ("unix", 0))
+
+    def server_close(self):
+        super().server_close()
+        if self.address_family == socket.AF_UNIX:
+            try:
+                os.unlink(self.server_address)
+            except OSError:
+                pass
 
     def process_request(self, request, client_address):
         with self._conn_lock:
@@ -145,6 +178,21 @@ class Server(http.server.ThreadingHTTPServer):
         self.app.log.exception("unexpected error on a connection from %s", client_address[0])
 
 
+def _remove_stale_socket(path):
+    """A unix socket file left by a killed hookd is removed; a live one (someone answers) is an error."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(98, "another process listens on %s" % path)
+
+
 def _refuse(sock):
     body = b'{"error": "too many connections"}'
     msg = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -156,13 +204,12 @@ def _refuse(sock):
         pass
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "hookd"
-    sys_version = ""
+class Handler(socketserver.StreamRequestHandler):
+    """One connection: requests in order, each read by ``framing.Reader`` within its deadline."""
 
     def setup(self):
         super().setup()
+        self.app = self.server.app
         self._deadline = self.server.reaper.register(self.connection)
         # No socket timeout: a timeout makes every recv a poll() plus a recv. The Reaper enforces
         # read_timeout instead, and answers are small enough never to block in send.
@@ -170,48 +217,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self.reader = framing.Reader(self.rfile, self.app.settings.int("max_header_bytes"), self._continue)
+        self.client = self.client_address[0]
+        self.close_connection = self._linger = False
+        self.head, self._route = None, "-"
 
-    # -- one request, with its deadline -------------------------------------------------------------
+    def handle(self):
+        served = 0
+        while not self.close_connection:
+            self.server.reaper.arm(self._deadline, self.app.settings.float("read_timeout"), between=served > 0)
+            try:
+                self.handle_one_request()
+            except (ConnectionError, framing.ClientGone) as e:
+                self._client_gone(e)
+            finally:
+                self.server.reaper.disarm(self._deadline)
+            served += 1
+
     def handle_one_request(self):
-        app = self.server.app
-        self._served = getattr(self, "_served", 0)
-        self.server.reaper.arm(self._deadline, app.settings.float("read_timeout"), between=self._served > 0)
-        self._served += 1
-        self._route = "-"
+        self.head, self._route = None, "-"
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-        except OSError:
+            self.head = self.reader.head()
+        except Reject as e:
+            return self._reject(e, close=True)
+        if self.head is None:
             self.close_connection = True
             return
-        if not self.raw_requestline:
-            self.close_connection = True
-            self.server.reaper.disarm(self._deadline)
-            return
         try:
-            if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "", ""
-                self.send_error(414)
-                return
-            if not self.parse_request():
-                return
-            if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
-                self.send_error(505, "HTTP version %s not supported" % self.request_version[:20])
-                return
-            bad = header_problem(self.headers)
-            if bad:
-                self.send_error(400, bad)
-                return
-            self.hdrs = Headers(self.headers.raw_items())
-            method = getattr(self, "do_" + self.command, None)
-            if method is None:
-                self._reply(405, {"error": "method not allowed"}, [("Allow", "GET, POST")])
-                return
-            method()
-            self.wfile.flush()
-        except (socket.timeout, ConnectionError, framing.ClientGone) as e:
-            self._client_gone(e)
-        finally:
-            self.server.reaper.disarm(self._deadline)
+            if self.server.admin:
+                r = self._admin(self.head)
+            else:
+                r = self._webhook(self.head)
+            self._send(r.status, r.body, r.content_type, r.headers)
+        except Reject as e:
+            self._reject(e)
+        except StoreError as e:
+            self.app.log.error("503 %s: %s", self._route, e)
+            self.app.metrics.request(self._route, 503)
+            self._reply(503, {"error": "storage unavailable"}, [("Retry-After", "5")])
+        except (framing.ClientGone, ConnectionError):
+            raise
+        except Exception:
+            self.app.log.exception("500 %s %s: fault inside hookd", self._route, self._log_path())
+            self.app.metrics.request(self._route, 500)
+            self._reply(500, {"error": "internal error"}, close=True)
 
     def finish(self):
         """After an error answer that closes the connection, drain what the client still sends for a
@@ -219,7 +268,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.reaper.unregister(self._deadline)
         try:
             super().finish()
-            if self.close_connection and getattr(self, "_linger", False):
+            if self._linger:
                 self.connection.shutdown(socket.SHUT_WR)
                 self.connection.settimeout(0.5)
                 for _ in range(64):
@@ -231,71 +280,53 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _client_gone(self, exc):
         self.close_connection = True
         if self._deadline[3]:
-            self.server.app.log.warning("408 %s %s: request not received within read_timeout", self.command,
-                                        self._log_path())
-            self.server.app.metrics.request(self._route, 408)
-            self._reply(408, {"error": "request not received within read_timeout"}, close=True)
+            self._reject(Reject("request not received within read_timeout", status=408), close=True)
         else:
-            self.server.app.log.warning("client %s went away mid-request: %s", self.client_address[0], exc)
+            self.app.log.warning("client %s went away mid-request: %s", self.client, exc)
 
-    def handle_expect_100(self):
-        """Answer 100 Continue only for a route that exists and a size that fits."""
-        path = urllib.parse.urlsplit(self.path).path
-        integ = self.server.app.route_for(path)
-        if header_problem(self.headers):
-            return True  # no 100; handle_one_request refuses the head next
-        if self.command != "POST" or integ is None:
-            self._reject(NotFound("no route for %s" % path), close=True)
-            return False
-        try:
-            framing.body_framing(self.headers, self.request_version, self.server.app.settings.int("max_body"))
-        except Reject as e:
-            self._reject(e, close=True)
-            return False
-        return super().handle_expect_100()
-
-    # -- methods ------------------------------------------------------------------------------------
-    def do_POST(self):
-        app = self.server.app
-        parts = urllib.parse.urlsplit(self.path)
-        integ = app.route_for(parts.path)
-        try:
-            if integ is None:
-                raise NotFound("no route for %s" % parts.path[:200])
-            self._route = integ.name
-            body = self._read_body()
-            if self._deadline[3]:
-                raise framing.ClientGone("deadline passed")
-            self.server.reaper.disarm(self._deadline)
-            req = Request("POST", parts.path, urllib.parse.parse_qs(parts.query), self.hdrs, body,
-                          self.client_address[0])
-            self._accept(integ, req)
-        except Reject as e:
-            self._reject(e, close=isinstance(e, (framing.BadFraming, framing.UnsupportedCoding,
-                                                 framing.BodyTooLarge, framing.LengthRequired)))
-        except StoreError as e:
-            app.log.error("503 %s: %s", self._route, e)
-            app.metrics.request(self._route, 503)
-            self._reply(503, {"error": "storage unavailable"}, [("Retry-After", "5")])
-        except (framing.ClientGone, socket.timeout, ConnectionError):
-            raise
-        except Exception:
-            app.log.exception("500 %s: fault inside hookd", self._route)
-            app.metrics.request(self._route, 500)
-            self._reply(500, {"error": "internal error"}, close=True)
+    def _continue(self):
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self):
-        max_body = self.server.app.settings.int("max_body")
-        kind, length = framing.body_framing(self.hdrs, self.request_version, max_body)
-        return framing.read_body(self.rfile, kind, length, max_body)
+        body = self.reader.body(self.app.settings.int("max_body"))
+        if self._deadline[3]:
+            raise framing.ClientGone("deadline passed")
+        self.server.reaper.disarm(self._deadline)
+        return body
+
+    # -- the webhook port ---------------------------------------------------------------------------
+    def _webhook(self, head):
+        app = self.app
+        integ = app.route_for(head.path)
+        if integ is not None:
+            self._route = integ.name
+        if head.method == "POST":
+            if integ is None:
+                raise NotFound("no route for %s" % head.path)
+            req = Request("POST", head.path, urllib.parse.parse_qs(head.query), head.headers,
+                          self._read_body(), self.client)
+            return self._accept(integ, req)
+        if head.method != "GET":
+            raise Reject("method not allowed", status=405, headers=[("Allow", "GET, POST")])
+        if integ is not None:
+            r = integ.get(Request("GET", head.path, urllib.parse.parse_qs(head.query), head.headers, b"",
+                                  self.client))
+            app.metrics.request(integ.name, r.status)
+            return r
+        if head.path == "/healthz":
+            return Response(200, {"status": "ok"})
+        if head.path == "/readyz":
+            ok, why = app.ready()
+            return Response(200 if ok else 503, {"status": "ok" if ok else "unavailable", "reason": why})
+        raise NotFound("no route for %s" % head.path)
 
     def _accept(self, integ, req):
-        app = self.server.app
+        app = self.app
         result = integ.accept(req)
         if isinstance(result, Response):
             app.log.info("%d %s answered without storing", result.status, integ.name)
             app.metrics.request(integ.name, result.status)
-            return self._send(result.status, result.body, result.content_type, result.headers)
+            return result
         if app.store.waiting() >= app.settings.int("queue_limit"):
             raise Busy("queue_limit %d reached" % app.settings.int("queue_limit"))
         rows = app.event_rows(integ, req, result)
@@ -309,118 +340,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.log.info("202 %s stored event %s", integ.name, ",".join(str(i) for i, _ in fresh),
                          extra={"event": fresh[0][0]})
             app.metrics.request(integ.name, 202)
-            return self._send(202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (
-                ids[0], ", ".join(str(i) for i in ids).encode()), "application/json")
+            return Response(202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (
+                ids[0], ", ".join(str(i) for i in ids).encode()))
         app.log.info("200 %s duplicate of event %s", integ.name, ids[0] if ids else "-")
         app.metrics.request(integ.name, 200)
-        return self._reply(200, {"id": ids[0] if ids else None, "ids": ids, "status": "duplicate"})
+        return Response(200, {"id": ids[0] if ids else None, "ids": ids, "status": "duplicate"})
 
-    def do_GET(self):
-        app = self.server.app
-        parts = urllib.parse.urlsplit(self.path)
-        try:
-            integ = app.route_for(parts.path)
-            if integ is not None:
-                self._route = integ.name
-                req = Request("GET", parts.path, urllib.parse.parse_qs(parts.query), self.hdrs, b"",
-                              self.client_address[0])
-                r = integ.get(req)
-                app.metrics.request(integ.name, r.status)
-                return self._send(r.status, r.body, r.content_type, r.headers)
-            return self._admin(parts)
-        except Reject as e:
-            self._reject(e)
-        except Exception:
-            app.log.exception("500 GET %s: fault inside hookd", self._log_path())
-            self._reply(500, {"error": "internal error"}, close=True)
-
-    def do_HEAD(self):
-        self._reply(405, {"error": "method not allowed"}, [("Allow", "GET, POST")])
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD
-
-    # -- admin API ----------------------------------------------------------------------------------
-    def _admin(self, parts):
-        app = self.server.app
-        req = Request("GET", parts.path, urllib.parse.parse_qs(parts.query), self.hdrs, b"",
-                      self.client_address[0])
-        if not app.admin_allowed(req):
-            raise Reject("admin API needs loopback or the admin token", status=401)
-        path = parts.path
-        if path == "/healthz":
-            return self._reply(200, {"status": "ok"})
-        if path == "/readyz":
-            ok, why = app.ready()
-            return self._reply(200 if ok else 503, {"status": "ok" if ok else "unavailable", "reason": why})
-        if path == "/metrics":
-            text = app.metrics.render(app.store).encode()
-            return self._send(200, text, "text/plain; version=0.0.4")
-        if path == "/events":
-            q = lambda k: req.query1(k) or None  # noqa: E731
-            limit = int(q("limit") or 100)
-            rows = app.store.read(lambda c: list_events(c, q("status"), q("route"), limit))
-            return self._reply(200, [public_event(r) for r in rows])
-        if path.startswith("/events/") and path[8:].isdigit():
-            row = app.store.read(lambda c: row_dict(c, int(path[8:]), with_body=True))
-            if row is None:
-                raise NotFound("no event %s" % path[8:])
-            return self._reply(200, public_event(row, full=True))
-        for integ in app.integrations:
-            r = integ.admin_get(req)
-            if r is not None:
-                return self._send(r.status, r.body, r.content_type, r.headers)
-        raise NotFound("no route for %s" % path[:200])
+    # -- the admin listener -------------------------------------------------------------------------
+    def _admin(self, head):
+        self._route = "admin"
+        req = Request(head.method, head.path, urllib.parse.parse_qs(head.query, keep_blank_values=True),
+                      head.headers, self._read_body(), self.client)
+        return admin.dispatch(self.app, req)
 
     # -- answering ----------------------------------------------------------------------------------
     def _reject(self, e, close=False):
-        app = self.server.app
-        if self._deadline[3]:  # the head was cut short by read_timeout: whatever it lacks, that is why
+        app = self.app
+        if self._deadline[3]:  # the request was cut short by read_timeout: whatever it lacks, that is why
             e = Reject("request not received within read_timeout", status=408)
-        app.log.warning("%d %s %s: %s", e.status, self._route, self._log_path(), e)
-        app.metrics.request(self._route, e.status)
+        if self.head is None:
+            app.log.warning("%d malformed request from %s: %s", e.status, self.client, e)
+        else:
+            app.log.warning("%d %s %s: %s", e.status, self._route, self._log_path(), e)
+        if not self.server.admin:
+            app.metrics.request(self._route, e.status)
         self._reply(e.status, {"error": str(e)}, e.headers, close=close or e.status == 408)
 
     def _log_path(self):
         """The path for a log line. A matched route may carry a secret in its path (Camio's key), so
-        only unmatched paths are logged as sent (cut to 200 characters)."""
-        if self._route != "-":
-            integ = self.server.app.integration(self._route)
+        only unmatched paths are logged as sent (cut to 200 characters; the log escapes control bytes)."""
+        if self._route not in ("-", "admin"):
+            integ = self.app.integration(self._route)
             return integ.route if integ is not None and integ.route else "(%s route)" % self._route
-        return urllib.parse.urlsplit(self.path).path[:200]
+        return self.head.path[:200] if self.head is not None else "-"
 
     def _reply(self, status, obj, headers=(), close=False):
-        if status >= 400 and (close or self.close_connection):
-            self._linger = True
         self._send(status, json.dumps(obj).encode(), "application/json", headers, close)
 
     def _send(self, status, body, content_type, headers=(), close=False):
         """Write the whole answer with one send: a head and a body in two small segments would meet
-        Nagle's algorithm and the client's delayed ACK, and every keep-alive answer would wait ~40 ms."""
-        if close or self.server.stopping:
+        Nagle's algorithm and the client's delayed ACK, and every keep-alive answer would wait ~40 ms.
+        An answer given while a body is still unread closes the connection."""
+        head = self.head
+        if close or self.server.stopping or self.reader.unread or head is None or not head.keep_alive:
             self.close_connection = True
-        head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]), "Server: hookd",
-                "Date: " + _http_date(), "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
-        head.extend("%s: %s" % (k, v) for k, v in headers)
+            self._linger = status >= 400
+        lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")), "Server: hookd",
+                 "Date: " + _http_date(), "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        lines.extend("%s: %s" % (k, v) for k, v in headers)
         if self.close_connection:
-            head.append("Connection: close")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(data + body if self.command != "HEAD" else data)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors found by the stdlib parser (bad request line, too many headers): JSON, one log line.
-        A request cut short by the read_timeout deadline is a 408, whatever the parser made of it."""
-        if getattr(self, "_deadline", None) and self._deadline[3]:
-            code, message = 408, "request not received within read_timeout"
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.1"  # the stdlib would send a bare body; hookd speaks no 0.9
-        self.server.app.log.warning("%d malformed request from %s: %s", code, self.client_address[0],
-                                    message or "")
-        self.server.app.metrics.request("-", code)
-        self.close_connection = True
-        self._reply(code, {"error": message or "bad request"}, close=True)
-
-    def log_message(self, fmt, *args):
-        pass  # hookd writes its own line per outcome
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(data + body if head is None or head.method != "HEAD" else data)
 
 
 _DATE = [0, ""]
@@ -433,44 +404,6 @@ def _http_date():
         _DATE[1] = email.utils.formatdate(now, usegmt=True)
         _DATE[0] = now
     return _DATE[1]
-
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def header_problem(headers):
-    """Why a parsed head must be refused, or None. RFC 9112 §5.1: no whitespace between a field name and
-    its colon (a classic smuggling vector: "Transfer-Encoding : chunked" read by one parser and not
-    another); names are tokens; §5.2: obs-fold is refused; a line without a colon ends the stdlib's
-    header parsing early, leaving the rest unseen, so it is refused too."""
-    if headers.defects or headers.get_payload():
-        return "malformed header line"
-    for name, value in headers.raw_items():
-        if not _TOKEN.fullmatch(name):
-            return "invalid header name %r" % name[:40]
-        if "\r" in value or "\n" in value or "\0" in value:
-            return "folded or control characters in header %s" % name[:40]
-    return None
-
-
-def public_event(row, full=False):
-    """An event as the CLI and the admin API show it."""
-    out = {"id": row["id"], "route": row["route"], "status": row["status"], "attempts": row["attempts"],
-           "received_at": iso(row["received_at"]), "updated_at": iso(row["updated_at"]),
-           "next_attempt_at": iso(row["next_at"]) if row["status"] == "retry" else None,
-           "last_error": row["last_error"], "note": row["note"]}
-    if full:
-        out["duplicate_of"] = row.get("duplicate_of")
-        out["headers"] = json.loads(row["headers"]) if row.get("headers") else {}
-        out["content_type"] = row.get("content_type")
-        body = row.get("body") or b""
-        out["payload"] = json.loads(row["payload"]) if row.get("payload") else json_or_none(body)
-        try:
-            out["body"] = body.decode("utf-8")
-        except UnicodeDecodeError:
-            import base64
-            out["body_base64"] = base64.b64encode(body).decode()
-    return out
 
 
 def stored_headers(headers, secrets):

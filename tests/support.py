@@ -1,7 +1,9 @@
 """Shared test parts: the real daemon as a subprocess, a scripted loopback upstream, raw HTTP helpers.
 
 Strategy: every end-to-end test starts ``python3 hookd.py 127.0.0.1:0 --config FILE`` in a temporary
-directory and reads the bound port from its ``listening on`` log line, so tests never race for a port.
+directory and reads the bound port from its ``listening on`` log line, and the admin listener's address
+from its ``admin API listening on`` line (``admin.listen = 127.0.0.1:0`` unless the test sets its own),
+so tests never race for a port.
 ``FakeUpstream`` is a real ``ThreadingHTTPServer`` on 127.0.0.1:0 that records each request into a queue
 and answers from a script; vendor fakes subclass it or pass a ``respond`` function. Waiting is always
 polling against a deadline, never a bare sleep.
@@ -40,8 +42,10 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
 
 
 class Daemon:
-    """A running ``hookd.py`` subprocess. ``url``, ``port``, ``state_dir``, ``log()`` (all stderr so far),
-    ``cli(*args)`` to run a subcommand on the same config, ``events()``/``event(id)`` via ``--json``."""
+    """A running ``hookd.py`` subprocess. ``url``, ``port``, ``admin_url`` (``http://127.0.0.1:PORT`` or
+    ``unix:/path``; None when the admin API is off), ``state_dir``, ``log()`` (all stderr so far),
+    ``cli(*args)`` to run a subcommand on the same config, ``events()``/``event(id)`` via ``--json``,
+    ``admin(method, path)`` for one admin API request."""
 
     def __init__(self, config_text, tmpdir=None, env=None, extra_args=(), state_dir=None):
         self.tmp = tmpdir or tempfile.mkdtemp(prefix="hookd-test-")
@@ -52,6 +56,8 @@ class Daemon:
             text = "[hookd]\n" + text
         text = text.replace("[hookd]", "[hookd]\nstate_dir = %s" % self.state_dir, 1) \
             if "state_dir" not in text else text
+        if not re.search(r"^admin\.listen\s*=", text, re.M):
+            text = text.replace("[hookd]", "[hookd]\nadmin.listen = 127.0.0.1:0", 1)
         with open(self.config_path, "w") as f:
             f.write(text)
         os.chmod(self.config_path, 0o600)
@@ -62,16 +68,17 @@ class Daemon:
         self.proc = None
         self._log = []
         self._log_lock = threading.Lock()
-        self.port = None
+        self.port = self.admin_url = None
 
     def start(self, timeout=15):
-        self.port = None
+        self.port = self.admin_url = None
         self.proc = subprocess.Popen(
             [sys.executable, HOOKD, "127.0.0.1:0", "--config", self.config_path] + self.extra_args,
             cwd=self.tmp, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        wait_until(lambda: self.port or self.proc.poll() is not None, timeout, message="daemon to listen")
+        wait_until(lambda: (self.port and (self.admin_url or "admin API off" in self.log()))
+                   or self.proc.poll() is not None, timeout, message="daemon to listen")
         if self.port is None:
             raise AssertionError("daemon exited with %s:\n%s" % (self.proc.returncode, self.log()))
         return self
@@ -82,6 +89,10 @@ class Daemon:
                 line = raw.decode("utf-8", "replace")
                 with self._log_lock:
                     self._log.append(line)
+                m = re.search(r"admin API listening on (http://[0-9.]+:\d+|unix:\S+)", line)
+                if m:
+                    self.admin_url = m.group(1)
+                    continue
                 m = re.search(r"listening on https?://[0-9.]+:(\d+)", line)
                 if m and self.port is None:
                     self.port = int(m.group(1))
@@ -156,12 +167,32 @@ class Daemon:
     def get(self, path, headers=None):
         return request("GET", self.url + path, None, headers)
 
+    def admin(self, method, path, body=None, headers=None):
+        """One request to the admin listener; (status, headers, body)."""
+        if self.admin_url is None:
+            raise AssertionError("the admin API is off (or its line was not logged yet)")
+        if self.admin_url.startswith("unix:"):
+            return unix_request(self.admin_url[5:], method, path, body, headers)
+        return request(method, self.admin_url + path, body, headers)
+
 
 def request(method, url, body=None, headers=None, timeout=20):
     """One request on a fresh connection; returns (status, headers dict lower-cased, body bytes)."""
     m = re.match(r"https?://([^/:]+):(\d+)(.*)", url)
     host, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    return _one(http.client.HTTPConnection(host, port, timeout=timeout), method, path, body, headers)
+
+
+def unix_request(sock_path, method, path, body=None, headers=None, timeout=20):
+    """One request over a unix socket; (status, headers dict lower-cased, body bytes)."""
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.settimeout(timeout)
+    conn.sock.connect(sock_path)
+    return _one(conn, method, path, body, headers)
+
+
+def _one(conn, method, path, body, headers):
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()

@@ -226,8 +226,7 @@ class FaultCase(unittest.TestCase):
         return json.loads(data)["id"]
 
     def admin(self, path):
-        status, _, data = support.request("GET", self.d.url + path,
-                                          headers={"Authorization": "Bearer " + ADMIN_TOKEN})
+        status, _, data = self.d.admin("GET", path, headers={"Authorization": "Bearer " + ADMIN_TOKEN})
         self.assertEqual(status, 200, data[:300])
         return json.loads(data)
 
@@ -919,7 +918,7 @@ class ZzSecretsInLogsTest(FaultCase):
         self.assertEqual(self.d.post("/hooks/signed", body + b" ", {"X-Signature": bad_signature})[0], 401)
         self.assertEqual(self.d.post("/hooks/work", body, {"X-Hook-Token": WRONG_TOKEN})[0], 401)
         self.assertEqual(self.d.post("/hooks/work", body, {"X-Hook-Token": "Bearer " + TOKEN_SECRET})[0], 202)
-        support.request("GET", self.d.url + "/metrics", headers={"Authorization": "Bearer " + WRONG_TOKEN})
+        self.d.admin("GET", "/metrics", headers={"Authorization": "Bearer " + WRONG_TOKEN})
         self.assertEqual(self.d.stop(), 0)
         record("secrets scanned in logs", injected=len(SECRETS))
         leaks = []

@@ -1,5 +1,5 @@
 """Framing fixtures: every raw request in tests/framing/{valid,invalid} fed whole, line by line and byte by
-byte to the body reader, and whole and byte by byte to the real daemon over a socket.
+byte to hookd's request reader (head and body), and the same three ways to the real daemon over a socket.
 
 A fixture is NAME.http (the raw request; real newlines are ignored, escapes \\r \\n \\xHH are bytes) with
 NAME.json (valid: the status and decoded body) or NAME.txt (invalid: "STATUS ExceptionName", then why).
@@ -21,6 +21,7 @@ from tests.support import Daemon, wait_until
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "framing")
 MAX_BODY = 1024
+MAX_HEAD = 2048
 
 
 def load_raw(path):
@@ -76,13 +77,10 @@ def feeds(data):
 
 
 def parse(data, pieces):
-    """Request line + headers with the stdlib parser, then hookd's body reader. Returns body or raises."""
-    rfile = io.BufferedReader(Trickle(pieces), buffer_size=64)
-    line = rfile.readline(65537)
-    version = line.split()[2].decode()
-    headers = http.client.parse_headers(rfile)
-    kind, length = framing.body_framing(headers, version, MAX_BODY)
-    return framing.read_body(rfile, kind, length, MAX_BODY)
+    """hookd's request reader over the pieces: the head, then the body. Returns the body or raises."""
+    reader = framing.Reader(io.BufferedReader(Trickle(pieces), buffer_size=64), MAX_HEAD)
+    reader.head()
+    return reader.body(MAX_BODY)
 
 
 class FramingUnitTest(unittest.TestCase):
@@ -106,23 +104,21 @@ class FramingUnitTest(unittest.TestCase):
                     self.assertEqual(cm.exception.__class__.__name__, expect["exception"])
 
     def test_truncated_chunked_body_is_client_gone_not_a_body(self):
-        data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
+        data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
         with self.assertRaises(framing.ClientGone):
             parse(data, [data])
 
 
-def exchange(port, data, bytewise=False):
-    """Send a raw request, return (status, body) of the one response, and whether the server then closed."""
+def exchange(port, data, feed="whole"):
+    """Send a raw request in the pieces of ``feed`` (whole, lines, bytes); return (status, body) of the
+    one response, and its Connection header."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        if bytewise:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                for i in range(len(data)):
-                    s.sendall(data[i:i + 1])
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the server answered early and closed; its answer is still to be read
-        else:
-            s.sendall(data)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for piece in feeds(data)[feed]:
+                s.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early and closed; its answer is still to be read
         resp = http.client.HTTPResponse(s)
         resp.begin()
         body = resp.read()
@@ -132,32 +128,28 @@ def exchange(port, data, bytewise=False):
 class FramingDaemonTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.d = Daemon("[hookd]\nmax_body = %d\nworkers = 1\n[hook:t]\nverify = none\nallow_unsigned = true\n"
-                       "dedupe = none\n" % MAX_BODY).start()
+        cls.d = Daemon("[hookd]\nmax_body = %d\nmax_header_bytes = %d\nworkers = 1\n[hook:t]\nverify = none\nallow_unsigned = true\n"
+                       "dedupe = none\n" % (MAX_BODY, MAX_HEAD)).start()
 
     @classmethod
     def tearDownClass(cls):
         cls.d.stop()
 
-    def test_valid_fixtures_are_stored(self):
+    def test_valid_fixtures_are_stored_byte_exact_in_every_feed(self):
         for name, data, expect in fixtures("valid"):
-            with self.subTest(fixture=name):
-                status, body, _ = exchange(self.d.port, data)
-                self.assertEqual(status, 202, body)
-                event = self.d.event(json.loads(body)["id"])
-                self.assertEqual(event["body"], expect["body"])
-
-    def test_valid_chunked_fixture_sent_byte_by_byte(self):
-        data = dict((n, d) for n, d, _ in fixtures("valid"))["chunked_trailers"]
-        status, body, _ = exchange(self.d.port, data, bytewise=True)
-        self.assertEqual(status, 202)
+            for feed in ("whole", "lines", "bytes"):
+                with self.subTest(fixture=name, feed=feed):
+                    status, body, _ = exchange(self.d.port, data, feed)
+                    self.assertEqual(status, 202, body)
+                    event = self.d.event(json.loads(body)["id"])
+                    self.assertEqual(event["body"], expect["body"])
 
     def test_invalid_fixtures_get_their_status_and_store_nothing(self):
         before = len(self.d.events())
         for name, data, expect in fixtures("invalid"):
-            for bytewise in (False, True):
-                with self.subTest(fixture=name, bytewise=bytewise):
-                    status, body, connection = exchange(self.d.port, data, bytewise)
+            for feed in ("whole", "lines", "bytes"):
+                with self.subTest(fixture=name, feed=feed):
+                    status, body, connection = exchange(self.d.port, data, feed)
                     self.assertEqual(status, expect["status"], body)
                     self.assertEqual(connection, "close")
         self.assertEqual(len(self.d.events()), before)

@@ -87,7 +87,7 @@ class ZencoderEndToEnd(unittest.TestCase):
         return event_id
 
     def job(self, job_id):
-        status, _, body = self.d.get("/zencoder/jobs/%d" % job_id)
+        status, _, body = self.d.admin("GET", "/zencoder/jobs/%d" % job_id)
         self.assertEqual(status, 200, body)
         return json.loads(body)
 
@@ -248,9 +248,9 @@ class ZencoderEndToEnd(unittest.TestCase):
 
     def test_unknown_job_is_404(self):
         self.assertEqual(self.notify(fake_zencoder.notification(1, "finished"))[0], 404)
-        status, _, _ = self.d.get("/zencoder/jobs/1")
+        status, _, _ = self.d.admin("GET", "/zencoder/jobs/1")
         self.assertEqual(status, 404)
-        status, _, _ = self.d.get("/zencoder/jobs/not-a-number")
+        status, _, _ = self.d.admin("GET", "/zencoder/jobs/not-a-number")
         self.assertEqual(status, 404)
 
     def test_bad_bodies_are_400_or_422(self):
