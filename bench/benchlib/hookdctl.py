@@ -3,7 +3,8 @@
 Strategy: the honesty check counts stored events two independent ways: read-only from the sqlite
 database under the state directory (``count_db``: the table whose name says "event"), and through the
 product's own CLI, ``hookd.py events --json`` (``count_cli``). ``metrics`` parses GET /metrics
-(Prometheus text) into ``{name: [(labels, value)]}``; ``pending`` is the number of events not yet
+(Prometheus text, from the admin API on the unix socket ``admin_socket(workdir)``, where the bench
+configuration puts it) into ``{name: [(labels, value)]}``; ``pending`` is the number of events not yet
 finished (queued, running, retry), used to let the workers drain between runs and to time the
 processing-throughput phase (read from the database, which costs hookd nothing; /metrics as a
 fallback, since rendering it scans the events table inside hookd).
@@ -14,6 +15,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,10 +27,18 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
 PENDING = ("queued", "running", "retry")
 
 
-def metrics(port, timeout=2.0):
-    """``{name: [(labels_text, value)]}`` from GET /metrics; {} when unreachable."""
+def admin_socket(workdir):
+    """Where the bench configuration puts hookd's admin listener."""
+    return os.path.join(workdir, "admin.sock")
+
+
+def metrics(workdir, timeout=2.0):
+    """``{name: [(labels_text, value)]}`` from GET /metrics on the admin listener; {} when unreachable."""
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn = http.client.HTTPConnection("localhost", timeout=timeout)
+        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.sock.settimeout(timeout)
+        conn.sock.connect(admin_socket(workdir))
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode("utf-8", "replace")
         conn.close()
@@ -55,14 +65,14 @@ def pending(snapshot):
                       lambda labels: any('"%s"' % s in labels for s in PENDING))
 
 
-def wait_drained(port, workdir, limit):
+def wait_drained(workdir, limit):
     """Wait (at most ``limit`` s) until no event is pending; returns seconds waited and the last count."""
     start = time.monotonic()
     left = None
     while time.monotonic() - start < limit:
         left = count_db_status(workdir, PENDING)
         if left is None:
-            left = pending(metrics(port))
+            left = pending(metrics(workdir))
         if not left:
             break
         time.sleep(0.1)

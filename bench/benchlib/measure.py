@@ -142,13 +142,13 @@ def _stored_check(run, workdir, store, before):
 
 
 def _hookd_check(run, server, workdir):
-    run["oldest_queued_s"] = _oldest(server.port)
-    waited, left = hookdctl.wait_drained(server.port, workdir, DRAIN_LIMIT)
+    run["oldest_queued_s"] = _oldest(workdir)
+    waited, left = hookdctl.wait_drained(workdir, DRAIN_LIMIT)
     run["drain_s"], run["backlog_after_drain"], run["drain_limit"] = round(waited, 2), left, DRAIN_LIMIT
 
 
-def _oldest(port):
-    snap = hookdctl.metrics(port)
+def _oldest(workdir):
+    snap = hookdctl.metrics(workdir)
     values = [v for _, v in snap.get("hookd_oldest_queued_seconds", [])]
     return max(values) if values else None
 

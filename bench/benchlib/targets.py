@@ -72,11 +72,12 @@ def hookd_config(workdir, extra_hook="", extra_hookd=""):
     """Write hookd's bench configuration into ``workdir``; returns its path."""
     path = os.path.join(workdir, "credentials.properties")
     with open(path, "w") as f:
-        f.write("[hookd]\nstate_dir = %s\nworkers = 4\nmax_connections = 256\nshutdown_grace = 3\n%s\n"
+        f.write("[hookd]\nstate_dir = %s\nadmin.listen = unix:%s\nworkers = 4\nmax_connections = 256\n"
+                "shutdown_grace = 3\n%s\n"
                 "[preservica]\nsecret.key = %s\n\n"
                 "[hook:bench]\nverify = standard-webhooks\nsecret = %s\n%s"
-                % (os.path.join(workdir, "var"), extra_hookd, pool.PRESERVICA_SECRET.decode(),
-                   pool.WHSEC, extra_hook))
+                % (os.path.join(workdir, "var"), os.path.join(workdir, "admin.sock"), extra_hookd,
+                   pool.PRESERVICA_SECRET.decode(), pool.WHSEC, extra_hook))
     os.chmod(path, 0o600)
     return path
 
