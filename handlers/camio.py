@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import time
 
-from hookd_core import http, proc
+from hookd_core import actions, http, proc
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Response,
                             Retry)
 from hookd_core.config import ConfigError
@@ -168,8 +168,7 @@ class Handler(Integration):
         """Run the user's model: payload JSON on stdin, labels JSON on stdout, decoded images in cwd."""
         argv = shlex.split(command)
         timeout = self.conf.float("labeler.timeout")
-        env = dict(os.environ, HOOKD_EVENT_ID=str(ctx.id), HOOKD_ROUTE=str(ctx.route),
-                   HOOKD_ATTEMPT=str(ctx.attempt), HOOKD_IMAGE_DIR=workdir)
+        env = actions.job_env(ctx, self, HOOKD_IMAGE_DIR=workdir)
         try:
             done = proc.run(argv, stdin=ctx.body, timeout=timeout, env=env, cwd=workdir)
         except OSError as e:

@@ -3,7 +3,8 @@
 Strategy: each action is ``fn(ctx, integration) -> note or None`` and ends like a job does: return when
 done, raise ``Retry`` (backoff, then dead) or ``Fail`` (dead at once). The core calls
 ``ACTIONS[name](ctx, integration)`` for each name in ``integration.actions()``. ``command`` runs a program
-through ``proc.run`` (no shell, own process group killed on timeout) with the event JSON on stdin;
+through ``proc.run`` (no shell, its whole tree killed on timeout, output capped as it arrives) with the
+event JSON on stdin and a clean environment (``job_env``: the HOOKD_* values and ``command.env`` names);
 ``forward`` POSTs the original bytes through ``http.request`` (which never follows a redirect); ``teams``
 posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a legacy MessageCard
 (reference/upstreams.md §6). Notes and errors never contain secrets: program output is trimmed and the
@@ -12,7 +13,7 @@ section's secret values are masked; URLs are logged without their query (Teams U
 
 import base64
 import json
-import os
+import re
 import shlex
 import urllib.parse
 
@@ -22,6 +23,7 @@ from .api import Fail, Retry
 MAX_NOTE = 300          # characters of a program's stderr kept in last_error
 MAX_RETRY_AFTER = 3600  # seconds; a larger Retry-After from an upstream is capped to this
 TEAMS_FORMATS = ("adaptive", "messagecard")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # -- command -------------------------------------------------------------------------------------------
@@ -51,10 +53,8 @@ def command(ctx, integration):
         raise Fail("command is empty")
     timeout = conf.float("command.timeout")
     stdin = json.dumps(event_document(ctx)).encode("utf-8")
-    env = dict(os.environ, HOOKD_EVENT_ID=str(ctx.id), HOOKD_ROUTE=str(ctx.route),
-               HOOKD_ATTEMPT=str(ctx.attempt))
     try:
-        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env)
+        done = proc.run(argv, stdin=stdin, timeout=timeout, env=job_env(ctx, integration))
     except OSError as e:
         raise Retry("command %s could not start: %s" % (argv[0], e.strerror or e))
     if done.timed_out:
@@ -65,6 +65,15 @@ def command(ctx, integration):
         detail = _last_line(done.stderr, _secret_values(integration))
         raise Retry("command %s%s" % (how, ": " + detail if detail else ""))
     return "command exited 0"
+
+
+def job_env(ctx, integration, **more):
+    """The clean environment of a job's program (proc.child_env): the job's HOOKD_* values (and
+    ``more``), plus the names the section lists in ``command.env`` unless they hold a secret."""
+    secrets = _secret_values(integration) + (ctx.app.secrets() if ctx.app is not None else [])
+    hookd_vars = dict({"HOOKD_EVENT_ID": str(ctx.id), "HOOKD_ROUTE": str(ctx.route),
+                       "HOOKD_ATTEMPT": str(ctx.attempt)}, **more)
+    return proc.child_env(hookd_vars, ctx.conf.list("command.env"), secrets)
 
 
 def _last_line(data, secrets):
@@ -183,6 +192,9 @@ def check(conf):
             problems.append("command is empty")
     except ValueError as e:
         problems.append("command cannot be split into arguments: %s" % e)
+    for name in conf.list("command.env"):
+        if name in proc.NEVER or not ENV_NAME.match(name):
+            problems.append("command.env: %s cannot be passed to a program" % name)
     for key in ("command.timeout", "forward.timeout"):
         try:
             if float(conf.get(key) or 1) <= 0:

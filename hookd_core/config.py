@@ -37,6 +37,7 @@ HOOKD_KEYS = {
 ACTION_KEYS = {
     "command": "",
     "command.timeout": "300",
+    "command.env": "",
     "forward": "",
     "forward.timeout": "30",
     "teams.url": "",

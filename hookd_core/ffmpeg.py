@@ -1,6 +1,7 @@
 """Supervised ffmpeg recordings: a clip of N seconds from a stream, playable or not there at all.
 
-Strategy: ``record()`` starts ffmpeg without a shell in its own process group, writing an mp4 to a hidden
+Strategy: ``record()`` starts ffmpeg through ``proc.spawn`` (no shell, its own process group, a clean
+environment, recorded with the job when a worker runs it), writing an mp4 to a hidden
 temporary name in the destination directory, and watches it from the calling thread. ffmpeg reports its
 progress on stdout (``-progress pipe:1``) every quarter second; the supervisor kills the whole group
 (SIGKILL) when no new frame arrived for ``stall_timeout`` seconds (a camera hanging mid-stream) or when the
@@ -136,7 +137,7 @@ def record(input_args, out_path, duration, recode=True, framerate="auto", stoppi
     stopping = stopping or threading.Event()
     if stopping.is_set():
         raise RecordingFailed("not started: hookd is stopping")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), mode=0o750, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), mode=0o700, exist_ok=True)
     remove_orphans(os.path.abspath(out_path))
     tmp = temp_path(os.path.abspath(out_path))
     argv = build_argv(input_args, tmp, duration, recode, framerate)
@@ -227,10 +228,11 @@ class _Run:
         self.deadline = self.started + deadline
         self.last_progress = self.started
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+            self.child = proc.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
         except OSError as e:
             raise Missing("cannot start ffmpeg: %s" % e.strerror)
+        self.proc = self.child.popen
         self._readers = [threading.Thread(target=self._read_progress, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._readers:
@@ -272,6 +274,7 @@ class _Run:
             elif now > self.deadline:
                 self._kill("still running %.0f s after start" % (now - self.started))
             time.sleep(0.05)
+        proc.end(self.child)  # whatever ffmpeg left behind goes too; the store forgets its group
         for t in self._readers:
             t.join(5)
         self.proc.stdout.close()
@@ -294,7 +297,7 @@ class _Run:
     def _kill(self, reason):
         if self.killed_for is None:
             self.killed_for = reason
-        proc.kill_group(self.proc)
+        proc.kill_tree(self.child)
 
     def _reap(self):
         """True once ffmpeg has exited; records its exit code and CPU time (wait4 gives its rusage)."""

@@ -80,6 +80,7 @@ class CommandTest(unittest.TestCase):
         self.assertEqual(doc["received_at"], "2026-01-02T03:04:05Z")
         with open(self.out + ".env") as f:
             env = json.load(f)
+        self.assertRegex(env.pop("HOOKD_JOB"), r"^[0-9a-f]{16}$")  # the marker its descendants inherit
         self.assertEqual(env, {"HOOKD_EVENT_ID": "7", "HOOKD_ROUTE": "hook:t", "HOOKD_ATTEMPT": "2"})
 
     def test_non_utf8_body_is_base64_and_action_input_replaces_the_event(self):

@@ -1,0 +1,144 @@
+"""Children hookd starts, held to SPEC §6 (command) and §7: a clean environment, bounded output, and no
+process that outlives its job or hookd — on a timeout, on SIGTERM, and after a kill -9 and a restart.
+
+The real daemon runs real programs (python3 scripts, ``head``, ``sleep``, ``setsid``, the real ffmpeg
+recording tests/fake_camera.py). Processes are found and judged through /proc: a pid file the program
+writes, or ffmpeg by the camera URL in its command line. ``proc`` is also called directly, as the
+command action and the labelers call it.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import unittest
+
+from hookd_core import actions, config, proc
+from tests.support import Daemon, process_alive, wait_until
+
+SECRETS = {"HOOK_SECRET": "hook-secret-0123456789", "ADMIN_TOKEN": "admin-token-0123456789",
+           "CAMERA_PASSWORD": "camera-password-0123456789"}
+
+DUMP_ENV = textwrap.dedent("""\
+    import json, os, sys
+    sys.stdin.read()
+    with open(sys.argv[1] + "-" + os.environ.get("HOOKD_EVENT_ID", "x"), "w") as f:
+        json.dump(dict(os.environ), f)
+""")
+
+def rss_peak_kb(pid):
+    """VmHWM (the peak resident set size) of ``pid`` in kB, from /proc/PID/status."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+def read_pids(path):
+    wait_until(lambda: os.path.exists(path), 20, message="the command to write %s" % path)
+    with open(path) as f:
+        return [int(p) for p in f.read().split()]
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="hookd-children-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def script(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def daemon(self, config, env=None):
+        d = Daemon(config, tmpdir=self.tmp, env=env)
+        self.addCleanup(lambda: d.proc and d.proc.poll() is None and d.kill9())
+        return d.start()
+
+    def accepted(self, d, path="/hooks/job", body=b'{"n": 1}', headers=None):
+        status, _, reply = d.post(path, body, dict({"Content-Type": "application/json"}, **(headers or {})))
+        self.assertEqual(status, 202, reply)
+        return json.loads(reply)["id"]
+
+
+class EnvironmentTest(Base):
+    def test_a_command_sees_no_secret_only_the_clean_environment(self):
+        creds = os.path.join(self.tmp, "creds")
+        os.mkdir(creds, 0o700)
+        with open(os.path.join(creds, "hook"), "w") as f:
+            f.write(SECRETS["HOOK_SECRET"])
+        dump = self.script("dump.py", DUMP_ENV)
+        out = os.path.join(self.tmp, "env")
+        env = dict(SECRETS, CREDENTIALS_DIRECTORY=creds, NOTIFY_SOCKET=os.path.join(self.tmp, "no-notify"),
+                   HOOKD_CONFIG=os.path.join(self.tmp, "credentials.properties"), WANTED="yes",
+                   UNWANTED="no", LC_TIME="C", TZ="UTC", LANG="C.UTF-8")
+        d = self.daemon(textwrap.dedent("""\
+            [hookd]
+            admin.token = env:ADMIN_TOKEN
+            [hook:job]
+            verify = token
+            token.header = X-Token
+            secret = cred:hook
+            command = %s %s %s
+            command.env = WANTED HOOK_SECRET
+            """) % (sys.executable, dump, out), env=env)
+        event_id = self.accepted(d, headers={"X-Token": SECRETS["HOOK_SECRET"]})
+        d.wait_status(event_id, "done")
+        with open("%s-%d" % (out, event_id)) as f:
+            seen = json.load(f)
+        allowed = {"PATH", "LANG", "TZ", "HOME", "WANTED"}
+        extra = [k for k in seen if k not in allowed and not k.startswith(("LC_", "HOOKD_"))]
+        self.assertEqual(extra, [], seen)
+        self.assertEqual((seen["WANTED"], seen["LC_TIME"], seen["TZ"]), ("yes", "C", "UTC"))
+        self.assertEqual(seen["HOOKD_EVENT_ID"], str(event_id))
+        self.assertNotIn("HOOKD_CONFIG", seen)
+        text = json.dumps(seen)
+        for value in list(SECRETS.values()) + [creds]:
+            self.assertNotIn(value, text)
+        d.stop()
+
+    def test_child_env_helper(self):
+        environ = {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "TZ": "UTC", "LANG": "C", "SECRET": "xyz1234",
+                   "HOOKD_CONFIG": "/c", "NOTIFY_SOCKET": "/n", "CREDENTIALS_DIRECTORY": "/d", "KEEP": "k"}
+        env = proc.child_env({"HOOKD_ROUTE": "r"}, ["KEEP", "SECRET", "NOTIFY_SOCKET", "ABSENT"],
+                             secrets=["xyz1234"], environ=environ)
+        self.assertEqual(env, {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "TZ": "UTC", "LANG": "C",
+                               "HOOKD_ROUTE": "r", "KEEP": "k"})
+
+
+    def test_check_config_refuses_command_env_names_never_passed(self):
+        conf = config.Section("hook:t", {"command.env": "OK_NAME CREDENTIALS_DIRECTORY NOTIFY_SOCKET 1BAD"},
+                              config.ACTION_KEYS)
+        self.assertEqual(actions.check(conf), ["command.env: %s cannot be passed to a program" % n
+                                               for n in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "1BAD")])
+
+
+class OutputTest(Base):
+    def test_400_mb_of_output_leaves_rss_flat(self):
+        head = shutil.which("head")
+        d = self.daemon("[hook:job]\nverify = none\nallow_unsigned = true\n"
+                        "command = %s -c 400000000 /dev/zero\ncommand.timeout = 120\n" % head)
+        event_id = self.accepted(d)
+        d.wait_status(event_id, "done", timeout=120)
+        peak = rss_peak_kb(d.proc.pid)
+        print("\ndaemon VmHWM after a command printed 400 MB: %.1f MB" % (peak / 1024.0), file=sys.stderr)
+        self.assertLess(peak, 60 * 1024)
+        d.stop()
+
+
+class TimeoutTest(Base):
+    def test_setsid_grandchild_is_killed_by_the_timeout(self):
+        pidfile = os.path.join(self.tmp, "pid")
+        argv = ["/bin/sh", "-c", "setsid sleep 60 & echo $! > %s; wait" % pidfile]
+        done = proc.run(argv, timeout=1.5)
+        self.assertTrue(done.timed_out)
+        escaped = read_pids(pidfile)[0]
+        wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+if __name__ == "__main__":
+    unittest.main()
