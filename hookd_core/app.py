@@ -21,6 +21,7 @@ import threading
 
 from . import config as config_mod
 from . import actions, admin, logs, systemd_glue
+from .children import Registry
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
 from .server import Server
@@ -61,6 +62,7 @@ class App:
         self.stopping = threading.Event()
         self.metrics = Metrics()
         self.store = None
+        self.children = None  # the job processes' registry, once the store is open
         self.pool = None
         self.server = self.admin_server = None
         self.integrations = []
@@ -191,6 +193,7 @@ class App:
     def open_store(self):
         os.makedirs(self.state_dir, exist_ok=True)
         self.store = Store(os.path.join(self.state_dir, "hookd.sqlite3"))
+        self.children = Registry(self.store, self.log)
         for integ in self.integrations:
             if integ.SCHEMA:
                 self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
@@ -205,6 +208,8 @@ class App:
         """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
         self._announce()
         self.open_store()
+        for event_id, n in sorted(self.children.kill_leftovers().items()):
+            self.log.warning("killed %d processes of event %s left running by an earlier run", n, event_id)
         n = self.store.requeue_running()
         if n:
             self.log.warning("requeued %d events left running by an earlier stop", n)
@@ -300,6 +305,11 @@ class App:
             server.reaper.fire_idle()
         self.stopping.set()
         left = self.pool.join(grace)
+        killed = self.children.kill_all()
+        if killed:
+            self.log.warning("killed the processes of events %s after shutdown_grace",
+                             ", ".join(map(str, killed)))
+            self.pool.join(5)  # let their workers record the outcome before the store closes
         for server in servers:
             server.server_close()
         if left:

@@ -16,6 +16,8 @@ import textwrap
 import unittest
 
 from hookd_core import actions, config, proc
+from tests import test_ixon
+from tests.fake_camera import FakeCamera
 from tests.support import Daemon, process_alive, wait_until
 
 SECRETS = {"HOOK_SECRET": "hook-secret-0123456789", "ADMIN_TOKEN": "admin-token-0123456789",
@@ -28,6 +30,18 @@ DUMP_ENV = textwrap.dedent("""\
         json.dump(dict(os.environ), f)
 """)
 
+# Writes its pid and the pid of a grandchild that left for its own session, then sleeps.
+SLEEPER = textwrap.dedent("""\
+    import os, subprocess, sys, time
+    escaped = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write("%d %d" % (os.getpid(), escaped.pid))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    sys.stdin.read()
+    os.execvp("sleep", ["sleep", "30"])
+""")
+
+
 def rss_peak_kb(pid):
     """VmHWM (the peak resident set size) of ``pid`` in kB, from /proc/PID/status."""
     with open("/proc/%d/status" % pid) as f:
@@ -35,6 +49,27 @@ def rss_peak_kb(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise AssertionError("no VmHWM for %d" % pid)
+
+
+def pids_with_cmdline(needle):
+    """Live (non-zombie) processes whose command line contains ``needle``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle.encode() in cmdline and process_alive(int(name)):
+            found.append(int(name))
+    return found
+
+
+def environ_of(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
 
 
 def read_pids(path):
@@ -138,6 +173,48 @@ class TimeoutTest(Base):
         self.assertTrue(done.timed_out)
         escaped = read_pids(pidfile)[0]
         wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+class ShutdownTest(Base):
+    def test_sigterm_leaves_no_process_behind(self):
+        sleeper = self.script("sleeper.py", SLEEPER)
+        pidfile = os.path.join(self.tmp, "pids")
+        d = self.daemon("[hookd]\nshutdown_grace = 2\n[hook:job]\nverify = none\nallow_unsigned = true\n"
+                        "command = %s %s %s\n" % (sys.executable, sleeper, pidfile))
+        self.accepted(d)
+        pids = read_pids(pidfile)
+        self.assertTrue(all(process_alive(p) for p in pids))
+        self.assertEqual(d.stop(), 0)
+        wait_until(lambda: not any(process_alive(p) for p in pids), 5,
+                   message="the command %s to be gone after hookd stopped" % pids)
+
+
+class RestartTest(Base):
+    def setUp(self):
+        super().setUp()
+        self.cam = FakeCamera(fps=10)
+        self.addCleanup(self.cam.close)
+
+    def test_kill_9_mid_recording_then_restart_leaves_one_ffmpeg(self):
+        d = self.daemon("[hookd]\nadmin.token = env:ADMIN_TOKEN\nretry.base_delay = 0.05\n"
+                        "[ixon]\nstream.url = %s\nduration = 30\n" % self.cam.stream_url,
+                        env={"ADMIN_TOKEN": SECRETS["ADMIN_TOKEN"]})
+        status, _, body = d.post("/ixon/webhook", json.dumps(test_ixon.MESSAGE).encode(),
+                                 {"Content-Type": "application/json"})
+        self.assertEqual(status, 202, body)
+        first = wait_until(lambda: pids_with_cmdline(self.cam.stream_url), 20, message="ffmpeg to start")
+        self.assertEqual(len(first), 1)
+        seen = environ_of(first[0])
+        self.assertNotIn(b"ADMIN_TOKEN", seen)
+        self.assertNotIn(SECRETS["ADMIN_TOKEN"].encode(), b" ".join(seen.values()))
+        d.kill9()
+        self.assertTrue(process_alive(first[0]), "ffmpeg died with hookd: nothing to test")
+        d.start()
+        again = wait_until(lambda: [p for p in pids_with_cmdline(self.cam.stream_url) if p != first[0]], 30,
+                           message="the recording to start again")
+        self.assertFalse(process_alive(first[0]), "the old ffmpeg still records beside the new one")
+        self.assertEqual(pids_with_cmdline(self.cam.stream_url), again)
+        self.assertEqual(d.stop(), 0)
 
 
 if __name__ == "__main__":

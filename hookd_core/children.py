@@ -1,0 +1,116 @@
+"""A job's processes never outlive hookd: each one is recorded in the store while it runs, killed after
+``shutdown_grace`` on SIGTERM, and after a crash killed by the next start before its job runs again.
+
+Strategy: the worker runs each job inside ``Registry.job(event_id)``, which makes the registry the watcher
+of every child the job's thread spawns (hookd_core/proc.py). When a child starts, one row goes into
+``job_processes``: its process group, its start time (clock ticks since boot, /proc/PID/stat), the boot
+it belongs to and its HOOKD_JOB marker; when it ends, the row goes. ``kill_all`` (SIGTERM, after the
+grace) kills the tree of every child still running. ``kill_leftovers`` (at start, before anything is
+requeued) reads the rows a previous run left: a row of this boot has its tree killed (``proc.tree``
+trusts a group only while its leader has the recorded start time, so a reused pid is never hit), then
+every row is deleted. Pure functions over a connection keep the SQL in one place.
+"""
+
+import threading
+import time
+
+from . import proc
+from .store import StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_processes (
+  marker TEXT PRIMARY KEY,
+  event_id INTEGER NOT NULL,
+  pgid INTEGER NOT NULL,
+  start_ticks INTEGER NOT NULL,
+  boot_id TEXT NOT NULL,
+  started_at REAL NOT NULL
+)
+"""
+
+
+def boot_id():
+    """This boot's id (a process start time means nothing across a reboot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def record(conn, event_id, child, boot):
+    conn.execute("INSERT OR REPLACE INTO job_processes(marker, event_id, pgid, start_ticks, boot_id, started_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (child.marker, event_id, child.pid, child.start or 0, boot,
+                                                time.time()))
+
+
+def forget(conn, markers):
+    conn.executemany("DELETE FROM job_processes WHERE marker=?", [(m,) for m in markers])
+
+
+def recorded(conn):
+    """[(marker, event_id, pgid, start_ticks, boot_id)] of every recorded process group."""
+    return conn.execute("SELECT marker, event_id, pgid, start_ticks, boot_id FROM job_processes"
+                        " ORDER BY started_at").fetchall()
+
+
+class Registry:
+    """The children of the running jobs, in memory and in the store's ``job_processes`` table."""
+
+    def __init__(self, store, log):
+        self.store, self.log = store, log
+        self.boot = boot_id()
+        self.store.write(lambda conn: conn.execute(SCHEMA))
+        self._lock = threading.Lock()
+        self._live = {}  # marker -> (event_id, Child)
+
+    def job(self, event_id):
+        """Context manager: children spawned by this thread inside it belong to event ``event_id``."""
+        return proc.watched_by(_Job(self, event_id))
+
+    def started(self, event_id, child):
+        with self._lock:
+            self._live[child.marker] = (event_id, child)
+        self.store.write(lambda conn: record(conn, event_id, child, self.boot))
+
+    def ended(self, child):
+        with self._lock:
+            self._live.pop(child.marker, None)
+        try:
+            self.store.write(lambda conn: forget(conn, [child.marker]))
+        except StoreError as e:  # stopping: the row stays, and the next start finds its processes gone
+            self.log.warning("could not forget process group %d: %s", child.pid, e)
+
+    def kill_all(self):
+        """SIGKILL the tree of every child still running (hookd is stopping); returns the events hit."""
+        with self._lock:
+            live = list(self._live.values())
+        for event_id, child in live:
+            proc.kill_tree(child)
+        return sorted({event_id for event_id, _ in live})
+
+    def kill_leftovers(self):
+        """Kill what a previous run of hookd left running, then forget it; returns {event_id: killed}."""
+        rows = self.store.read(recorded)
+        hit = {}
+        for marker, event_id, pgid, start, boot in rows:
+            if boot == self.boot:
+                n = proc.kill_recorded(pgid, start, marker)
+                if n:
+                    hit[event_id] = hit.get(event_id, 0) + n
+        if rows:
+            self.store.write(lambda conn: forget(conn, [r[0] for r in rows]))
+        return hit
+
+
+class _Job:
+    """The watcher of one job's thread: reports its children to the registry under the event's id."""
+
+    def __init__(self, registry, event_id):
+        self.registry, self.event_id = registry, event_id
+
+    def started(self, child):
+        self.registry.started(self.event_id, child)
+
+    def ended(self, child):
+        self.registry.ended(child)
