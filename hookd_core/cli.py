@@ -50,6 +50,7 @@ def _split_config(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)  # files and directories hookd (and its children) create are private, whatever the umask
     try:
         path, rest = _split_config(argv)
         if rest and rest[0] in ("-h", "--help", "help"):

@@ -1,0 +1,57 @@
+"""What hookd keeps stays private (SPEC §7, issue 16): files and directories it creates are 0600/0700
+whatever the umask.
+
+The permissions test follows the README quick start (its configuration is read from README.md) with the
+umask at 022, the usual interactive default, and stats the state directory, the database and its
+``-wal``/``-shm`` while the daemon runs, and the file the quick start's command writes.
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import unittest
+
+from tests.support import ROOT, Daemon, hmac_hex
+
+
+def quick_start_config():
+    """The configuration file the README quick start writes."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    m = re.search(r"## Quick start.*?cat > credentials\.properties <<'EOF'\n(.*?)\nEOF\n", readme, re.S)
+    assert m, "README has no quick start configuration"
+    return m.group(1) + "\n"
+
+
+def mode(path):
+    return oct(stat.S_IMODE(os.stat(path).st_mode))
+
+
+class PermissionsTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="hookd-private-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+
+    def test_quick_start_with_umask_022_creates_only_private_files(self):
+        d = Daemon(quick_start_config(), tmpdir=self.tmp)
+        self.addCleanup(d.stop)
+        d.start()
+        body = b'{"hello": "world"}'
+        status, _, reply = d.post("/hooks/demo", body, {"Content-Type": "application/json",
+                                                         "X-Signature": "sha256=" + hmac_hex("change-me", body)})
+        self.assertEqual(status, 202, reply)
+        d.wait_status(json.loads(reply)["id"], "done")
+        db = os.path.join(d.state_dir, "hookd.sqlite3")
+        found = {p: mode(p) for p in (d.state_dir, db, db + "-wal", db + "-shm",
+                                      os.path.join(self.tmp, "received.jsonl"))}
+        self.assertEqual(found, {d.state_dir: "0o700", db: "0o600", db + "-wal": "0o600", db + "-shm": "0o600",
+                                 os.path.join(self.tmp, "received.jsonl"): "0o600"})
+
+
+if __name__ == "__main__":
+    unittest.main()
