@@ -24,6 +24,7 @@ from . import actions, admin, logs, systemd_glue
 from .children import Registry
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
+from .redact import credential_headers, stored_headers
 from .server import Server
 from .store import Store
 from .workers import Pool
@@ -157,8 +158,7 @@ class App:
 
     def event_rows(self, integ, req, events):
         """Rows for the store from accept()'s NewEvents: dedupe key, stored headers, body, payload."""
-        from .server import stored_headers
-        headers = json.dumps(stored_headers(req.headers, self._secret_cache()))
+        headers = json.dumps(stored_headers(req.headers, self._secret_cache(), credential_headers(integ.conf)))
         rule = integ.conf.get("dedupe") or getattr(integ, "DEFAULT_DEDUPE", "body")
         done = not integ.needs_work()
         rows = []

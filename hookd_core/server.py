@@ -18,7 +18,6 @@ import http
 import http.server
 import json
 import os
-import re
 import socket
 import socketserver
 import threading
@@ -29,8 +28,6 @@ from . import admin, framing
 from .api import Busy, NotFound, Reject, Request, Response
 from .store import StoreError
 
-SENSITIVE = ("authorization", "cookie", "signature", "secret", "token", "hmac", "api-key", "apikey", "password")
-_SENSITIVE = re.compile("|".join(SENSITIVE))
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
@@ -406,12 +403,3 @@ def _http_date():
     return _DATE[1]
 
 
-def stored_headers(headers, secrets):
-    """Headers worth keeping (lower-case names), without credentials, signatures or secret values."""
-    out = {}
-    for name, value in headers.items():
-        low = name.lower()
-        if _SENSITIVE.search(low) or (secrets and any(sec in value for sec in secrets)):
-            continue
-        out[low] = value
-    return out

@@ -1,5 +1,5 @@
 """What hookd keeps stays private (SPEC §7, issue 16): files and directories it creates are 0600/0700
-whatever the umask.
+whatever the umask, and stored headers never hold a credential.
 
 The permissions test follows the README quick start (its configuration is read from README.md) with the
 umask at 022, the usual interactive default, and stats the state directory, the database and its
@@ -14,6 +14,7 @@ import stat
 import tempfile
 import unittest
 
+from hookd_core.redact import stored_headers
 from tests.support import ROOT, Daemon, hmac_hex
 
 
@@ -51,6 +52,32 @@ class PermissionsTest(unittest.TestCase):
                                       os.path.join(self.tmp, "received.jsonl"))}
         self.assertEqual(found, {d.state_dir: "0o700", db: "0o600", db + "-wal": "0o600", db + "-shm": "0o600",
                                  os.path.join(self.tmp, "received.jsonl"): "0o600"})
+
+
+class StoredHeadersTest(unittest.TestCase):
+    HEADERS = {"Content-Type": "application/json", "X-Request-Id": "r-1", "X-Auth": "Basic dXNlcjpzM2NyZXQ=",
+               "X-Api-Auth": "tok-abc", "X-Forwarded-Creds": "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig",
+               "X-Note": "digest of the day", "X-Upstream": "Token abc123def456"}
+
+    def test_configured_credential_headers_and_auth_values_are_not_stored(self):
+        kept = stored_headers(self.HEADERS, secrets=[], credential_headers={"x-api-auth"})
+        self.assertEqual(kept, {"content-type": "application/json", "x-request-id": "r-1",
+                                "x-note": "digest of the day"})
+
+    def test_end_to_end_the_token_header_of_a_route_is_not_stored(self):
+        tmp = tempfile.mkdtemp(prefix="hookd-private-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        d = Daemon("[hook:t]\nverify = token\ntoken.header = X-Auth\nsecret = s3cret\n", tmpdir=tmp)
+        self.addCleanup(d.stop)
+        d.start()
+        status, _, reply = d.post("/hooks/t", b"{}", {"Content-Type": "application/json", "X-Request-Id": "r-1",
+                                                      "X-Auth": "Basic dXNlcjpzM2NyZXQ=",
+                                                      "X-Other": "Bearer abc.def.ghi"})
+        self.assertEqual(status, 202, reply)
+        headers = d.event(json.loads(reply)["id"])["headers"]
+        self.assertEqual(headers.get("x-request-id"), "r-1")
+        self.assertNotIn("x-auth", headers)
+        self.assertNotIn("x-other", headers)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""What of a request may be kept: the headers stored with an event, without any credential.
+
+Strategy: a header is dropped when its name says it carries a credential (Authorization, Cookie, or a
+name containing signature, secret, token, hmac, api-key or password), when the route names it as its
+credential header in its configuration (every ``*.header`` key: ``signature.header``, ``token.header``,
+``secret.header``), when its value is an HTTP credential whatever the name (``Basic``, ``Bearer``,
+``Digest`` and the other authentication schemes followed by a token), or when it holds one of hookd's
+secret values. What is stored is what ``/events``, the CLI and a command's stdin show, so nothing here may
+ever hold a secret.
+"""
+
+import re
+
+SENSITIVE = ("authorization", "cookie", "signature", "secret", "token", "hmac", "api-key", "apikey", "password")
+_SENSITIVE = re.compile("|".join(SENSITIVE))
+# An authentication scheme (RFC 9110 §11.4: the IANA registry and common token schemes) followed by its
+# credentials, a token68 alone or auth-params ("Digest username=..."); "Digest of the day" is not one.
+_CREDENTIAL_VALUE = re.compile(r"^\s*(?:basic|bearer|digest|token|negotiate|ntlm|hoba|mutual|vapid|scram-sha-\d+"
+                               r"|aws4-hmac-sha256|oauth|apikey|dpop)\s+(?:[A-Za-z0-9._~+/-]+=*\s*$"
+                               r"|[!#$%&'*+.^_`|~0-9A-Za-z-]+\s*=)", re.I)
+
+
+def credential_headers(conf):
+    """Lower-case names of the headers a section's configuration names as credentials (``*.header``)."""
+    return {str(value).strip().lower() for key, value in conf.items()
+            if key.endswith(".header") and value and str(value).strip()}
+
+
+def stored_headers(headers, secrets, credential_headers=()):
+    """Headers worth keeping (lower-case names), without credentials, signatures or secret values."""
+    out = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if _SENSITIVE.search(low) or low in credential_headers or _CREDENTIAL_VALUE.match(value) \
+                or (secrets and any(sec in value for sec in secrets)):
+            continue
+        out[low] = value
+    return out
