@@ -27,7 +27,7 @@ from tests import support
 ROOT = support.ROOT
 UNIT = os.path.join(ROOT, "systemd", "hookd.service")
 SOCKET_UNIT = os.path.join(ROOT, "systemd", "hookd.socket")
-MAX_SCORE = 1.5
+MAX_SCORE = 1.1  # SPEC §7 allows 1.5; issue 16 keeps it where it is
 
 # Runs in the child: move the passed socket to fd 3, claim it with LISTEN_PID (execv keeps the pid).
 ACTIVATE = ("import os, sys\n"
@@ -362,6 +362,16 @@ class UnitFileTest(unittest.TestCase):
         self.assertIn("WatchdogSec", settings)
         self.assertIn("%d/credentials.properties", settings["Environment"])
         self.assertIn("${HOOKD_CONFIG}", settings["ExecStart"])
+
+    def test_children_are_bounded_and_kept_from_metadata_and_the_admin_api(self):
+        settings = unit_settings(UNIT)
+        values = dict(settings)
+        self.assertRegex(values.get("MemoryMax", ""), r"^\d+[KMG]$")
+        self.assertRegex(values.get("TasksMax", ""), r"^\d+$")
+        denied = " ".join(v for k, v in settings if k == "IPAddressDeny").split()
+        self.assertIn("169.254.0.0/16", denied)
+        self.assertEqual(values.get("RuntimeDirectory"), "hookd")  # the admin API's unix socket lives there
+        self.assertEqual(values.get("RuntimeDirectoryMode"), "0700")
 
     def test_stop_timeout_exceeds_shutdown_grace(self):
         from hookd_core.config import HOOKD_KEYS
