@@ -118,10 +118,7 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
     try:
         out, err, timed_out = _collect(child.popen, stdin, deadline)
         if not timed_out:  # the output ended; the program itself may still run (it closed its pipes)
-            try:
-                child.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out = not _exited(child.pid, deadline)
     finally:
         for pipe in (child.popen.stdin, child.popen.stdout, child.popen.stderr):
             pipe.close()
@@ -131,17 +128,27 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
     return Finished(code, out.data(), err.data(), False)
 
 
+def _exited(pid, deadline):
+    """Wait until ``pid`` exits or ``deadline``; True if it exited. It is left unreaped (a zombie), so
+    ``kill_tree`` can still trust its process group by the leader's start time."""
+    while True:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 class _Capped:
-    """The first MAX_OUTPUT bytes of a stream; later bytes are counted and dropped."""
+    """The first MAX_OUTPUT bytes of a stream; later bytes are dropped."""
 
     def __init__(self):
-        self.buf, self.dropped = bytearray(), 0
+        self.buf = bytearray()
 
     def add(self, chunk):
         room = MAX_OUTPUT - len(self.buf)
         if room > 0:
             self.buf += chunk[:room]
-        self.dropped += max(0, len(chunk) - max(room, 0))
 
     def data(self):
         return bytes(self.buf)
