@@ -3,8 +3,9 @@
 
 Strategy: the worker runs each job inside ``Registry.job(event_id)``, which makes the registry the watcher
 of every child the job's thread spawns (hookd_core/proc.py). When a child starts, one row goes into
-``job_processes``: its process group, its start time (clock ticks since boot, /proc/PID/stat), the boot
-it belongs to and its HOOKD_JOB marker; when it ends, the row goes. ``kill_all`` (SIGTERM, after the
+``job_processes``: its HOOKD_JOB marker and the boot before the fork (so a crash a moment later still
+finds it by its marker), then its process group and start time (clock ticks since boot, /proc/PID/stat)
+once it runs; when it ends, the row goes. ``kill_all`` (SIGTERM, after the
 grace) kills the tree of every child still running. ``kill_leftovers`` (at start, before anything is
 requeued) reads the rows a previous run left: a row of this boot has its tree killed (``proc.tree``
 trusts a group only while its leader has the recorded start time, so a reused pid is never hit), then
@@ -21,8 +22,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS job_processes (
   marker TEXT PRIMARY KEY,
   event_id INTEGER NOT NULL,
-  pgid INTEGER NOT NULL,
-  start_ticks INTEGER NOT NULL,
+  pgid INTEGER,
+  start_ticks INTEGER,
   boot_id TEXT NOT NULL,
   started_at REAL NOT NULL
 )
@@ -38,10 +39,15 @@ def boot_id():
         return ""
 
 
-def record(conn, event_id, child, boot):
-    conn.execute("INSERT OR REPLACE INTO job_processes(marker, event_id, pgid, start_ticks, boot_id, started_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?)", (child.marker, event_id, child.pid, child.start or 0, boot,
-                                                time.time()))
+def announce(conn, event_id, marker, boot):
+    """A child is about to start: its marker is known, its process group not yet."""
+    conn.execute("INSERT OR REPLACE INTO job_processes(marker, event_id, boot_id, started_at) VALUES (?, ?, ?, ?)",
+                 (marker, event_id, boot, time.time()))
+
+
+def record(conn, child):
+    conn.execute("UPDATE job_processes SET pgid=?, start_ticks=? WHERE marker=?", (child.pid, child.start,
+                                                                                  child.marker))
 
 
 def forget(conn, markers):
@@ -68,18 +74,21 @@ class Registry:
         """Context manager: children spawned by this thread inside it belong to event ``event_id``."""
         return proc.watched_by(_Job(self, event_id))
 
+    def starting(self, event_id, marker):
+        self.store.write(lambda conn: announce(conn, event_id, marker, self.boot))
+
     def started(self, event_id, child):
         with self._lock:
             self._live[child.marker] = (event_id, child)
-        self.store.write(lambda conn: record(conn, event_id, child, self.boot))
+        self.store.write(lambda conn: record(conn, child))
 
-    def ended(self, child):
+    def ended(self, marker):
         with self._lock:
-            self._live.pop(child.marker, None)
+            self._live.pop(marker, None)
         try:
-            self.store.write(lambda conn: forget(conn, [child.marker]))
+            self.store.write(lambda conn: forget(conn, [marker]))
         except StoreError as e:  # stopping: the row stays, and the next start finds its processes gone
-            self.log.warning("could not forget process group %d: %s", child.pid, e)
+            self.log.warning("could not forget a job process: %s", e)
 
     def kill_all(self):
         """SIGKILL the tree of every child still running (hookd is stopping); returns the events hit."""
@@ -109,8 +118,11 @@ class _Job:
     def __init__(self, registry, event_id):
         self.registry, self.event_id = registry, event_id
 
+    def starting(self, marker):
+        self.registry.starting(self.event_id, marker)
+
     def started(self, child):
         self.registry.started(self.event_id, child)
 
-    def ended(self, child):
-        self.registry.ended(child)
+    def ended(self, marker):
+        self.registry.ended(marker)

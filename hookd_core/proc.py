@@ -31,6 +31,7 @@ BASE_NAMES = ("PATH", "LANG", "TZ", "HOME")  # and every LC_*
 NEVER = ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")  # not passed even when command.env lists them
 MARKER = "HOOKD_JOB"
 KILL_ROUNDS = 5  # a tree that keeps forking while it is killed is scanned again, this many times
+DEATH_WAIT = 1.0  # seconds each round waits for the killed processes to be gone
 
 _local = threading.local()
 
@@ -71,15 +72,21 @@ def spawn(argv, env=None, **popen_args):
     ``child_env()``) plus its marker, and report it to this thread's watcher. Raises OSError."""
     marker = secrets_mod.token_hex(8)
     env = dict(child_env() if env is None else env, **{MARKER: marker})
-    popen = subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, **popen_args)
-    child = Child(popen, marker)
     watcher = getattr(_local, "watcher", None)
+    if watcher is not None:
+        watcher.starting(marker)  # recorded before the fork: a crash right after it still finds the child
+    try:
+        popen = subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, **popen_args)
+    except BaseException:
+        if watcher is not None:
+            watcher.ended(marker)
+        raise
+    child = Child(popen, marker)
     if watcher is not None:
         try:
             watcher.started(child)
-        except BaseException:  # not recorded: it must not run untracked
-            kill_tree(child)
-            popen.wait()
+        except BaseException:  # its group is not recorded: it must not run on
+            end(child)
             raise
     return child
 
@@ -93,14 +100,14 @@ def end(child):
     finally:
         watcher = getattr(_local, "watcher", None)
         if watcher is not None:
-            watcher.ended(child)
+            watcher.ended(child.marker)
     return child.popen.returncode
 
 
 @contextlib.contextmanager
 def watched_by(watcher):
-    """Children this thread spawns inside the block are reported to ``watcher.started(child)`` and
-    ``watcher.ended(child)``."""
+    """Children this thread spawns inside the block are reported to ``watcher``: ``starting(marker)``
+    before the fork, ``started(child)`` once it runs, ``ended(marker)`` when it is gone."""
     old = getattr(_local, "watcher", None)
     _local.watcher = watcher
     try:
@@ -265,18 +272,26 @@ def kill_tree(child):
 
 
 def kill_recorded(pgid, start, marker):
-    """SIGKILL the tree of group ``pgid`` started at ``start`` with ``marker`` (see ``tree``); rescans
-    while it keeps forking. Returns the number of processes signalled."""
-    if start is None:
-        return 0
+    """SIGKILL the tree of group ``pgid`` started at ``start`` with ``marker`` (see ``tree``; a group not
+    known, None, leaves the marker alone to find it), waiting for each round to die and rescanning while it
+    keeps forking. Returns the number of processes signalled."""
     killed = 0
     for _ in range(KILL_ROUNDS):
-        victims = tree(pgid, start, marker)
+        victims = tree(pgid, start or 0, marker)
         if not victims:
             break
         for pid, started in victims.items():
             killed += _kill(pid, started)
+        deadline = time.monotonic() + DEATH_WAIT
+        while time.monotonic() < deadline and any(_alive(pid, s) for pid, s in victims.items()):
+            time.sleep(0.005)
     return killed
+
+
+def _alive(pid, started):
+    """True while ``pid`` is the process that started at ``started`` and is not yet a zombie."""
+    info = _stat(pid)
+    return info is not None and info[3] == started and info[2] != "Z"
 
 
 def _kill(pid, started):
