@@ -12,6 +12,7 @@ raising ``Retry`` (backoff, then dead), or raising ``Fail`` (dead at once). A ha
 """
 
 import json
+import os
 
 REQUIRED = object()  # KEYS default meaning "this key must be set"
 
@@ -254,6 +255,12 @@ class JobContext:
         self.action_input = None
         self.skip_actions = False
         self.__dict__.update(kw)
+
+    def product(self, kind, path=None, data=None):
+        """Record what this job produced, for the console: a file it wrote (``path``; the console serves
+        files only through these records) or what it sent (``data``, JSON-able). Kinds the console
+        shows: ``thumbnail`` and ``clip`` (files), ``labels`` and ``variations`` (data)."""
+        self.app.store.add_product(self.id, kind, None if path is None else os.path.abspath(path), data)
 
 
 def dedupe_key(rule, req):

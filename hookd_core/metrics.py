@@ -7,7 +7,7 @@ computed when ``/metrics`` is scraped, from the events table, so the numbers can
 import threading
 import time
 
-from .store import held_leases, list_workers
+from .store import counts, held_leases, list_workers, oldest_queued
 
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, float("inf"))
 
@@ -43,10 +43,8 @@ class Metrics:
 
     def render(self, store):
         """The whole exposition text."""
-        rows = store.read(lambda c: c.execute("SELECT route, status, count(*) FROM events GROUP BY route, status")
-                          .fetchall())
-        oldest = store.read(lambda c: c.execute(
-            "SELECT min(received_at) FROM events WHERE status IN ('queued','retry')").fetchone()[0])
+        rows = store.read(counts)
+        oldest = store.read(oldest_queued)
         held = store.read(held_leases)
         workers = store.read(list_workers)
         out = []

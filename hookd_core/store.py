@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS bodies (
   hash TEXT PRIMARY KEY,
   data BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS products (
+  id INTEGER PRIMARY KEY,
+  event_id INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  path TEXT,
+  data TEXT,
+  created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS products_event ON products(event_id);
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
 CREATE TABLE IF NOT EXISTS leases (
@@ -388,6 +397,20 @@ class Store:
             return cur.lastrowid
         return self.write(fn)
 
+    def add_product(self, event_id, kind, path=None, data=None, now=None):
+        """Remember what a job produced: a file it wrote (``path``, absolute) or what it sent (``data``,
+        JSON-able). The console shows these and serves files only through them. A job run again
+        replaces its own earlier record of the same kind and file."""
+        now = time.time() if now is None else now
+        text = None if data is None else json.dumps(data)
+
+        def fn(conn):
+            conn.execute("DELETE FROM products WHERE event_id=? AND kind=? AND path IS ?",
+                         (event_id, kind, path))
+            conn.execute("INSERT INTO products(event_id, kind, path, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                         (event_id, kind, path, text, now))
+        self.write(fn)
+
     def prune(self, days, now=None):
         """Delete done and duplicate events last changed more than ``days`` ago; returns the count."""
         cutoff = (time.time() if now is None else now) - days * 86400.0
@@ -399,6 +422,7 @@ class Store:
                          " (SELECT body_hash FROM events WHERE body_hash IS NOT NULL)")
             conn.execute("DELETE FROM leases WHERE ended IS NOT NULL AND event_id NOT IN (SELECT id FROM events)")
             conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,))
+            conn.execute("DELETE FROM products WHERE event_id NOT IN (SELECT id FROM events)")
             return n
         return self.write(fn)
 
@@ -610,19 +634,54 @@ def row_dict(conn, event_id, with_body=False):
     return out
 
 
-def list_events(conn, status=None, route=None, limit=100):
-    """Newest first, filtered; dicts of the summary columns."""
+def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
+    """Newest first, filtered; dicts of the summary columns. ``text``: events whose stored payload or
+    raw body contains it (case-insensitive for ASCII); ``offset`` skips that many matches (paging)."""
     where, args = [], []
     if status:
-        where.append("status=?")
+        where.append("e.status=?")
         args.append(status)
     if route:
-        where.append("route=?")
+        where.append("e.route=?")
         args.append(route)
-    sql = "SELECT id, route, status, attempts, received_at, updated_at, next_at, last_error, note FROM events"
+    sql = ("SELECT e.id, e.route, e.status, e.attempts, e.received_at, e.updated_at, e.next_at, e.last_error,"
+           " e.note FROM events e")
+    if text:  # the payload column holds JSON (non-ASCII escaped); the body holds the bytes as received
+        sql += " LEFT JOIN bodies b ON b.hash = e.body_hash"
+        where.append("(e.payload LIKE ? ESCAPE '\\' OR CAST(b.data AS TEXT) LIKE ? ESCAPE '\\')")
+        args += [_like(json.dumps(text)[1:-1]), _like(text)]
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
-    args.append(int(limit))
+    sql += " ORDER BY e.id DESC LIMIT ? OFFSET ?"
+    args += [int(limit), int(offset)]
     cols = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note")
     return [dict(zip(cols, r)) for r in conn.execute(sql, args)]
+
+
+def counts(conn):
+    """(route, status, number of events) for every pair that has events."""
+    return conn.execute("SELECT route, status, count(*) FROM events GROUP BY route, status").fetchall()
+
+
+def oldest_queued(conn):
+    """received_at of the oldest event waiting to run (queued or retry), or None."""
+    return conn.execute("SELECT min(received_at) FROM events WHERE status IN ('queued','retry')").fetchone()[0]
+
+
+def _like(text):
+    """A LIKE pattern matching ``text`` anywhere, its wildcards escaped."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def products(conn, event_id):
+    """What an event's jobs produced, oldest first: dicts of id, kind, path, data (parsed), created_at."""
+    rows = conn.execute("SELECT id, kind, path, data, created_at FROM products WHERE event_id=? ORDER BY id",
+                        (event_id,)).fetchall()
+    return [{"id": i, "kind": k, "path": p, "data": None if d is None else json.loads(d), "created_at": c}
+            for i, k, p, d, c in rows]
+
+
+def product_path(conn, product_id):
+    """The file a product record names, or None."""
+    row = conn.execute("SELECT path FROM products WHERE id=?", (product_id,)).fetchone()
+    return row[0] if row else None

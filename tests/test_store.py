@@ -7,7 +7,7 @@ import tempfile
 import threading
 import unittest
 
-from hookd_core.store import Store, StoreError, list_events, row_dict
+from hookd_core.store import Store, StoreError, list_events, product_path, products, row_dict
 
 
 def row(key=None, body=b"{}", serial=None):
@@ -87,6 +87,23 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store.prune(days=1, now=10.0 + 2 * 86400), 1)
         left = {r["id"] for r in self.store.read(lambda c: list_events(c))}
         self.assertEqual(left, {ids[1], ids[2]})
+
+    def test_products_are_kept_per_event_replaced_on_a_rerun_and_pruned_with_their_event(self):
+        first, second = [self.store.add_events("r", [row("p%d" % i)])[0][0] for i in range(2)]
+        self.store.add_product(first, "clip", path="/v/a.mp4")
+        self.store.add_product(first, "clip", path="/v/a.mp4")  # the job ran again: one record
+        self.store.add_product(first, "labels", data={"t": {"night": {"probability": 1.0}}})
+        self.store.add_product(second, "thumbnail", path="/t/b.png")
+        made = self.store.read(lambda c: products(c, first))
+        self.assertEqual([(p["kind"], p["path"], p["data"]) for p in made],
+                         [("clip", "/v/a.mp4", None), ("labels", None, {"t": {"night": {"probability": 1.0}}})])
+        self.assertEqual(self.store.read(lambda c: product_path(c, made[0]["id"])), "/v/a.mp4")
+        for eid in (first, second):
+            self.store.claim(eid, now=10.0)
+            self.store.finish(eid, "r", "done", now=10.0 if eid == first else 1e12)
+        self.assertEqual(self.store.prune(days=1, now=10.0 + 2 * 86400), 1)
+        self.assertEqual(self.store.read(lambda c: products(c, first)), [])
+        self.assertEqual(len(self.store.read(lambda c: products(c, second))), 1)
 
     def test_group_commit_many_writers_fewer_commits(self):
         before = self.store.groups
