@@ -1,0 +1,421 @@
+"""The operator console's pages, forms, sessions and files, by calling ``console.handle`` directly.
+
+Strategy: each test builds a real ``App`` on a configuration file in a temporary directory (as the CLI
+does: a real sqlite store, no server), stores events through the store's own operations, and sends
+``api.Request`` objects to ``console.handle``, reading the HTML it answers like a browser would: the
+cookie it sets, the CSRF token in its forms, the links in its tables. The real daemon and a real browser
+are in test_console_browser.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import unittest
+import urllib.parse
+
+from hookd_core import console
+from hookd_core.api import Headers, Request
+from hookd_core.app import App
+from hookd_core.store import list_events, row_dict
+
+ROUTES = "[hook:demo]\nverify = none\nallow_unsigned = true\n[hook:other]\nverify = none\nallow_unsigned = true\n"
+
+
+def row(body=b"{}", headers=None, key=None):
+    return {"dedupe_key": key, "serial_key": None, "headers": json.dumps(headers or {}),
+            "content_type": "application/json", "body": body, "payload": None}
+
+
+class ConsoleCase(unittest.TestCase):
+    settings = ""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="hookd-console-")
+        self.state = os.path.join(self.tmp, "var")
+        self.app = self.make_app(self.settings)
+        self.cookie = None
+
+    def tearDown(self):
+        self.app.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def make_app(self, settings):
+        path = os.path.join(self.tmp, "credentials.properties")
+        with open(path, "w") as f:
+            f.write("[hookd]\nstate_dir = %s\n%s\n%s" % (self.state, settings, ROUTES))
+        app = App(path)
+        self.assertEqual(app.problems, [])
+        app.open_store()
+        return app
+
+    # -- a tiny browser ---------------------------------------------------------------------------------
+    def send(self, method, target, form=None, headers=(), cookie=True, client="127.0.0.1"):
+        parts = urllib.parse.urlsplit(target)
+        hdrs = list(headers)
+        if cookie and self.cookie:
+            hdrs.append(("Cookie", "other=1; %s=%s" % (console.COOKIE, self.cookie)))
+        body = urllib.parse.urlencode(form).encode() if form is not None else b""
+        if form is not None:
+            hdrs.append(("Content-Type", "application/x-www-form-urlencoded"))
+        resp = console.handle(self.app, Request(method, parts.path, urllib.parse.parse_qs(parts.query),
+                                                Headers(hdrs), body, client))
+        if resp is not None and cookie:  # a request sent without the cookie is another browser
+            for name, value in resp.headers:
+                m = re.match(console.COOKIE + r"=([^;]*)", value) if name == "Set-Cookie" else None
+                if m:
+                    self.cookie = m.group(1) or None
+        return resp
+
+    def get(self, target, **kw):
+        return self.send("GET", target, **kw)
+
+    def page(self, target, status=200, **kw):
+        resp = self.get(target, **kw)
+        self.assertEqual(resp.status, status, resp.body[:2000])
+        return resp.body.decode("utf-8")
+
+    def csrf(self, html):
+        return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+    def header(self, resp, name):
+        return [v for k, v in resp.headers if k.lower() == name.lower()]
+
+    # -- events -----------------------------------------------------------------------------------------
+    def add(self, route="hook:demo", body=b"{}", headers=None, status="queued", error=None):
+        [(event_id, _)] = self.app.store.add_events(route, [row(body, headers)])
+        if status != "queued":
+            self.app.store.claim(event_id)
+            if status != "running":
+                self.app.store.finish(event_id, route, status, error=error)
+        return event_id
+
+    def status(self, event_id):
+        return self.app.store.read(lambda c: row_dict(c, event_id))["status"]
+
+
+class PagesTest(ConsoleCase):
+    def test_only_the_console_paths_are_answered(self):
+        for path in ("/events", "/events/1", "/metrics", "/healthz", "/zencoder/jobs/1", "/work/lease", "/uix"):
+            self.assertIsNone(self.get(path), path)
+        for path in ("/", "/ui/events", "/ui/nothing-here"):
+            self.assertIsNotNone(self.get(path), path)
+        self.assertEqual(self.get("/ui/nothing-here").status, 404)
+
+    def test_overview_counts_by_route_and_status_with_dead_events_first(self):
+        self.add(), self.add(body=b'{"n": 2}')
+        dead = self.add(body=b'{"n": 3}', status="dead", error="upstream said <b>no</b>")
+        self.add("hook:other", status="done")
+        self.add("hook:other", body=b'{"n": 5}', status="retry", error="try later")
+        resp = self.get("/")
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.content_type, "text/html; charset=utf-8")
+        self.assertEqual(self.header(resp, "Content-Security-Policy")[0].split(";")[0], "default-src 'self'")
+        html = resp.body.decode()
+        self.assertLess(html.index("Dead events"), html.index("Events by route and status"))
+        self.assertIn('<a href="/ui/events/%d">%d</a>' % (dead, dead), html)
+        self.assertIn("upstream said &lt;b&gt;no&lt;/b&gt;", html)
+        self.assertNotIn("<b>no</b>", html)
+        self.assertEqual(self.count_cell(html, "hook:demo", "queued"), "2")
+        self.assertEqual(self.count_cell(html, "hook:demo", "dead"), "1")
+        self.assertEqual(self.count_cell(html, "hook:other", "done"), "1")
+        self.assertEqual(self.count_cell(html, "hook:other", "retry"), "1")
+        self.assertEqual(self.count_cell(html, "hook:other", "queued"), "0")
+        self.assertRegex(html, r"<dt>oldest queued</dt><dd>\d+ s</dd>")
+        self.assertRegex(html, r"<dt>waiting</dt><dd>3</dd>")  # two queued, one retry
+        self.assertIn('data-refresh="10"', html)
+
+    def count_cell(self, html, route, status):
+        """The number in the overview's table at (route, status), as shown."""
+        head = re.search(r"<thead><tr><th>route</th>(.*?)</tr>", html).group(1)
+        columns = re.findall(r"<th>([^<]*)</th>", head)
+        row_html = re.search(r"<tr><th><a [^>]*>%s</a></th>(.*?)</tr>" % re.escape(route), html).group(1)
+        cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row_html)]
+        return cells[columns.index(status)]
+
+    def test_an_xss_payload_renders_as_text_everywhere(self):
+        evil = "<script>alert(1)</script>"
+        event_id = self.add(body=json.dumps({"title": evil}).encode(), status="dead", error=evil,
+                            headers={"x-evil": '"><img src=x onerror=alert(2)>'})
+        for target in ("/", "/ui/events", "/ui/events?q=script", "/ui/events/%d" % event_id,
+                       "/ui/events?route=%s" % urllib.parse.quote(evil)):
+            html = self.page(target)
+            self.assertNotIn("<script>alert", html, target)
+            self.assertNotIn("<img src=x", html, target)
+        html = self.page("/ui/events/%d" % event_id)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", html)
+        self.assertIn("&quot;&gt;&lt;img src=x onerror=alert(2)&gt;", html)
+        self.assertEqual(len(re.findall(r"<script", html)), 1, "only the console's own script tag")
+
+    def test_event_page_shows_history_headers_and_pretty_payload(self):
+        event_id = self.add(body=b'{"asset": {"id": "a-1", "name": "Z\\u00fcrich"}}',
+                            headers={"user-agent": "Preservica/7.0"}, status="dead", error="thumbnail: 500")
+        html = self.page("/ui/events/%d" % event_id)
+        self.assertIn('<span class="badge st-dead">dead</span>', html)
+        self.assertIn("<dt>attempts</dt><dd>1</dd>", html)
+        self.assertIn('<pre class="error">thumbnail: 500</pre>', html)
+        self.assertIn("<tr><th>user-agent</th><td>Preservica/7.0</td></tr>", html)
+        self.assertIn('{\n  &quot;asset&quot;: {\n    &quot;id&quot;: &quot;a-1&quot;,\n    &quot;name&quot;: '
+                      '&quot;Zürich&quot;', html)
+        self.assertEqual(self.page("/ui/events/999999", status=404).count("No event 999999"), 1)
+
+    def test_filters_by_route_status_and_text_with_paging_newest_first(self):
+        ids = [self.add("hook:demo" if i % 2 else "hook:other", body=json.dumps({"i": i, "who": "x%dy" % i}).encode())
+               for i in range(130)]
+        self.app.store.claim(ids[7])
+        self.app.store.finish(ids[7], "hook:other" if 7 % 2 == 0 else "hook:demo", "dead", error="gone")
+
+        def listed(target):
+            return [int(i) for i in re.findall(r'<tr><td><a href="/ui/events/(\d+)">', self.page(target))]
+        first = listed("/ui/events")
+        self.assertEqual(first, ids[::-1][:console.PAGE_SIZE])
+        html = self.page("/ui/events")
+        older = re.search(r'<a href="([^"]+)">older', html).group(1).replace("&amp;", "&")
+        self.assertEqual(listed(older), ids[::-1][console.PAGE_SIZE:2 * console.PAGE_SIZE])
+        self.assertEqual(listed("/ui/events?page=3"), ids[::-1][2 * console.PAGE_SIZE:])
+        self.assertNotIn("older", self.page("/ui/events?page=3"))
+        self.assertIn("newer", self.page("/ui/events?page=3"))
+        demo = listed("/ui/events?route=hook:demo&page=2")
+        self.assertEqual(demo, [i for n, i in enumerate(ids) if n % 2][::-1][console.PAGE_SIZE:])
+        self.assertEqual(listed("/ui/events?status=dead"), [ids[7]])
+        self.assertEqual(listed("/ui/events?q=x12y"), [ids[12]])
+        self.assertEqual(listed("/ui/events?q=X12Y&route=hook:demo"), [], "x12y is on hook:other")
+        self.assertEqual(listed("/ui/events?q=%25"), [], "a LIKE wildcard is searched for literally")
+        html = self.page("/ui/events?route=hook:demo&status=queued&q=%22who%22")
+        self.assertIn('<option selected>hook:demo</option>', html)
+        self.assertIn('<option selected>queued</option>', html)
+        self.assertIn('name="q" value="&quot;who&quot;"', html)
+        self.assertIn("route=hook%3Ademo&amp;status=queued&amp;q=%22who%22&amp;page=2", html)
+
+    def test_text_search_finds_non_ascii_in_a_stored_payload(self):
+        [(event_id, _)] = self.app.store.add_events("hook:demo", [dict(row(b"<xml/>"), payload=json.dumps(
+            {"city": "Zürich"}))])
+        self.add(body=b"{}")
+        found = self.app.store.read(lambda c: list_events(c, text="Zürich"))
+        self.assertEqual([r["id"] for r in found], [event_id])
+
+    def test_static_files_are_served_from_a_fixed_list(self):
+        css = self.get("/ui/static/console.css")
+        self.assertEqual((css.status, css.content_type), (200, "text/css; charset=utf-8"))
+        self.assertIn(b"body", css.body)
+        js = self.get("/ui/static/console.js")
+        self.assertEqual((js.status, js.content_type), (200, "text/javascript; charset=utf-8"))
+        for name in ("../console.py", "..%2fconsole.py", "console.py", ""):
+            self.assertEqual(self.get("/ui/static/" + name).status, 404, name)
+
+
+class FormsTest(ConsoleCase):
+    def test_retry_is_a_post_with_the_session_csrf_token(self):
+        event_id = self.add(status="dead", error="boom")
+        target = "/ui/events/%d/retry" % event_id
+        self.assertEqual(self.send("POST", target, form={}, cookie=False).status, 403)
+        self.assertEqual(self.send("POST", target, form={"csrf": "0" * 64}, cookie=False).status, 403)
+        resp = self.get(target)
+        self.assertEqual((resp.status, self.header(resp, "Allow")), (405, ["POST"]))
+        self.assertEqual(self.status(event_id), "dead", "neither a GET nor a POST without the token changes it")
+        html = self.page("/ui/events/%d" % event_id)
+        token = self.csrf(html)
+        self.assertIn('action="%s"' % target, html)
+        self.assertEqual(self.send("POST", target, form={"csrf": token[:-1] + "0"}).status, 403)
+        self.assertEqual(self.send("POST", target, form={"csrf": token}, cookie=False).status, 403,
+                         "a token without its session cookie")
+        self.assertEqual(self.status(event_id), "dead")
+        resp = self.send("POST", target, form={"csrf": token})
+        self.assertEqual(resp.status, 303, resp.body)
+        self.assertEqual(self.header(resp, "Location"), ["/ui/events/%d?done=retried" % event_id])
+        self.assertEqual(self.status(event_id), "queued")
+        self.assertIn("Queued again", self.page("/ui/events/%d?done=retried" % event_id))
+        self.assertNotIn('/retry"', self.page("/ui/events/%d" % event_id), "no Retry button on a queued event")
+        self.assertEqual(self.send("POST", target, form={"csrf": token}).status, 409)
+
+    def test_replay_stores_a_new_event_with_the_same_body(self):
+        event_id = self.add(body=b'{"replay": "me"}', status="done")
+        token = self.csrf(self.page("/ui/events/%d" % event_id))
+        resp = self.send("POST", "/ui/events/%d/replay" % event_id, form={"csrf": token})
+        self.assertEqual(resp.status, 303)
+        new_id = int(re.match(r"/ui/events/(\d+)\?done=replayed$", self.header(resp, "Location")[0]).group(1))
+        self.assertGreater(new_id, event_id)
+        copy = self.app.store.read(lambda c: row_dict(c, new_id, with_body=True))
+        self.assertEqual((copy["status"], copy["body"], copy["note"]), ("queued", b'{"replay": "me"}',
+                                                                       "replay of %d" % event_id))
+        self.assertEqual(self.send("POST", "/ui/events/999999/replay", form={"csrf": token}).status, 404)
+
+    def test_the_console_never_changes_state_on_get(self):
+        event_id = self.add(status="dead", error="boom")
+        for target in ("/", "/ui/events", "/ui/events/%d" % event_id, "/ui/events/%d/retry" % event_id,
+                       "/ui/events/%d/replay" % event_id, "/ui/login", "/ui/logout"):
+            self.get(target)
+        self.assertEqual(self.status(event_id), "dead")
+        self.assertEqual(len(self.app.store.read(lambda c: list_events(c))), 1)
+
+
+class TokenTest(ConsoleCase):
+    settings = "admin.token = s3cret-admin-token-42\n"
+
+    def login(self, token="s3cret-admin-token-42"):
+        html = self.page("/", status=401)
+        return self.send("POST", "/ui/login", form={"csrf": self.csrf(html), "token": token, "next": "/ui/events"})
+
+    def test_without_the_token_every_page_is_a_401_login_form(self):
+        for target in ("/", "/ui/events", "/ui/events/1", "/ui/files/1", "/ui/nothing"):
+            resp = self.get(target, cookie=False)
+            self.assertEqual(resp.status, 401, target)
+            html = resp.body.decode()
+            self.assertIn('<form class="login" method="post" action="/ui/login">', html)
+            self.assertIn('type="password" name="token"', html)
+            self.assertNotIn("Overview</h1>", html)
+        self.assertEqual(self.send("POST", "/ui/events/1/retry", form={}, cookie=False).status, 403)
+
+    def test_login_sets_an_httponly_strict_session_cookie(self):
+        resp = self.login("wrong")
+        self.assertEqual(resp.status, 401)
+        self.assertIn("not the admin token", resp.body.decode())
+        pre_login = self.cookie
+        resp = self.login()
+        self.assertEqual(resp.status, 303)
+        self.assertEqual(self.header(resp, "Location"), ["/ui/events"])
+        [cookie] = self.header(resp, "Set-Cookie")
+        attrs = [a.strip() for a in cookie.split(";")[1:]]
+        self.assertEqual(sorted(attrs), ["HttpOnly", "Path=/", "SameSite=Strict"])
+        self.assertNotEqual(self.cookie, pre_login, "a new session at login")
+        self.assertIn("Overview</h1>", self.page("/"))
+        self.assertIn('action="/ui/logout"', self.page("/"))
+        after = self.cookie
+        self.cookie = pre_login
+        self.page("/", status=401)
+        fields = after.split(".")
+        self.cookie = ".".join([str(int(fields[0]) + 10)] + fields[1:])
+        self.page("/", status=401)  # a changed expiry breaks the signature
+        self.cookie = after
+        token = self.csrf(self.page("/"))
+        self.assertEqual(self.send("POST", "/ui/logout", form={"csrf": token}).status, 303)
+        self.assertIsNone(self.cookie)
+        self.page("/", status=401)
+
+    def test_a_new_token_ends_every_session(self):
+        self.assertEqual(self.login().status, 303)
+        self.page("/")
+        self.app.store.close()
+        self.app = self.make_app("admin.token = another-token-0000\n")
+        self.page("/", status=401)
+
+    def test_the_bearer_header_works_without_a_session(self):
+        html = self.page("/", headers=[("Authorization", "Bearer s3cret-admin-token-42")], cookie=False)
+        self.assertIn("Overview</h1>", html)
+        self.page("/", headers=[("Authorization", "Bearer s3cret-admin-token-4")], cookie=False, status=401)
+
+    def test_open_redirects_are_refused(self):
+        for nxt in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+            self.cookie = None
+            html = self.page("/", status=401)
+            resp = self.send("POST", "/ui/login", form={"csrf": self.csrf(html), "token": "s3cret-admin-token-42",
+                                                          "next": nxt})
+            self.assertEqual(self.header(resp, "Location"), ["/"], nxt)
+
+
+class TlsCookieTest(ConsoleCase):
+    settings = "admin.token = s3cret-admin-token-42\ntls.cert = /nonexistent/cert.pem\ntls.key = /nonexistent/key.pem\n"
+
+    def test_the_session_cookie_is_secure_under_tls(self):
+        html = self.page("/", status=401)
+        resp = self.send("POST", "/ui/login", form={"csrf": self.csrf(html), "token": "s3cret-admin-token-42"})
+        self.assertIn("Secure", [a.strip() for a in self.header(resp, "Set-Cookie")[0].split(";")])
+
+
+class ProductsTest(ConsoleCase):
+    def write(self, relative, data):
+        path = os.path.join(self.state, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def product_ids(self, html):
+        return [int(i) for i in re.findall(r'src="/ui/files/(\d+)"', html)]
+
+    def test_thumbnail_inline_and_clip_as_video_with_download(self):
+        event_id = self.add(status="done")
+        png_bytes, data = b"\x89PNG\r\n\x1a\n" + b"p" * 100, bytes(range(256)) * 40
+        png = self.write("thumbnails/ref-1.png", png_bytes)
+        clip = self.write("videos/2019-08-29T12-26-24_Machine.mp4", data)
+        self.app.store.add_product(event_id, "thumbnail", path=png)
+        self.app.store.add_product(event_id, "clip", path=clip)
+        html = self.page("/ui/events/%d" % event_id)
+        thumb_id, clip_id = self.product_ids(html)
+        self.assertRegex(html, r'<img src="/ui/files/%d" alt="thumbnail ref-1.png">' % thumb_id)
+        self.assertRegex(html, r'<video src="/ui/files/%d" controls' % clip_id)
+        self.assertIn('href="/ui/files/%d?download=1" download="2019-08-29T12-26-24_Machine.mp4"' % clip_id, html)
+        resp = self.get("/ui/files/%d" % thumb_id)
+        self.assertEqual((resp.status, resp.content_type, resp.body), (200, "image/png", png_bytes))
+        resp = self.get("/ui/files/%d?download=1" % clip_id)
+        self.assertEqual((resp.status, resp.content_type), (200, "video/mp4"))
+        self.assertEqual(self.header(resp, "Content-Disposition"),
+                         ['attachment; filename="2019-08-29T12-26-24_Machine.mp4"'])
+        resp = self.get("/ui/files/%d" % clip_id, headers=[("Range", "bytes=100-199")])
+        self.assertEqual((resp.status, resp.body), (206, data[100:200]))
+        self.assertEqual(self.header(resp, "Content-Range"), ["bytes 100-199/%d" % len(data)])
+        resp = self.get("/ui/files/%d" % clip_id, headers=[("Range", "bytes=-10")])
+        self.assertEqual((resp.status, resp.body), (206, data[-10:]))
+        resp = self.get("/ui/files/%d" % clip_id, headers=[("Range", "bytes=%d-" % len(data))])
+        self.assertEqual((resp.status, self.header(resp, "Content-Range")), (416, ["bytes */%d" % len(data)]))
+        os.unlink(clip)
+        self.assertIn("the file is gone", self.page("/ui/events/%d" % event_id))
+        self.assertEqual(self.get("/ui/files/%d" % clip_id).status, 404)
+
+    def test_no_request_path_reaches_a_file_that_was_not_recorded_under_a_configured_dir(self):
+        event_id = self.add(status="done")
+        secret = os.path.join(self.tmp, "credentials.properties")  # outside state_dir
+        inside = self.write("hookd-looking-file.png", b"x")
+        link = os.path.join(self.state, "thumbnails", "link.png")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(secret, link)
+        self.app.store.add_product(event_id, "thumbnail", path=secret)
+        self.app.store.add_product(event_id, "thumbnail", path=link)
+        outside_id, link_id = self.product_ids(self.page("/ui/events/%d" % event_id))
+        for target in ("/ui/files/%d" % outside_id, "/ui/files/%d" % link_id, "/ui/files/999999",
+                       "/ui/files/" + urllib.parse.quote(inside), "/ui/files/../credentials.properties",
+                       "/ui/files/hookd-looking-file.png", "/ui/static/../../credentials.properties"):
+            resp = self.get(target)
+            self.assertEqual(resp.status, 404, target)
+            self.assertNotIn(b"[hookd]", resp.body)
+
+    def test_a_configured_dir_outside_state_dir_is_served(self):
+        elsewhere = os.path.join(self.tmp, "clips")
+        self.app.store.close()
+        self.app = self.make_app("")
+        os.makedirs(elsewhere)
+        with open(os.path.join(self.tmp, "credentials.properties"), "a") as f:
+            f.write("[ixon]\nstream.url = http://127.0.0.1:9/video.mjpg\nvideo.dir = %s\n" % elsewhere)
+        self.app.store.close()
+        self.app = App(os.path.join(self.tmp, "credentials.properties"))
+        self.app.open_store()
+        event_id = self.add(status="done")
+        clip = os.path.join(elsewhere, "a.mp4")
+        with open(clip, "wb") as f:
+            f.write(b"mp4")
+        self.app.store.add_product(event_id, "clip", path=clip)
+        [clip_id] = self.product_ids(self.page("/ui/events/%d" % event_id))
+        self.assertEqual(self.get("/ui/files/%d" % clip_id).body, b"mp4")
+
+    def test_labels_and_variations_are_shown(self):
+        event_id = self.add(status="done")
+        self.app.store.add_product(event_id, "labels", data={
+            "2017-05-05T01:31:13.000003": {"night": {"probability": 1.0, "polygon": []},
+                                           "dark": {"probability": 0.8125, "polygon": []}}})
+        self.app.store.add_product(event_id, "variations", data={
+            "job_id": 1234, "status": "finished", "input": "s3://in/movie.mov", "variations": [
+                {"format": "mp4", "width": 1280, "height": 720, "length": 512000, "duration": 12.5,
+                 "state": "finished", "error": None, "output_id": 1, "url": "https://out/1.mp4"},
+                {"format": "webm", "width": 640, "height": 360, "length": None, "duration": None,
+                 "state": "failed", "error": "<codec> broke", "output_id": 2, "url": None}]})
+        html = self.page("/ui/events/%d" % event_id)
+        self.assertIn("<tr><th>2017-05-05T01:31:13.000003</th><td>night 1.00, dark 0.81</td></tr>", html)
+        self.assertIn("Zencoder job 1234: finished", html)
+        self.assertIn("<tr><td>mp4</td><td>1280</td><td>720</td><td>512000</td><td>12.5</td><td>finished</td>"
+                      "<td></td></tr>", html)
+        self.assertIn("<td>&lt;codec&gt; broke</td>", html)
+
+
+if __name__ == "__main__":
+    unittest.main()
