@@ -138,6 +138,7 @@ class Handler(Integration):
             labels = self._label(ctx, full_task(ctx.body))
             self.app.store.write(lambda conn: remember_labels(conn, ctx.id, labels))
         self._post(url, labels)
+        ctx.product("labels", data=labels)
         self.app.store.write(lambda conn: forget_labels(conn, ctx.id))
         ctx.action_input = {"camera": payload.get("camera"), "user_id": payload.get("user_id"),
                             "images": len(payload["images"]), "labels": labels}

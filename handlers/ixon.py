@@ -290,6 +290,7 @@ class Handler(Integration):
             raise Fail("stored event is not an IXON message")
         out = os.path.join(self.video_dir(), clip_name(msg))
         clip = self.record(out, ctx.stopping, ctx.log)
+        ctx.product("clip", path=clip.path)
         ctx.action_input = {"file": clip.path, "duration": round(clip.duration, 2),
                             "device": device_name(msg), "createdOn": msg.get("createdOn"),
                             "stopped_early": clip.stopped_early, "message": msg}

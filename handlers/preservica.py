@@ -220,6 +220,7 @@ class Handler(Integration):
         if not reply.body:
             raise Retry("thumbnail for %s came back empty" % ref)
         path = self.write_thumbnail(ref, reply.headers.get("Content-Type", ""), reply.body)
+        ctx.product("thumbnail", path=path)
         ctx.log.info("preservica: thumbnail %s (%d bytes)", path, len(reply.body))
         return "thumbnail %s" % os.path.basename(path)
 

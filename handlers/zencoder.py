@@ -469,6 +469,7 @@ class Handler(Integration):
                 lambda conn: apply_notification(conn, ctx.id, ctx.payload))
         except Reject as e:  # a stored payload that is not a notification (a replay of something odd)
             raise Fail(str(e))
+        ctx.product("variations", data=summary)
         if notify:
             ctx.action_input = summary
         else:
