@@ -1,13 +1,14 @@
 """The admin API, served on its own listener (``admin.listen``), never on the webhook port.
 
 Strategy: ``dispatch(app, req)`` takes an ``api.Request`` read by the server's request reader and returns
-an ``api.Response`` (or raises ``Reject``). It checks the bearer token first (when ``admin.token`` is set,
-every request needs it, loopback included: behind a reverse proxy on the same host every peer is
-loopback), then asks each ``handle(app, req)`` in turn; a handle answers for the paths it owns and
-returns None for the rest. The core's own: /healthz, /readyz, /metrics, /events, /events/{id},
-POST /events/{id}/retry|replay; then each integration's ``admin_get``. A path served for other
-methods only is 405 with ``Allow``; API POSTs need ``Content-Type: application/json`` (415), so a
-cross-site HTML form can never send one. ``listen_address`` parses ``admin.listen`` and
+an ``api.Response`` (or raises ``Reject``). The console (``/``, ``/ui/...``) is asked first: it applies
+the same token rule itself, also through its login session. For everything else the bearer token is
+checked first (when ``admin.token`` is set, every request needs it, loopback included: behind a reverse
+proxy on the same host every peer is loopback), then each ``handle(app, req)`` is asked in turn; a
+handle answers for the paths it owns and returns None for the rest. The core's own: /healthz, /readyz,
+/metrics, /events, /events/{id}, POST /events/{id}/retry|replay; then each integration's ``admin_get``.
+A path served for other methods only is 405 with ``Allow``; API POSTs need ``Content-Type:
+application/json`` (415), so a cross-site HTML form can never send one. ``listen_address`` parses ``admin.listen`` and
 ``check`` says what check-config refuses (no token on a non-loopback listener).
 """
 
@@ -18,6 +19,7 @@ import json
 import re
 import time
 
+from . import console
 from .api import NotFound, Reject, Response, json_or_none
 from .config import ConfigError, parse_hostport
 from .store import STATUSES, list_events, row_dict
@@ -73,7 +75,11 @@ def authorised(token, req):
 
 
 def dispatch(app, req):
-    """The answer to one admin request: a Response, or Reject raised."""
+    """The answer to one admin request: a Response, or Reject raised. The console comes first: it checks
+    the token itself, so that a browser without it gets a login form rather than a bare 401."""
+    r = console.handle(app, req)
+    if r is not None:
+        return r
     if not authorised(app.settings.get("admin.token"), req):
         raise Reject("admin API needs the admin token", status=401, headers=[("WWW-Authenticate", "Bearer")])
     for handle in (handle_core, handle_integrations):

@@ -126,6 +126,14 @@ class PagesTest(ConsoleCase):
         self.assertRegex(html, r"<dt>waiting</dt><dd>3</dd>")  # two queued, one retry
         self.assertIn('data-refresh="10"', html)
 
+    def test_overview_lists_remote_workers_with_the_leases_they_hold(self):
+        self.add(), self.add(body=b'{"n": 2}')
+        self.assertNotIn("Remote workers", self.page("/"))
+        self.assertEqual(len(self.app.store.lease(["hook:demo"], 2, 30, "cam-host-<1>", address="10.0.0.7")), 2)
+        html = self.page("/")
+        self.assertRegex(html, r"<tr><td>cam-host-&lt;1&gt;</td><td>10.0.0.7</td><td>hook:demo</td><td>2</td>"
+                               r"<td title=\"[^\"]+\">\d+ s ago</td></tr>")
+
     def count_cell(self, html, route, status):
         """The number in the overview's table at (route, status), as shown."""
         head = re.search(r"<thead><tr><th>route</th>(.*?)</tr>", html).group(1)
