@@ -1,12 +1,16 @@
-"""The console against the real daemon with events from every route, and what each job produced.
+"""The console in a real browser, against the real daemon with events from every route.
 
 Strategy: one daemon serves the whole module, configured with every integration against its loopback
-fake (Preservica with thumbnails, iconik, Camio, an IXON camera recording real H.264 clips, Zencoder) and
-two generic hooks: ``demo`` (stores anything) and ``flaky`` (a command that fails until a marker file
-exists, so its event goes dead). ``setUpModule`` sends one event to each route and waits until every one
-has settled. The console is read the way the operator reads it.
+fake (Preservica with thumbnails, iconik, Camio, an IXON camera recording real H.264 clips, Zencoder), two
+generic hooks, ``demo`` (stores anything, here a payload full of HTML) and ``flaky`` (a command that fails
+until a marker file exists, so its event goes dead), and an ``admin.token``. ``setUpModule`` sends one
+event to each route and waits until every one has settled. ``ProductsTest`` reads the console over HTTP
+with the bearer token: what each job produced. ``BrowserTest`` drives one headless Chromium (tests/cdp.py)
+as the person on call would: the login form, the overview's counts against the CLI's, a dead event's
+error, a mouse click on Retry and then the CLI's word that the event is done, the HTML payload shown as
+text, and the IXON clip playing in its ``<video>``. Screenshots of the overview and of the IXON event are
+taken every run; with ``HOOKD_SCREENSHOTS=DIR`` they are kept there (that is how docs/ got its own).
 """
-
 import json
 import os
 import re
@@ -14,11 +18,8 @@ import shutil
 import sys
 import tempfile
 import unittest
-import urllib.parse
 
-from hookd_core import console
-from hookd_core.api import Headers, Request
-from hookd_core.app import App
+from tests import cdp
 from tests import fake_preservica as fp
 from tests import fake_zencoder
 from tests.fake_camera import FakeCamera
@@ -28,10 +29,12 @@ from tests.support import Daemon
 
 PV_SECRET, PV_PASSWORD = "pv-s3cret", "pv-password-1"
 IC_SECRET, CAMIO_KEY, ZC_SECRET = "ic-s3cret-header", "camio-k3y", "zc-s3cret"
+TOKEN = "console-e2e-admin-t0ken"
 XSS = '<script>document.title="pwned"</script><img src=x onerror="document.title=\'pwned\'">'
 FLAKY = "import os, sys; sys.exit(0 if os.path.exists(sys.argv[1]) else 3)"
 
 CONFIG = """[hookd]
+admin.token = {token}
 workers = 4
 retry.base_delay = 0.05
 retry.max_delay = 0.2
@@ -99,7 +102,7 @@ def _start(tmp):
         pv_secret=PV_SECRET, pv_url=pv.url, pv_password=PV_PASSWORD, ic_url=ic.url, ic_app=ic.app_id,
         ic_token=ic.auth_token, ic_secret=IC_SECRET, camio_key=CAMIO_KEY, camera=cam.stream_url, zc_url=zc.api_url,
         zc_key=fake_zencoder.API_KEY, zc_secret=ZC_SECRET, python=sys.executable, flaky=FLAKY,
-        marker=D["marker"]), tmpdir=tmp).start()
+        marker=D["marker"], token=TOKEN), tmpdir=tmp).start()
     ids = D["ids"] = {}
     png, _ = fp.make_images("160x120")
     D["png"] = png
@@ -145,38 +148,28 @@ def tearDownModule():
 class ProductsTest(unittest.TestCase):
     """Each integration's job recorded what it produced, and the console shows it."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.app = App(D["d"].config_path)
-        cls.app.open_store()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.app.store.close()
-
-    def console(self, target):
-        parts = urllib.parse.urlsplit(target)
-        resp = console.handle(self.app, Request("GET", parts.path, urllib.parse.parse_qs(parts.query),
-                                                Headers([]), b"", "127.0.0.1"))
-        self.assertEqual(resp.status, 200, target)
-        return resp
+    def console(self, path):
+        status, headers, body = D["d"].admin("GET", path, headers={"Authorization": "Bearer " + TOKEN})
+        self.assertEqual(status, 200, path)
+        self.assertEqual(headers["content-security-policy"].split(";")[0], "default-src 'self'")
+        return headers, body
 
     def event_page(self, route):
-        return self.console("/ui/events/%d" % D["ids"][route]).body.decode()
+        return self.console("/ui/events/%d" % D["ids"][route])[1].decode()
 
     def test_preservica_thumbnail_is_shown_inline(self):
         html = self.event_page("preservica")
         src = re.search(r'<img src="(/ui/files/\d+)" alt="thumbnail ref-1.png">', html).group(1)
-        self.assertEqual(self.console(src).body, D["png"])
+        self.assertEqual(self.console(src)[1], D["png"])
 
     def test_ixon_clip_is_a_video_with_a_download_link(self):
         html = self.event_page("ixon")
         src = re.search(r'<video src="(/ui/files/\d+)" controls', html).group(1)
         self.assertIn('href="%s?download=1" download="2019-08-29T12-26-24_Project_D4_Alarming_machine.mp4"' % src,
                       html)
-        clip = self.console(src)
-        self.assertEqual(clip.content_type, "video/mp4")
-        self.assertEqual(clip.body[4:8], b"ftyp")
+        headers, body = self.console(src)
+        self.assertEqual(headers["content-type"], "video/mp4")
+        self.assertEqual(body[4:8], b"ftyp")
 
     def test_camio_labels_sent_are_listed(self):
         html = self.event_page("camio")
@@ -192,6 +185,108 @@ class ProductsTest(unittest.TestCase):
     def test_routes_without_products_show_none(self):
         for route in ("iconik", "demo"):
             self.assertNotIn("<h2>Products</h2>", self.event_page(route))
+
+    def test_a_console_post_without_the_csrf_token_is_403_even_with_the_token(self):
+        status, _, _ = D["d"].admin("POST", "/ui/events/%d/retry" % D["ids"]["flaky"], b"",
+                                    {"Authorization": "Bearer " + TOKEN,
+                                     "Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 403)
+
+
+class BrowserTest(unittest.TestCase):
+    """Headless Chromium through the admin listener; the tests run in the order of their names."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = cdp.Browser()
+        cls.shots = os.environ.get("HOOKD_SCREENSHOTS") or D["tmp"]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+
+    def url(self, path):
+        return D["d"].admin_url + path
+
+    def logged_in(self, path="/"):
+        """A new tab (no cookies) that logs in through the form and then opens ``path``."""
+        page = self.browser.new_page()
+        self.assertEqual(page.goto(self.url(path)), 401)
+        page.type("form.login input[name=token]", TOKEN)
+        self.assertEqual(page.click("form.login button"), 200)
+        self.assertEqual(page.eval("location.pathname"), path)
+        return page
+
+    def screenshot(self, page, name):
+        path = page.screenshot(os.path.join(self.shots, name))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_1_without_the_token_the_console_answers_401_with_the_login_form(self):
+        page = self.browser.new_page()
+        self.assertEqual(page.goto(self.url("/ui/events")), 401)
+        self.assertEqual(page.eval("document.querySelector('form.login').getAttribute('action')"), "/ui/login")
+        self.assertEqual(page.eval("document.querySelector('form.login input[name=token]').type"), "password")
+        self.assertIsNone(page.eval("document.querySelector('table')"), "no data before the login")
+        page.type("form.login input[name=token]", "not-the-token")
+        self.assertEqual(page.click("form.login button"), 401)
+        self.assertIn("not the admin token", page.eval("document.body.innerText"))
+
+    def test_2_overview_counts_match_the_cli(self):
+        page = self.logged_in("/")
+        shown = page.eval("""(() => {
+            const heads = [...document.querySelectorAll('table.counts thead th')].map(th => th.textContent);
+            const out = {};
+            for (const tr of document.querySelectorAll('table.counts tbody tr:not(.total)')) {
+                const cells = [...tr.children].map(c => c.textContent);
+                for (let i = 1; i < heads.length - 1; i++) {
+                    if (cells[i] !== '0') { out[cells[0] + ' ' + heads[i]] = Number(cells[i]); }
+                }
+            }
+            return out; })()""")
+        expected = {}
+        for ev in D["d"].events():
+            key = "%s %s" % (ev["route"], ev["status"])
+            expected[key] = expected.get(key, 0) + 1
+        self.assertEqual(shown, expected)
+        self.assertEqual(expected["hook:flaky dead"], 1)
+        self.assertEqual(len(expected), 7, "one event from each of the seven routes")
+        dead_rows = page.eval("[...document.querySelectorAll('table.events tbody tr')].map(r => r.innerText)")
+        self.assertEqual(len(dead_rows), 1)
+        self.assertIn("hook:flaky", dead_rows[0])
+        self.screenshot(page, "console-overview.png")
+
+    def test_3_a_dead_event_shows_its_error_and_retry_makes_it_done(self):
+        event_id = D["ids"]["flaky"]
+        page = self.logged_in("/ui/events/%d" % event_id)
+        error = page.eval("document.querySelector('pre.error').textContent")
+        self.assertEqual(error, D["d"].event(event_id)["last_error"])
+        self.assertIn("exit", error)
+        open(D["marker"], "w").close()
+        self.assertEqual(page.click("form[action$='/retry'] button"), 200)
+        self.assertEqual(page.eval("location.pathname + location.search"), "/ui/events/%d?done=retried" % event_id)
+        self.assertIn("Queued again", page.eval("document.querySelector('.notice').textContent"))
+        done = D["d"].wait_status(event_id, "done", timeout=30)
+        self.assertEqual(done["note"], "retried by hand")
+
+    def test_4_an_html_payload_renders_as_text(self):
+        page = self.logged_in("/ui/events/%d" % D["ids"]["demo"])
+        self.assertIn(json.dumps(XSS), page.eval("document.querySelector('pre.payload').textContent"))
+        self.assertNotEqual(page.eval("document.title"), "pwned")
+        self.assertEqual(page.eval("document.querySelectorAll('main script, main img').length"), 0)
+
+    def test_5_the_ixon_clip_plays_in_its_video_element(self):
+        page = self.logged_in("/ui/events/%d" % D["ids"]["ixon"])
+        size = page.eval("""new Promise((resolve, reject) => {
+            const v = document.querySelector('video');
+            const done = () => resolve([v.videoWidth, v.videoHeight, Math.round(v.duration)]);
+            if (v.readyState >= 2) { done(); } else { v.addEventListener('loadeddata', done); }
+            v.addEventListener('error', () => reject(new Error('video error ' + v.error.code)));
+            setTimeout(() => reject(new Error('no video data in 20 s')), 20000); })""")
+        self.assertEqual(size, [320, 240, 2])
+        link = page.eval("document.querySelector('figure.clip a[download]').getAttribute('href')")
+        self.assertEqual(link, page.eval("document.querySelector('video').getAttribute('src')") + "?download=1")
+        self.screenshot(page, "console-ixon-event.png")
 
 
 if __name__ == "__main__":
