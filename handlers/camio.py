@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import time
 
-from hookd_core import actions, http, proc
+from hookd_core import actions, client, proc
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Response,
                             Retry)
 from hookd_core.config import ConfigError
@@ -142,11 +142,11 @@ class Handler(Integration):
         self.app.store.write(lambda conn: forget_labels(conn, ctx.id))
         ctx.action_input = {"camera": payload.get("camera"), "user_id": payload.get("user_id"),
                             "images": len(payload["images"]), "labels": labels}
-        return "labels for %d image(s) posted to %s" % (len(payload["images"]), http.redact_url(url))
+        return "labels for %d image(s) posted to %s" % (len(payload["images"]), client.redact_url(url))
 
     def _check_host(self, url):
-        """Fail before any work when the labels could never be sent (SSRF guard; http.request checks too)."""
-        host = http.split_url(url)[1].lower()
+        """Fail before any work when the labels could never be sent (SSRF guard; client.request checks too)."""
+        host = client.split_url(url)[1].lower()
         if host not in {h.lower() for h in self.conf.list("callback.hosts")}:
             raise Fail("callback host %s is not in callback.hosts" % host)
 
@@ -183,7 +183,7 @@ class Handler(Integration):
 
     def _post(self, url, labels):
         body = json.dumps({"status": "success", "labels": labels}).encode("utf-8")
-        reply = http.request("POST", url, headers={"Content-Type": "application/json"}, body=body,
+        reply = client.request("POST", url, headers={"Content-Type": "application/json"}, body=body,
                              timeout=self.conf.float("callback.timeout"),
                              allowed_hosts=self.conf.list("callback.hosts"))
         if not reply.ok:

@@ -19,7 +19,7 @@ import json
 import re
 import urllib.parse
 
-from hookd_core import http
+from hookd_core import client
 from hookd_core.api import REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Retry
 
 SCHEMA = """
@@ -248,7 +248,7 @@ class Handler(Integration):
         path = analyze_path(asset_id, self.conf.get("analyze.profile"))
         try:
             reply = self.call("POST", path, body=b"{}")
-        except http.NetworkError:
+        except client.NetworkError:
             ctx.log.warning("iconik: analyze request for asset %s may not have arrived; will check", asset_id)
             raise
         if reply.status in (200, 201):
@@ -268,7 +268,7 @@ class Handler(Integration):
         """5xx and 429 are worth retrying, honouring Retry-After when iconik sends one."""
         if reply.status >= 500 or reply.status == 429:
             raise Retry("iconik answered HTTP %d for asset %s" % (reply.status, asset_id),
-                        after=retry_after(reply))
+                        after=client.retry_after(reply))
 
     def call(self, method, path, body=None):
         """One iconik API call with the application token; only to the configured host."""
@@ -278,7 +278,7 @@ class Handler(Integration):
         if body is not None:
             headers["Content-Type"] = "application/json"
         host = urllib.parse.urlsplit(base).hostname
-        return http.request(method, base + path, headers=headers, body=body, timeout=API_TIMEOUT,
+        return client.request(method, base + path, headers=headers, body=body, timeout=API_TIMEOUT,
                             allowed_hosts=[host])
 
     def end(self, asset_id, state, note):
@@ -303,11 +303,6 @@ def http_equal(got, want):
     except UnicodeEncodeError:
         raw = got.encode("utf-8", "surrogateescape")
     return hmac.compare_digest(raw, want.encode("utf-8"))
-
-
-def retry_after(reply):
-    value = (reply.headers.get("Retry-After") or "").strip()
-    return min(int(value), 3600) if value.isdigit() else None
 
 
 def excerpt(body, limit=200):

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 
-from hookd_core import ffmpeg, http
+from hookd_core import client, ffmpeg
 from hookd_core.api import BadPayload, Busy, Fail, Integration, NewEvent, Retry, Unparsable
 from hookd_core.config import ConfigError
 
@@ -84,7 +84,7 @@ def behind_webaccess(webaccess_url, stream_path):
 
 
 def cookies_of(reply):
-    """``name=value`` pairs from every Set-Cookie header of an http.Reply."""
+    """``name=value`` pairs from every Set-Cookie header of an client.Reply."""
     pairs = []
     for header in reply.headers.get_all("Set-Cookie") or []:
         first = header.split(";", 1)[0].strip()
@@ -130,7 +130,7 @@ class IxonApi:
         cred = "%s:%s:%s" % (self.conf.get("email"), self.conf.get("otp") or "", self.conf.get("password"))
         h = dict(self.headers(company=False), Authorization="Basic " + base64.b64encode(
             cred.encode("utf-8")).decode("ascii"), **{"Content-Type": "application/json"})
-        reply = http.request("POST", self.base + "/access-tokens?fields=secretId", headers=h,
+        reply = client.request("POST", self.base + "/access-tokens?fields=secretId", headers=h,
                              body=json.dumps({"expiresIn": TOKEN_LIFETIME}), timeout=API_TIMEOUT)
         self.logins += 1
         if reply.status in (200, 201):
@@ -146,7 +146,7 @@ class IxonApi:
             h = dict(self.headers(company), Authorization="Bearer " + self.token(fresh=attempt == 2))
             if body is not None:
                 h["Content-Type"] = "application/json"
-            reply = http.request(method, self.base + path, headers=h, timeout=API_TIMEOUT,
+            reply = client.request(method, self.base + path, headers=h, timeout=API_TIMEOUT,
                                  body=None if body is None else json.dumps(body))
             if reply.status == 401 and attempt == 1 and not self.conf.get("token"):
                 continue
@@ -280,7 +280,7 @@ class Handler(Integration):
     def camera_key(self):
         """One string per camera, so the core never runs two recordings of it at once."""
         if self.conf.get("stream.url"):
-            return "camera:" + http.redact_url(self.conf.get("stream.url"))
+            return "camera:" + client.redact_url(self.conf.get("stream.url"))
         return "webaccess:" + (self.conf.get("webaccess.server") or "")
 
     # -- worker thread -------------------------------------------------------------------------------
@@ -322,13 +322,13 @@ class Handler(Integration):
             secrets += [p.split("=", 1)[1] for p in cookies] + [url.split("?", 1)[-1]]
             url = behind_webaccess(url, c.get("stream.path") or "/")
         if log:
-            log.info("recording from %s", http.redact_url(url))
+            log.info("recording from %s", client.redact_url(url))
         return camera_input(url, c, headers, self.stall_timeout), secrets
 
     def open_webaccess(self):
         """A web-access session for ``webaccess.server``: its URL and the auth cookie(s) it sets."""
         url = self.api.web_access_url(self.conf.get("webaccess.server"))
-        reply = http.request("GET", url, timeout=API_TIMEOUT)  # redirects are not followed: we want the cookie
+        reply = client.request("GET", url, timeout=API_TIMEOUT)  # redirects are not followed: we want the cookie
         cookies = cookies_of(reply)
         if reply.status >= 400 or not cookies:
             raise Retry("IXON web-access URL answered %d%s" % (

@@ -24,8 +24,8 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 
-from hookd_core import http
-from hookd_core.actions import retry_after
+from hookd_core import client
+
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Reject,
                             Response, Retry, dedupe_key)
 
@@ -288,12 +288,12 @@ class Handler(Integration):
 
     # -- the Preservica API --------------------------------------------------------------------------
 
-    def api_get(self, path, accept, max_body=http.MAX_REPLY):
+    def api_get(self, path, accept, max_body=client.MAX_REPLY):
         """GET ``server + path`` with the cached token; on a 401 log in again once and repeat."""
         refused = None
         for _ in range(2):
             token = self.token(refused)
-            reply = http.request("GET", self.url(path), headers={
+            reply = client.request("GET", self.url(path), headers={
                 "Preservica-Access-Token": token, "Accept": accept},
                 timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
             if reply.status != 401:
@@ -315,7 +315,7 @@ class Handler(Integration):
         form = {"username": self.conf.get("username"), "password": self.conf.get("password")}
         if self.conf.get("tenant"):
             form["tenant"] = self.conf.get("tenant")
-        reply = http.request("POST", self.url("/api/accesstoken/login"), headers={
+        reply = client.request("POST", self.url("/api/accesstoken/login"), headers={
             "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
             body=urllib.parse.urlencode(form), timeout=API_TIMEOUT, allowed_hosts=[self.host()])
         if reply.status != 200:
@@ -335,7 +335,7 @@ class Handler(Integration):
         """The job outcome for an unexpected API status: 5xx/429 retry, other statuses fail."""
         reason = "Preservica %s answered %d%s" % (what, reply.status, api_message(reply))
         if reply.status >= 500 or reply.status in (408, 429):
-            return Retry(reason, after=retry_after(reply))
+            return Retry(reason, after=client.retry_after(reply))
         return Fail(reason)
 
     def url(self, path):

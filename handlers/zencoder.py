@@ -26,7 +26,7 @@ import sqlite3
 import sys
 import time
 
-from hookd_core import http
+from hookd_core import client
 from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, NotFound,
                             Reject, Response, Retry)
 
@@ -361,9 +361,9 @@ def post_job(conf, body):
             time.sleep(delay)
             delay *= 2
         try:
-            reply = http.request("POST", url, headers=headers, body=json.dumps(body),
+            reply = client.request("POST", url, headers=headers, body=json.dumps(body),
                                  timeout=conf.float("api.timeout"))
-        except http.NetworkError as e:
+        except client.NetworkError as e:
             problem = str(e)
             continue
         if reply.status in (200, 201):

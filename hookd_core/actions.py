@@ -5,10 +5,12 @@ done, raise ``Retry`` (backoff, then dead) or ``Fail`` (dead at once). The core 
 ``ACTIONS[name](ctx, integration)`` for each name in ``integration.actions()``. ``command`` runs a program
 through ``proc.run`` (no shell, its whole tree killed on timeout, output capped as it arrives) with the
 event JSON on stdin and a clean environment (``job_env``: the HOOKD_* values and ``command.env`` names);
-``forward`` POSTs the original bytes through ``http.request`` (which never follows a redirect); ``teams``
-posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a legacy MessageCard
-(reference/upstreams.md §6). Notes and errors never contain secrets: program output is trimmed and the
-section's secret values are masked; URLs are logged without their query (Teams URLs carry a signature).
+``forward`` POSTs the original bytes through ``client.request`` (one deadline for the whole call, never
+a redirect followed); ``teams`` posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a
+legacy MessageCard (https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/
+how-to/connectors-using). Both map the answer with ``client.check``. Notes and errors never contain
+secrets: program output is trimmed and the section's secret values are masked; URLs are logged without
+their query (Teams URLs carry a signature).
 """
 
 import base64
@@ -17,11 +19,10 @@ import re
 import shlex
 import urllib.parse
 
-from . import http, proc
+from . import client, proc
 from .api import Fail, Retry
 
 MAX_NOTE = 300          # characters of a program's stderr kept in last_error
-MAX_RETRY_AFTER = 3600  # seconds; a larger Retry-After from an upstream is capped to this
 TEAMS_FORMATS = ("adaptive", "messagecard")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -106,19 +107,11 @@ def forward(ctx, integration):
         body, ctype = ctx.body or b"", ctx.content_type or "application/octet-stream"
     headers = {"Content-Type": ctype, "User-Agent": "hookd", "X-Hookd-Event-Id": str(ctx.id),
                "X-Hookd-Route": str(ctx.route), "X-Hookd-Attempt": str(ctx.attempt)}
-    reply = http.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"))
-    where = http.redact_url(url)
-    if reply.ok:
-        return "forwarded to %s: %d" % (where, reply.status)
-    if 300 <= reply.status < 400:
-        raise Retry("forward to %s answered %d; redirects are not followed" % (where, reply.status))
-    raise Retry("forward to %s answered %d" % (where, reply.status), after=retry_after(reply))
-
-
-def retry_after(reply):
-    """The upstream's Retry-After in seconds (capped), or None when absent or not a number."""
-    value = (reply.headers.get("Retry-After") or "").strip() if reply.headers else ""
-    return min(int(value), MAX_RETRY_AFTER) if value.isdigit() else None
+    reply = client.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"))
+    where = client.redact_url(url)
+    # SPEC §6: any answer but 2xx is retried; credentials refused (401/403) are dead at once, as everywhere.
+    client.check(reply, "forward to %s" % where, refused="the forward URL's credentials", other=Retry)
+    return "forwarded to %s: %d" % (where, reply.status)
 
 
 # -- Microsoft Teams -----------------------------------------------------------------------------------
@@ -153,25 +146,18 @@ def message_card(card):
 
 def post_teams(url, fmt, card, timeout=30):
     """Post ``card`` ({"title", "facts": [(name, value)], "text"}) to a Teams webhook URL.
-    Any 2xx is success (legacy answers 200 "1", Workflows 202 empty); 429/5xx/network → Retry;
-    other 4xx → Fail. Returns a note."""
+    Any 2xx is success (legacy answers 200 "1", Workflows 202 empty); otherwise ``client.check``'s
+    mapping (401/403 and other 4xx dead, 408/429/5xx/network retried). Returns a note."""
     if fmt not in TEAMS_FORMATS:
         raise Fail("teams.format must be adaptive or messagecard, not %r" % fmt)
     doc = adaptive_card(card) if fmt == "adaptive" else message_card(card)
-    reply = http.request("POST", url, headers={"Content-Type": "application/json", "User-Agent": "hookd"},
-                         body=json.dumps(doc).encode("utf-8"), timeout=timeout)
+    reply = client.request("POST", url, headers={"Content-Type": "application/json", "User-Agent": "hookd"},
+                           body=json.dumps(doc).encode("utf-8"), timeout=timeout)
     host = urllib.parse.urlsplit(url).hostname
     if reply.ok and b"HTTP error 429" in reply.body[:1000]:
         raise Retry("teams (%s) throttled: connector answered 2xx with an HTTP 429 text" % host, after=60)
-    if reply.ok:
-        return "teams card posted (%s): %d" % (host, reply.status)
-    if reply.status == 429 or reply.status >= 500 or 300 <= reply.status < 400:
-        raise Retry("teams (%s) answered %d" % (host, reply.status), after=retry_after(reply))
-    raise Fail("teams (%s) refused the card: %d %s" % (host, reply.status, _short(reply.body)))
-
-
-def _short(body):
-    return body[:200].decode("utf-8", "replace").replace("\n", " ").strip()
+    client.check(reply, "teams (%s)" % host, refused="teams.url (the webhook was deleted or its signature changed)")
+    return "teams card posted (%s): %d" % (host, reply.status)
 
 
 def teams(ctx, integration):

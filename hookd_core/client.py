@@ -1,0 +1,187 @@
+"""The one outbound HTTP client: every call hookd makes (forward, Teams, each vendor's API) goes through it.
+
+Strategy: ``request()`` opens one ``http.client`` connection per call (jobs are few and slow compared
+with intake), sends the body with Content-Length, reads at most ``max_body`` bytes of the answer, and
+returns a ``Reply``. ``timeout`` is a deadline for the whole exchange, not for each read: connect, send
+and every read share it, and a timer shuts the socket when it passes, so an upstream that drips one byte
+a second cannot hold a worker longer than ``timeout``. Redirects are never followed: a 3xx is returned
+like any other status, so nobody can bounce hookd to a host nobody allowed. A socket error or the
+deadline raises ``NetworkError`` (a ``Retry``); ``allowed_hosts`` refuses any other host with ``Fail``
+before a byte is sent (SSRF guard). ``check(reply, what)`` is the one status mapping every caller uses:
+2xx is the answer; 401/403 ``Fail`` (the credentials are wrong: retrying cannot help); 408, 429 and 5xx
+``Retry`` honouring ``Retry-After``; 3xx ``Retry`` (not followed); any other status ``other`` (``Fail``
+unless the caller says otherwise). 404 means something different to each integration ("no thumbnail",
+"asset gone", "unknown job"), so callers that give it a meaning test for it before ``check``.
+``Api`` is the small base every vendor client class builds on: a base URL, the one host it may reach,
+headers sent with every call, and the per-call deadline.
+"""
+
+import http.client
+import json
+import socket
+import ssl
+import threading
+import urllib.parse
+
+from .api import Fail, Retry
+
+MAX_REPLY = 64 * 1024 * 1024  # thumbnails and API answers; anything larger is not what we asked for
+MAX_RETRY_AFTER = 3600        # seconds; a larger Retry-After from an upstream is capped to this
+REFUSED = (401, 403)
+TRANSIENT = (408, 429)        # plus every 5xx
+
+
+class NetworkError(Retry):
+    """Could not reach the upstream, or it did not answer within the deadline: worth retrying."""
+
+
+class Reply:
+    """status (int), headers (http.client.HTTPMessage), body (bytes), and ``json()``."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def ok(self):
+        return 200 <= self.status < 300
+
+    def json(self):
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise Retry("upstream answered %d with a body that is not JSON" % self.status)
+
+
+def split_url(url):
+    """(scheme, host, port, path-with-query) of an http(s) URL, or Fail."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise Fail("not an http(s) URL: %s" % redact_url(url))
+    port = port or (443 if parts.scheme == "https" else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return parts.scheme, parts.hostname, port, path
+
+
+def redact_url(url):
+    """The URL without user:password and without its query (Teams and IXON URLs carry a signature there),
+    for log lines and notes."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        if parts.password or parts.username:
+            netloc = (parts.hostname or "") + (":%d" % parts.port if parts.port else "")
+            parts = parts._replace(netloc="***@" + netloc)
+    except ValueError:
+        parts = parts._replace(netloc="(bad address)")
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+
+
+def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None, max_body=MAX_REPLY,
+            context=None):
+    """Send one request and return its Reply within ``timeout`` seconds in all. Raises NetworkError
+    (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed)."""
+    scheme, host, port, path = split_url(url)
+    if allowed_hosts is not None and host.lower() not in {h.lower() for h in allowed_hosts}:
+        raise Fail("host %s is not in the allowed hosts" % host)
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                           context=context or ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    if body is not None and not isinstance(body, bytes):
+        body = body.encode("utf-8")
+    cut = threading.Event()
+    timer = threading.Timer(timeout, _cut_off, (conn, cut))
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        data = resp.read(max_body + 1)
+        if cut.is_set():  # an answer without a length ends at EOF: the cut would look like its end
+            raise socket.timeout("cut off")
+        if len(data) > max_body:
+            raise Retry("upstream answer larger than %d bytes" % max_body)
+        return Reply(resp.status, resp.headers, data)
+    except (OSError, http.client.HTTPException) as e:
+        if cut.is_set():
+            raise NetworkError("%s %s:%d: no complete answer within %gs" % (method, host, port, timeout))
+        raise NetworkError("%s %s:%d failed: %s" % (method, host, port, e.__class__.__name__ + (
+            ": %s" % e if str(e) else "")))
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+def _cut_off(conn, cut):
+    """The deadline passed: shut the socket (the plain socket's shutdown, also under TLS), so the blocked
+    read returns at once."""
+    cut.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def retry_after(reply):
+    """The upstream's Retry-After in whole seconds (capped), or None when absent or not a number."""
+    value = (reply.headers.get("Retry-After") or "").strip() if reply.headers else ""
+    return min(int(value), MAX_RETRY_AFTER) if value.isdigit() else None
+
+
+def excerpt(body, limit=200):
+    """The start of an answer's body as one printable line, for an error message."""
+    text = body[:limit].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip()
+
+
+def check(reply, what, refused="", other=Fail):
+    """The one status mapping: return ``reply`` when it is 2xx, else raise. ``what`` names the call in the
+    message ("iconik analyze"); ``refused`` says what to check when the credentials were refused;
+    ``other`` is the exception class for statuses no rule covers (400, 404, 409, 422, ...)."""
+    if reply.ok:
+        return reply
+    said = excerpt(reply.body)
+    message = "%s answered %d%s" % (what, reply.status, ": " + said if said else "")
+    if reply.status in REFUSED:
+        raise Fail("%s answered %d: the credentials were refused%s" % (
+            what, reply.status, "; check " + refused if refused else ""))
+    if reply.status in TRANSIENT or reply.status >= 500:
+        raise Retry(message, after=retry_after(reply))
+    if 300 <= reply.status < 400:
+        raise Retry("%s answered %d; redirects are not followed" % (what, reply.status))
+    raise other(message)
+
+
+class Api:
+    """The base of each vendor's client class: ``call(method, path)`` on ``base`` + path, only to the
+    base URL's host, with ``headers()`` on every call and ``timeout`` as each call's whole deadline."""
+
+    def __init__(self, base, timeout=30):
+        self.base = (base or "").rstrip("/")
+        self.host = urllib.parse.urlsplit(self.base).hostname or ""
+        self.timeout = timeout
+
+    def headers(self):
+        """Headers sent with every call (authentication, Accept); override."""
+        return {}
+
+    def call(self, method, path, body=None, headers=None, content_type="application/json",
+             max_body=MAX_REPLY):
+        """One call; returns the Reply whatever its status (callers map it with ``check``). A dict or
+        list ``body`` is sent as JSON."""
+        h = dict(self.headers())
+        if body is not None:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+            h["Content-Type"] = content_type
+        h.update(headers or {})
+        return request(method, self.base + path, headers=h, body=body, timeout=self.timeout,
+                       allowed_hosts=[self.host], max_body=max_body)

@@ -1,0 +1,164 @@
+"""Tests of hookd_core/client.py, the one outbound HTTP client: the whole-request deadline against a
+loopback upstream that drips its answer one byte at a time (as forward, Teams and a vendor API call meet
+it), and the one status mapping every integration uses."""
+
+import socket
+import threading
+import time
+import unittest
+
+from hookd_core import actions, client
+from hookd_core.api import Fail, Retry
+from tests.support import FakeUpstream
+from tests.test_actions import make_ctx
+
+DRIP_ANSWER = b"HTTP/1.1 200 OK\r\n\r\nok"  # no length: the body ends at EOF; 21 bytes, 30 s at 1.5 s each
+
+
+class DripUpstream:
+    """A loopback server that reads one request, then sends ``answer`` one byte every ``interval``
+    seconds until it is all sent or the client goes away. Stops by itself when closed."""
+
+    def __init__(self, interval=1.5, answer=DRIP_ANSWER):
+        self.interval, self.answer = interval, answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                for i in range(len(self.answer)):
+                    conn.sendall(self.answer[i:i + 1])
+                    if self.closed.wait(self.interval):
+                        return
+            except OSError:
+                return  # the client cut us off: what the deadline is for
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+class DeadlineTest(unittest.TestCase):
+    """issue 16 #6: a timeout is a deadline for the whole request, not for each read."""
+
+    def setUp(self):
+        self.drip = DripUpstream(interval=1.5)
+        self.addCleanup(self.drip.close)
+
+    def elapsed(self, fn):
+        started = time.monotonic()
+        with self.assertRaises(Retry) as cm:
+            fn()
+        return time.monotonic() - started, str(cm.exception)
+
+    def test_request_ends_at_its_timeout(self):
+        took, msg = self.elapsed(lambda: client.request("GET", self.drip.url + "/", timeout=2))
+        self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
+        self.assertIn("within 2s", msg)
+
+    def test_forward_timeout_2_ends_at_2s(self):
+        ctx, hook = make_ctx(forward=self.drip.url + "/in", **{"forward.timeout": "2"})
+        took, msg = self.elapsed(lambda: actions.forward(ctx, hook))
+        self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
+
+    def test_teams_post_ends_at_its_timeout(self):
+        took, _ = self.elapsed(lambda: actions.post_teams(self.drip.url + "/w", "adaptive",
+                                                          {"title": "t"}, timeout=2))
+        self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
+
+    def test_vendor_api_call_ends_at_its_timeout(self):
+        api = client.Api(self.drip.url, timeout=2)
+        took, _ = self.elapsed(lambda: api.call("GET", "/API/assets/v1/assets/a/"))
+        self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
+
+    def test_a_fast_answer_without_length_is_read_whole(self):
+        fast = DripUpstream(interval=0, answer=DRIP_ANSWER)
+        self.addCleanup(fast.close)
+        reply = client.request("GET", fast.url + "/", timeout=5)
+        self.assertEqual((reply.status, reply.body), (200, b"ok"))
+
+
+class StatusMappingTest(unittest.TestCase):
+    """One mapping for every upstream: 401/403 dead with a clear error, 408/429/5xx retried honouring
+    Retry-After, 3xx not followed (retried), anything else as the caller says (Fail by default)."""
+
+    def setUp(self):
+        self.up = FakeUpstream([(200, b"{}")])
+        self.addCleanup(self.up.close)
+        self.api = client.Api(self.up.url, timeout=5)
+
+    def answer(self, status, body=b"", headers=None):
+        self.up.script = [(status, body, headers or {})]
+        return self.api.call("GET", "/x")
+
+    def test_2xx_is_the_reply(self):
+        reply = self.answer(201, b'{"id": 1}')
+        self.assertIs(client.check(reply, "x"), reply)
+        self.assertEqual(reply.json(), {"id": 1})
+
+    def test_401_and_403_are_dead_with_what_to_check(self):
+        for status in (401, 403):
+            with self.assertRaises(Fail) as cm:
+                client.check(self.answer(status, b'{"errors": ["Token is invalid"]}'), "iconik analyze",
+                             refused="[iconik] app_id and auth_token")
+            self.assertIn("iconik analyze answered %d: the credentials were refused" % status,
+                          str(cm.exception))
+            self.assertIn("[iconik] app_id and auth_token", str(cm.exception))
+
+    def test_408_429_and_5xx_are_retried_with_retry_after(self):
+        for status in (408, 429, 500, 502, 503):
+            with self.assertRaises(Retry) as cm:
+                client.check(self.answer(status, b"busy", {"Retry-After": "7"}), "x")
+            self.assertEqual(cm.exception.after, 7)
+        with self.assertRaises(Retry) as cm:
+            client.check(self.answer(503, b"", {"Retry-After": "999999"}), "x")
+        self.assertEqual(cm.exception.after, client.MAX_RETRY_AFTER)
+        with self.assertRaises(Retry) as cm:
+            client.check(self.answer(503, b"", {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), "x")
+        self.assertIsNone(cm.exception.after)
+
+    def test_3xx_is_never_followed(self):
+        with self.assertRaises(Retry) as cm:
+            client.check(self.answer(307, b"", {"Location": "http://169.254.169.254/"}), "x")
+        self.assertIn("redirects are not followed", str(cm.exception))
+        self.assertEqual(self.up.count(), 1)
+
+    def test_other_statuses_are_as_the_caller_says(self):
+        reply = self.answer(422, b'{"errors": ["bad job"]}')
+        with self.assertRaises(Fail) as cm:
+            client.check(reply, "zencoder jobs")
+        self.assertIn('422: {"errors": ["bad job"]}', str(cm.exception))
+        with self.assertRaises(Retry):
+            client.check(reply, "forward", other=Retry)
+
+    def test_network_error_is_retry_and_other_hosts_fail(self):
+        port = self.up.port
+        self.up.close()
+        with self.assertRaises(client.NetworkError):
+            client.request("GET", "http://127.0.0.1:%d/" % port, timeout=2)
+        with self.assertRaises(Fail):
+            client.request("GET", "http://127.0.0.2:%d/" % port, allowed_hosts=["127.0.0.1"])
+
+
+if __name__ == "__main__":
+    unittest.main()
