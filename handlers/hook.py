@@ -102,6 +102,8 @@ class Handler(Integration):
         """The section's rule, else the scheme's delivery id; a missing id falls back to the body hash."""
         rule = (self.conf.get("dedupe") or "").strip() or verify.default_dedupe(self.conf.get("verify"))
         key = dedupe_key(rule, req)
+        if key is None and rule in verify.DEFAULT_DEDUPE_ALIASES:
+            key = dedupe_key(verify.DEFAULT_DEDUPE_ALIASES[rule], req)
         if key is None and rule != "none":
             key = dedupe_key("body", req)
         return key

@@ -34,6 +34,15 @@ DEFAULT_DEDUPE = {
 }
 
 
+# The same delivery id under another header name: Svix and the senders built on it (Clerk, Resend) send
+# svix-* instead of webhook-* (svix/svix-webhooks python/svix/webhooks.py, Webhook.verify).
+DEFAULT_DEDUPE_ALIASES = {"header:webhook-id": "header:svix-id"}
+
+# Standard Webhooks' three headers, and Svix's names for them; a request uses one set whole.
+STANDARD_HEADERS = (("webhook-id", "webhook-timestamp", "webhook-signature"),
+                    ("svix-id", "svix-timestamp", "svix-signature"))
+
+
 def default_dedupe(scheme):
     """The dedupe rule a sender using ``scheme`` needs: its delivery id, else the body hash."""
     return DEFAULT_DEDUPE.get(scheme, "body")
@@ -106,11 +115,11 @@ def whsec_key(secret):
 
 
 def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
-    """``webhook-signature: v1,<base64> [v1,<base64> ...]`` = HMAC-SHA256(key, id.timestamp.body).
-    ``v1a,<base64>`` entries (ed25519) are checked against ``whpk_`` secrets."""
-    msg_id = _require(headers, "webhook-id")
-    stamp = _require(headers, "webhook-timestamp")
-    entries = _require(headers, "webhook-signature").split()
+    """``webhook-signature: v1,<base64> [v1,<base64> ...]`` = HMAC-SHA256(key, id.timestamp.body)
+    (https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md); the
+    svix-* names are accepted too. ``v1a,<base64>`` entries (ed25519) are checked against ``whpk_`` secrets."""
+    msg_id, stamp, entries = standard_headers(headers)
+    entries = entries.split()
     _check_timestamp(stamp, tolerance, now)
     message = _utf8(msg_id) + b"." + _utf8(stamp) + b"." + body
     v1 = [_decode(e[3:], "base64") for e in entries if e.startswith("v1,")]
@@ -128,6 +137,16 @@ def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
         if _any_equal(_mac(key, message), v1):
             return
     raise BadSignature("no webhook-signature entry matches")
+
+
+def standard_headers(headers):
+    """(id, timestamp, signature) from the webhook-* headers, or else from the svix-* ones (whichever
+    set is complete; never a mix), or BadSignature naming what is missing."""
+    for names in STANDARD_HEADERS:
+        values = [header(headers, name) for name in names]
+        if all(values):
+            return values
+    return [_require(headers, name) for name in STANDARD_HEADERS[0]]
 
 
 def _ed25519_any(secret, message, signatures):

@@ -207,6 +207,18 @@ class HooksTest(unittest.TestCase):
         self.assert_refused("sw", body, {"webhook-id": "m", "webhook-timestamp": "x",
                                          "webhook-signature": "v1,!"})
 
+    def test_svix_headers_verify_and_dedupe_on_svix_id(self):
+        """Svix, Clerk and Resend send svix-id / svix-timestamp / svix-signature (the same scheme)."""
+        body = b'{"type": "email.delivered", "data": {"email_id": "4ef9a417"}}'
+        svix = {k.replace("webhook-", "svix-"): v for k, v in sw_headers("msg_svix_1", body).items()}
+        first = self.post("sw", body, svix, 202)
+        later = {k.replace("webhook-", "svix-"): v
+                 for k, v in sw_headers("msg_svix_1", body, stamp=int(time.time()) + 1).items()}
+        again = self.post("sw", body, later, 200)
+        self.assertEqual((again["status"], again["id"]), ("duplicate", first["id"]))
+        self.d.wait_status(first["id"], "done")
+        self.assert_refused("sw", body, dict(svix, **{"svix-id": "msg_svix_2"}))
+
     def test_github_signature_and_delivery_dedupe(self):
         headers = {"X-Hub-Signature-256": "sha256=" + hmac_hex(GH_SECRET, "Hello, World!"),
                    "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958", "X-GitHub-Event": "ping"}

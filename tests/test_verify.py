@@ -103,6 +103,18 @@ class StandardWebhooksTest(unittest.TestCase):
             with self.assertRaises(BadSignature):
                 self.check(sw_headers(SW_ID, SW_TS, SW_SIG), now=now)
 
+    def test_svix_header_names_verify_as_svix_verify_does(self):
+        """svix/svix-webhooks python/svix/webhooks.py Webhook.verify: the svix-* triple, else webhook-*."""
+        svix = {"svix-id": SW_ID, "svix-timestamp": SW_TS, "svix-signature": SW_SIG}
+        self.check(svix)
+        self.check({k.upper(): v for k, v in svix.items()})  # header names are case-insensitive
+        mine = sw_sign(SW_SECRET, "msg_2", SW_TS, SW_BODY)
+        self.check({"svix-id": "msg_2", "svix-timestamp": SW_TS, "svix-signature": mine})
+        with self.assertRaises(BadSignature):  # svix-id is signed: another id does not verify
+            self.check(dict(svix, **{"svix-id": "msg_other"}))
+        with self.assertRaises(BadSignature):  # a triple is taken whole, never mixed
+            self.check({"svix-id": SW_ID, "webhook-timestamp": SW_TS, "svix-signature": SW_SIG})
+
     def test_malformed_headers_are_401_not_exceptions(self):
         cases = [
             {"webhook-timestamp": SW_TS, "webhook-signature": SW_SIG},
@@ -331,6 +343,7 @@ class DispatchAndCheckTest(unittest.TestCase):
 
     def test_default_dedupe_per_scheme(self):
         self.assertEqual(verify.default_dedupe("standard-webhooks"), "header:webhook-id")
+        self.assertEqual(verify.DEFAULT_DEDUPE_ALIASES["header:webhook-id"], "header:svix-id")
         self.assertEqual(verify.default_dedupe("github"), "header:X-GitHub-Delivery")
         self.assertEqual(verify.default_dedupe("shopify"), "header:X-Shopify-Webhook-Id")
         self.assertEqual(verify.default_dedupe("stripe"), "json:id")
