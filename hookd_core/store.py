@@ -1,19 +1,24 @@
-"""The durable store: one sqlite file (WAL, synchronous=FULL), one writer at a time, group commit.
+"""The durable store: one sqlite file (WAL, synchronous=FULL), one writer thread, group commit.
 
-Strategy: sqlite is the source of truth and only this module touches it. Every write is a function
-``fn(conn)``. The first caller to find nobody writing becomes the group's leader: it takes everything
-that is waiting, runs each function inside its own SAVEPOINT of one ``BEGIN IMMEDIATE`` transaction,
-commits once (one fsync for the whole group), wakes the group's callers and hands the lead to the next
-waiting caller. So N concurrent webhooks cost one fsync, not N; a caller at light load pays no thread
-switch; and a caller that gets a result knows it is on disk. If the commit fails (disk full, read-only
-file) every caller of that group gets the error and nothing of the group is stored. Request bodies live
-once in ``bodies``, keyed by their sha256, so a delivery that becomes many events (Preservica's
-``events[]``) or arrives many times is stored once. Reads use a connection per thread (WAL readers do
-not block the writer). Counts of waiting events per route live in memory, changed after each commit
-and re-read from the table now and then (the CLI may change rows while the daemon runs).
+Strategy: sqlite is the source of truth and only this module touches it. Every write is either a
+function ``fn(conn)`` (``write``) or one request's events (``add_events``/``submit_events``). All of
+them go to one writer thread, which takes everything waiting, runs it in one ``BEGIN IMMEDIATE``
+transaction and commits once: N concurrent webhooks cost one fsync, not N. The events of all requests
+in a group are stored with one statement per table (one dedupe look-up per route, one ``executemany``
+into ``events``, one into ``request_bodies``), with ids handed out by the writer, so a group costs a few
+statements however many requests it holds. Only after the COMMIT does a caller learn its result: a
+blocked caller is woken, or (``submit_events``) its ``then`` runs on the writer thread, so a request's
+answer can leave as soon as its commit is on disk without waking the request's own thread first. If the
+transaction fails (disk full, read-only file) every caller of that group gets a StoreError and nothing
+of the group is stored; a ``write`` function that raises is rolled back alone (a savepoint) and the
+others commit. A request's body is stored once in ``request_bodies`` (append-only rowid keys, no
+random-key B-tree), however many events it becomes; an event of a batch delivery (Preservica's
+``events[]``) keeps only its index in that array (``element``), never a copy of the envelope.
+Reads use a connection per thread (WAL readers do not block the writer). Counts of waiting events per
+route live in memory, changed after each commit and re-read from the table now and then (the CLI may
+change rows while the daemon runs).
 """
 
-import hashlib
 import json
 import os
 import secrets
@@ -44,12 +49,14 @@ CREATE TABLE IF NOT EXISTS events (
   content_type TEXT,
   body_hash TEXT,
   payload TEXT,
-  progress TEXT
+  progress TEXT,
+  body_id INTEGER,
+  element INTEGER
 );
-CREATE TABLE IF NOT EXISTS bodies (
-  hash TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS request_bodies (
+  id INTEGER PRIMARY KEY,
   data BLOB NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS products (
   id INTEGER PRIMARY KEY,
   event_id INTEGER NOT NULL,
@@ -84,34 +91,43 @@ CREATE TABLE IF NOT EXISTS lease_workers (
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
+KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
+
+_INSERT_EVENT = ("INSERT INTO events(id, route, status, received_at, updated_at, dedupe_key, duplicate_of,"
+                 " serial_key, headers, content_type, body_id, element, payload, note)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class _Op:
-    """One write waiting for its group. ``wait``/``wake`` are a bare lock used as a one-shot gate
-    (cheaper than a threading.Event, which builds a Condition per wait); only the leader wakes."""
+    """One write waiting for its group: a function (``fn``) or one request's events (``rows``).
+    ``then(result, error)``, when given, runs on the writer thread after the commit; otherwise the
+    caller sleeps on ``_gate``, a bare lock used as a one-shot gate (cheaper than an Event)."""
 
-    __slots__ = ("fn", "result", "error", "delta", "lead", "_gate", "_open")
+    __slots__ = ("fn", "route", "rows", "now", "limit", "then", "result", "error", "delta", "_gate")
 
-    def __init__(self, fn, delta):
-        self.fn, self.result, self.error, self.delta = fn, None, None, delta
-        self.lead = False  # set when this op's thread is handed the leader's job
-        self._gate = threading.Lock()
-        self._gate.acquire()
-        self._open = False
+    def __init__(self, fn=None, delta=None, route=None, rows=None, now=None, limit=None, then=None):
+        self.fn, self.delta, self.route, self.rows, self.now, self.limit = fn, delta, route, rows, now, limit
+        self.then, self.result, self.error = then, None, None
+        self._gate = None
+        if then is None:
+            self._gate = threading.Lock()
+            self._gate.acquire()
 
     def wait(self):
         self._gate.acquire()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
-    def wake(self):
-        if not self._open:
-            self._open = True
+    def settle(self, log_error):
+        """The group is over: hand the outcome to ``then`` or wake the caller."""
+        if self.then is None:
             self._gate.release()
-
-
-def _outcome(op):
-    if op.error is not None:
-        raise op.error
-    return op.result
+            return
+        try:
+            self.then(self.result, self.error)
+        except Exception:  # a failing answer must not stop the writer
+            log_error()
 
 
 class StoreError(Exception):
@@ -119,22 +135,28 @@ class StoreError(Exception):
 
 
 class Store:
-    """``write(fn)``, ``read(fn)``, ``waiting(route)``, plus the event operations the core needs."""
+    """``write(fn)``, ``add_events``/``submit_events``, ``read(fn)``, ``waiting(route)``, plus the event
+    operations the core needs."""
 
-    def __init__(self, path):
+    def __init__(self, path, log=None):
         self.path = path
+        self.log = log
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._local = threading.local()
         self._pending = []           # operations waiting for the next group
         self._plock = threading.Lock()
-        self._leading = False        # a thread is running a group right now
+        self._wake = threading.Lock()  # held while the writer sleeps; released to wake it
+        self._wake.acquire()
+        self._idle = True            # the writer is asleep (or about to be) on _wake
         self._waiting = {}
         self._count_lock = threading.Lock()
         self._closed = False
         self.groups = 0  # commits done; tests use it to see group commit at work
         self._conn = self._connect()
-        self._conn.executescript(SCHEMA)
+        migrate(self._conn)
         self._recount(self._conn)
+        self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
+        self._writer.start()
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -145,97 +167,101 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------
     def write(self, fn, delta=None):
-        """Run ``fn(conn)`` in a group transaction and return its result once committed.
-        ``delta`` = {route: n} is added to the waiting counts after the commit.
+        """Run ``fn(conn)`` in the next group transaction and return its result once committed.
+        ``delta`` = {route: n} is added to the waiting counts after the commit."""
+        return self._submit(_Op(fn=fn, delta=delta)).wait()
 
-        Group commit without a writer thread: the caller that finds nobody leading becomes the leader,
-        takes every pending operation (its own first), runs them in one transaction and commits once.
-        Callers arriving meanwhile queue up and sleep; when the group is done the leader hands the
-        lead to the first of them, which takes the next group. A leader never waits for others, and
-        no extra thread is woken per group."""
+    def add_events(self, route, rows, now=None, limit=None):
+        """Store one request's events (dicts from ``App.event_rows``) atomically; returns [(id, "new" or
+        "duplicate")] once committed. A row whose (route, dedupe_key) exists becomes a 'duplicate' row
+        pointing at the original (whose id is returned). A row with ``done`` set is stored as done at
+        once. ``limit``: refuse with Busy when the route already has that many events waiting; counted
+        inside the transaction, so concurrent requests cannot both slip past it."""
+        return self.submit_events(route, rows, now=now, limit=limit).wait()
+
+    def submit_events(self, route, rows, now=None, limit=None, then=None):
+        """``add_events`` without waiting: ``then(result, error)`` runs on the writer thread right after
+        the commit (error: Busy, or StoreError when nothing was stored). Without ``then``, call
+        ``.wait()`` on the returned operation."""
+        now = time.time() if now is None else now
+        return self._submit(_Op(route=route, rows=rows, now=now, limit=limit, then=then))
+
+    def _submit(self, op):
         if self._closed:
             raise StoreError("store is closed")
-        op = _Op(fn, delta)
         with self._plock:
             self._pending.append(op)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            op.wait()
-            if not op.lead:
-                return _outcome(op)
-        self._lead()
-        return _outcome(op)
+            wake, self._idle = self._idle, False
+        if wake:
+            self._wake.release()
+        return op
 
-    def _lead(self):
-        with self._plock:
-            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-        try:
-            self._commit_group(group)
-        finally:
-            self._hand_over()
+    def _write_forever(self):
+        while True:
+            self._wake.acquire()
+            while True:
+                with self._plock:
+                    group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                    if not group:
+                        self._idle = True
+                        break
+                try:
+                    self._commit_group(group)
+                except Exception as e:  # never leave a caller waiting, never let the writer die
+                    self._fail_all(group, e)
+                for op in group:
+                    op.settle(self._log_exception)
 
-    def _hand_over(self):
-        """Give the lead to the first waiting operation, or mark that nobody leads."""
-        with self._plock:
-            nxt = self._pending[0] if self._pending else None
-            if nxt is None:
-                self._leading = False
-        if nxt is not None:
-            nxt.lead = True
-            nxt.wake()
+    def _log_exception(self):
+        if self.log is not None:
+            self.log.exception("answering after a commit failed")
 
     def _commit_group(self, group):
+        """One transaction for the whole group; sets each op's result or error (settled by the caller)."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
-        if len(group) == 1:  # alone in its transaction: no savepoint needed to isolate it
-            return self._commit_one(group[0])
-        for op in group:
+        fns = [op for op in group if op.fn is not None]
+        isolate = len(group) > 1  # alone in its transaction, a function needs no savepoint
+        for op in fns:
             try:
-                conn.execute("SAVEPOINT op")
+                if isolate:
+                    conn.execute("SAVEPOINT op")
                 op.result = op.fn(conn)
-                conn.execute("RELEASE op")
-            except Exception as e:  # one bad operation must not sink the group
+                if isolate:
+                    conn.execute("RELEASE op")
+            except Exception as e:  # one bad function must not sink the group
                 op.error = e
                 try:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
+                    conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
+                    if isolate:
+                        conn.execute("RELEASE op")
                 except sqlite3.Error as e2:
                     return self._fail_all(group, e2)
-        self._finish_group(group)
-
-    def _commit_one(self, op):
-        """A group of one (light load): run it in the open transaction, then commit or roll back."""
-        conn = self._conn
-        try:
-            op.result = op.fn(conn)
-        except Exception as e:
-            op.error = e
+                if not isolate:
+                    return
+        requests = [op for op in group if op.fn is None]
+        if requests:
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            op.wake()
-            return
-        self._finish_group([op])
-
-    def _finish_group(self, group):
-        """COMMIT, then apply the waiting-count deltas and wake every caller of the group."""
+                fresh = _store_requests(conn, requests)
+            except sqlite3.Error as e:
+                return self._fail_all(group, e)
+        else:
+            fresh = {}
         try:
-            self._conn.execute("COMMIT")
+            conn.execute("COMMIT")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
         self.groups += 1
         with self._count_lock:
-            for op in group:
+            for op in fns:
                 if op.error is None and op.delta:
                     for route, n in op.delta.items():
                         self._waiting[route] = self._waiting.get(route, 0) + n
-        for op in group:
-            op.wake()
+            for route, n in fresh.items():
+                self._waiting[route] = self._waiting.get(route, 0) + n
 
     def _fail_all(self, group, exc):
         """The transaction could not commit: nothing of the group is stored, every caller hears why."""
@@ -244,10 +270,9 @@ class Store:
                 self._conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass
-        err = StoreError("database write failed: %s" % exc)
+        err = exc if isinstance(exc, StoreError) else StoreError("database write failed: %s" % exc)
         for op in group:
             op.error, op.result = err, None
-            op.wake()
 
     # -- reading ------------------------------------------------------------------------------------
     def read(self, fn):
@@ -277,47 +302,20 @@ class Store:
             self._waiting = dict(rows)
 
     def close(self):
-        """No new writes; wait (up to 10 s) for a running group, then close the connection."""
+        """No new writes; wait (up to 10 s) for the writer to finish what is queued, then close."""
         if self._closed:
             return
         self._closed = True
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with self._plock:
-                if not self._leading:
+                if self._idle and not self._pending:
                     break
             time.sleep(0.01)
-        self._conn.close()
+        with self._plock:  # the writer is asleep: nothing uses the connection any more
+            self._conn.close()
 
     # -- event operations ---------------------------------------------------------------------------
-    def add_events(self, route, rows, now=None, limit=None):
-        """Insert one request's events (dicts from ``event_row``) atomically; returns [(id, "new" or
-        "duplicate")]. A row whose (route, dedupe_key) exists becomes a 'duplicate' row pointing at the
-        original (whose id is returned). A row with ``done`` set is stored as done at once.
-        ``limit``: refuse with Busy when the route already has that many events waiting; counted inside
-        the transaction, so concurrent requests cannot both slip past it."""
-        now = time.time() if now is None else now
-
-        def fn(conn):
-            if limit is not None:
-                waiting = conn.execute("SELECT count(*) FROM events WHERE route=? AND status IN"
-                                       " ('queued','retry','running')", (route,)).fetchone()[0]
-                if waiting + len(rows) > limit:
-                    raise Busy("%s has %d events waiting (queue_size %d)" % (route, waiting, limit))
-            out = []
-            for row in rows:
-                out.append(_insert(conn, route, row, now))
-            return out
-        try:
-            result = self.write(fn)
-        except sqlite3.OperationalError as e:  # disk full, read-only file, locked: storage, not input
-            raise StoreError("database write failed: %s" % e)
-        fresh = sum(1 for (_, status), r in zip(result, rows) if status == "new" and not r.get("done"))
-        if fresh:
-            with self._count_lock:
-                self._waiting[route] = self._waiting.get(route, 0) + fresh
-        return result
-
     def claim(self, event_id, now=None):
         """queued/retry -> running, attempts + 1; returns the row as a dict, or None if not claimable
         (already claimed, or another event with its serial key is running: a remote worker holds it)."""
@@ -386,13 +384,13 @@ class Store:
         now = time.time() if now is None else now
 
         def fn(conn):
-            row = conn.execute("SELECT route, serial_key, headers, content_type, body_hash, payload FROM events"
-                               " WHERE id=?", (event_id,)).fetchone()
+            row = conn.execute("SELECT route, serial_key, headers, content_type, body_id, element, payload"
+                               " FROM events WHERE id=?", (event_id,)).fetchone()
             if row is None:
                 return None
             cur = conn.execute(
                 "INSERT INTO events(route, status, received_at, updated_at, serial_key, headers, content_type,"
-                " body_hash, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " body_id, element, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row[:1] + (now, now) + row[1:] + ("replay of %d" % event_id,))
             return cur.lastrowid
         return self.write(fn)
@@ -418,8 +416,8 @@ class Store:
         def fn(conn):
             n = conn.execute("DELETE FROM events WHERE status IN ('done','duplicate') AND updated_at < ?",
                              (cutoff,)).rowcount
-            conn.execute("DELETE FROM bodies WHERE hash NOT IN"
-                         " (SELECT body_hash FROM events WHERE body_hash IS NOT NULL)")
+            conn.execute("DELETE FROM request_bodies WHERE id NOT IN"
+                         " (SELECT body_id FROM events WHERE body_id IS NOT NULL)")
             conn.execute("DELETE FROM leases WHERE ended IS NOT NULL AND event_id NOT IN (SELECT id FROM events)")
             conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,))
             conn.execute("DELETE FROM products WHERE event_id NOT IN (SELECT id FROM events)")
@@ -593,35 +591,119 @@ def held_leases(conn):
     return dict(conn.execute("SELECT route, count(*) FROM leases WHERE ended IS NULL GROUP BY route").fetchall())
 
 
-def _insert(conn, route, row, now):
-    key = row.get("dedupe_key")
-    if key is not None:
-        hit = conn.execute("SELECT id FROM events WHERE route=? AND dedupe_key=?", (route, key)).fetchone()
-        if hit is not None:
-            conn.execute(
-                "INSERT INTO events(route, status, received_at, updated_at, duplicate_of, headers,"
-                " content_type, note) VALUES (?, 'duplicate', ?, ?, ?, ?, ?, ?)",
-                (route, now, now, hit[0], row.get("headers"), row.get("content_type"),
-                 "duplicate of %d" % hit[0]))
-            return hit[0], "duplicate"
-    body = row.get("body") or b""
-    digest = hashlib.sha256(body).hexdigest()
-    conn.execute("INSERT OR IGNORE INTO bodies(hash, data) VALUES (?, ?)", (digest, body))
-    done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
-    cur = conn.execute(
-        "INSERT INTO events(route, status, received_at, updated_at, dedupe_key, serial_key, headers,"
-        " content_type, body_hash, payload, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (route, "done" if done else "queued", now, now, key, row.get("serial_key"), row.get("headers"),
-         row.get("content_type"), digest, row.get("payload"), NOTHING_TO_DO if done else None))
-    return cur.lastrowid, "new"
+def _store_requests(conn, ops):
+    """Store the events of every request in ``ops`` with one statement per table; sets each op's result
+    ([(id, "new" | "duplicate")]) or error (Busy). Returns {route: events now waiting}. Ids are handed
+    out here (one past the largest), so one ``executemany`` stores them all and the ids are known."""
+    known = _known_keys(conn, ops)
+    next_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
+    next_body = (conn.execute("SELECT max(id) FROM request_bodies").fetchone()[0] or 0) + 1
+    events, bodies, added = [], [], {}
+    for op in ops:
+        route, rows, now = op.route, op.rows, op.now
+        if op.limit is not None:
+            queued = conn.execute("SELECT count(*) FROM events WHERE route=? AND status IN"
+                                  " ('queued','retry','running')", (route,)).fetchone()[0]
+            if queued + added.get(route, 0) + len(rows) > op.limit:
+                op.error = Busy("%s has %d events waiting (queue_size %d)" % (
+                    route, queued + added.get(route, 0), op.limit))
+                continue
+        out, body_ids = [], {}
+        for row in rows:
+            key = row.get("dedupe_key")
+            first = known.get((route, key)) if key is not None else None
+            if first is not None:
+                events.append((next_id, route, "duplicate", now, now, None, first, None, row.get("headers"),
+                               row.get("content_type"), None, None, None, "duplicate of %d" % first))
+                out.append((first, "duplicate"))
+            else:
+                body = row.get("body") or b""
+                body_id = body_ids.get(id(body))
+                if body_id is None:
+                    body_id = body_ids[id(body)] = next_body
+                    bodies.append((next_body, body))
+                    next_body += 1
+                done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
+                events.append((next_id, route, "done" if done else "queued", now, now, key, None,
+                               row.get("serial_key"), row.get("headers"), row.get("content_type"), body_id,
+                               row.get("element"), row.get("payload"), NOTHING_TO_DO if done else None))
+                if key is not None:
+                    known[(route, key)] = next_id
+                if not done:
+                    added[route] = added.get(route, 0) + 1
+                out.append((next_id, "new"))
+            next_id += 1
+        op.result = out
+    if bodies:
+        conn.executemany("INSERT INTO request_bodies(id, data) VALUES (?, ?)", bodies)
+    if events:
+        conn.executemany(_INSERT_EVENT, events)
+    return added
+
+
+def _known_keys(conn, ops):
+    """{(route, dedupe_key): id} for the keys of ``ops`` already stored: one look-up per route."""
+    wanted = {}
+    for op in ops:
+        keys = wanted.setdefault(op.route, set())
+        for row in op.rows:
+            if row.get("dedupe_key") is not None:
+                keys.add(row["dedupe_key"])
+    known = {}
+    for route, keys in wanted.items():
+        keys = list(keys)
+        for i in range(0, len(keys), KEYS_PER_SELECT):
+            part = keys[i:i + KEYS_PER_SELECT]
+            sql = ("SELECT dedupe_key, id FROM events WHERE route=? AND dedupe_key IN (%s)"
+                   % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
+            for key, event_id in conn.execute(sql, [route] + part):
+                known[(route, key)] = event_id
+    return known
+
+
+def migrate(conn):
+    """Bring a database of any earlier schema up to this one, in one transaction: create what is
+    missing, add the ``body_id``/``element`` columns to an old ``events``, and move the bodies of the
+    old sha256-keyed ``bodies`` table into ``request_bodies``."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
+        if columns:
+            for name in ("body_id", "element"):
+                if name not in columns:
+                    conn.execute("ALTER TABLE events ADD COLUMN %s INTEGER" % name)  # constant names
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='bodies'").fetchone():
+            _move_old_bodies(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _move_old_bodies(conn):
+    first = (conn.execute("SELECT max(id) FROM request_bodies").fetchone()[0] or 0) + 1
+    hashes = [r[0] for r in conn.execute("SELECT hash FROM bodies")]
+    conn.execute("CREATE TEMP TABLE body_ids(hash TEXT PRIMARY KEY, id INTEGER NOT NULL)")
+    conn.executemany("INSERT INTO body_ids(hash, id) VALUES (?, ?)",
+                     ((h, first + i) for i, h in enumerate(hashes)))
+    conn.execute("INSERT INTO request_bodies(id, data) SELECT i.id, b.data FROM bodies b"
+                 " JOIN body_ids i ON i.hash = b.hash")
+    conn.execute("UPDATE events SET body_id = (SELECT id FROM body_ids WHERE hash = events.body_hash),"
+                 " body_hash = NULL WHERE body_hash IS NOT NULL")
+    conn.execute("DROP TABLE body_ids")
+    conn.execute("DROP TABLE bodies")
 
 
 COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note",
-           "dedupe_key", "duplicate_of", "serial_key", "headers", "content_type", "payload", "progress")
+           "dedupe_key", "duplicate_of", "serial_key", "headers", "content_type", "payload", "progress",
+           "element")
 
 
 _ROW_SQL = ("SELECT " + ", ".join("e." + c for c in COLUMNS) +  # constant text only
-            ", b.data FROM events e LEFT JOIN bodies b ON b.hash = e.body_hash WHERE e.id=?")
+            ", b.data FROM events e LEFT JOIN request_bodies b ON b.id = e.body_id WHERE e.id=?")
 
 
 def row_dict(conn, event_id, with_body=False):
@@ -647,7 +729,7 @@ def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
     sql = ("SELECT e.id, e.route, e.status, e.attempts, e.received_at, e.updated_at, e.next_at, e.last_error,"
            " e.note FROM events e")
     if text:  # the payload column holds JSON (non-ASCII escaped); the body holds the bytes as received
-        sql += " LEFT JOIN bodies b ON b.hash = e.body_hash"
+        sql += " LEFT JOIN request_bodies b ON b.id = e.body_id"
         where.append("(e.payload LIKE ? ESCAPE '\\' OR CAST(b.data AS TEXT) LIKE ? ESCAPE '\\')")
         args += [_like(json.dumps(text)[1:-1]), _like(text)]
     if where:

@@ -141,7 +141,7 @@ class StoreTest(unittest.TestCase):
         body = b'{"events": ["%s"]}' % (b"x" * 5000)
         ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)])
         self.assertEqual(len(ids), 3)
-        n = self.store.read(lambda c: c.execute("SELECT count(*), sum(length(data)) FROM bodies").fetchone())
+        n = self.store.read(lambda c: c.execute("SELECT count(*), sum(length(data)) FROM request_bodies").fetchone())
         self.assertEqual(n, (1, len(body)))
         for eid, _ in ids:
             self.assertEqual(self.store.read(lambda c: row_dict(c, eid, with_body=True))["body"], body)
@@ -149,7 +149,7 @@ class StoreTest(unittest.TestCase):
             self.store.claim(eid, now=1.0)
             self.store.finish(eid, "r", "done", now=1.0)
         self.store.prune(days=1, now=3 * 86400)
-        self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM bodies").fetchone()[0]), 0)
+        self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0]), 0)
 
     def test_route_limit_is_exact_under_concurrency(self):
         from hookd_core.api import Busy
@@ -181,6 +181,60 @@ class StoreTest(unittest.TestCase):
         self.store.write(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
         [(eid, st)] = self.store.add_events("r", [row(body=b"x" * 200000)])
         self.assertEqual(st, "new")
+
+
+# The schema of every database written before request_bodies (commit 1b2f838 and earlier).
+OLD_SCHEMA = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL,
+  next_at REAL NOT NULL DEFAULT 0, last_error TEXT, note TEXT, dedupe_key TEXT, duplicate_of INTEGER,
+  serial_key TEXT, headers TEXT, content_type TEXT, body_hash TEXT, payload TEXT, progress TEXT);
+CREATE TABLE bodies (hash TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE UNIQUE INDEX events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
+CREATE INDEX events_due ON events(status, next_at);
+"""
+
+
+class MigrationTest(unittest.TestCase):
+    """A database written by the previous schema opens, keeps every event and body, and takes new ones."""
+
+    def test_old_database_opens_and_keeps_everything(self):
+        import hashlib
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "old.sqlite3")
+            old = sqlite3.connect(path)
+            old.executescript(OLD_SCHEMA)
+            shared, alone = b'{"events": [1, 2]}', b'{"alone": true}'
+            for body in (shared, alone):
+                old.execute("INSERT INTO bodies VALUES (?, ?)", (hashlib.sha256(body).hexdigest(), body))
+            for eid, key, body, status in ((1, "k1", shared, "done"), (2, "k2", shared, "queued"),
+                                           (3, "k3", alone, "dead")):
+                old.execute("INSERT INTO events(id, route, status, received_at, updated_at, dedupe_key,"
+                            " headers, content_type, body_hash) VALUES (?, 'r', ?, 1.0, 1.0, ?, '{}',"
+                            " 'application/json', ?)", (eid, status, key, hashlib.sha256(body).hexdigest()))
+            old.commit()
+            old.close()
+            store = Store(path)
+            try:
+                for eid, body in ((1, shared), (2, shared), (3, alone)):
+                    self.assertEqual(store.read(lambda c: row_dict(c, eid, with_body=True))["body"], body)
+                self.assertEqual(store.waiting("r"), 1)
+                self.assertEqual(store.add_events("r", [row("k2")]), [(2, "duplicate")], "old keys still dedupe")
+                [(new, st)] = store.add_events("r", [row("k4", b'{"new": 1}')])
+                self.assertEqual(st, "new")
+                self.assertEqual(store.claim(2)["body"], shared)
+                tables = {r[0] for r in store.read(lambda c: c.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'").fetchall())}
+                self.assertNotIn("bodies", tables)
+                n = store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0])
+                self.assertEqual(n, 3, "two old bodies (one shared by two events) and one new")
+            finally:
+                store.close()
+            store = Store(path)  # a second open finds nothing left to migrate
+            try:
+                self.assertEqual(store.read(lambda c: row_dict(c, new, with_body=True))["body"], b'{"new": 1}')
+            finally:
+                store.close()
 
 
 if __name__ == "__main__":
