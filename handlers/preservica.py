@@ -5,8 +5,9 @@ Strategy: ``accept`` runs on the request thread and never touches the network. A
 ``{"challengeCode": C, "challengeResponse": hex(HMAC-SHA256(secret, C))}``, before and without any
 signature check. Any other POST must carry ``Preservica-Signature`` = hex HMAC-SHA256(secret,
 ``b"preservica-webhook-auth"`` + the raw body bytes), compared in constant time; then each element of
-``events[]`` becomes its own stored job (payload = the envelope's fields plus ``"event": element``), so
-one failing asset never holds up the others. On a worker, ``run`` does the ``thumbnail`` action itself
+``events[]`` becomes its own stored job, so one failing asset never holds up the others. The delivery's
+body is stored once; each job keeps only its element's index, and its payload (the envelope's fields
+plus ``"event": element``) is rebuilt from the body on the worker. On a worker, ``run`` does the ``thumbnail`` action itself
 (log in, cache the token, fetch, write atomically); ``teams``, ``command`` and ``forward`` are the core's
 generic actions, run afterwards in the order the ``actions`` key lists them, and ``card`` tells the Teams
 action what to say. Wire facts: reference/upstreams.md §2 (pyPreservica ``webHooksAPI.py``,
@@ -34,7 +35,6 @@ SIGNATURE_PREFIX = b"preservica-webhook-auth"
 # handshake into a signing oracle for forged events, so such codes are refused.
 MAX_CHALLENGE = 512        # characters; real codes are short random strings
 MAX_EVENTS = 1000          # elements per delivery; a bigger array is not something Preservica sends
-STORE_BUDGET = 256 << 20   # bytes: the core stores the raw body with every event, so N events cost N bodies
 API_TIMEOUT = 30           # seconds for each call to the Preservica API
 MAX_ENTITY_XML = 1 << 20   # bytes of entity XML read for the card's title
 TOKEN_MARGIN = 60          # seconds before validFor runs out that a cached token is dropped
@@ -146,11 +146,7 @@ class Handler(Integration):
             return Response(200, {"success": True, "status": "empty", "ids": []})
         if len(events) > MAX_EVENTS:
             raise BadPayload("more than %d events in one delivery" % MAX_EVENTS)
-        if len(events) * len(req.body) > STORE_BUDGET:
-            raise Reject("%d events of a %d-byte body would store more than %d bytes" % (
-                len(events), len(req.body), STORE_BUDGET), status=413)
-        envelope = {k: v for k, v in body.items() if k != "events"}
-        return [self.new_event(req, envelope, element, i) for i, element in enumerate(events)]
+        return self.new_events(req, body)
 
     def challenge(self, code):
         """The subscription handshake: echo the code with its HMAC (SPEC §5.1, upstreams.md §2.2)."""
@@ -170,31 +166,40 @@ class Handler(Integration):
         if not hmac.compare_digest(expected.encode("ascii"), given.encode("utf-8", "replace")):
             raise BadSignature("Preservica-Signature does not match")
 
-    def new_event(self, req, envelope, element, index):
-        """One NewEvent for ``events[index]``: its own dedupe key and one serial lane per entity."""
-        if not isinstance(element, dict):
-            raise BadPayload("events[%d] is not an object" % index)
-        ref = element.get("entityRef")
-        if not isinstance(ref, str) or not ref.strip():
-            raise BadPayload("events[%d] has no entityRef" % index)
-        payload = dict(envelope, event=element)
-        return NewEvent(payload, self.event_key(req, payload, index), "%s:%s" % (self.name, ref))
+    def new_events(self, req, body):
+        """One NewEvent per element of ``events[]``: its index in the array (the body is stored once, the
+        envelope is never copied), its own dedupe key, and one serial lane per entity."""
+        keys = self.event_keys(req, body)
+        out = []
+        for index, element in enumerate(body["events"]):
+            if not isinstance(element, dict):
+                raise BadPayload("events[%d] is not an object" % index)
+            ref = element.get("entityRef")
+            if not isinstance(ref, str) or not ref.strip():
+                raise BadPayload("events[%d] has no entityRef" % index)
+            out.append(NewEvent(None, keys(index, element), "%s:%s" % (self.name, ref), element=index))
+        return out
 
-    def event_key(self, req, payload, index):
-        """The dedupe key of one element. With the section's ``dedupe`` rule: that rule's key plus the
-        element's position. Otherwise a hash of the subscription, timestamp, trigger and the element, so a
-        redelivery is recognised and a later event about the same asset is not (no timestamp: the body
-        hash joins in)."""
+    def event_keys(self, req, body):
+        """A function (index, element) -> the dedupe key of that element. With the section's ``dedupe``
+        rule: that rule's key plus the element's position. Otherwise a hash of the subscription,
+        timestamp and trigger, and of the element's position, reference, type and event, so a
+        redelivery of the same message is recognised and a later event about the same asset (a later
+        timestamp) is not; with no timestamp, the body's hash stands in for the envelope."""
         rule = self.conf.get("dedupe")
         if rule:
             key = dedupe_key(rule, req)
-            return None if key is None else "%s#%d" % (key, index)
-        material = {k: payload.get(k) for k in ("subscriptionId", "timestamp", "trigger", "event")}
-        if not payload.get("timestamp"):
-            material["body"] = hashlib.sha256(req.body).hexdigest()
-            material["index"] = index
-        digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
-        return "pv:%s:%s" % (payload["event"]["entityRef"][:80], digest[:32])
+            return lambda index, element: None if key is None else "%s#%d" % (key, index)
+        if body.get("timestamp"):
+            base = json.dumps([body.get("subscriptionId"), body.get("timestamp"), body.get("trigger")])
+        else:
+            base = "body:" + hashlib.sha256(req.body).hexdigest()
+
+        def key_of(index, element):
+            material = "%s\0%d\0%s\0%s\0%s" % (base, index, element.get("entityRef"),
+                                                 element.get("entityType"), element.get("event"))
+            return "pv:" + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return key_of
 
     # -- worker thread -------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import re
 import time
 
 from . import console
-from .api import NotFound, Reject, Response, json_or_none
+from .api import NotFound, Reject, Response, stored_payload
 from .config import ConfigError, parse_hostport
 from .store import STATUSES, list_events, row_dict
 from .workers import iso
@@ -177,7 +177,7 @@ def public_event(row, full=False):
         out["headers"] = json.loads(row["headers"]) if row.get("headers") else {}
         out["content_type"] = row.get("content_type")
         body = row.get("body") or b""
-        out["payload"] = json.loads(row["payload"]) if row.get("payload") else json_or_none(body)
+        out["payload"] = stored_payload(row.get("payload"), body, row.get("element"))
         try:
             out["body"] = body.decode("utf-8")
         except UnicodeDecodeError:

@@ -91,14 +91,36 @@ class Fail(Exception):
 class NewEvent:
     """One job to store. ``payload`` (JSON-able) is what ``ctx.payload`` will be; None means the parsed
     body. ``dedupe_key`` None means the section's ``dedupe`` setting (default: sha256 of the body).
-    ``serial_key``: never two running jobs with the same key (a camera, an asset)."""
+    ``serial_key``: never two running jobs with the same key (a camera, an asset). ``element``: this job
+    is element N of the body's ``events`` array (a batch delivery); only N is stored, never a copy of
+    the body, and ``ctx.payload`` is rebuilt from the body by ``element_payload``."""
 
-    __slots__ = ("payload", "dedupe_key", "serial_key")
+    __slots__ = ("payload", "dedupe_key", "serial_key", "element")
 
-    def __init__(self, payload=None, dedupe_key=None, serial_key=None):
+    def __init__(self, payload=None, dedupe_key=None, serial_key=None, element=None):
         self.payload = payload
         self.dedupe_key = dedupe_key
         self.serial_key = serial_key
+        self.element = element
+
+
+def element_payload(doc, index):
+    """The payload of element ``index`` of a batch delivery ``doc``: the envelope's fields (everything
+    but ``events``) plus ``"event": events[index]``."""
+    out = {k: v for k, v in doc.items() if k != "events"}
+    out["event"] = doc["events"][index]
+    return out
+
+
+def stored_payload(payload, body, element):
+    """A stored event's payload from its columns: the stored JSON text, else element ``element`` of the
+    body, else the body parsed as JSON (None when it is not JSON)."""
+    if payload is not None:
+        return json.loads(payload)
+    doc = json_or_none(body)
+    if element is not None and doc is not None:
+        return element_payload(doc, element)
+    return doc
 
 
 class Headers:

@@ -161,13 +161,14 @@ class App:
         headers = json.dumps(stored_headers(req.headers, self._secret_cache(), credential_headers(integ.conf)))
         rule = integ.conf.get("dedupe") or getattr(integ, "DEFAULT_DEDUPE", "body")
         done = not integ.needs_work()
+        content_type = req.headers.get("Content-Type")
         rows = []
         for ev in events:
             if not isinstance(ev, NewEvent):
                 ev = NewEvent(ev)
             key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
             rows.append({"dedupe_key": key, "serial_key": ev.serial_key, "headers": headers,
-                         "content_type": req.headers.get("Content-Type"), "body": req.body,
+                         "content_type": content_type, "body": req.body, "element": ev.element,
                          "payload": json.dumps(ev.payload) if ev.payload is not None else None,
                          "done": done})
         return rows

@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 
-from .api import Fail, Integration, JobContext, Retry, json_or_none
+from .api import Fail, Integration, JobContext, Retry, stored_payload
 from .logs import EventLog
 
 
@@ -288,7 +288,7 @@ def backoff(attempts, base, cap):
 def make_context(app, integ, row, log):
     headers = json.loads(row["headers"]) if row["headers"] else {}
     body = row.get("body") or b""
-    payload = json.loads(row["payload"]) if row["payload"] is not None else json_or_none(body)
+    payload = stored_payload(row["payload"], body, row["element"])
     return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
                       headers=headers, content_type=row["content_type"],
                       received_at=iso(row["received_at"]), conf=integ.conf if integ else None, app=app,

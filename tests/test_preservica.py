@@ -220,10 +220,37 @@ class IntakeTest(PreservicaCase):
         self.assertEqual(status, 200)
         too_many = fp.envelope([fp.io_event("r%d" % i) for i in range(1001)])
         self.assertEqual(fp.deliver(self.url, SECRET, too_many, chunk_size=65536)[0], 422)
-        # the core stores the body with each event: 1000 events of a ~400 KB body would be ~400 MB
-        padded = fp.envelope([fp.io_event("r%d" % i, batch="x" * 300) for i in range(1000)])
-        self.assertEqual(fp.deliver(self.url, SECRET, padded, chunk_size=65536)[0], 413)
         self.assertEqual(len(self.d.events()), before)
+
+    def test_a_delivery_is_stored_once_not_once_per_event(self):
+        """SPEC §5.1: a signed 1 MiB delivery of 250 events adds at most ~3 MiB to database + WAL, and
+        each of its 250 jobs still sees the envelope's fields plus its own element."""
+        refs = [new_ref() for _ in range(250)]
+        body = fp.envelope([fp.io_event(ref, batch="b" * 200) for ref in refs])
+        body["note"] = ""
+        body["note"] = "n" * (1040000 - len(delivery_bytes(body)))  # a big envelope field: ~1 MiB in all
+        raw = delivery_bytes(body)
+        self.assertGreater(len(raw), 1000000)
+        before = self.database_bytes()
+        status, _, reply = fp.deliver(self.url, SECRET, raw, chunked=False)
+        self.assertEqual(status, 202, reply[:200])
+        ids = json.loads(reply.decode("utf-8"))["ids"]
+        self.assertEqual(len(ids), 250)
+        grown = self.database_bytes() - before
+        self.assertLessEqual(grown, 3 << 20, "one 1 MiB delivery grew database + WAL by %d bytes" % grown)
+        for i in (0, 137, 249):
+            ev = self.d.event(ids[i])
+            self.assertEqual(ev["payload"]["event"]["entityRef"], refs[i])
+            self.assertEqual(len(ev["payload"]["note"]), len(body["note"]))
+            self.assertNotIn("events", ev["payload"])
+
+    def database_bytes(self):
+        """Size of the database file and its WAL now."""
+        total = 0
+        for name in os.listdir(self.d.state_dir):
+            if name.startswith("hookd.sqlite3"):
+                total += os.path.getsize(os.path.join(self.d.state_dir, name))
+        return total
 
 
 class RejectTest(PreservicaCase):
