@@ -8,8 +8,11 @@ request with ``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks 
 has Content-Length, and an answer given while a body is still unread closes the connection. The same
 classes serve two listeners: the webhook port (webhook routes, /healthz, /readyz) and the admin listener
 (``admin.dispatch``). A webhook POST goes: route lookup (404 before any ``100 Continue``) -> framing ->
-body -> ``integration.accept`` (verify over the raw bytes, parse) -> queue limit -> ``store.add_events``
-(group commit) -> 202 -> the ids go to the worker queue. Every refusal is a ``Reject`` carrying its
+body -> ``integration.accept`` (verify over the raw bytes, parse) -> queue limit ->
+``store.submit_events`` (group commit) -> the writer thread, right after the COMMIT, puts the ids on
+the worker queue and sends the 202 itself (``Answer``), while the connection's thread goes back to
+reading; answers on one connection never overtake each other (TLS connections answer from their own
+thread). Every refusal is a ``Reject`` carrying its
 status, answered with one WARNING line; anything else is a 500 with a traceback.
 """
 
@@ -18,8 +21,10 @@ import http
 import http.server
 import json
 import os
+import select
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import urllib.parse
@@ -218,6 +223,7 @@ class Handler(socketserver.StreamRequestHandler):
         self.client = self.client_address[0]
         self.close_connection = self._linger = False
         self.head, self._route = None, "-"
+        self._answer = None  # an Answer the writer thread still owes this connection
 
     def handle(self):
         served = 0
@@ -245,7 +251,8 @@ class Handler(socketserver.StreamRequestHandler):
                 r = self._admin(self.head)
             else:
                 r = self._webhook(self.head)
-            self._send(r.status, r.body, r.content_type, r.headers)
+            if r is not None:  # None: the writer thread answers after the commit
+                self._send(r.status, r.body, r.content_type, r.headers)
         except Reject as e:
             self._reject(e)
         except StoreError as e:
@@ -263,6 +270,7 @@ class Handler(socketserver.StreamRequestHandler):
         """After an error answer that closes the connection, drain what the client still sends for a
         moment, so the kernel does not reset the connection and destroy the answer before it is read."""
         self.server.reaper.unregister(self._deadline)
+        self._settle()
         try:
             super().finish()
             if self._linger:
@@ -282,6 +290,7 @@ class Handler(socketserver.StreamRequestHandler):
             self.app.log.warning("client %s went away mid-request: %s", self.client, exc)
 
     def _continue(self):
+        self._settle()
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self):
@@ -327,21 +336,29 @@ class Handler(socketserver.StreamRequestHandler):
         if app.store.waiting() >= app.settings.int("queue_limit"):
             raise Busy("queue_limit %d reached" % app.settings.int("queue_limit"))
         rows = app.event_rows(integ, req, result)
-        stored = app.store.add_events(integ.name, rows, limit=integ.queue_size)
-        fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
-        for event_id, row in fresh:
-            if not row.get("done"):
-                app.pool.submit(event_id, integ.name, row.get("serial_key"))
-        ids = [i for i, _ in stored]
-        if fresh:
-            app.log.info("202 %s stored event %s", integ.name, ",".join(str(i) for i, _ in fresh),
-                         extra={"event": fresh[0][0]})
-            app.metrics.request(integ.name, 202)
-            return Response(202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (
-                ids[0], ", ".join(str(i) for i in ids).encode()))
-        app.log.info("200 %s duplicate of event %s", integ.name, ids[0] if ids else "-")
-        app.metrics.request(integ.name, 200)
-        return Response(200, {"id": ids[0] if ids else None, "ids": ids, "status": "duplicate"})
+        self._settle()
+        if not isinstance(self.connection, ssl.SSLSocket):
+            # The writer thread answers right after the commit; this thread goes back to reading.
+            close = self.server.stopping or not self.head.keep_alive
+            answer = Answer(self, integ.name, rows, close)
+            app.store.submit_events(integ.name, rows, limit=integ.queue_size, then=answer)
+            self._answer, self.close_connection = answer, close
+            return None
+        try:  # TLS: one SSL object must not be used by two threads at once, so this thread answers
+            stored, error = app.store.add_events(integ.name, rows, limit=integ.queue_size), None
+        except (Busy, StoreError) as e:
+            stored, error = None, e
+        status, body, headers, close = outcome(app, integ.name, rows, stored, error)
+        if close:
+            self.close_connection = True
+        return Response(status, body, "application/json", headers)
+
+    def _settle(self):
+        """Wait until the answer the writer thread owes this connection is out (it usually is: the
+        client waited for it before sending more), so answers never overtake each other."""
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            answer.sent.acquire()
 
     # -- the admin listener -------------------------------------------------------------------------
     def _admin(self, head):
@@ -378,17 +395,122 @@ class Handler(socketserver.StreamRequestHandler):
         """Write the whole answer with one send: a head and a body in two small segments would meet
         Nagle's algorithm and the client's delayed ACK, and every keep-alive answer would wait ~40 ms.
         An answer given while a body is still unread closes the connection."""
+        self._settle()
         head = self.head
         if close or self.server.stopping or self.reader.unread or head is None or not head.keep_alive:
             self.close_connection = True
             self._linger = status >= 400
-        lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")), "Server: hookd",
-                 "Date: " + _http_date(), "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
-        lines.extend("%s: %s" % (k, v) for k, v in headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(data + body if head is None or head.method != "HEAD" else data)
+        if head is not None and head.method == "HEAD":
+            self.wfile.write(_answer_bytes(status, b"", content_type, headers, self.close_connection, len(body)))
+        else:
+            self.wfile.write(_answer_bytes(status, body, content_type, headers, self.close_connection))
+
+
+class Answer:
+    """The answer to one stored request, sent by the writer thread right after the commit (``__call__``
+    is the store's ``then``). The send never blocks the writer: what the socket does not take at once
+    (a client that stops reading) is sent by a thread of its own within WRITE_TIMEOUT, or the client
+    is dropped. ``sent`` opens once the whole answer is out; the connection's thread waits on it before
+    it writes anything else or closes."""
+
+    __slots__ = ("handler", "route", "rows", "close", "sent")
+
+    def __init__(self, handler, route, rows, close):
+        self.handler, self.route, self.rows, self.close = handler, route, rows, close
+        self.sent = threading.Lock()
+        self.sent.acquire()
+
+    def __call__(self, stored, error):
+        handler = self.handler
+        try:
+            status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error)
+            data = _answer_bytes(status, body, "application/json", headers, close or self.close)
+            sock = handler.connection
+            try:
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                close, sent = True, len(data)  # the client is gone; its thread finds the socket shut
+            if sent < len(data):
+                threading.Thread(target=self._send_rest, args=(data[sent:], close), daemon=True).start()
+                return
+            if close:  # a fault: the connection's thread reads EOF and closes
+                _shut_down(sock, socket.SHUT_RD)
+        except BaseException:
+            self.sent.release()
+            raise
+        self.sent.release()
+
+    def _send_rest(self, data, close):
+        sock = self.handler.connection
+        deadline = time.monotonic() + WRITE_TIMEOUT
+        try:
+            while data:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [sock], [], left)[1]:
+                    close = True  # the client does not read its answer: dropped
+                    break
+                data = data[sock.send(data, socket.MSG_DONTWAIT):]
+        except OSError:
+            close = True
+        finally:
+            if close:
+                _shut_down(sock, socket.SHUT_RDWR)
+            self.sent.release()
+
+
+WRITE_TIMEOUT = 10.0  # seconds a client may take to read one answer (SPEC §3's write_timeout default)
+
+
+def _shut_down(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+def outcome(app, route, rows, stored, error):
+    """(status, body, headers, close) for a request whose events were stored (``stored``: the store's
+    [(id, "new"|"duplicate")]) or refused (``error``), after queueing the fresh ones for the workers,
+    with the request's one log line and its metric."""
+    if error is not None:
+        if isinstance(error, Reject):
+            app.log.warning("%d %s: %s", error.status, route, error)
+            app.metrics.request(route, error.status)
+            return error.status, json.dumps({"error": str(error)}).encode(), error.headers, False
+        if isinstance(error, StoreError):
+            app.log.error("503 %s: %s", route, error)
+            app.metrics.request(route, 503)
+            return 503, b'{"error": "storage unavailable"}', (("Retry-After", "5"),), False
+        app.log.error("500 %s: fault inside hookd: %r", route, error)
+        app.metrics.request(route, 500)
+        return 500, b'{"error": "internal error"}', (), True
+    fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
+    for event_id, row in fresh:
+        if not row.get("done"):
+            app.pool.submit(event_id, route, row.get("serial_key"))
+    ids = ", ".join(str(i) for i, _ in stored).encode()
+    first = stored[0][0] if stored else None
+    if fresh:
+        app.log.info("202 %s stored event %s", route, ",".join(str(i) for i, _ in fresh),
+                     extra={"event": fresh[0][0]})
+        app.metrics.request(route, 202)
+        return 202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (first, ids), (), False
+    app.log.info("200 %s duplicate of event %s", route, first if stored else "-")
+    app.metrics.request(route, 200)
+    return 200, json.dumps({"id": first, "ids": [i for i, _ in stored], "status": "duplicate"}).encode(), (), False
+
+
+def _answer_bytes(status, body, content_type, headers, close, length=None):
+    """A whole HTTP/1.1 answer in one piece: status line, headers, body (``length``: Content-Length
+    when the body is left out, as for HEAD)."""
+    lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")), "Server: hookd", "Date: " + _http_date(),
+             "Content-Type: " + content_type, "Content-Length: %d" % (len(body) if length is None else length)]
+    lines.extend("%s: %s" % (k, v) for k, v in headers)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 _DATE = [0, ""]
