@@ -4,7 +4,8 @@ Usage (normally through ``bench/run``, which prepares wrk, adnanh/webhook and th
 ``python3 bench/bench.py [--quick] [--seconds N] [--runs N] [--conns 1,16,64] [--targets a,b]
 [--workloads a,b] [--budget S] [--out STEM] [--profile] [--ixon]``. It measures every target on every
 workload it takes (see benchlib/targets.py), computes ratios to the ceiling of the same run, checks
-hookd's stored events against its 2xx answers, measures processing throughput, optionally profiles
+hookd's stored events against its 2xx answers, measures processing throughput and hookd against
+naive-durable on a slow disk (a 2 ms fsync shim, benchlib/slowdisk.py), optionally profiles
 hookd's request path with py-spy, and writes bench/results/STEM.md and STEM.json (STEM defaults to
 today's UTC date, with "-quick" for a quick run). Every server it starts is stopped before it exits.
 """
@@ -17,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import measure, processing, profile, report, targets  # noqa: E402
+from benchlib import measure, processing, profile, report, slowdisk, targets  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,6 +34,7 @@ def parse(argv):
     ap.add_argument("--budget", type=float, help="seconds after which remaining points are skipped")
     ap.add_argument("--out", help="results file stem under bench/results (default: UTC date)")
     ap.add_argument("--no-processing", action="store_true", help="skip the worker throughput phase")
+    ap.add_argument("--no-slow-disk", action="store_true", help="skip the 2 ms fsync phase")
     ap.add_argument("--profile", action="store_true", help="py-spy profile of hookd's request path")
     ap.add_argument("--ixon", action="store_true", help="also run bench/ixon_bench.py if present")
     args = ap.parse_args(argv)
@@ -116,11 +118,13 @@ def main(argv=None):
     report.add_ratios(doc["points"])
     if "hookd" in plan.targets and not args.no_processing:
         doc["processing"] = processing.run(plan, 5.0 if args.quick else 8.0, log)
+    if "hookd" in plan.targets and not args.no_slow_disk:
+        doc["slow_disk"] = slowdisk.run(plan, log)
     if args.profile and "hookd" in plan.targets:
         doc["profile"] = profile.run(plan, log)
     if args.ixon:
         doc["ixon"] = ixon(log)
-    doc["verdicts"] = report.verdicts(doc["points"])
+    doc["verdicts"] = report.verdicts(doc)
     doc["elapsed_s"] = time.monotonic() - start
     if hookd_commit() != doc["hookd_commit"]:
         doc["hookd_commit"] += " — CHANGED during the run to: %s; rerun before quoting" % hookd_commit()

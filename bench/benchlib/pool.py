@@ -2,7 +2,8 @@
 
 Strategy: every request in a run must be a new event, so each run gets a fresh pool whose bodies carry
 a run tag and a counter (distinct entityRef / webhook-id, so distinct body hash and signature). Bodies
-are ~600 bytes of Preservica-shaped or Standard-Webhooks-shaped JSON with no tab or newline. Three
+are Preservica deliveries of EVENTS_PER_DELIVERY events (~1 KB) or ~600-byte Standard Webhooks events,
+JSON with no tab or newline. Three
 signing schemes: ``preservica`` (hex HMAC-SHA256 of "preservica-webhook-auth" + body),
 ``plain`` (``sha256=`` + hex HMAC of the body, what adnanh/webhook's payload-hmac-sha256 rule checks)
 and ``standard`` (Standard Webhooks v1: base64 HMAC of "id.ts.body" with the decoded whsec_ key).
@@ -18,14 +19,16 @@ import uuid
 PRESERVICA_SECRET = b"bench-preservica-secret"
 WHSEC = "whsec_YmVuY2gtc3RhbmRhcmQtd2ViaG9va3Mtc2VjcmV0LWtleQ=="
 
+EVENTS_PER_DELIVERY = 4  # Preservica deliveries carry several events; hookd stores one job per event
+
+_PRESERVICA_ELEMENT = (
+    '{"event": "FULL_TEXT_INDEXED", "entityType": "IO", "entityRef": "%(ref)s-%(k)d",'
+    ' "identifiers": [{"BatchId": "batch-%(n)d"}, {"code": "bench-%(tag)s-%(n)d-%(k)d"}],'
+    ' "title": "Digitised glass plate negative, series A, box 12, item %(n)d.%(k)d"}'
+)
 _PRESERVICA = (
     '{"subscriptionId": "4583e1e6d2c72ed96a1151bc7dfd53c2", "timestamp": "%(ts)s", "tenant": "BENCH",'
-    ' "version": 1, "trigger": "FULL_TEXT_INDEXED", "events": [{"event": "FULL_TEXT_INDEXED",'
-    ' "entityType": "IO", "entityRef": "%(ref)s", "identifiers": [{"BatchId": "batch-%(n)d"},'
-    ' {"code": "bench-%(tag)s-%(n)d"}, {"ArchiveStore": "store-01"}, {"Collection": "Photographs 1900-1950"}],'
-    ' "title": "Digitised glass plate negative, series A, box 12, item %(n)d",'
-    ' "description": "Synthetic benchmark event.",'
-    ' "securityTag": "open", "parent": "a7e44c46-6c0d-4a2b-9a4b-2d6a5f0c1e11"}]}'
+    ' "version": 1, "trigger": "FULL_TEXT_INDEXED", "events": [%(events)s]}'
 )
 
 _STANDARD = (
@@ -57,14 +60,20 @@ def _fields(tag, n):
     return {"ts": ts, "ref": ref, "n": n, "tag": tag, "sum": ref.replace("-", "") * 2}
 
 
+def _preservica_body(tag, n):
+    fields = _fields(tag, n)
+    fields["events"] = ", ".join(_PRESERVICA_ELEMENT % dict(fields, k=k) for k in range(EVENTS_PER_DELIVERY))
+    return (_PRESERVICA % fields).encode()
+
+
 def _preservica(tag, n):
-    body = (_PRESERVICA % _fields(tag, n)).encode()
+    body = _preservica_body(tag, n)
     sig = hmac.new(PRESERVICA_SECRET, b"preservica-webhook-auth" + body, hashlib.sha256).hexdigest()
     return "%s\t%s\n" % (sig, body.decode()), len(body)
 
 
 def _plain(tag, n):
-    body = (_PRESERVICA % _fields(tag, n)).encode()
+    body = _preservica_body(tag, n)
     sig = "sha256=" + hmac.new(PRESERVICA_SECRET, body, hashlib.sha256).hexdigest()
     return "%s\t%s\n" % (sig, body.decode()), len(body)
 

@@ -21,28 +21,36 @@ HOOKD = os.path.join(ROOT, "hookd.py")
 
 
 class Workload:
-    def __init__(self, name, lua, scheme, route, header, title):
+    """``events``: events per request (a Preservica delivery carries several)."""
+
+    def __init__(self, name, lua, scheme, route, header, title, events=1):
         self.name, self.lua, self.scheme = name, lua, scheme
-        self.route, self.header, self.title = route, header, title
+        self.route, self.header, self.title, self.events = route, header, title, events
 
 
 WORKLOADS = [
     Workload("preservica-cl", "preservica_cl.lua", "preservica", "/preservica", "Preservica-Signature",
-             "Preservica event, Content-Length body"),
+             "Preservica delivery of %d events, Content-Length body" % pool.EVENTS_PER_DELIVERY,
+             pool.EVENTS_PER_DELIVERY),
     Workload("preservica-chunked", "preservica_chunked.lua", "preservica", "/preservica",
-             "Preservica-Signature", "Preservica event, chunked body"),
+             "Preservica-Signature", "Preservica delivery of %d events, chunked body" % pool.EVENTS_PER_DELIVERY,
+             pool.EVENTS_PER_DELIVERY),
     Workload("standard", "stdwebhooks.lua", "standard", "/hooks/bench", "",
              "Standard Webhooks event to /hooks/bench, Content-Length body"),
+    Workload("standard-chunked", "stdwebhooks_chunked.lua", "standard", "/hooks/bench", "",
+             "Standard Webhooks event to /hooks/bench, chunked body"),
 ]
 
 
 class Target:
     """name, role (ceiling | reference | hookd | peer | peer-reference), workloads, start argv."""
 
-    def __init__(self, name, role, workloads, argv, title, adnanh=False, stores=True, closes=False):
+    def __init__(self, name, role, workloads, argv, title, adnanh=False, stores=True, closes=False,
+                 per_event=False):
         self.name, self.role, self.workloads = name, role, workloads
         self._argv, self.title, self.adnanh = argv, title, adnanh
         self.stores = stores  # keeps one row per accepted request in an events table (checked per run)
+        self.per_event = per_event  # one row per event of a delivery instead of one per request
         self.closes = closes  # answers HTTP/1.0 without Content-Length: the connection close ends it
 
     def store_path(self, workdir):
@@ -126,7 +134,7 @@ TARGETS = [
     Target("naive-durable", "reference", ALL_WORKLOADS,
            _script(lambda: sys.executable, "naive_durable.py"),
            "ceiling + HMAC + one sqlite commit per request (synchronous=FULL)"),
-    Target("hookd", "hookd", ALL_WORKLOADS, _hookd, "hookd.py, durable, workers running"),
+    Target("hookd", "hookd", ALL_WORKLOADS, _hookd, "hookd.py, durable, workers running", per_event=True),
     Target("pypreservica", "peer", ["preservica-chunked"], _script(venv_python, "pypreservica_app.py"),
            "pyPreservica WebHookHandler on HTTPServer (as documented), do_WORK = sqlite commit",
            closes=True),

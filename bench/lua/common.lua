@@ -65,6 +65,11 @@ function M.head(opts, lines)
     table.concat(lines, "\r\n") .. "\r\n"
 end
 
+-- Head of a Standard Webhooks v1 POST from a pool line ID<TAB>TIMESTAMP<TAB>SIGNATURE<TAB>BODY.
+function M.standard_head(opts, f)
+  return M.head(opts, {"webhook-id: " .. f[1], "webhook-timestamp: " .. f[2], "webhook-signature: v1," .. f[3]})
+end
+
 function M.with_length(head, body)
   return head .. "Content-Length: " .. #body .. "\r\n\r\n" .. body
 end

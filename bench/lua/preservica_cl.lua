@@ -1,4 +1,4 @@
--- Workload: a Preservica event (~600-byte JSON) signed in a header, body framed by Content-Length.
+-- Workload: a Preservica delivery (4 events, ~1 KB of JSON) signed in a header, body framed by Content-Length.
 -- Pool lines: SIGNATURE<TAB>BODY. Arguments: POOL_FILE ROUTE_PATH SIGNATURE_HEADER (Preservica-Signature
 -- for /preservica; adnanh/webhook gets the same bodies with its own X-Hub-Signature-256 header).
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"

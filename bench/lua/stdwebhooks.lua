@@ -4,8 +4,4 @@
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local common = dofile(dir .. "common.lua")
 
-common.install(function(opts, f)
-  local head = common.head(opts, {"webhook-id: " .. f[1], "webhook-timestamp: " .. f[2],
-                                  "webhook-signature: v1," .. f[3]})
-  return common.with_length(head, f[4])
-end)
+common.install(function(opts, f) return common.with_length(common.standard_head(opts, f), f[4]) end)
