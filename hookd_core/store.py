@@ -1,22 +1,25 @@
 """The durable store: one sqlite file (WAL, synchronous=FULL), one writer thread, group commit.
 
-Strategy: sqlite is the source of truth and only this module touches it. Every write is either a
-function ``fn(conn)`` (``write``) or one request's events (``add_events``/``submit_events``). All of
-them go to one writer thread, which takes everything waiting, runs it in one ``BEGIN IMMEDIATE``
-transaction and commits once: N concurrent webhooks cost one fsync, not N. The events of all requests
-in a group are stored with one statement per table (one dedupe look-up per route, one ``executemany``
-into ``events``, one into ``request_bodies``), with ids handed out by the writer, so a group costs a few
-statements however many requests it holds. Only after the COMMIT does a caller learn its result: a
-blocked caller is woken, or (``submit_events``) its ``then`` runs on the writer thread, so a request's
-answer can leave as soon as its commit is on disk without waking the request's own thread first. If the
-transaction fails (disk full, read-only file) every caller of that group gets a StoreError and nothing
-of the group is stored; a ``write`` function that raises is rolled back alone (a savepoint) and the
-others commit. A request's body is stored once in ``request_bodies`` (append-only rowid keys, no
-random-key B-tree), however many events it becomes; an event of a batch delivery (Preservica's
-``events[]``) keeps only its index in that array (``element``), never a copy of the envelope.
-Reads use a connection per thread (WAL readers do not block the writer). Counts of waiting events per
-route live in memory, changed after each commit and re-read from the table now and then (the CLI may
-change rows while the daemon runs).
+Strategy: sqlite is the source of truth and only this module touches it. Every write is a function
+``fn(conn)`` (``write``), one request's events (``add_events``/``submit_events``), or one row of a
+batched statement (a worker's claim or finish). All of them go to one writer thread, which takes
+everything waiting, runs it in one ``BEGIN IMMEDIATE`` transaction, in submission order, and commits
+once: N concurrent webhooks cost one fsync, not N. The events of all requests in a group are stored
+with one statement per table (one dedupe look-up per route, one ``executemany`` into ``events``, one
+into ``request_bodies``), with ids handed out by the writer, and a group's consecutive claims or
+finishes are one ``executemany`` each, so a group costs a few statements however many requests it
+holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
+runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
+waking the request's own thread first. If the transaction fails (disk full, read-only file) every
+caller of that group gets a StoreError and nothing of the group is stored; a ``write`` function that
+raises is rolled back alone (a savepoint) and the others commit. A request's body is stored once in
+``request_bodies`` (append-only rowid keys, no random-key B-tree), however many events it becomes; an
+event of a batch delivery (Preservica's ``events[]``) keeps only its index in that array (``element``),
+never a copy of the envelope. Workers' claims do not wait for their commit: ``_claimed`` makes a claim
+exclusive in the process (against leases too) until the attempt's finish has committed. Reads use a
+connection per thread (WAL readers do not block the writer). Counts of waiting events per route live
+in memory, changed after each commit and re-read from the table now and then (the CLI may change rows
+while the daemon runs).
 """
 
 import json
@@ -93,20 +96,31 @@ NOTHING_TO_DO = "stored; no work or action configured for this route"
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 
+# The statements workers' attempts batch: in a group every claim runs before every finish (one
+# executemany each), so a claim and the finish of the same attempt may share a group.
+CLAIM = ("UPDATE events SET status='running', attempts=attempts+1, updated_at=?"
+         " WHERE id=? AND status IN ('queued','retry')")
+FINISH = ("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?, updated_at=?"
+          " WHERE id=? AND status='running'")
+
 _INSERT_EVENT = ("INSERT INTO events(id, route, status, received_at, updated_at, dedupe_key, duplicate_of,"
                  " serial_key, headers, content_type, body_id, element, payload, note)"
                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class _Op:
-    """One write waiting for its group: a function (``fn``) or one request's events (``rows``).
+    """One write waiting for its group: a function (``fn``), one request's events (``rows``), or one
+    row's parameters for a batched statement (``stmt``: CLAIM or FINISH, ``args``).
     ``then(result, error)``, when given, runs on the writer thread after the commit; otherwise the
     caller sleeps on ``_gate``, a bare lock used as a one-shot gate (cheaper than an Event)."""
 
-    __slots__ = ("fn", "route", "rows", "now", "limit", "then", "result", "error", "delta", "_gate")
+    __slots__ = ("fn", "route", "rows", "now", "limit", "stmt", "args", "then", "result", "error", "delta",
+                 "_gate")
 
-    def __init__(self, fn=None, delta=None, route=None, rows=None, now=None, limit=None, then=None):
+    def __init__(self, fn=None, delta=None, route=None, rows=None, now=None, limit=None, stmt=None, args=None,
+                 then=None):
         self.fn, self.delta, self.route, self.rows, self.now, self.limit = fn, delta, route, rows, now, limit
+        self.stmt, self.args = stmt, args
         self.then, self.result, self.error = then, None, None
         self._gate = None
         if then is None:
@@ -130,6 +144,35 @@ class _Op:
             log_error()
 
 
+def _run_fn(conn, op, isolate):
+    """Run a function operation; inside a savepoint when others share the transaction, so that one
+    that raises is rolled back alone. False when it failed alone (the transaction is rolled back)."""
+    try:
+        if isolate:
+            conn.execute("SAVEPOINT op")
+        op.result = op.fn(conn)
+        if isolate:
+            conn.execute("RELEASE op")
+        return True
+    except Exception as e:  # one bad function must not sink the group
+        op.error = e
+        conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")  # if this fails, the group fails
+        if isolate:
+            conn.execute("RELEASE op")
+        return isolate
+
+
+def _flush(conn, batch):
+    """Run a batch of one statement's operations as one executemany; returns a new empty batch."""
+    if batch:
+        conn.executemany(batch[0].stmt, [op.args for op in batch])
+    return []
+
+
+def _nothing(result, error):
+    """A claim needs no answer: its attempt's finish reports what reached the database."""
+
+
 class StoreError(Exception):
     """The database could not take a write (disk full, read-only, locked too long)."""
 
@@ -149,6 +192,8 @@ class Store:
         self._wake.acquire()
         self._idle = True            # the writer is asleep (or about to be) on _wake
         self._waiting = {}
+        self._claimed = {}           # event id -> serial key: claimed, finish not committed yet
+        self._leasing = {}           # event id -> serial key: picked by a lease not committed yet
         self._count_lock = threading.Lock()
         self._closed = False
         self.groups = 0  # commits done; tests use it to see group commit at work
@@ -223,40 +268,30 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
-        fns = [op for op in group if op.fn is not None]
         isolate = len(group) > 1  # alone in its transaction, a function needs no savepoint
-        for op in fns:
-            try:
-                if isolate:
-                    conn.execute("SAVEPOINT op")
-                op.result = op.fn(conn)
-                if isolate:
-                    conn.execute("RELEASE op")
-            except Exception as e:  # one bad function must not sink the group
-                op.error = e
-                try:
-                    conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
-                    if isolate:
-                        conn.execute("RELEASE op")
-                except sqlite3.Error as e2:
-                    return self._fail_all(group, e2)
-                if not isolate:
-                    return
-        requests = [op for op in group if op.fn is None]
-        if requests:
-            try:
-                fresh = _store_requests(conn, requests)
-            except sqlite3.Error as e:
-                return self._fail_all(group, e)
-        else:
-            fresh = {}
+        batch = []  # consecutive operations of one batched statement, run as one executemany
+        try:
+            for op in group:  # in submission order, except that requests' events go in last
+                if op.stmt is not None:
+                    if batch and batch[0].stmt is not op.stmt:
+                        batch = _flush(conn, batch)
+                    batch.append(op)
+                elif op.fn is not None:
+                    batch = _flush(conn, batch)
+                    if not _run_fn(conn, op, isolate):
+                        return  # alone and failed: rolled back, nothing to commit
+            _flush(conn, batch)
+            requests = [op for op in group if op.rows is not None]
+            fresh = _store_requests(conn, requests) if requests else {}
+        except sqlite3.Error as e:
+            return self._fail_all(group, e)
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             return self._fail_all(group, e)
         self.groups += 1
         with self._count_lock:
-            for op in fns:
+            for op in group:
                 if op.error is None and op.delta:
                     for route, n in op.delta.items():
                         self._waiting[route] = self._waiting.get(route, 0) + n
@@ -317,29 +352,69 @@ class Store:
 
     # -- event operations ---------------------------------------------------------------------------
     def claim(self, event_id, now=None):
-        """queued/retry -> running, attempts + 1; returns the row as a dict, or None if not claimable
-        (already claimed, or another event with its serial key is running: a remote worker holds it)."""
+        """queued/retry -> running, attempts + 1, without waiting for the commit (a worker starts at
+        once; the UPDATE reaches the database in order, ahead of the attempt's ``finish``). Returns the
+        row as a dict (attempts already counted), or None when the event is not queued or retrying, is
+        already claimed or being leased in this process, or another event with its serial key is running
+        elsewhere (a remote worker holds it). A claim is exclusive, against local workers and leases
+        alike, from the moment it is taken here until its ``finish`` has committed: the event (then its
+        serial key) is marked before the database is read, and ``lease`` skips what is marked. A crash
+        before the claim commits leaves the event queued, to run after the restart, as a crash during
+        the job would."""
         now = time.time() if now is None else now
-
-        def fn(conn):
-            cur = conn.execute("UPDATE events SET status='running', attempts=attempts+1, updated_at=?"
-                               " WHERE id=? AND status IN ('queued','retry') AND " + _KEY_FREE,
-                               (now, event_id))
-            if cur.rowcount != 1:
+        with self._count_lock:
+            if event_id in self._claimed or event_id in self._leasing:
                 return None
-            return row_dict(conn, event_id, with_body=True)
-        return self.write(fn)
+            self._claimed[event_id] = None
+        try:
+            row = self.read(lambda conn: row_dict(conn, event_id, with_body=True))
+            ok = row is not None and row["status"] in ("queued", "retry") and not self._closed
+            key = row["serial_key"] if ok else None
+            if key is not None:
+                with self._count_lock:
+                    ok = key not in self._leasing.values()
+                    self._claimed[event_id] = key
+                holders = self.read(lambda conn: conn.execute(
+                    "SELECT id FROM events WHERE status='running' AND serial_key=?", (key,)).fetchall())
+                with self._count_lock:  # running elsewhere: held by a remote worker's lease
+                    ok = ok and all(h[0] in self._claimed for h in holders)
+        except BaseException:
+            self._unclaim(event_id)
+            raise
+        if not ok:
+            self._unclaim(event_id)
+            return None
+        row["status"], row["attempts"] = "running", row["attempts"] + 1
+        self._submit(_Op(stmt=CLAIM, args=(now, event_id), then=_nothing))
+        return row
 
-    def finish(self, event_id, route, status, error=None, note=None, next_at=0.0, now=None):
-        """End an attempt: 'done', 'dead' or 'retry' (with ``next_at``)."""
+    def finish(self, event_id, route, status, error=None, note=None, next_at=0.0, now=None, then=None):
+        """End an attempt: 'done', 'dead' or 'retry' (with ``next_at``). Waits for the commit, or, with
+        ``then``, returns at once and calls ``then(error)`` on the writer thread once the outcome is
+        stored (error None) or could not be (StoreError). Either way the claim ends with the commit."""
         now = time.time() if now is None else now
         delta = {route: -1} if status in ("done", "dead") else None
 
-        def fn(conn):
-            conn.execute("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?,"
-                         " updated_at=? WHERE id=? AND status='running'",
-                         (status, error, note, next_at, now, event_id))
-        self.write(fn, delta=delta)
+        def stored(result, err):
+            self._unclaim(event_id)
+            then(err)
+        op = self._submit(_Op(stmt=FINISH, args=(status, error, note, next_at, now, event_id), delta=delta,
+                              then=stored if then is not None else None))
+        if then is None:
+            try:
+                op.wait()
+            finally:
+                self._unclaim(event_id)
+
+    def _unclaim(self, event_id):
+        with self._count_lock:
+            self._claimed.pop(event_id, None)
+
+    def requeue(self, event_ids):
+        """Attempts whose outcome could not be stored (the disk was full) go back to the queue."""
+        return self.write(lambda conn: conn.executemany(
+            "UPDATE events SET status='queued', next_at=0 WHERE id=? AND status='running'",
+            [(i,) for i in event_ids]).rowcount)
 
     def save_progress(self, event_id, progress):
         self.write(lambda conn: conn.execute("UPDATE events SET progress=? WHERE id=?",
@@ -430,8 +505,11 @@ class Store:
         """Lease up to ``max_jobs`` due events of ``routes`` to ``worker`` for ``seconds``: each becomes
         running (attempts + 1) with a new lease row, in one transaction. An event whose serial key is
         running anywhere (a local worker, another lease) is skipped, and so is a second event with the
-        same key in one answer. Returns [(lease dict, event row dict with body)], oldest due first."""
+        same key in one answer. Events claimed by a local worker (whose claim may not be committed yet)
+        and their serial keys count as running. Returns [(lease dict, event row dict with body)], oldest
+        due first."""
         now = time.time() if now is None else now
+        picked = []
 
         def fn(conn):
             _seen(conn, worker, address, routes, now)
@@ -449,6 +527,11 @@ class Store:
                     break
                 if key is not None and key in busy:
                     continue
+                with self._count_lock:  # a local claim of it (or of its key) wins; else none can start now
+                    if event_id in self._claimed or (key is not None and key in self._claimed.values()):
+                        continue
+                    self._leasing[event_id] = key
+                picked.append(event_id)
                 conn.execute("UPDATE events SET status='running', attempts=attempts+1, updated_at=? WHERE id=?",
                              (now, event_id))
                 row = row_dict(conn, event_id, with_body=True)
@@ -462,7 +545,12 @@ class Store:
                     busy.add(key)
                 out.append((lease, row))
             return out
-        return self.write(fn)
+        try:
+            return self.write(fn)
+        finally:  # committed (now running in the database) or rolled back: no longer being leased
+            with self._count_lock:
+                for event_id in picked:
+                    self._leasing.pop(event_id, None)
 
     def extend_lease(self, lease_id, seconds, progress=None, now=None):
         """Push a held lease's end to now + ``seconds`` (and save ``progress`` if given). Returns
@@ -530,8 +618,6 @@ class Store:
         return self.write(fn, delta=delta)
 
 
-_KEY_FREE = ("(serial_key IS NULL OR NOT EXISTS (SELECT 1 FROM events o WHERE o.status='running'"
-             " AND o.serial_key=events.serial_key))")
 LEASE_COLUMNS = ("lease_id", "event_id", "route", "worker", "attempt", "leased_at", "lease_until", "ended",
                  "ended_at")
 _LEASE_SQL = "SELECT " + ", ".join(LEASE_COLUMNS) + " FROM leases WHERE lease_id=?"  # constant text only

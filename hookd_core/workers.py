@@ -4,9 +4,11 @@ Strategy (after huey's consumer, with at-least-once instead of its delete-on-deq
 ``queue.Queue`` carries only (id, route, serial key) and is just a wake-up; sqlite says what is true.
 Fresh events are put on the queue by the intake right after their commit; a scheduler thread finds due
 retries and anything the CLI queued by polling the table. ``Worker.loop()`` is one iteration: get an id,
-wait its turn if its serial key or its route's ``max_parallel`` is busy, claim it (queued -> running in
-one UPDATE, so a second claim finds nothing), run it, and store done / retry (exponential backoff with
-jitter) / dead. Steps already done (the integration's own work, each action) are saved in ``progress``
+wait its turn if its serial key or its route's ``max_parallel`` is busy, claim it (queued -> running,
+exclusive in the process), run it, and store done / retry (exponential backoff with jitter) / dead.
+Neither the claim nor the outcome waits for its commit (a worker would otherwise wait two group commits
+per job while intake is busy); the event stays in flight, so nothing runs it again, until its outcome
+is committed, and an outcome the database refused is requeued once it takes writes. Steps already done (the integration's own work, each action) are saved in ``progress``
 and not run again on a retry. Tests call ``loop()`` directly.
 """
 
@@ -29,6 +31,7 @@ class Pool:
         self.queue = queue.Queue()
         self._lock = threading.Lock()
         self._inflight = set()
+        self._stuck = set()  # attempts whose outcome the store could not take: requeued when it can
         self._deferred = []
         self._busy_keys = set()
         self._running = {}  # route -> jobs running now
@@ -95,6 +98,7 @@ class Pool:
         poll, last_recount, last_prune = 1.0, time.monotonic(), 0.0
         while not self.app.stopping.is_set():
             try:
+                self.requeue_stuck()
                 self.schedule_once()
                 leases.sweep(self.app)
                 if time.monotonic() - last_recount > 30:
@@ -111,6 +115,34 @@ class Pool:
                     timeout = max(0.0, min(poll, self._wake_at - time.time()))
                 self._wake.wait(timeout)
                 self._wake_at = None
+
+    def stored(self, event_id, retry_at=None):
+        """The callback for one attempt's outcome (run by the store's writer after the commit): the
+        event leaves flight, and a retry wakes the scheduler at its time. If the outcome could not be
+        stored, the event is requeued as soon as the database takes writes again (``requeue_stuck``)."""
+        def then(error):
+            if error is not None:
+                self.app.log.error("event %s: outcome not stored (%s); queued again once the database"
+                                   " takes writes", event_id, error)
+                with self._lock:
+                    self._stuck.add(event_id)
+                return
+            with self._lock:
+                self._inflight.discard(event_id)
+            if retry_at is not None:
+                self.wake_at(retry_at)
+        return then
+
+    def requeue_stuck(self):
+        """Put attempts whose outcome was lost to a storage error back in the queue (raises StoreError
+        while the database still refuses writes; the scheduler tries again next time)."""
+        with self._lock:
+            stuck = list(self._stuck)
+        if stuck:
+            self.app.store.requeue(stuck)
+            with self._lock:
+                self._stuck.difference_update(stuck)
+                self._inflight.difference_update(stuck)
 
     # -- gates --------------------------------------------------------------------------------------
     def try_start(self, item):
@@ -174,7 +206,7 @@ class Worker:
     def __init__(self, pool, index):
         self.pool, self.index = pool, index
         self.busy_since, self.busy_timeout = None, 0
-        self.retry_at = None
+        self.outcome_sent = False  # this iteration handed its outcome to the store
 
     def run_forever(self):
         while not self.pool.app.stopping.is_set():
@@ -188,6 +220,7 @@ class Worker:
             return None
         if not self.pool.try_start(item):
             return "deferred"
+        self.outcome_sent = False
         try:
             return self._run(item, now)
         except Exception:
@@ -196,10 +229,8 @@ class Worker:
         finally:
             self.busy_since = None
             self.pool.last_progress = time.monotonic()
-            self.pool.release(item)
-            if self.retry_at is not None:  # only now is the event out of flight for the scheduler
-                self.pool.wake_at(self.retry_at)
-                self.retry_at = None
+            # the next job may start now; the event stays in flight until its outcome is committed
+            self.pool.release(item, forget=not self.outcome_sent)
 
     def _run(self, item, now):
         app = self.pool.app
@@ -235,13 +266,19 @@ class Worker:
         if status == "dead":
             return self._end(row, "dead", error, None, log)
         delay = next_at - time.time()
-        self.pool.app.store.finish(row["id"], row["route"], "retry", error=reason, next_at=next_at)
-        self.retry_at = next_at
+        self._store_outcome(row, "retry", reason, None, next_at)
         log.warning("attempt %d failed, retry in %.1fs: %s", row["attempts"], delay, reason)
         return "retry"
 
+    def _store_outcome(self, row, status, error, note, next_at=0.0):
+        """Hand the outcome to the store without waiting for its commit (the worker takes its next job
+        meanwhile); ``Pool.stored`` takes the event out of flight once it is committed."""
+        self.pool.app.store.finish(row["id"], row["route"], status, error=error, note=note, next_at=next_at,
+                                   then=self.pool.stored(row["id"], next_at if status == "retry" else None))
+        self.outcome_sent = True
+
     def _end(self, row, status, error, note, log):
-        self.pool.app.store.finish(row["id"], row["route"], status, error=error, note=note)
+        self._store_outcome(row, status, error, note)
         if status == "done":
             log.info("done (%s, attempt %d)%s", row["route"], row["attempts"], ": %s" % note if note else "")
         else:

@@ -429,6 +429,30 @@ class WritesRefusedTest(CommitFaultMixin, FaultCase):
         self.assert_serving()
 
 
+class OutcomeRefusedTest(FaultCase):
+    """A job ran, but the database refused to store its outcome: the event must not stay 'running'
+    until a restart; it is queued again once writes work, runs again and ends done."""
+
+    def test_outcome_refused_by_the_database_is_requeued(self):
+        import sqlite3
+        db = sqlite3.connect(os.path.join(self.d.state_dir, "hookd.sqlite3"), isolation_level=None)
+        self.addCleanup(db.close)
+        db.execute("CREATE TRIGGER refuse_done BEFORE UPDATE OF status ON events WHEN NEW.status = 'done'"
+                   " BEGIN SELECT RAISE(ABORT, 'injected: outcome refused'); END")
+        dropped = []
+        self.addCleanup(lambda: dropped or db.execute("DROP TRIGGER IF EXISTS refuse_done"))
+        status, event_id = self.post_work("refused-outcome")
+        self.assertEqual(status, 202)
+        support.wait_until(lambda: self.processed()[event_id] >= 1, 30, message="the job to run once")
+        support.wait_until(lambda: "outcome" in self.d.log() or "injected" in self.d.log(), 10,
+                           message="the refused outcome to be logged")
+        db.execute("DROP TRIGGER refuse_done")
+        dropped.append(True)
+        lost = self.wait_done([event_id], timeout=30)
+        record("job outcome refused by the database", injected=1, acknowledged=1, lost=len(lost))
+        self.assertEqual(lost, set(), self.d.log()[-2000:])
+
+
 # -- jobs that fail, hang, outlive their timeout; an upstream that never answers ------------------------
 
 class JobFaultTest(FaultCase):

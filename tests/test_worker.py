@@ -49,6 +49,7 @@ class WorkerTest(unittest.TestCase):
         return eid
 
     def event(self, eid):
+        self.app.store.write(lambda c: None)  # writes commit in order: every outcome so far is stored
         return self.app.store.read(lambda c: c.execute(
             "SELECT status, attempts, next_at, last_error FROM events WHERE id=?", (eid,)).fetchone())
 
