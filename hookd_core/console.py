@@ -226,9 +226,13 @@ def login_page(ctx, status, error=""):
     return page(ctx, status, "Log in", body, nav=False)
 
 
+LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.,;:=&%?+~-]*")
+
+
 def _local(path):
-    """``path`` if it is a path on this console, else ``/`` (no open redirect after a login)."""
-    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
+    """``path`` if it is a plain path on this console, else ``/``: no open redirect after a login (``//``,
+    a backslash, or a tab a browser would drop to make one) and nothing that could break the header."""
+    return path if LOCAL_PATH.fullmatch(path) else "/"
 
 
 def redirect(ctx, location, headers=()):

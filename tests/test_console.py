@@ -314,7 +314,8 @@ class TokenTest(ConsoleCase):
         self.page("/", headers=[("Authorization", "Bearer s3cret-admin-token-4")], cookie=False, status=401)
 
     def test_open_redirects_are_refused(self):
-        for nxt in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+        for nxt in ("//evil.example/", "https://evil.example/", "/\\evil.example", "/\t/evil.example",
+                    "/ui/events\r\nSet-Cookie: x=1", " //evil.example"):
             self.cookie = None
             html = self.page("/", status=401)
             resp = self.send("POST", "/ui/login", form={"csrf": self.csrf(html), "token": "s3cret-admin-token-42",
