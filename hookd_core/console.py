@@ -113,7 +113,7 @@ def read_session(app, req):
             if name != COOKIE:
                 continue
             fields = value.split(".")
-            if len(fields) != 4 or not fields[0].isdigit() or fields[1] not in ("0", "1"):
+            if len(fields) != 4 or not re.fullmatch(r"[0-9]{1,12}", fields[0]) or fields[1] not in ("0", "1"):
                 continue
             if not hmac.compare_digest(_mac(app, ".".join(fields[:3])).encode(), fields[3].encode()):
                 continue
@@ -188,7 +188,10 @@ def _dispatch(ctx):
 
 
 def _form(body):
-    fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+    try:
+        fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+    except ValueError:  # more fields than any console form has: no form (and so no CSRF token)
+        return {}
     return {k: v[0] for k, v in fields.items()}
 
 
@@ -367,7 +370,7 @@ def events(ctx):
 
 
 def _int(text, default):
-    return int(text) if text and text.isdigit() and len(text) < 10 else default
+    return int(text) if text and re.fullmatch(r"[0-9]{1,9}", text) else default
 
 
 def event(ctx, event_id):

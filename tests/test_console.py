@@ -249,6 +249,19 @@ class FormsTest(ConsoleCase):
                                                                        "replay of %d" % event_id))
         self.assertEqual(self.send("POST", "/ui/events/999999/replay", form={"csrf": token}).status, 404)
 
+    def test_odd_input_is_refused_not_a_fault(self):
+        event_id = self.add(status="dead", error="boom")
+        token = self.csrf(self.page("/ui/events/%d" % event_id))
+        form = dict({"csrf": token}, **{"f%d" % i: "x" for i in range(30)})
+        self.assertEqual(self.send("POST", "/ui/events/%d/retry" % event_id, form=form).status, 403)
+        for page_no in ("\u00b2", "-1", "99999999999999999999", "1e3"):
+            self.assertEqual(self.get("/ui/events?page=" + urllib.parse.quote(page_no)).status, 200, page_no)
+        good = self.cookie
+        self.cookie = "\u00b2" + good[1:]
+        self.assertEqual(self.get("/").status, 200)
+        self.assertNotIn("\u00b2", self.cookie, "an unreadable cookie is no session: a new one is set")
+        self.assertEqual(self.status(event_id), "dead")
+
     def test_the_console_never_changes_state_on_get(self):
         event_id = self.add(status="dead", error="boom")
         for target in ("/", "/ui/events", "/ui/events/%d" % event_id, "/ui/events/%d/retry" % event_id,
