@@ -435,9 +435,10 @@ def product_html(p):
     if p["path"] is not None:
         name = os.path.basename(p["path"])
         url = "/ui/files/%d" % p["id"]
-        if not os.path.isfile(p["path"]):
+        try:
+            size = os.stat(p["path"]).st_size
+        except OSError:
             return '<p class="quiet">%s %s: the file is gone (pruned or replaced).</p>' % (e(kind), e(name))
-        size = os.path.getsize(p["path"])
         if kind == "thumbnail":
             return ('<figure class="thumbnail"><img src="%s" alt="thumbnail %s"><figcaption>%s (%s)</figcaption>'
                     '</figure>' % (url, e(name), e(name), e(nbytes(size))))
@@ -498,11 +499,15 @@ def file(ctx, product_id):
     real = os.path.realpath(path) if path else None
     if real is None or not under_configured_dir(app, real) or not os.path.isfile(real):
         return page(ctx, 404, "Not found", "<p>No such file.</p>")
+    try:
+        f = open(real, "rb")
+    except OSError:  # removed or made unreadable since the look above
+        return page(ctx, 404, "Not found", "<p>No such file.</p>")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(real))
     ctype = FILE_TYPES.get(os.path.splitext(real)[1].lower(), "application/octet-stream")
     disposition = "attachment" if req.query1("download") or ctype.startswith("application/") else "inline"
     headers = [("Content-Disposition", '%s; filename="%s"' % (disposition, name)), ("Accept-Ranges", "bytes")]
-    with open(real, "rb") as f:
+    with f:
         size = os.fstat(f.fileno()).st_size
         span = byte_range(req.headers.get("Range"), size)
         if span == "unsatisfiable":
@@ -522,7 +527,7 @@ def file(ctx, product_id):
 def byte_range(header, size):
     """(first, last) of a single ``bytes=`` range, None for no usable range (serve whole), or
     ``"unsatisfiable"`` (416). Several ranges are served whole, as RFC 9110 allows."""
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", header or "")
     if m is None or not (m.group(1) or m.group(2)) or len(m.group(1)) > 18 or len(m.group(2)) > 18:
         return None
     if not m.group(1):  # the last N bytes
