@@ -419,8 +419,8 @@ def event(ctx, event_id):
     elif "body" in ev:
         shown = ev["body"]
     else:
-        shown = "(binary body, %d bytes base64-encoded in `hookd.py event %d --json`)" % (
-            len(ev["body_base64"]), ev["id"])
+        shown = "(a binary body of %d bytes; `hookd.py event %d --json` shows it base64-encoded)" % (
+            len(row.get("body") or b""), ev["id"])
     cut = len(shown) > MAX_SHOWN
     out.append('<pre class="payload">%s</pre>' % e(shown[:MAX_SHOWN]))
     if cut:

@@ -167,6 +167,9 @@ class PagesTest(ConsoleCase):
         self.assertIn('{\n  &quot;asset&quot;: {\n    &quot;id&quot;: &quot;a-1&quot;,\n    &quot;name&quot;: '
                       '&quot;Zürich&quot;', html)
         self.assertEqual(self.page("/ui/events/999999", status=404).count("No event 999999"), 1)
+        binary = self.add(body=b"\xff\xfe\x00\x01 not text")
+        self.assertIn("(a binary body of 13 bytes; `hookd.py event %d --json` shows it base64-encoded)" % binary,
+                      self.page("/ui/events/%d" % binary))
 
     def test_filters_by_route_status_and_text_with_paging_newest_first(self):
         ids = [self.add("hook:demo" if i % 2 else "hook:other", body=json.dumps({"i": i, "who": "x%dy" % i}).encode())
