@@ -69,6 +69,14 @@ def clip_name(msg):
     return name + ".mp4"
 
 
+def for_device(template, device):
+    """``template`` with ``{device}`` replaced by the alarming device's name as in clip names (spaces as
+    ``_``, only ``[A-Za-z0-9_.-]``), so one [ixon] section can serve a camera per machine."""
+    if "{device}" not in template:
+        return template
+    return template.replace("{device}", NAME_RE.sub("", (device or "").replace(" ", "_")).lstrip(".") or "unknown")
+
+
 def with_credentials(url, username, password):
     """``url`` with ``user:password@`` in it (percent-encoded), which ffmpeg uses for basic and digest."""
     parts = urllib.parse.urlsplit(url)
@@ -275,13 +283,13 @@ class Handler(Integration):
         key = None
         if not self.conf.get("dedupe"):  # the same alarm sent twice, as object or as string: one clip
             key = "ixon:" + hashlib.sha256(json.dumps(msg, sort_keys=True).encode("utf-8")).hexdigest()
-        return [NewEvent(payload=msg, dedupe_key=key, serial_key=self.camera_key())]
+        return [NewEvent(payload=msg, dedupe_key=key, serial_key=self.camera_key(device_name(msg)))]
 
-    def camera_key(self):
+    def camera_key(self, device=None):
         """One string per camera, so the core never runs two recordings of it at once."""
         if self.conf.get("stream.url"):
-            return "camera:" + client.redact_url(self.conf.get("stream.url"))
-        return "webaccess:" + (self.conf.get("webaccess.server") or "")
+            return "camera:" + client.redact_url(for_device(self.conf.get("stream.url"), device))
+        return "webaccess:" + for_device(self.conf.get("webaccess.server") or "", device)
 
     # -- worker thread -------------------------------------------------------------------------------
     def run(self, ctx):
@@ -289,7 +297,7 @@ class Handler(Integration):
         if not isinstance(msg, dict) or not device_name(msg) or not msg.get("createdOn"):
             raise Fail("stored event is not an IXON message")
         out = os.path.join(self.video_dir(), clip_name(msg))
-        clip = self.record(out, ctx.stopping, ctx.log)
+        clip = self.record(out, ctx.stopping, ctx.log, device=device_name(msg))
         ctx.product("clip", path=clip.path)
         ctx.action_input = {"file": clip.path, "duration": round(clip.duration, 2),
                             "device": device_name(msg), "createdOn": msg.get("createdOn"),
@@ -297,9 +305,9 @@ class Handler(Integration):
         note = "recorded %s (%.1f s)" % (os.path.basename(clip.path), clip.duration)
         return note + (", stopped early by shutdown" if clip.stopped_early else "")
 
-    def record(self, out_path, stopping, log, overwrite=False, duration=None):
-        """Find the stream and record one clip into ``out_path``; returns ffmpeg.Clip."""
-        input_args, secrets = self.stream_input(log)
+    def record(self, out_path, stopping, log, overwrite=False, duration=None, device=None):
+        """Find the stream (of ``device``'s camera) and record one clip into ``out_path``; returns ffmpeg.Clip."""
+        input_args, secrets = self.stream_input(log, device)
         return ffmpeg.record(input_args, out_path, duration or self.duration,
                              recode=self.conf.bool("recode"), framerate=self.conf.get("framerate"),
                              stopping=stopping, margin=self.margin, stall_timeout=self.stall_timeout,
@@ -309,15 +317,15 @@ class Handler(Integration):
         d = self.conf.get("video.dir") or os.path.join(self.app.state_dir, "videos")
         return os.path.abspath(d)
 
-    def stream_input(self, log=None):
+    def stream_input(self, log=None, device=None):
         """ffmpeg input options ending in ``-i URL``, and the secrets in them (for redaction)."""
         c = self.conf
         secrets = [c.get("camera.password"), c.get("token")]
         headers = []
         if c.get("stream.url"):
-            url = c.get("stream.url")
+            url = for_device(c.get("stream.url"), device)
         else:
-            url, cookies = self.open_webaccess()
+            url, cookies = self.open_webaccess(device)
             headers.append("Cookie: " + "; ".join(cookies))
             secrets += [p.split("=", 1)[1] for p in cookies] + [url.split("?", 1)[-1]]
             url = behind_webaccess(url, c.get("stream.path") or "/")
@@ -325,9 +333,9 @@ class Handler(Integration):
             log.info("recording from %s", client.redact_url(url))
         return camera_input(url, c, headers, self.stall_timeout), secrets
 
-    def open_webaccess(self):
+    def open_webaccess(self, device=None):
         """A web-access session for ``webaccess.server``: its URL and the auth cookie(s) it sets."""
-        url = self.api.web_access_url(self.conf.get("webaccess.server"))
+        url = self.api.web_access_url(for_device(self.conf.get("webaccess.server"), device))
         reply = client.request("GET", url, timeout=API_TIMEOUT)  # redirects are not followed: we want the cookie
         cookies = cookies_of(reply)
         if reply.status >= 400 or not cookies:
@@ -399,13 +407,14 @@ def test_recording(app, argv):
     import argparse
     parser = argparse.ArgumentParser(prog="hookd.py test-recording")
     parser.add_argument("--out", help="file to write (default: video.dir/test.mp4, replaced)")
+    parser.add_argument("--device", help="the device name {device} in stream.url / webaccess.server stands for")
     args = parser.parse_args(argv)
     integ = _handler(app)
     if integ is None:
         return 1
     out = os.path.abspath(args.out or os.path.join(integ.video_dir(), "test.mp4"))
     try:
-        clip = integ.record(out, threading.Event(), app.log, overwrite=True)
+        clip = integ.record(out, threading.Event(), app.log, overwrite=True, device=args.device)
     except (Retry, Fail) as e:
         print("hookd: test recording failed: %s" % e, file=sys.stderr)
         return 1

@@ -313,5 +313,27 @@ class ShutdownTest(Base):
         self.assertLess(duration, 7.0)
 
 
+class CameraPerDeviceTest(unittest.TestCase):
+    """``{device}`` in stream.url / webaccess.server: a camera per machine, each its own serial key."""
+
+    def handler(self, **values):
+        from handlers.ixon import Handler
+        from hookd_core.config import Section
+        return Handler("ixon", Section("ixon", values, Handler.KEYS), None)
+
+    def test_device_names_pick_the_camera_and_the_serial_key(self):
+        from handlers.ixon import for_device
+        self.assertEqual(for_device("rtsp://cams/{device}/s1", "Hall 3 / press"), "rtsp://cams/Hall_3__press/s1")
+        self.assertEqual(for_device("rtsp://cams/{device}", "../.."), "rtsp://cams/unknown")
+        self.assertEqual(for_device("rtsp://cams/one", "Hall 3"), "rtsp://cams/one")
+        h = self.handler(**{"stream.url": "http://cams/{device}.mjpg"})
+        self.assertEqual(h.camera_key("cam1"), h.camera_key("cam1"))
+        self.assertNotEqual(h.camera_key("cam1"), h.camera_key("cam2"))
+        self.assertEqual(h.stream_input(None, "cam2")[0][-1], "http://cams/cam2.mjpg")
+        self.assertEqual(self.handler(**{"webaccess.server": "srv-{device}"}).camera_key("A"), "webaccess:srv-A")
+        fixed = self.handler(**{"stream.url": "http://cams/one.mjpg"})
+        self.assertEqual(fixed.camera_key("cam1"), fixed.camera_key("cam2"))
+
+
 if __name__ == "__main__":
     unittest.main()
