@@ -6,7 +6,8 @@ the same token rule itself, also through its login session. For everything else 
 checked first (when ``admin.token`` is set, every request needs it, loopback included: behind a reverse
 proxy on the same host every peer is loopback), then each ``handle(app, req)`` is asked in turn; a
 handle answers for the paths it owns and returns None for the rest. The core's own: /healthz, /readyz,
-/metrics, /events, /events/{id}, POST /events/{id}/retry|replay; then each integration's ``admin_get``.
+/metrics, /events, /events/{id}, POST /events/{id}/retry|replay; the lease API for remote workers
+(``leases.handle``, /work/...); then each integration's ``admin_get``.
 A path served for other methods only is 405 with ``Allow``; API POSTs need ``Content-Type:
 application/json`` (415), so a cross-site HTML form can never send one. ``listen_address`` parses ``admin.listen`` and
 ``check`` says what check-config refuses (no token on a non-loopback listener).
@@ -19,7 +20,7 @@ import json
 import re
 import time
 
-from . import console
+from . import console, leases
 from .api import NotFound, Reject, Response, stored_payload
 from .config import ConfigError, parse_hostport
 from .store import STATUSES, list_events, row_dict
@@ -82,7 +83,7 @@ def dispatch(app, req):
         return r
     if not authorised(app.settings.get("admin.token"), req):
         raise Reject("admin API needs the admin token", status=401, headers=[("WWW-Authenticate", "Bearer")])
-    for handle in (handle_core, handle_integrations):
+    for handle in (handle_core, leases.handle, handle_integrations):
         r = handle(app, req)
         if r is not None:
             return r

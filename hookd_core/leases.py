@@ -8,16 +8,17 @@ another lease), and waits up to ``wait`` seconds (long poll) when nothing is due
 ``retry`` and ``dead`` act on a held lease only; the same verb repeated is answered 200 again, anything
 else on an ended, overdue or unknown lease is 409 and changes nothing. The scheduler calls ``sweep``
 about once a second: an overdue lease ends as expired and its event goes back to the queue (its attempt
-counted). ``handle(app, req)`` answers a ``/work/...`` path and returns None for any other path, so the
-admin dispatcher can ask it first. Routes with ``remote = true`` are left to remote workers by the pool.
+counted). ``handle(app, req)`` answers a ``/work/...`` path and returns None for any other path; the
+admin dispatcher (``admin.dispatch``) asks it after checking the admin token. Routes with ``remote = true`` are left to remote workers by the pool.
 """
 
 import json
 import re
 import time
 
+from . import admin
 from .actions import event_document
-from .api import Reject, Response
+from .api import NotFound, Reject, Response
 from .logs import EventLog
 from .workers import after_failure, iso, make_context
 
@@ -37,29 +38,23 @@ CONFLICT = {"unknown": "no such lease", "ended": "lease already ended with anoth
 
 
 def handle(app, req):
-    """Answer a ``/work/...`` request (already authorised by the admin listener); None for other paths."""
+    """Answer a ``/work/...`` request (the admin dispatcher checked the token); None for other paths.
+    Refusals are raised as ``Reject`` (the listener answers them with one log line)."""
     if not req.path.startswith(PREFIX):
         return None
-    try:
-        if req.method != "POST":
-            raise Reject("the lease API takes POST only", status=405, headers=[("Allow", "POST")])
-        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise Reject("the lease API needs Content-Type: application/json", status=415)
-        body = req.json()
-        if not isinstance(body, dict):
-            raise Reject("the body must be a JSON object", status=422)
-        parts = req.path[len(PREFIX):].split("/")
-        if parts == ["lease"]:
-            return lease(app, req, body)
-        if len(parts) == 2 and parts[1] in VERBS and LEASE_ID.fullmatch(parts[0]):
-            if parts[1] == "extend":
-                return extend(app, parts[0], body)
-            return end(app, parts[0], parts[1], body)
-        raise Reject("no such lease API path", status=404)
-    except Reject as e:
-        app.log.warning("%d %s: %s", e.status, "/work/lease" if req.path == "/work/lease" else "/work/...", e)
-        return Response(e.status, {"error": str(e)}, headers=e.headers)
+    admin.allow(req, "POST")
+    admin.needs_json(req)
+    body = req.json()
+    if not isinstance(body, dict):
+        raise Reject("the body must be a JSON object", status=422)
+    parts = req.path[len(PREFIX):].split("/")
+    if parts == ["lease"]:
+        return lease(app, req, body)
+    if len(parts) == 2 and parts[1] in VERBS and LEASE_ID.fullmatch(parts[0]):
+        if parts[1] == "extend":
+            return extend(app, parts[0], body)
+        return end(app, parts[0], parts[1], body)
+    raise NotFound("no such lease API path")
 
 
 # -- POST /work/lease ---------------------------------------------------------------------------------

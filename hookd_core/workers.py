@@ -185,6 +185,7 @@ class Pool:
         deadline = time.monotonic() + grace
         with self._wake:
             self._wake.notify_all()
+        self.work_changed()  # lease calls waiting for work answer now (they see app.stopping)
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
         return sum(1 for w in self.workers if w.busy_since is not None)

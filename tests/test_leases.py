@@ -1,7 +1,8 @@
-"""The lease API (SPEC §10) called directly: ``leases.handle(app, req)`` on a real App and sqlite file.
+"""The lease API (SPEC §10) called directly: ``admin.dispatch(app, req)`` on a real App and sqlite file.
 
-No HTTP and no threads of the daemon: each test stores events, then calls ``handle`` with an
-``api.Request`` as the admin listener would, and reads the store to see what changed. Times are moved by
+No HTTP and no threads of the daemon: each test stores events, then calls the admin dispatcher (which
+asks ``leases.handle``) with an ``api.Request`` as the admin listener would, and reads the store to see
+what changed. Times are moved by
 passing ``now`` to the store, never by sleeping, except where the long poll itself is under test.
 """
 
@@ -13,8 +14,8 @@ import threading
 import time
 import unittest
 
-from hookd_core import leases
-from hookd_core.api import Headers, Request
+from hookd_core import admin, leases
+from hookd_core.api import Headers, Reject, Request
 from hookd_core.app import App
 from hookd_core.store import list_workers
 from hookd_core.workers import Pool
@@ -51,8 +52,12 @@ class LeaseTest(unittest.TestCase):
         return eid
 
     def call(self, path, body=None, headers=JSON, method="POST"):
-        raw = json.dumps(body if body is not None else {}).encode()
-        r = leases.handle(self.app, Request(method, path, {}, Headers(list(headers.items())), raw, "127.0.0.1"))
+        raw = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
+        try:
+            r = admin.dispatch(self.app, Request(method, path, {}, Headers(list(headers.items())), raw,
+                                                 "127.0.0.1"))
+        except Reject as e:
+            return e.status, {"error": str(e)}
         return r.status, json.loads(r.body)
 
     def take(self, routes=("hook:r",), **kw):
@@ -222,9 +227,8 @@ class LeaseTest(unittest.TestCase):
                      {"routes": ["hook:r"], "lease_seconds": "x"}):
             self.assertEqual(self.call("/work/lease", body)[0], 422, body)
         self.assertEqual(self.call("/work/nope/done", {})[0], 404)
-        r = leases.handle(self.app, Request("POST", "/work/lease", {}, Headers(list(JSON.items())), b"{",
-                                            "127.0.0.1"))
-        self.assertEqual(r.status, 400)
+        self.assertEqual(self.call("/work/lease", b"{")[0], 400)
+        self.assertEqual(self.call("/work/lease", b"[]")[0], 422)
 
     def test_metrics_show_held_leases_and_workers_last_seen(self):
         self.add()
