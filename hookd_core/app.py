@@ -231,13 +231,13 @@ class App:
         h, p = self.server.server_address[:2]
         self.log.info("listening on %s://%s:%d (%d workers, state %s)", scheme, h, p,
                       self.settings.int("workers"), self.state_dir)
-        self._serve_admin()
+        self._serve_admin(scheme)
         systemd_glue.ready(self)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda s, f: self._signals.put(s))  # no logging here, just queue it
         return self._main_loop()
 
-    def _serve_admin(self):
+    def _serve_admin(self, scheme):
         """The admin API's own listener (SPEC §4.2), bound by hookd itself, also under socket activation."""
         if self.admin_server is None:
             self.log.info("admin API off (admin.listen is empty)")
@@ -247,7 +247,7 @@ class App:
         if self.admin_server.address_family == socket.AF_UNIX:
             self.log.info("admin API listening on unix:%s", self.admin_server.server_address)
         else:
-            self.log.info("admin API listening on http://%s:%d", *self.admin_server.server_address[:2])
+            self.log.info("admin API listening on %s://%s:%d", scheme, *self.admin_server.server_address[:2])
 
     def _announce(self):
         for w in self.warnings:
@@ -259,13 +259,17 @@ class App:
             self.log.warning("no integration configured in %s: every route answers 404", self.path)
 
     def _wrap_tls(self):
+        """With tls.cert and tls.key: HTTPS on the webhook port and on a TCP admin listener (remote workers
+        reach the lease API from other hosts); a unix-socket admin listener stays plain. Returns the scheme."""
         cert, key = self.settings.get("tls.cert"), self.settings.get("tls.key")
         if not cert:
             return "http"
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(cert, key)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
+        for server in (self.server, self.admin_server):
+            if server is not None and server.address_family != socket.AF_UNIX:
+                server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         return "https"
 
     def _main_loop(self):

@@ -72,16 +72,19 @@ class Daemon:
 
     def start(self, timeout=15):
         self.port = self.admin_url = None
-        self.proc = subprocess.Popen(
-            [sys.executable, HOOKD, "127.0.0.1:0", "--config", self.config_path] + self.extra_args,
-            cwd=self.tmp, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        self._spawn(["127.0.0.1:0"])
         wait_until(lambda: (self.port and (self.admin_url or "admin API off" in self.log()))
                    or self.proc.poll() is not None, timeout, message="daemon to listen")
         if self.port is None:
             raise AssertionError("daemon exited with %s:\n%s" % (self.proc.returncode, self.log()))
         return self
+
+    def _spawn(self, args):
+        self.proc = subprocess.Popen(
+            [sys.executable, HOOKD] + args + ["--config", self.config_path] + self.extra_args,
+            cwd=self.tmp, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
     def _pump(self, proc):
         with proc.stdout:  # closed at EOF, when the daemon has exited
@@ -89,7 +92,7 @@ class Daemon:
                 line = raw.decode("utf-8", "replace")
                 with self._log_lock:
                     self._log.append(line)
-                m = re.search(r"admin API listening on (http://[0-9.]+:\d+|unix:\S+)", line)
+                m = re.search(r"admin API listening on (https?://[0-9.]+:\d+|unix:\S+)", line)
                 if m:
                     self.admin_url = m.group(1)
                     continue
@@ -174,6 +177,23 @@ class Daemon:
         if self.admin_url.startswith("unix:"):
             return unix_request(self.admin_url[5:], method, path, body, headers)
         return request(method, self.admin_url + path, body, headers)
+
+
+class Worker(Daemon):
+    """A ``hookd.py worker ARGS`` subprocess with its own configuration and state directory (another host,
+    as far as the first hookd can tell); started once its ``worker NAME: running`` line is logged."""
+
+    def __init__(self, config_text, args, **kw):
+        super().__init__(config_text, **kw)
+        self.args = list(args)
+
+    def start(self, timeout=15):
+        self._spawn(["worker"] + self.args)
+        wait_until(lambda: re.search(r"worker \S+: running", self.log()) or self.proc.poll() is not None,
+                   timeout, message="worker to start")
+        if self.proc.poll() is not None:
+            raise AssertionError("worker exited with %s:\n%s" % (self.proc.returncode, self.log()))
+        return self
 
 
 def request(method, url, body=None, headers=None, timeout=20):
