@@ -2,7 +2,8 @@
 
 Strategy: ``main(argv)`` looks at the first word. A known subcommand (``check-config``, ``events``,
 ``event``, ``retry``, ``replay``, ``prune``, or one that an integration adds through ``COMMANDS``) runs on
-an ``App`` that opens the store but starts no server and no workers; anything else is the daemon's
+an ``App`` that opens the store but starts no server and no workers; ``worker`` runs jobs leased from
+another hookd (``remote.py``); anything else is the daemon's
 ``[HOST:PORT]``. Exit codes: 0 success, 1 a problem the message explains, 2 bad usage.
 """
 
@@ -23,6 +24,7 @@ USAGE = """usage: hookd.py [HOST:PORT] [--config FILE]
        hookd.py retry ID | --dead [--config FILE]
        hookd.py replay ID [--config FILE]
        hookd.py prune [--days N] [--config FILE]
+       hookd.py worker --from URL [--token T] [--routes R,...] [--lease-seconds S] [--name NAME] [--config FILE]
        hookd.py test-recording | ixon-configure | zencoder-submit ...   (integration commands)"""
 
 BUILTIN = ("check-config", "events", "event", "retry", "replay", "prune")
@@ -58,6 +60,9 @@ def main(argv=None):
             return 0
         if rest and rest[0] in BUILTIN:
             return builtin(rest[0], rest[1:], path)
+        if rest and rest[0] == "worker":
+            from .remote import main as worker_main
+            return worker_main(path, rest[1:])
         app = App(path)
         if rest and rest[0] in _integration_commands(app):
             return integration_command(app, rest[0], rest[1:])

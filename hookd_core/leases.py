@@ -9,7 +9,8 @@ another lease), and waits up to ``wait`` seconds (long poll) when nothing is due
 else on an ended, overdue or unknown lease is 409 and changes nothing. The scheduler calls ``sweep``
 about once a second: an overdue lease ends as expired and its event goes back to the queue (its attempt
 counted). ``handle(app, req)`` answers a ``/work/...`` path and returns None for any other path; the
-admin dispatcher (``admin.dispatch``) asks it after checking the admin token. Routes with ``remote = true`` are left to remote workers by the pool.
+admin dispatcher (``admin.dispatch``) asks it after checking the admin token. Routes with
+``remote = true`` are left to remote workers by the pool.
 """
 
 import json

@@ -7,7 +7,10 @@ until the client goes away or the camera is closed (no Content-Length: the body 
 connection closes, like a real camera). Options: HTTP basic or digest auth, and a stall mode that sends
 ``stall_after`` frames and then goes silent while holding the connection open (a camera hanging
 mid-stream) for the first ``stall_connections`` connections. The camera records every request and the
-monotonic time it sent each connection's first frame, so a benchmark can time "first frame".
+monotonic time it sent each connection's first frame, so a benchmark can time "first frame". One fake
+may stand for several cameras (``paths``) and keeps each stream's path and monotonic start and end
+(``streams``; a client that hangs up is noticed before the next frame), so a test can see that one
+camera is never recorded twice at the same time.
 """
 
 import base64
@@ -15,6 +18,8 @@ import hashlib
 import http.server
 import os
 import re
+import select
+import socket
 import subprocess
 import tempfile
 import threading
@@ -48,11 +53,14 @@ def make_frames(size="320x240", count=10):
 class FakeCamera:
     """``FakeCamera(fps=10, path="/video.mjpg", auth="none"|"basic"|"digest", username, password,
     stall_after=None, stall_connections=1)``; ``url``, ``stream_url``, ``connections``,
-    ``first_frame_at`` (monotonic times), ``requests`` (list of (path, headers dict)), ``close()``."""
+    ``first_frame_at`` (monotonic times), ``requests`` (list of (path, headers dict)), ``close()``;
+    ``paths``: every path served (default: just ``path``); ``streams``: [path, start, end or None]."""
 
     def __init__(self, fps=10, path="/video.mjpg", auth="none", username="cam", password="secret",
-                 stall_after=None, stall_connections=1, size="320x240"):
+                 stall_after=None, stall_connections=1, size="320x240", paths=None):
         self.fps, self.path, self.auth = fps, path, auth
+        self.paths = set(paths or (path,))
+        self.streams = []
         self.username, self.password = username, password
         self.stall_after, self.stall_connections = stall_after, stall_connections
         self.frames = make_frames(size)
@@ -117,7 +125,8 @@ class FakeCamera:
         """Answer one GET on BaseHTTPRequestHandler ``h``: 401, 404, or the endless multipart stream."""
         with self._lock:
             self.requests.append((h.path, {k.lower(): v for k, v in h.headers.items()}))
-        if h.path.split("?")[0] != self.path:
+        path = h.path.split("?")[0]
+        if path not in self.paths:
             return _plain(h, 404, b"no such stream\n")
         if not self.authorized(h.headers.get("Authorization")):
             return _plain(h, 401, b"unauthorized\n", {"WWW-Authenticate": self.challenge()})
@@ -131,12 +140,23 @@ class FakeCamera:
         h.end_headers()
         h.close_connection = True
         stall = self.stall_after is not None and number <= self.stall_connections
-        self._stream(h.wfile, stall)
+        stream = [path, time.monotonic(), None]
+        with self._lock:
+            self.streams.append(stream)
+        try:
+            self._stream(h.wfile, stall, h.connection)
+        finally:
+            stream[2] = time.monotonic()
 
-    def _stream(self, out, stall):
+    def _stream(self, out, stall, sock):
         start = time.monotonic()
         n = 0
         while not self._closed.is_set():
+            try:
+                if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
+                    return  # the client hung up
+            except OSError:
+                return
             if stall and n >= self.stall_after:
                 self._closed.wait(120)  # silent, connection held open: a hung camera
                 return
