@@ -155,11 +155,13 @@ class Headers:
 
 class Request:
     """What ``accept`` and ``get`` see. ``headers`` is a ``Headers`` (case-insensitive ``get``,
-    ``get_all``, ``items``); ``query`` maps each name to a list of values; ``body`` is the exact bytes received."""
+    ``get_all``, ``items``); ``query`` maps each name to a list of values; ``body`` is the exact bytes received.
+    ``connected()`` is False once the client has hung up (the server sets it; a long poll asks it)."""
 
     def __init__(self, method, path, query, headers, body, client):
         self.method, self.path, self.query = method, path, query
         self.headers, self.body, self.client = headers, body, client
+        self.connected = _always
 
     def json(self):
         """The body parsed as JSON, or Unparsable (400)."""
@@ -171,6 +173,10 @@ class Request:
     def query1(self, name, default=None):
         values = self.query.get(name)
         return values[0] if values else default
+
+
+def _always():
+    return True
 
 
 class Response:

@@ -79,6 +79,8 @@ def lease(app, req, body):
         if left <= 0:
             break
         app.pool.wait_for_work(min(left, POLL))
+        if not req.connected():  # a worker killed while it waited must not be handed a job
+            break
         if app.store.read(lambda c: _due(c, routes, time.time())):
             got = app.store.lease(routes, max_jobs, seconds, worker, req.client)
     out = []

@@ -365,7 +365,15 @@ class Handler(socketserver.StreamRequestHandler):
         self._route = "admin"
         req = Request(head.method, head.path, urllib.parse.parse_qs(head.query, keep_blank_values=True),
                       head.headers, self._read_body(), self.client)
+        req.connected = self._connected
         return admin.dispatch(self.app, req)
+
+    def _connected(self):
+        """False once the client has hung up: its socket turns readable (EOF) while it waits for an answer
+        (a client that sends its next request before this answer loses only its long poll)."""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
 
     # -- answering ----------------------------------------------------------------------------------
     def _reject(self, e, close=False):

@@ -120,6 +120,18 @@ class LeaseTest(unittest.TestCase):
         self.assertEqual(len(got), 1)
         self.assertLess(elapsed, 5, "the waiting lease call is woken by the new event")
 
+    def test_a_caller_that_hung_up_while_waiting_is_handed_nothing(self):
+        req = Request("POST", "/work/lease", {}, Headers(list(JSON.items())),
+                      json.dumps({"routes": ["hook:r"], "wait": 10, "worker": "gone"}).encode(), "127.0.0.1")
+        req.connected = lambda: False  # as the admin listener says once the worker's socket is closed
+        timer = threading.Timer(0.2, self.add)
+        timer.start()
+        started = time.monotonic()
+        self.assertEqual(json.loads(admin.dispatch(self.app, req).body), [])
+        timer.join()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(len(self.take()), 1, "the event waits for a worker that is still there")
+
     def test_remote_route_is_left_to_remote_workers(self):
         self.add()
         self.add("hook:l")
