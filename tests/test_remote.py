@@ -273,6 +273,18 @@ class IxonRecordingTest(RemoteCase):
         self.assertAlmostEqual(ffmpeg.probe(clip), 3.0, delta=1.0)
         self.assertEqual(self.clips("wa"), [], "the killed worker left no finished clip")
 
+    def test_progress_travels_with_the_lease_so_a_retry_does_not_record_again(self):
+        d = self.first_ixon()
+        marker = os.path.join(self.tmp, "second-try")
+        fails_once = "%s -c \"import os, sys; ok = os.path.exists(sys.argv[1]); open(sys.argv[1], 'a').close();" \
+                     " sys.exit(0 if ok else 3)\" %s" % (sys.executable, marker)
+        self.worker("wa", d, self.ixon % 2 + "video.dir = %s\ncommand = %s\n" % (
+            os.path.join(self.tmp, "wa", "v"), fails_once), hookd="workers = 1\n")
+        event = self.post(d, "/ixon/webhook", alarm("cam3", 7))
+        self.assertEqual(self.all_done(d, [event], 60)[event]["attempts"], 2)
+        self.assertEqual(len(self.cam.streams), 1, "the clip of attempt 1 was not recorded again")
+        self.assertEqual(len(self.clips("wa")), 1)
+
     def test_kill9_of_the_first_hookd_while_workers_hold_leases(self):
         port = free_port()
         d = self.first_ixon(duration=3, admin_port=port)
