@@ -158,9 +158,9 @@ class App:
 
     def event_rows(self, integ, req, events):
         """Rows for the store from accept()'s NewEvents: dedupe key, stored headers, body, payload."""
-        headers = json.dumps(stored_headers(req.headers, self._secret_cache(), credential_headers(integ.conf)))
-        rule = integ.conf.get("dedupe") or getattr(integ, "DEFAULT_DEDUPE", "body")
-        done = not integ.needs_work()
+        secrets, facts = self._secret_cache()
+        credentials, rule, done = facts[integ.name]
+        headers = json.dumps(stored_headers(req.headers, secrets, credentials))
         content_type = req.headers.get("Content-Type")
         rows = []
         for ev in events:
@@ -174,11 +174,16 @@ class App:
         return rows
 
     def _secret_cache(self):
+        """(every secret, {route: (its credential header names, its dedupe rule, nothing to do)}), worked
+        out once per configuration (a reload builds new integrations) instead of once per request."""
         cache = getattr(self, "_secrets", None)
         if cache is None or cache[0] is not self.integrations:
-            cache = (self.integrations, self.secrets())
+            facts = {i.name: (credential_headers(i.conf),
+                              i.conf.get("dedupe") or getattr(i, "DEFAULT_DEDUPE", "body"), not i.needs_work())
+                     for i in self.integrations}
+            cache = (self.integrations, self.secrets(), facts)
             self._secrets = cache
-        return cache[1]
+        return cache[1], cache[2]
 
     def ready(self):
         """(ok, reason): the database takes a write and the workers are alive."""

@@ -26,13 +26,24 @@ def credential_headers(conf):
             if key.endswith(".header") and value and str(value).strip()}
 
 
+_NAMES = {}  # header name as sent -> its lower-case form, or "" when the name says credential
+_MAX_NAMES = 4096  # names are the client's choice: the cache is emptied rather than grown past this
+
+
 def stored_headers(headers, secrets, credential_headers=()):
     """Headers worth keeping (lower-case names), without credentials, signatures or secret values."""
     out = {}
     for name, value in headers.items():
-        low = name.lower()
-        if _SENSITIVE.search(low) or low in credential_headers or _CREDENTIAL_VALUE.match(value) \
-                or (secrets and any(sec in value for sec in secrets)):
+        low = _NAMES.get(name)
+        if low is None:
+            if len(_NAMES) >= _MAX_NAMES:
+                _NAMES.clear()
+            low = _NAMES[name] = "" if _SENSITIVE.search(name.lower()) else name.lower()
+        if not low or low in credential_headers or _CREDENTIAL_VALUE.match(value):
             continue
-        out[low] = value
+        for secret in secrets:
+            if secret in value:
+                break
+        else:
+            out[low] = value
     return out

@@ -309,13 +309,13 @@ class Handler(socketserver.StreamRequestHandler):
         if head.method == "POST":
             if integ is None:
                 raise NotFound("no route for %s" % head.path)
-            req = Request("POST", head.path, urllib.parse.parse_qs(head.query), head.headers,
+            req = Request("POST", head.path, _query(head.query), head.headers,
                           self._read_body(), self.client)
             return self._accept(integ, req)
         if head.method != "GET":
             raise Reject("method not allowed", status=405, headers=[("Allow", "GET, POST")])
         if integ is not None:
-            r = integ.get(Request("GET", head.path, urllib.parse.parse_qs(head.query), head.headers, b"",
+            r = integ.get(Request("GET", head.path, _query(head.query), head.headers, b"",
                                   self.client))
             app.metrics.request(integ.name, r.status)
             return r
@@ -519,6 +519,11 @@ def _answer_bytes(status, body, content_type, headers, close, length=None):
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _query(text):
+    """The query string as {name: [values]}; most webhook URLs have none."""
+    return urllib.parse.parse_qs(text) if text else {}
 
 
 _DATE = [0, ""]
