@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 
+from . import logs
 from .api import Busy
 
 WAITING = ("queued", "retry", "running")
@@ -254,8 +255,9 @@ class Store:
                     self._commit_group(group)
                 except Exception as e:  # never leave a caller waiting, never let the writer die
                     self._fail_all(group, e)
-                for op in group:
-                    op.settle(self._log_exception)
+                with logs.batched():  # the group's answers log one line each, written together
+                    for op in group:
+                        op.settle(self._log_exception)
 
     def _log_exception(self):
         if self.log is not None:
