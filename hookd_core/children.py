@@ -78,17 +78,23 @@ class Registry:
         self.store.write(lambda conn: announce(conn, event_id, marker, self.boot))
 
     def started(self, event_id, child):
+        """Not waited for (a job would wait one more group commit): until it commits, the marker, which
+        ``starting`` made durable before the fork, is what finds the child after a crash."""
         with self._lock:
             self._live[child.marker] = (event_id, child)
-        self.store.write(lambda conn: record(conn, child))
+        self.store.write_soon(lambda conn: record(conn, child), self._not_stored)
 
     def ended(self, marker):
+        """Not waited for either: a row left behind only names processes the next start finds gone."""
         with self._lock:
             self._live.pop(marker, None)
         try:
-            self.store.write(lambda conn: forget(conn, [marker]))
+            self.store.write_soon(lambda conn: forget(conn, [marker]), self._not_stored)
         except StoreError as e:  # stopping: the row stays, and the next start finds its processes gone
-            self.log.warning("could not forget a job process: %s", e)
+            self._not_stored(e)
+
+    def _not_stored(self, error):
+        self.log.warning("could not record a job process: %s", error)
 
     def kill_all(self):
         """SIGKILL the tree of every child still running (hookd is stopping); returns the events hit."""

@@ -217,6 +217,15 @@ class Store:
         ``delta`` = {route: n} is added to the waiting counts after the commit."""
         return self._submit(_Op(fn=fn, delta=delta)).wait()
 
+    def write_soon(self, fn, on_error=None):
+        """Run ``fn(conn)`` in the next group without waiting for its commit; it still commits in order
+        with every write submitted before and after it. ``on_error(exception)`` runs on the writer thread
+        if it fails (its own error, or the group's StoreError)."""
+        def then(result, error):
+            if error is not None and on_error is not None:
+                on_error(error)
+        self._submit(_Op(fn=fn, then=then))
+
     def add_events(self, route, rows, now=None, limit=None):
         """Store one request's events (dicts from ``App.event_rows``) atomically; returns [(id, "new" or
         "duplicate")] once committed. A row whose (route, dedupe_key) exists becomes a 'duplicate' row
