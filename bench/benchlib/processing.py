@@ -19,7 +19,7 @@ import threading
 import time
 
 from . import hookdctl, pool, procs, wrkrun
-from .targets import HOOKD, SERVERS, WORKLOADS, hookd_config
+from .targets import SERVERS, WORKLOADS, hookd_argv, hookd_config
 
 CONNS = 64
 RESERVE = 60.0  # seconds past the intake budget this phase may still start in (it is bounded itself)
@@ -46,7 +46,7 @@ def _action(plan, action, drain_limit, log):
     extra = ("command = /bin/true\n" if action == "command"
              else "forward = http://127.0.0.1:%d/sink\n" % sink_port)
     port = procs.free_port()
-    argv = [sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", hookd_config(workdir, extra)]
+    argv = hookd_argv(port, hookd_config(workdir, extra))
     hookd = procs.Server("hookd", argv, port, os.path.join(workdir, "server.log"), cwd=workdir)
     with sink, hookd:
         result = _measure(plan, hookd, workdir, drain_limit)

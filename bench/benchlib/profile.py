@@ -14,11 +14,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 from . import pool, procs, wrkrun
-from .targets import HOOKD, WORKLOADS, hookd_config, venv_python
+from .targets import WORKLOADS, hookd_argv, hookd_config, venv_python
 
 _LINE = re.compile(r":\d+\)")
 
@@ -32,7 +31,7 @@ def run(plan, log, top=25):
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     port = procs.free_port()
-    argv = [sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", hookd_config(workdir)]
+    argv = hookd_argv(port, hookd_config(workdir))
     with procs.Server("hookd", argv, port, os.path.join(workdir, "server.log"), cwd=workdir) as hookd:
         cpu0, t0 = hookd.cpu_seconds(), time.monotonic()
         raw, rps = _record(spy, hookd, workdir, plan.seconds)

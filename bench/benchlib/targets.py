@@ -90,8 +90,14 @@ def hookd_config(workdir, extra_hook="", extra_hookd=""):
     return path
 
 
+def hookd_argv(port, config):
+    """hookd serving on ``port``, started as systemd/hookd.service starts it (MALLOC_ARENA_MAX=2: glibc
+    would give each of up to 64 connection threads its own malloc arena)."""
+    return ["env", "MALLOC_ARENA_MAX=2", sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", config]
+
+
 def _hookd(port, workdir):
-    return [sys.executable, HOOKD, "127.0.0.1:%d" % port, "--config", hookd_config(workdir)]
+    return hookd_argv(port, hookd_config(workdir))
 
 
 def _adnanh_hooks(workdir, command):
