@@ -11,6 +11,7 @@ today's UTC date, with "-quick" for a quick run). Every server it starts is stop
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -85,6 +86,19 @@ def hookd_commit():
     return (head[:90] + (" (+uncommitted changes)" if dirty else "")) or "unknown"
 
 
+def stages(log):
+    """hookd's CPU per request stage by stage (benchlib/stages.py, in a child: hookd logs to stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "benchlib.stages"], cwd=BENCH, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, timeout=300, check=False)
+    try:
+        result = json.loads(proc.stdout.decode())
+    except ValueError:
+        return {"error": "benchlib.stages exited %s without a result" % proc.returncode}
+    log("  stages (µs/request): %s" % "; ".join("%s %s" % (k, ", ".join("%s %.1f" % kv for kv in v.items()))
+                                                 for k, v in result.items()))
+    return result
+
+
 def ixon(log):
     path = os.path.join(BENCH, "ixon_bench.py")
     if not os.path.exists(path):
@@ -122,6 +136,8 @@ def main(argv=None):
         doc["slow_disk"] = slowdisk.run(plan, log)
     if args.profile and "hookd" in plan.targets:
         doc["profile"] = profile.run(plan, log)
+    if "hookd" in plan.targets:
+        doc["stages"] = stages(log)
     if args.ixon:
         doc["ixon"] = ixon(log)
     doc["verdicts"] = report.verdicts(doc)

@@ -189,6 +189,7 @@ def markdown(doc):
     lines += _summary_md(doc)
     lines += _processing_md(doc)
     lines += _slow_disk_md(doc.get("slow_disk"))
+    lines += _stages_md(doc.get("stages"))
     lines += profile_md(doc.get("profile"))
     lines += _ixon_md(doc.get("ixon"))
     lines += _targets_md()
@@ -297,6 +298,31 @@ def _processing_md(doc):
             drain, _fmt(r["oldest_end_of_intake_s"], 1),
             r["drain_window_s"], r["left"], _fmt(r["rss_kb"] / 1024.0, 1), "; ".join(r["flags"])))
     return out + [""]
+
+
+STAGES = (("reader", "framing.Reader: request line, headers, body"),
+          ("route_and_request", "route lookup, Request"),
+          ("accept", "integration.accept: signature, JSON parse, (Preservica) per-element keys"),
+          ("event_rows", "App.event_rows: stored headers, rows"),
+          ("submit_and_wait", "store.submit_events + wait, request thread's part"),
+          ("writer_thread", "writer thread: dedupe look-up, executemany, COMMIT (fsync), in groups of 32"),
+          ("answer_log_metric", "outcome: log line, metric, 202 bytes"))
+
+
+def _stages_md(stages):
+    if not stages:
+        return []
+    out = ["## Where hookd's CPU per request goes (bench/benchlib/stages.py: each stage of the request path,"
+           " real code, no sockets, thread CPU clock)", ""]
+    if "error" in stages:
+        return out + [stages["error"], ""]
+    schemes = list(stages)
+    out += ["| stage | " + " | ".join("%s µs/req" % s for s in schemes) + " |", "|---|" + "---|" * len(schemes)]
+    for key, title in STAGES:
+        out.append("| %s | %s |" % (title, " | ".join(_fmt(stages[s].get(key), 1) for s in schemes)))
+    out.append("| **sum** | %s |" % " | ".join(_fmt(sum(v for v in stages[s].values()), 1) for s in schemes))
+    return out + ["", "Not in these figures: socket reads and writes, thread switches and waiting for the GIL,"
+                  " the Reaper's deadline; the intake tables' CPU µs/req minus this sum is their cost.", ""]
 
 
 def _ixon_md(ixon):

@@ -1,0 +1,115 @@
+"""Where hookd's CPU per request goes, stage by stage, measured in one process without sockets.
+
+Usage: ``python3 -m benchlib.stages`` from bench/ (bench.py runs it in a child whose stderr is thrown
+away, since hookd logs there); prints one JSON object. Strategy: the same signed requests the intake
+phase sends (benchlib/pool.py) are fed, N at a time, through each stage of hookd's request path with
+the real code and a real App: ``framing.Reader`` (head and body from the raw bytes), route lookup and
+``Request``, the integration's ``accept`` (signature check, JSON parse, Preservica's per-element keys),
+``App.event_rows`` (stored headers, rows), the store (the rows of GROUP requests per transaction,
+committed with synchronous=FULL, as the writer does under load), and the answer (the log line, the
+metric, the 202's bytes). Each stage is timed with the thread's CPU clock over all N requests; what is
+left out (socket reads and writes, thread switches, the GIL) is the difference to the intake phase's
+CPU per request.
+"""
+
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+
+from benchlib import pool  # noqa: E402
+from hookd_core import framing, server  # noqa: E402
+from hookd_core.api import Request  # noqa: E402
+from hookd_core.app import App  # noqa: E402
+
+N = 4000
+GROUP = 32
+
+
+def raw_requests(scheme, n):
+    out = []
+    for i in range(n):
+        fields = pool._LINES[scheme]("stages", i)[0].rstrip("\n").split("\t")
+        if scheme == "standard":
+            msg_id, stamp, sig, body = fields
+            head = ("POST /hooks/bench HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    "webhook-id: %s\r\nwebhook-timestamp: %s\r\nwebhook-signature: v1,%s\r\n" % (msg_id, stamp, sig))
+        else:
+            sig, body = fields
+            head = ("POST /preservica HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    "Preservica-Signature: %s\r\n" % sig)
+        out.append((head + "Content-Length: %d\r\n\r\n" % len(body) + body).encode())
+    return out
+
+
+def timed(fn, items):
+    t = time.thread_time()
+    out = [fn(x) for x in items]
+    return out, (time.thread_time() - t) / len(items) * 1e6
+
+
+def run_scheme(app, scheme):
+    raws = raw_requests(scheme, N)
+
+    def read(raw):
+        reader = framing.Reader(io.BufferedReader(io.BytesIO(raw)), 16384)
+        head = reader.head()
+        return head, reader.body(1 << 20)
+    parsed, t_read = timed(read, raws)
+
+    def route(item):
+        head, body = item
+        return app.route_for(head.path), Request("POST", head.path, server._query(head.query), head.headers,
+                                                 body, "127.0.0.1")
+    reqs, t_route = timed(route, parsed)
+    accepted, t_accept = timed(lambda ir: (ir[0], ir[1], ir[0].accept(ir[1])), reqs)
+    rows, t_rows = timed(lambda a: (a[0].name, app.event_rows(*a)), accepted)
+    t = time.thread_time()
+    stored = []
+    for i in range(0, N, GROUP):
+        ops = [app.store.submit_events(name, r) for name, r in rows[i:i + GROUP]]
+        stored += [(op.wait(), r) for op, (_, r) in zip(ops, rows[i:i + GROUP])]
+    t_store = (time.thread_time() - t) / N * 1e6  # this thread's part; the writer's is below
+    def answer(item):
+        status, body, headers, close = server.outcome(app, rows[0][0], item[1], item[0], None)
+        return server._answer_bytes(status, body, "application/json", headers, close)
+    _, t_answer = timed(answer, stored)
+    return {"reader": t_read, "route_and_request": t_route, "accept": t_accept, "event_rows": t_rows,
+            "submit_and_wait": t_store, "answer_log_metric": t_answer}
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="hookd-stages-")
+    config = os.path.join(tmp, "credentials.properties")
+    with open(config, "w") as f:
+        f.write("[hookd]\nstate_dir = %s\n[preservica]\nsecret.key = %s\n[hook:bench]\nverify = standard-webhooks\n"
+                "secret = %s\n" % (os.path.join(tmp, "var"), pool.PRESERVICA_SECRET.decode(), pool.WHSEC))
+    os.chmod(config, 0o600)
+    app = App(config)
+    app.open_store()
+    writer = [t for t in __import__("threading").enumerate() if t.name == "hookd-writer"]
+    out = {}
+    for scheme in ("standard", "preservica"):
+        before = _thread_cpu(writer[0]) if writer else None
+        out[scheme] = run_scheme(app, scheme)
+        if before is not None:
+            out[scheme]["writer_thread"] = (_thread_cpu(writer[0]) - before) / N * 1e6
+    app.store.close()
+    print(json.dumps(out))
+
+
+def _thread_cpu(thread):
+    """CPU seconds used so far by ``thread`` (Linux: /proc/self/task/TID/stat)."""
+    with open("/proc/self/task/%d/stat" % thread.native_id) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+if __name__ == "__main__":
+    main()
