@@ -46,16 +46,24 @@ def event_document(ctx):
 def command(ctx, integration):
     """Run ``command`` with the event JSON on stdin; exit 0 is done, anything else a Retry."""
     conf = ctx.conf
+    return run_command(conf.get("command") or "", event_document(ctx), conf.float("command.timeout"),
+                       job_env(ctx, integration), _secret_values(integration))
+
+
+def run_command(text, document, timeout, env, secrets=()):
+    """Run the command line ``text`` (split like a shell would, no shell) with ``document`` as JSON on
+    stdin and ``env`` as its whole environment (``proc.child_env``: clean). Exit 0 returns a note; an empty or unsplittable
+    line is Fail; a start failure, a timeout or another exit is Retry (its last stderr line, with the
+    ``secrets`` masked, in the reason)."""
     try:
-        argv = shlex.split(conf.get("command") or "")
+        argv = shlex.split(text)
     except ValueError as e:
         raise Fail("command cannot be split into arguments: %s" % e)
     if not argv:
         raise Fail("command is empty")
-    timeout = conf.float("command.timeout")
-    stdin = json.dumps(event_document(ctx)).encode("utf-8")
+    stdin = json.dumps(document).encode("utf-8")
     try:
-        done = proc.run(argv, stdin=stdin, timeout=timeout, env=job_env(ctx, integration))
+        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env)
     except OSError as e:
         raise Retry("command %s could not start: %s" % (argv[0], e.strerror or e))
     if done.timed_out:
@@ -63,7 +71,7 @@ def command(ctx, integration):
     if done.returncode != 0:
         how = ("killed by signal %d" % -done.returncode) if done.returncode < 0 else \
             "exited %d" % done.returncode
-        detail = _last_line(done.stderr, _secret_values(integration))
+        detail = _last_line(done.stderr, secrets)
         raise Retry("command %s%s" % (how, ": " + detail if detail else ""))
     return "command exited 0"
 

@@ -14,13 +14,16 @@ import json
 import os
 import pkgutil
 import queue
+import shlex
 import signal
 import socket
 import ssl
 import threading
+import time
+import urllib.parse
 
 from . import config as config_mod
-from . import actions, admin, logs, systemd_glue
+from . import actions, admin, alerts, logs, systemd_glue
 from .children import Registry
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
@@ -66,6 +69,7 @@ class App:
         self.children = None  # the job processes' registry, once the store is open
         self.pool = None
         self.server = self.admin_server = None
+        self.alerts = None
         self.integrations = []
         self.problems, self.warnings = [], []
         self.classes = discover()
@@ -132,11 +136,18 @@ class App:
         if bool(s.get("tls.cert")) != bool(s.get("tls.key")):
             out.append("[hookd] tls.cert and tls.key go together")
         out.extend(admin.check(s))
+        value = s.get("alert.teams.url")
+        if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+            out.append("[hookd] alert.teams.url must be an http:// or https:// URL")
+        try:
+            shlex.split(s.get("alert.command") or "")
+        except ValueError as e:
+            out.append("[hookd] alert.command cannot be split into arguments: %s" % e)
         return out
 
     def secrets(self):
         """Every configured secret value (to keep them out of stored headers)."""
-        out = [self.settings.get("admin.token")]
+        out = [self.settings.get("admin.token"), self.settings.get("alert.teams.url")]
         for integ in self.integrations:
             for key, value in integ.conf.items():
                 if key in integ.SECRET_KEYS or "secret" in key or "token" in key or "password" in key:
@@ -200,13 +211,17 @@ class App:
         os.makedirs(self.state_dir, exist_ok=True)
         self.store = Store(os.path.join(self.state_dir, "hookd.sqlite3"))
         self.children = Registry(self.store, self.log)
+        self.store.on_dead = alerts.dead_hook(self)
+        self.store.write(lambda c: _executescript(c, alerts.SCHEMA))
         for integ in self.integrations:
             if integ.SCHEMA:
                 self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
         return self.store
 
     def prune_daily(self):
-        n = self.store.prune(self.settings.float("retention.days"))
+        days = self.settings.float("retention.days")
+        self.store.write(lambda c: alerts.prune(c, time.time() - days * 86400))
+        n = self.store.prune(days)
         if n:
             self.log.info("pruned %d finished events older than %s days", n, self.settings.get("retention.days"))
 
@@ -231,6 +246,8 @@ class App:
         scheme = self._wrap_tls()
         self.pool.start()
         self.pool.schedule_once()
+        self.alerts = alerts.Sender(self)
+        self.alerts.start()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          name="hookd-http", daemon=True).start()
         h, p = self.server.server_address[:2]

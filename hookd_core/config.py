@@ -31,6 +31,8 @@ HOOKD_KEYS = {
     "log.format": "text",
     "tls.cert": "",
     "tls.key": "",
+    "alert.teams.url": "",
+    "alert.command": "",
 }
 
 # Keys every integration section accepts (SPEC §6): the generic actions and the dedupe rule.

@@ -17,6 +17,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = {}       # (route, code) -> n
         self.verify_failures = {}  # route -> n
+        self.dead_events = {}  # route -> events that went dead since the start
         self.job_buckets = [0] * len(BUCKETS)
         self.job_sum = 0.0
         self.job_count = 0
@@ -28,6 +29,10 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             if code == 401:
                 self.verify_failures[route] = self.verify_failures.get(route, 0) + 1
+
+    def dead(self, route):
+        with self._lock:
+            self.dead_events[route] = self.dead_events.get(route, 0) + 1
 
     def job(self, seconds):
         with self._lock:
@@ -58,6 +63,9 @@ class Metrics:
             out.append("# TYPE hookd_verify_failures_total counter")
             for route, n in sorted(self.verify_failures.items()):
                 out.append('hookd_verify_failures_total{route="%s"} %d' % (_esc(route), n))
+            out.append("# TYPE hookd_dead_events_total counter")
+            for route, n in sorted(self.dead_events.items()):
+                out.append('hookd_dead_events_total{route="%s"} %d' % (_esc(route), n))
             out.append("# TYPE hookd_job_seconds histogram")
             for bound, n in zip(BUCKETS, self.job_buckets):
                 le = "+Inf" if bound == float("inf") else repr(bound)

@@ -198,6 +198,9 @@ class Store:
         self._count_lock = threading.Lock()
         self._closed = False
         self.groups = 0  # commits done; tests use it to see group commit at work
+        # fn(conn, event_id, error), run inside every transaction that moves an event from running to dead
+        # (a worker's last attempt, a remote worker's dead, an expired last lease): the App queues its alert
+        self.on_dead = None
         self._conn = self._connect()
         migrate(self._conn)
         self._recount(self._conn)
@@ -409,13 +412,26 @@ class Store:
         def stored(result, err):
             self._unclaim(event_id)
             then(err)
-        op = self._submit(_Op(stmt=FINISH, args=(status, error, note, next_at, now, event_id), delta=delta,
-                              then=stored if then is not None else None))
+        args = (status, error, note, next_at, now, event_id)
+        if status == "dead" and self.on_dead is not None:  # rare: its own statement, so its alert joins it
+            op = _Op(fn=lambda conn: self._finish_dead(conn, args), delta=delta,
+                     then=stored if then is not None else None)
+        else:
+            op = _Op(stmt=FINISH, args=args, delta=delta, then=stored if then is not None else None)
+        self._submit(op)
         if then is None:
             try:
                 op.wait()
             finally:
                 self._unclaim(event_id)
+
+    def _finish_dead(self, conn, args):
+        if conn.execute(FINISH, args).rowcount == 1:
+            self._went_dead(conn, args[-1], args[1])
+
+    def _went_dead(self, conn, event_id, error):
+        if self.on_dead is not None:
+            self.on_dead(conn, event_id, error)
 
     def _unclaim(self, event_id):
         with self._count_lock:
@@ -599,10 +615,13 @@ class Store:
                 return why, lease
             status, error, note, next_at = decide(lease)
             conn.execute("UPDATE leases SET ended=?, ended_at=? WHERE lease_id=?", (verb, now, lease_id))
-            conn.execute("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?,"
-                         " updated_at=?, progress=coalesce(?, progress) WHERE id=? AND status='running'",
-                         (status, error, note, next_at, now, None if progress is None else json.dumps(progress),
-                          lease["event_id"]))
+            cur = conn.execute(
+                "UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?,"
+                " updated_at=?, progress=coalesce(?, progress) WHERE id=? AND status='running'",
+                (status, error, note, next_at, now, None if progress is None else json.dumps(progress),
+                 lease["event_id"]))
+            if status == "dead" and cur.rowcount == 1:
+                self._went_dead(conn, lease["event_id"], error)
             _seen(conn, lease["worker"], None, None, now)
             if status in ("done", "dead"):
                 delta[lease["route"]] = delta.get(lease["route"], 0) - 1
@@ -623,7 +642,7 @@ class Store:
             out = []
             for lease_id in ids:
                 lease = _lease(conn, lease_id)
-                lease["status"] = _expire(conn, lease, now, max_attempts, delta)
+                lease["status"] = _expire(conn, lease, now, max_attempts, delta, self._went_dead)
                 out.append(lease)
             return out
         return self.write(fn, delta=delta)
@@ -651,17 +670,18 @@ def _stale(lease, now):
     return None
 
 
-def _expire(conn, lease, now, max_attempts, delta):
+def _expire(conn, lease, now, max_attempts, delta, went_dead):
     """End one overdue lease; its event goes back to the queue (or dead after its last attempt)."""
     error = "lease %s… expired (worker %s)" % (lease["lease_id"][:8], lease["worker"])
     last = max_attempts is not None and lease["attempt"] >= max_attempts
     status = "dead" if last else "retry"
     conn.execute("UPDATE leases SET ended='expired', ended_at=? WHERE lease_id=?", (now, lease["lease_id"]))
+    error += " after %d attempts" % lease["attempt"] if last else ""
     cur = conn.execute("UPDATE events SET status=?, last_error=?, next_at=?, updated_at=? WHERE id=?"
-                       " AND status='running'", (status, error + (" after %d attempts" % lease["attempt"]
-                                                                  if last else ""), now, now, lease["event_id"]))
+                       " AND status='running'", (status, error, now, now, lease["event_id"]))
     if last and cur.rowcount:
         delta[lease["route"]] = delta.get(lease["route"], 0) - 1
+        went_dead(conn, lease["event_id"], error)
     lease["ended"] = "expired"
     return status
 
