@@ -7,14 +7,21 @@ call needs both ``App-ID`` and ``Auth-Token`` (else 401 ``{"errors": [...]}``); 
 old blog path ``/transcode/v1/videointel/...`` is 404 so a regression to it shows. A successful analyze is
 201 with a small job body, is recorded (path and JSON body) and flips the asset's ``analyze_status`` to
 ``REQUESTED``. ``fail_analyze(503, 503)`` scripts the next answers; ``"drop"`` records the request and
-closes the connection without answering (a reply lost on the way). ``envelope()`` builds the JSON iconik
-POSTs (§1.4) and ``deliver()`` sends it with the webhook definition's custom headers.
+closes the connection without answering (a reply lost on the way). The webhook definitions API (§1.2,
+§1.3) is ``GET/POST /notifications/v1/webhooks/`` (a paginated list, ``per_page`` at most 100, with
+``next_url``; POST 201 with the stored definition, 400 without ``event_type``, ``url`` or a valid
+``status``) and ``GET/PUT/DELETE /notifications/v1/webhooks/{id}/`` (PUT 200, DELETE 204, unknown 404);
+``set_webhook_status(id, "FAILING")`` plays iconik giving up on a failing target and ``drop_webhook(id)``
+someone deleting it. ``envelope()`` builds the JSON iconik POSTs (§1.4) and ``deliver()`` sends it with
+the webhook definition's custom headers.
 """
 
+import datetime
 import http.server
 import json
 import re
 import threading
+import urllib.parse
 import uuid
 
 from tests import support
@@ -23,6 +30,10 @@ ANALYZE_RE = re.compile(
     r"^/API/transcode/v1/analyze/assets/([^/]+)/(?:profiles/default/(?:([^/]+)/)?|profiles/([^/]+)/)?$")
 ASSET_RE = re.compile(r"^/API/assets/v1/assets/([^/]+)/$")
 PROXIES_RE = re.compile(r"^/API/files/v1/assets/([^/]+)/proxies/(?:([^/]+)/)?$")
+WEBHOOKS_RE = re.compile(r"^/API/notifications/v1/webhooks/(?:([^/]+)/)?$")
+WEBHOOK_STATUSES = ("ENABLED", "DISABLED", "FAILING", "DELETED")
+WEBHOOK_FIELDS = ("name", "description", "event_type", "realm", "operation", "object_id", "query", "headers",
+                  "url", "status")
 SYSTEM_DOMAIN = "57016980-6e13-11e8-ab5a-0a580a3c0f5c"
 USER_ID = "256ebe90-c0c8-11ec-9fcd-0648baddf8b3"
 
@@ -36,6 +47,7 @@ class FakeIconik:
         self.app_id, self.auth_token = app_id, auth_token
         self.assets, self.proxies = {}, {}
         self.analyze_calls, self.seen = [], []
+        self.webhooks = {}  # id -> WebhookSchema dict, in creation order
         self._script = []
         self._lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -66,6 +78,18 @@ class FakeIconik:
         with self._lock:
             self.proxies.setdefault(asset_id, []).append(proxy)
         return proxy
+
+    def set_webhook_status(self, webhook_id, status):
+        with self._lock:
+            hook = self.webhooks[webhook_id]
+            hook["status"] = status
+            if status == "FAILING":
+                hook["first_failed_at"] = hook["first_failed_at"] or now_iso()
+                hook["last_error"] = "Connection refused"
+
+    def drop_webhook(self, webhook_id):
+        with self._lock:
+            del self.webhooks[webhook_id]
 
     def fail_analyze(self, *outcomes):
         """The next analyze calls answer these statuses in turn (an int, or "drop"), then 201 again."""
@@ -102,9 +126,10 @@ class FakeIconik:
                 if status == "drop":
                     self.close_connection = True
                     return
-                data = json.dumps(answer).encode("utf-8")
+                data = b"" if status == 204 else json.dumps(answer).encode("utf-8")
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                if status != 204:
+                    self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -117,10 +142,13 @@ class FakeIconik:
         """(status, JSON answer) for one request, like iconik would."""
         path = rec.path.split("?", 1)[0]
         analyze, asset, proxies = ANALYZE_RE.match(path), ASSET_RE.match(path), PROXIES_RE.match(path)
-        if not (analyze or asset or proxies):
+        webhooks = WEBHOOKS_RE.match(path)
+        if not (analyze or asset or proxies or webhooks):
             return 404, {"errors": ["Not found"]}  # includes the old /transcode/v1/videointel/ path
         if rec.headers.get("app-id") != self.app_id or rec.headers.get("auth-token") != self.auth_token:
             return 401, {"errors": ["Token is invalid"]}
+        if webhooks:
+            return self._webhooks(rec, webhooks.group(1))
         if analyze and rec.method == "POST":
             return self._analyze(rec, analyze.group(1))
         if asset and rec.method == "GET":
@@ -162,6 +190,85 @@ class FakeIconik:
                 if proxy["id"] == proxy_id:
                     return 200, dict(proxy)
             return 404, {"errors": ["Proxy for this asset doesn't exist"]}
+
+
+    # -- webhook definitions -------------------------------------------------------------------------
+
+    def _webhooks(self, rec, webhook_id):
+        if webhook_id is None and rec.method == "GET":
+            return self._list_webhooks(rec)
+        if webhook_id is None and rec.method == "POST":
+            return self._create_webhook(rec)
+        if webhook_id is None:
+            return 405, {"errors": ["Method not allowed"]}
+        with self._lock:
+            hook = self.webhooks.get(webhook_id)
+            if hook is None:
+                return 404, {"errors": ["Webhook does not exist"]}
+            if rec.method == "GET":
+                return 200, dict(hook)
+            if rec.method == "DELETE":
+                del self.webhooks[webhook_id]
+                return 204, None
+        if rec.method == "PUT":
+            doc, problem = webhook_body(rec.body)
+            if problem:
+                return 400, {"errors": [problem]}
+            with self._lock:
+                hook.update({k: doc.get(k) for k in WEBHOOK_FIELDS}, date_modified=now_iso())
+                return 200, dict(hook)
+        return 405, {"errors": ["Method not allowed"]}
+
+    def _create_webhook(self, rec):
+        doc, problem = webhook_body(rec.body)
+        if problem:
+            return 400, {"errors": [problem]}
+        hook = {k: doc.get(k) for k in WEBHOOK_FIELDS}
+        hook.update(id=str(uuid.uuid4()), date_created=now_iso(), date_modified=now_iso(), deleted_at=None,
+                    first_failed_at=None, last_error=None, last_payload=None)
+        with self._lock:
+            self.webhooks[hook["id"]] = hook
+        return 201, dict(hook)
+
+    def _list_webhooks(self, rec):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(rec.path).query)
+        try:
+            page = max(1, int((query.get("page") or ["1"])[0]))
+            per_page = min(100, max(1, int((query.get("per_page") or ["10"])[0])))
+        except ValueError:
+            return 400, {"errors": ["Bad request"]}
+        with self._lock:
+            hooks = [dict(h) for h in self.webhooks.values()]
+        pages = max(1, -(-len(hooks) // per_page))
+        base = "/API/notifications/v1/webhooks/?per_page=%d&page=" % per_page
+        return 200, {"objects": hooks[(page - 1) * per_page:page * per_page], "page": page, "pages": pages,
+                     "per_page": per_page, "total": len(hooks), "first_url": base + "1",
+                     "last_url": base + str(pages), "next_url": base + str(page + 1) if page < pages else None,
+                     "prev_url": base + str(page - 1) if page > 1 else None}
+
+
+def webhook_body(body):
+    """(definition, None) for a valid WebhookCreateSchema body, else (None, problem)."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, "Bad request"
+    if not isinstance(doc, dict):
+        return None, "Bad request"
+    for key in ("event_type", "url", "status"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            return None, "%s: Missing data for required field." % key
+    if doc["status"] not in WEBHOOK_STATUSES:
+        return None, "status: Must be one of: %s." % ", ".join(WEBHOOK_STATUSES)
+    headers = doc.get("headers")
+    if headers is not None and not (isinstance(headers, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+        return None, "headers: Not a valid mapping of strings."
+    return doc, None
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
 def is_analyze_body(body):

@@ -6,7 +6,9 @@ the Preservica API hookd calls: ``POST /api/accesstoken/login`` (form fields; 20
 ``GET /api/content/thumbnail?id=sdb:IO|REF&size=S`` (real image bytes with their Content-Type, 404 for
 unknown references), ``GET /api/entity/information-objects/REF`` (EntityAPI XML with the title) and
 ``POST/GET/DELETE /api/webhook/subscriptions[/ID]`` (POST performs the challenge handshake against the
-subscriber URL; 200 only if the echo and the HMAC are right; DELETE 204). Token lifetime is a setting
+subscriber URL, during the call, as Preservica does; 200 with the new subscription only if the echo and the
+HMAC are right, else 400; GET 200 with the list; DELETE 204, unknown 404; ``drop(id)`` plays Preservica
+losing a subscription). Token lifetime is a setting
 (``token_seconds``), ``expire_tokens()`` invalidates every token at once, and ``fail_next(path, status)``
 scripts failures such as a 503. The other direction, Preservica calling hookd, is ``deliver()``: a POST
 with ``Transfer-Encoding: chunked`` (http.client ``encode_chunked``) or Content-Length, signed with
@@ -30,6 +32,7 @@ import uuid
 from tests.support import FakeUpstream
 
 XIP_VERSION = "7.0"
+TRIGGERS = ("MOVED", "FULL_TEXT_INDEXED", "CHANGED_SECURITY_DESCRIPTOR", "INGEST_FAILED", "CHANGE_ASSET_VISIBILITY")
 
 
 def sign(secret, message):
@@ -209,25 +212,49 @@ class FakePreservica:
             v=XIP_VERSION, tag=tag, ref=xml_escape(ref), title=xml_escape(title), url=self.url)
         return 200, xml.encode("utf-8"), {"Content-Type": "application/xml;charset=UTF-8"}
 
+    def drop(self, subscription_id):
+        """Preservica loses the subscription (as when it is deleted in its admin UI)."""
+        with self._lock:
+            del self.subscriptions[subscription_id]
+
     def _subscriptions(self, rec, path):
         if rec.method == "GET" and path == "/api/webhook/subscriptions":
-            return 200, list(self.subscriptions.values()), {}
-        if rec.method == "DELETE":
+            with self._lock:
+                return 200, list(self.subscriptions.values()), {}
+        if rec.method == "DELETE" and path.startswith("/api/webhook/subscriptions/"):
             sid = path.rsplit("/", 1)[-1]
-            if self.subscriptions.pop(sid, None) is None:
-                return 404, b"", {}
+            with self._lock:
+                if self.subscriptions.pop(sid, None) is None:
+                    return 404, {"success": False, "message": "subscription not found"}, {}
             return 204, b"", {}
         if rec.method == "POST" and path == "/api/webhook/subscriptions":
-            doc = json.loads(rec.body.decode("utf-8"))
+            doc = subscription_body(rec)
+            if doc is None:
+                return 400, {"success": False, "message": "url, triggerType and secret are required"}, {}
             ok, why = challenge(doc["url"], doc["secret"])
             if not ok:
                 return 400, {"success": False, "message": "challenge failed: %s" % why}, {}
             sid = secrets.token_hex(16)
             sub = {"id": sid, "url": doc["url"], "triggerType": doc["triggerType"],
                    "includeIdentifiers": str(doc.get("includeIdentifiers", "")).lower() == "true"}
-            self.subscriptions[sid] = sub
+            with self._lock:
+                self.subscriptions[sid] = sub
             return 200, sub, {}
         return 405, b"", {}
+
+
+def subscription_body(rec):
+    """The JSON subscription request (url, triggerType, secret strings; trigger a known one), or None."""
+    if not rec.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        doc = json.loads(rec.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) and doc[k]
+                                            for k in ("url", "triggerType", "secret")):
+        return None
+    return doc if doc["triggerType"] in TRIGGERS else None
 
 
 def xml_escape(text):
