@@ -216,7 +216,7 @@ class Handler(Integration):
             return "no thumbnail for entity type %s" % kind
         query = urllib.parse.urlencode({"id": "sdb:%s|%s" % (THUMB_TYPES[kind], ref),
                                         "size": self.conf.get("thumbnail.size")})
-        reply = self.api_get("/api/content/thumbnail?" + query, "image/png, image/jpeg, image/*")
+        reply = self.api_call("GET", "/api/content/thumbnail?" + query, "image/png, image/jpeg, image/*")
         if reply.status == 404:
             ctx.log.info("preservica: no thumbnail for sdb:%s|%s", kind, ref)
             return "no thumbnail for sdb:%s|%s" % (kind, ref)
@@ -282,7 +282,7 @@ class Handler(Integration):
         if not (self.conf.get("server") and self.conf.get("username") and ENTITY_PATHS.get(kind)):
             return None
         try:
-            reply = self.api_get("/api/entity/%s/%s" % (ENTITY_PATHS[kind], urllib.parse.quote(ref, safe="")),
+            reply = self.api_call("GET", "/api/entity/%s/%s" % (ENTITY_PATHS[kind], urllib.parse.quote(ref, safe="")),
                                  "application/xml", max_body=MAX_ENTITY_XML)
             if reply.status != 200:
                 raise self.failure("entity", reply)
@@ -293,14 +293,17 @@ class Handler(Integration):
 
     # -- the Preservica API --------------------------------------------------------------------------
 
-    def api_get(self, path, accept, max_body=client.MAX_REPLY):
-        """GET ``server + path`` with the cached token; on a 401 log in again once and repeat."""
+    def api_call(self, method, path, accept="application/json", body=None, max_body=client.MAX_REPLY):
+        """``method`` on ``server + path`` with the cached token (a ``body`` is sent as JSON); on a 401 log
+        in again once and repeat."""
         refused = None
         for _ in range(2):
             token = self.token(refused)
-            reply = client.request("GET", self.url(path), headers={
-                "Preservica-Access-Token": token, "Accept": accept},
-                timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
+            headers = {"Preservica-Access-Token": token, "Accept": accept}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            reply = client.request(method, self.url(path), headers=headers, body=body,
+                                   timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
             if reply.status != 401:
                 return reply
             refused = token

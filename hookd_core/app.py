@@ -23,7 +23,7 @@ import time
 import urllib.parse
 
 from . import config as config_mod
-from . import actions, admin, alerts, logs, systemd_glue
+from . import actions, admin, alerts, logs, subscriptions, systemd_glue
 from .children import Registry
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
@@ -136,9 +136,20 @@ class App:
         if bool(s.get("tls.cert")) != bool(s.get("tls.key")):
             out.append("[hookd] tls.cert and tls.key go together")
         out.extend(admin.check(s))
-        value = s.get("alert.teams.url")
-        if value and urllib.parse.urlsplit(value).scheme not in ("http", "https"):
-            out.append("[hookd] alert.teams.url must be an http:// or https:// URL")
+        for key in ("alert.teams.url", "public_url"):
+            parts = urllib.parse.urlsplit(s.get(key) or "")
+            if s.get(key) and (parts.scheme not in ("http", "https") or not parts.hostname):
+                out.append("[hookd] %s must be an http:// or https:// URL" % key)
+        public = urllib.parse.urlsplit(s.get("public_url") or "")
+        if public.query or public.fragment:
+            out.append("[hookd] public_url is a base URL: no query or fragment")
+        try:
+            interval = s.float("subscriptions.check_interval")
+            if interval != 0 and not interval >= subscriptions.MIN_INTERVAL:
+                out.append("[hookd] subscriptions.check_interval must be 0 (off) or at least %g seconds"
+                           % subscriptions.MIN_INTERVAL)
+        except config_mod.ConfigError as e:
+            out.append(str(e))
         try:
             shlex.split(s.get("alert.command") or "")
         except ValueError as e:
@@ -212,7 +223,8 @@ class App:
         self.store = Store(os.path.join(self.state_dir, "hookd.sqlite3"))
         self.children = Registry(self.store, self.log)
         self.store.on_dead = alerts.dead_hook(self)
-        self.store.write(lambda c: _executescript(c, alerts.SCHEMA))
+        for sql in (alerts.SCHEMA, subscriptions.SCHEMA):
+            self.store.write(lambda c, sql=sql: _executescript(c, sql))
         for integ in self.integrations:
             if integ.SCHEMA:
                 self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
@@ -248,6 +260,7 @@ class App:
         self.pool.schedule_once()
         self.alerts = alerts.Sender(self)
         self.alerts.start()
+        subscriptions.Watcher(self).start()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                          name="hookd-http", daemon=True).start()
         h, p = self.server.server_address[:2]

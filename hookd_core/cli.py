@@ -13,6 +13,8 @@ import os
 import sys
 
 from . import config as config_mod
+from . import subscriptions
+from .api import Fail, Retry
 from .app import App
 from .admin import public_event
 from .store import list_events, row_dict, STATUSES
@@ -25,9 +27,13 @@ USAGE = """usage: hookd.py [HOST:PORT] [--config FILE]
        hookd.py replay ID [--config FILE]
        hookd.py prune [--days N] [--config FILE]
        hookd.py worker --from URL [--token T] [--routes R,...] [--lease-seconds S] [--name NAME] [--config FILE]
+       hookd.py subscribe preservica TRIGGER | subscribe iconik [--config FILE]
+       hookd.py subscriptions [--json] [--config FILE]
+       hookd.py unsubscribe ROUTE ID [--config FILE]
        hookd.py test-recording | ixon-configure | zencoder-submit ...   (integration commands)"""
 
-BUILTIN = ("check-config", "events", "event", "retry", "replay", "prune")
+BUILTIN = ("check-config", "events", "event", "retry", "replay", "prune", "subscribe", "subscriptions",
+           "unsubscribe")
 
 
 class Usage(Exception):
@@ -155,6 +161,14 @@ def _parsers():
     rp.add_argument("id", type=int)
     pr = p["prune"] = _Parser(prog="hookd.py prune")
     pr.add_argument("--days", type=float)
+    su = p["subscribe"] = _Parser(prog="hookd.py subscribe")
+    su.add_argument("route", metavar="preservica|iconik")
+    su.add_argument("trigger", nargs="?")
+    ls = p["subscriptions"] = _Parser(prog="hookd.py subscriptions")
+    ls.add_argument("--json", action="store_true")
+    un = p["unsubscribe"] = _Parser(prog="hookd.py unsubscribe")
+    un.add_argument("route")
+    un.add_argument("id")
     return p
 
 
@@ -239,4 +253,81 @@ def cmd_replay(app, ns):
 def cmd_prune(app, ns):
     days = ns.days if ns.days is not None else app.settings.float("retention.days")
     print("pruned %d events" % app.store.prune(days))
+    return 0
+
+
+UPSTREAM_ERRORS = (subscriptions.UpstreamError, Retry, Fail)
+
+
+def cmd_subscribe(app, ns):
+    if not app.settings.get("public_url"):
+        print("hookd: [hookd] public_url is not set (the base URL senders reach this daemon at)", file=sys.stderr)
+        return 1
+    try:
+        client = subscriptions.upstream_for(app, ns.route)
+    except subscriptions.UpstreamError as e:
+        print("hookd: subscribe %s: %s" % (ns.route, e), file=sys.stderr)
+        return 1
+    if client.TRIGGERS and ns.trigger not in client.TRIGGERS:
+        print("hookd: subscribe %s needs a trigger: %s" % (ns.route, " | ".join(client.TRIGGERS)), file=sys.stderr)
+        return 2
+    if not client.TRIGGERS and ns.trigger is not None:
+        print("hookd: subscribe %s takes no trigger" % ns.route, file=sys.stderr)
+        return 2
+    try:
+        created, skipped = client.subscribe(ns.trigger)
+    except UPSTREAM_ERRORS as e:
+        print("hookd: subscribe %s: %s" % (ns.route, e), file=sys.stderr)
+        return 1
+    app.store.write(lambda c: subscriptions.observe(c, app.settings, client.route, created + skipped,
+                                                    complete=False))
+    if client.TRIGGERS:
+        print(created[0].id)
+        return 0
+    for sub in created:
+        print("created %s %s" % (sub.id, sub.filter))
+    for sub in skipped:
+        print("exists  %s %s (%s)" % (sub.id, sub.filter, sub.status))
+    return 0
+
+
+def cmd_subscriptions(app, ns):
+    clients = subscriptions.upstreams(app)
+    if not clients:
+        print("hookd: no upstream with a subscription API is configured ([preservica] with server, username"
+              " and password; [iconik])", file=sys.stderr)
+        return 1
+    if not app.settings.get("public_url"):
+        print("hookd: [hookd] public_url is not set: only subscriptions hookd already knows are shown",
+              file=sys.stderr)
+    failed = []
+    for route, client in clients.items():
+        try:
+            subscriptions.check(app, route, client)
+        except UPSTREAM_ERRORS as e:
+            failed.append("hookd: listing %s failed: %s" % (route, e))
+    subs = [s for s in app.store.read(subscriptions.known).values() if s.route in clients]
+    if ns.json:
+        print(json.dumps([dict(s.as_dict(), up=s.up) for s in subs], indent=1))
+    else:
+        print("%-11s %-36s %-9s %-4s %-28s %s" % ("ROUTE", "ID", "STATUS", "UP", "FILTER", "URL"))
+        for s in subs:
+            print("%-11s %-36s %-9s %-4s %-28s %s" % (s.route, s.id, s.status, "yes" if s.up else "NO",
+                                                      s.filter, s.url or ""))
+    for line in failed:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_unsubscribe(app, ns):
+    try:
+        deleted = subscriptions.upstream_for(app, ns.route).delete(ns.id)
+    except UPSTREAM_ERRORS as e:
+        print("hookd: unsubscribe %s %s: %s" % (ns.route, ns.id, e), file=sys.stderr)
+        return 1
+    app.store.write(lambda c: subscriptions.forget(c, ns.route, ns.id))
+    if not deleted:
+        print("hookd: %s has no subscription %s (hookd forgot it too)" % (ns.route, ns.id), file=sys.stderr)
+        return 1
+    print("deleted %s %s" % (ns.route, ns.id))
     return 0

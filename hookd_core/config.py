@@ -31,8 +31,10 @@ HOOKD_KEYS = {
     "log.format": "text",
     "tls.cert": "",
     "tls.key": "",
+    "public_url": "",
     "alert.teams.url": "",
     "alert.command": "",
+    "subscriptions.check_interval": "900",
 }
 
 # Keys every integration section accepts (SPEC §6): the generic actions and the dedupe rule.

@@ -7,6 +7,7 @@ computed when ``/metrics`` is scraped, from the events table, so the numbers can
 import threading
 import time
 
+from . import subscriptions
 from .store import counts, held_leases, list_workers, oldest_queued
 
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, float("inf"))
@@ -87,6 +88,9 @@ class Metrics:
         out.append("# TYPE hookd_worker_last_seen_seconds gauge")  # Unix time of its last lease call
         for w in workers:
             out.append('hookd_worker_last_seen_seconds{worker="%s"} %.3f' % (_esc(w["worker"]), w["last_seen"]))
+        out.append("# TYPE hookd_subscription_up gauge")
+        for route, sub_id, up in store.read(subscriptions.health):
+            out.append('hookd_subscription_up{route="%s",id="%s"} %d' % (_esc(route), _esc(sub_id), up))
         out.append("# TYPE hookd_oldest_queued_seconds gauge")
         out.append("hookd_oldest_queued_seconds %f" % (max(0.0, time.time() - oldest) if oldest else 0.0))
         return "\n".join(out) + "\n"

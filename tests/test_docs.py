@@ -38,7 +38,8 @@ class DocsTest(unittest.TestCase):
         with open(os.path.join(ROOT, "README.md")) as f:
             readme = f.read()
         for cmd in ("check-config", "events", "event ", "retry", "replay", "prune", "test-recording",
-                    "ixon-configure", "zencoder-submit", "worker --from"):
+                    "ixon-configure", "zencoder-submit", "worker --from", "subscribe preservica", "subscribe iconik",
+                    "subscriptions --json", "unsubscribe"):
             self.assertIn(cmd, readme)
         with open(os.path.join(ROOT, ".ci", "run")) as f:
             ci = f.read()
