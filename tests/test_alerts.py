@@ -133,6 +133,32 @@ class OutboxTest(unittest.TestCase):
         allowed = {"PATH", "LANG", "TZ", "HOME", "HOOKD_ALERT", "HOOKD_ROUTE", "HOOKD_EVENT_ID", "HOOKD_JOB"}
         self.assertEqual([n for n in told["names"] if n not in allowed and not n.startswith("LC_")], [])
 
+    def leased_event(self):
+        row = {"dedupe_key": None, "serial_key": None, "headers": "{}", "content_type": "application/json",
+               "body": b'{"x": 2}', "payload": None}
+        [(eid, _)] = self.app.store.add_events("hook:w", [row])
+        [(lease, _)] = self.app.store.lease(["hook:w"], 1, 30, "remote-1")
+        return eid, lease["lease_id"]
+
+    def test_remote_worker_giving_up_is_told_once(self):
+        eid, lease_id = self.leased_event()
+        for _ in range(2):  # the same verb repeated changes nothing
+            self.app.store.end_lease(lease_id, "dead", lambda held: ("dead", "camera unreachable", None, 0.0))
+        self.assertEqual(alerts.Sender(self.app).send_due(), 2)
+        [told] = recorded(self.folder)
+        self.assertEqual((told["stdin"]["id"], told["stdin"]["last_error"]), (eid, "camera unreachable"))
+        self.assertEqual(len(self.teams.cards), 1)
+
+    def test_last_lease_expiring_is_told_once(self):
+        eid, _ = self.leased_event()
+        self.app.store.expire_leases(max_attempts=1, now=1e12)
+        self.app.store.expire_leases(max_attempts=1, now=1e12)
+        alerts.Sender(self.app).send_due()
+        [told] = recorded(self.folder)
+        self.assertEqual(told["stdin"]["id"], eid)
+        self.assertIn("expired", told["stdin"]["last_error"])
+        self.assertIn('hookd_dead_events_total{route="hook:w"} 1', self.app.metrics.render(self.app.store))
+
     def test_retried_by_hand_and_dead_again_is_a_new_alert(self):
         eid = self.dead_event()
         self.assertEqual(self.app.store.retry(eid), [eid])
