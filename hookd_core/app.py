@@ -23,7 +23,7 @@ import time
 import urllib.parse
 
 from . import config as config_mod
-from . import actions, admin, alerts, logs, subscriptions, systemd_glue
+from . import actions, admin, alerts, clients, logs, subscriptions, systemd_glue
 from .children import Registry
 from .api import Integration, NewEvent, dedupe_key
 from .metrics import Metrics
@@ -111,6 +111,7 @@ class App:
         self.cfg, self.problems, self.warnings = cfg, problems, warnings
         if not problems:
             self.settings, self.integrations = settings, integrations
+            self.proxies = clients.networks(settings.get("proxy.trusted"))
             self.state_dir = os.path.abspath(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
                                              or settings.get("state_dir"))
             self.log = logs.setup(settings.get("log.format"))
@@ -119,13 +120,13 @@ class App:
     def _check_settings(self, s):
         out = []
         for key in ("workers", "max_body", "max_connections", "queue_limit", "retry.max_attempts",
-                    "retention.days", "max_header_bytes"):
+                    "retention.days", "max_header_bytes", "max_connections_per_client"):
             try:
                 if s.int(key) < 1:
                     out.append("[hookd] %s must be at least 1" % key)
             except config_mod.ConfigError as e:
                 out.append(str(e))
-        for key in ("read_timeout", "retry.base_delay", "retry.max_delay", "shutdown_grace"):
+        for key in ("read_timeout", "retry.base_delay", "retry.max_delay", "shutdown_grace", "write_timeout"):
             try:
                 if s.float(key) < 0:
                     out.append("[hookd] %s must not be negative" % key)
@@ -154,6 +155,10 @@ class App:
             shlex.split(s.get("alert.command") or "")
         except ValueError as e:
             out.append("[hookd] alert.command cannot be split into arguments: %s" % e)
+        try:
+            clients.networks(s.get("proxy.trusted"))
+        except config_mod.ConfigError as e:
+            out.append(str(e))
         return out
 
     def secrets(self):

@@ -1,9 +1,12 @@
 """The HTTP side: a ThreadingHTTPServer that reads, verifies, commits, and only then answers.
 
-Strategy: ``Server`` bounds concurrent connections (503 beyond ``max_connections``, written by the
-accepting thread without starting a handler) and owns a ``Reaper`` that enforces ``read_timeout`` as a
-whole-request deadline: when it passes, the socket's read side is shut, the blocked read returns, and
-the handler answers 408 (or closes quietly if the client had sent nothing). ``Handler`` reads each
+Strategy: ``Server`` bounds concurrent connections (503 beyond ``max_connections`` in all, or beyond
+``max_connections_per_client`` from one address, written by the accepting thread without starting a
+handler; proxies in ``proxy.trusted`` are exempt, and the client they forward for is counted per request
+instead) and owns a ``Reaper`` that enforces ``read_timeout`` as a whole-request deadline: when it
+passes, the socket's read side is shut, the blocked read returns, and the handler answers 408 (or closes
+quietly if the client had sent nothing). The same Reaper bounds every answer by ``write_timeout``: a
+client that does not read is cut (both directions shut) and dropped. ``Handler`` reads each
 request with ``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks keep-alive; every answer
 has Content-Length, and an answer given while a body is still unread closes the connection. The same
 classes serve two listeners: the webhook port (webhook routes, /healthz, /readyz) and the admin listener
@@ -29,7 +32,7 @@ import threading
 import time
 import urllib.parse
 
-from . import admin, framing
+from . import admin, clients, framing
 from .api import Busy, NotFound, Reject, Request, Response
 from .store import StoreError
 
@@ -39,8 +42,9 @@ _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 class Reaper:
     """One thread that shuts the read side of sockets whose request deadline has passed.
 
-    Each connection has one entry, [deadline, socket, armed, fired, between], re-armed for every
-    request. Ten times a second the thread looks at every open connection (at most max_connections),
+    Each connection has one entry, [deadline, socket, armed, fired, between, writing], re-armed for
+    every request and every answer (``writing``: the deadline is write_timeout, and firing shuts both
+    directions, which ends a send blocked on a client that does not read). Ten times a second the thread looks at every open connection (at most max_connections),
     so the request path only writes three fields, and nothing piles up between scans."""
 
     RESOLUTION = 0.1  # seconds; read_timeout is enforced to within this
@@ -50,7 +54,7 @@ class Reaper:
         threading.Thread(target=self._run, name="hookd-reaper", daemon=True).start()
 
     def register(self, sock):
-        entry = [0.0, sock, False, False, False]
+        entry = [0.0, sock, False, False, False, False]
         with self._lock:
             self._entries[id(entry)] = entry
         return entry
@@ -61,11 +65,12 @@ class Reaper:
             self._entries.pop(id(entry), None)
 
     @staticmethod
-    def arm(entry, seconds, between=False):
+    def arm(entry, seconds, between=False, writing=False):
         """Watch the entry's socket for ``seconds``. ``between``: the connection is idle between two
-        requests (a keep-alive wait), which shutdown may cut at once; a first request gets its time."""
+        requests (a keep-alive wait), which shutdown may cut at once; a first request gets its time.
+        ``writing``: an answer is being sent."""
         entry[0] = time.monotonic() + seconds
-        entry[3], entry[4] = False, between
+        entry[3], entry[4], entry[5] = False, between, writing
         entry[2] = True  # armed last: the scan never sees an armed entry with an old deadline
 
     @staticmethod
@@ -95,7 +100,7 @@ class Reaper:
 def _shut(entry):
     entry[3] = True
     try:
-        entry[1].shutdown(socket.SHUT_RD)
+        entry[1].shutdown(socket.SHUT_RDWR if entry[5] else socket.SHUT_RD)
     except OSError:
         pass
 
@@ -111,10 +116,12 @@ class Server(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, app, sock=None, admin=False):
-        self.app, self.admin = app, admin
+        self.app, self.admin, self.inherited = app, admin, sock is not None
         self.reaper = Reaper()
         self._conn_lock = threading.Lock()
         self.connections = 0
+        self._per_client, self._counted = {}, {}  # address -> open connections; id(socket) -> address
+        self._told = {}  # address -> when its last 503 was logged
         self.stopping = False
         if isinstance(address, str):
             self.address_family = socket.AF_UNIX
@@ -149,13 +156,23 @@ class Server(http.server.ThreadingHTTPServer):
                 pass
 
     def process_request(self, request, client_address):
+        peer, settings = client_address[0], self.app.settings
+        counted = None if clients.trusted(peer, self.app.proxies) else peer
         with self._conn_lock:
-            full = self.connections >= self.app.settings.int("max_connections")
-            if not full:
+            full = self.connections >= settings.int("max_connections")
+            crowded = counted is not None and \
+                self._per_client.get(counted, 0) >= settings.int("max_connections_per_client")
+            if not (full or crowded):
                 self.connections += 1
-        if full:
-            self.app.log.warning("503 too many connections (max_connections=%d), refused %s",
-                                 self.app.settings.int("max_connections"), client_address[0])
+                if counted is not None:
+                    self._per_client[counted] = self._per_client.get(counted, 0) + 1
+                    self._counted[id(request)] = counted
+        if full or crowded:
+            if full:
+                self.app.log.warning("503 too many connections (max_connections=%d), refused %s",
+                                     settings.int("max_connections"), peer)
+            else:
+                self.tell_crowded(peer)
             self.app.metrics.request("-", 503)
             _refuse(request)
             self.shutdown_request(request)
@@ -163,18 +180,50 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except Exception:
-            self._release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            self._release(request)
 
-    def _release(self):
+    def _release(self, request):
         with self._conn_lock:
             self.connections -= 1
+            self._leave(self._counted.pop(id(request), None))
+
+    def enter(self, client):
+        """Count one request of ``client`` (forwarded by a trusted proxy); False when it has its
+        max_connections_per_client already (then nothing is counted)."""
+        with self._conn_lock:
+            if self._per_client.get(client, 0) >= self.app.settings.int("max_connections_per_client"):
+                return False
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            return True
+
+    def leave(self, client):
+        with self._conn_lock:
+            self._leave(client)
+
+    def _leave(self, client):
+        if client is not None:
+            n = self._per_client.pop(client) - 1
+            if n:
+                self._per_client[client] = n
+
+    def tell_crowded(self, client):
+        """One log line per client and second at most, however many connections it tries."""
+        now = time.monotonic()
+        with self._conn_lock:
+            if now - self._told.get(client, -1.0) < 1.0:
+                return
+            if len(self._told) > 4096:  # forget clients not refused within the last second
+                self._told = {c: t for c, t in self._told.items() if now - t < 1.0}
+            self._told[client] = now
+        self.app.log.warning("503 too many connections from %s (max_connections_per_client=%d)", client,
+                             self.app.settings.int("max_connections_per_client"))
 
     def handle_error(self, request, client_address):
         self.app.log.exception("unexpected error on a connection from %s", client_address[0])
@@ -214,13 +263,13 @@ class Handler(socketserver.StreamRequestHandler):
         self.app = self.server.app
         self._deadline = self.server.reaper.register(self.connection)
         # No socket timeout: a timeout makes every recv a poll() plus a recv. The Reaper enforces
-        # read_timeout instead, and answers are small enough never to block in send.
+        # read_timeout and write_timeout instead.
         try:  # answers are written whole; never hold a segment back waiting for an ACK
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         self.reader = framing.Reader(self.rfile, self.app.settings.int("max_header_bytes"), self._continue)
-        self.client = self.client_address[0]
+        self.peer = self.client = self.client_address[0]
         self.close_connection = self._linger = False
         self.head, self._route = None, "-"
         self._answer = None  # an Answer the writer thread still owes this connection
@@ -246,6 +295,19 @@ class Handler(socketserver.StreamRequestHandler):
         if self.head is None:
             self.close_connection = True
             return
+        self.client = clients.client_address(self.peer, self.head.headers, self.app.proxies)
+        if self.client == self.peer:
+            return self._respond()
+        if not self.server.enter(self.client):  # a client behind a trusted proxy, over its limit
+            self.server.tell_crowded(self.client)
+            self.app.metrics.request("-", 503)
+            return self._reply(503, {"error": "too many connections"}, [("Retry-After", "1")], close=True)
+        try:
+            self._respond()
+        finally:
+            self.server.leave(self.client)
+
+    def _respond(self):
         try:
             if self.server.admin:
                 r = self._admin(self.head)
@@ -275,8 +337,9 @@ class Handler(socketserver.StreamRequestHandler):
             super().finish()
             if self._linger:
                 self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(0.5)
-                for _ in range(64):
+                until = time.monotonic() + 1.0
+                while time.monotonic() < until:
+                    self.connection.settimeout(max(0.01, until - time.monotonic()))
                     if not self.connection.recv(65536):
                         break
         except OSError:
@@ -284,8 +347,14 @@ class Handler(socketserver.StreamRequestHandler):
 
     def _client_gone(self, exc):
         self.close_connection = True
-        if self._deadline[3]:
-            self._reject(Reject("request not received within read_timeout", status=408), close=True)
+        if self._deadline[3] and self._deadline[5]:
+            self.app.log.warning("dropped %s: it did not read its answer within write_timeout (%ss)",
+                                 self.client, self.app.settings.get("write_timeout"))
+        elif self._deadline[3]:
+            try:
+                self._reject(Reject("request not received within read_timeout", status=408), close=True)
+            except OSError:
+                pass  # gone for good
         else:
             self.app.log.warning("client %s went away mid-request: %s", self.client, exc)
 
@@ -348,7 +417,7 @@ class Handler(socketserver.StreamRequestHandler):
             stored, error = app.store.add_events(integ.name, rows, limit=integ.queue_size), None
         except (Busy, StoreError) as e:
             stored, error = None, e
-        status, body, headers, close = outcome(app, integ.name, rows, stored, error)
+        status, body, headers, close = outcome(app, integ.name, rows, stored, error, req.client)
         if close:
             self.close_connection = True
         return Response(status, body, "application/json", headers)
@@ -402,36 +471,43 @@ class Handler(socketserver.StreamRequestHandler):
     def _send(self, status, body, content_type, headers=(), close=False):
         """Write the whole answer with one send: a head and a body in two small segments would meet
         Nagle's algorithm and the client's delayed ACK, and every keep-alive answer would wait ~40 ms.
-        An answer given while a body is still unread closes the connection."""
+        An answer given while a body is still unread closes the connection. The send is bounded by
+        write_timeout."""
         self._settle()
         head = self.head
         if close or self.server.stopping or self.reader.unread or head is None or not head.keep_alive:
             self.close_connection = True
             self._linger = status >= 400
         if head is not None and head.method == "HEAD":
-            self.wfile.write(_answer_bytes(status, b"", content_type, headers, self.close_connection, len(body)))
+            data = _answer_bytes(status, b"", content_type, headers, self.close_connection, len(body))
         else:
-            self.wfile.write(_answer_bytes(status, body, content_type, headers, self.close_connection))
+            data = _answer_bytes(status, body, content_type, headers, self.close_connection)
+        self.server.reaper.arm(self._deadline, self.app.settings.float("write_timeout"), writing=True)
+        try:
+            self.wfile.write(data)
+        finally:
+            self.server.reaper.disarm(self._deadline)
 
 
 class Answer:
     """The answer to one stored request, sent by the writer thread right after the commit (``__call__``
     is the store's ``then``). The send never blocks the writer: what the socket does not take at once
-    (a client that stops reading) is sent by a thread of its own within WRITE_TIMEOUT, or the client
+    (a client that stops reading) is sent by a thread of its own within write_timeout, or the client
     is dropped. ``sent`` opens once the whole answer is out; the connection's thread waits on it before
     it writes anything else or closes."""
 
-    __slots__ = ("handler", "route", "rows", "close", "sent")
+    __slots__ = ("handler", "client", "route", "rows", "close", "sent")
 
     def __init__(self, handler, route, rows, close):
         self.handler, self.route, self.rows, self.close = handler, route, rows, close
+        self.client = handler.client  # the handler may be reading the next request when this is sent
         self.sent = threading.Lock()
         self.sent.acquire()
 
     def __call__(self, stored, error):
         handler = self.handler
         try:
-            status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error)
+            status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
             data = _answer_bytes(status, body, "application/json", headers, close or self.close)
             sock = handler.connection
             try:
@@ -452,7 +528,7 @@ class Answer:
 
     def _send_rest(self, data, close):
         sock = self.handler.connection
-        deadline = time.monotonic() + WRITE_TIMEOUT
+        deadline = time.monotonic() + self.handler.app.settings.float("write_timeout")
         try:
             while data:
                 left = deadline - time.monotonic()
@@ -468,9 +544,6 @@ class Answer:
             self.sent.release()
 
 
-WRITE_TIMEOUT = 10.0  # seconds a client may take to read one answer (SPEC §3's write_timeout default)
-
-
 def _shut_down(sock, how):
     try:
         sock.shutdown(how)
@@ -478,7 +551,7 @@ def _shut_down(sock, how):
         pass
 
 
-def outcome(app, route, rows, stored, error):
+def outcome(app, route, rows, stored, error, client):
     """(status, body, headers, close) for a request whose events were stored (``stored``: the store's
     [(id, "new"|"duplicate")]) or refused (``error``), after queueing the fresh ones for the workers,
     with the request's one log line and its metric."""
@@ -501,7 +574,7 @@ def outcome(app, route, rows, stored, error):
     ids = ", ".join(str(i) for i, _ in stored).encode()
     first = stored[0][0] if stored else None
     if fresh:
-        app.log.info("202 %s stored event %s", route, ",".join(str(i) for i, _ in fresh),
+        app.log.info("202 %s stored event %s from %s", route, ",".join(str(i) for i, _ in fresh), client,
                      extra={"event": fresh[0][0]})
         app.metrics.request(route, 202)
         return 202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (first, ids), (), False

@@ -8,15 +8,18 @@ API looked for on the webhook port, bodies of every media type, what reaches the
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
-from tests.support import HOOKD, Daemon, unix_request
+from tests import test_hooks
+from tests.support import HOOKD, Daemon, unix_request, wait_until
 
 TOKEN = "tok-edge-4d1c9e"
 ADMIN = "adm-edge-77b2f0"
@@ -251,6 +254,210 @@ class AdminListenerTest(unittest.TestCase):
             self.assertEqual(r.returncode, code, (text, r.stdout, r.stderr))
             if code:
                 self.assertIn("admin.listen", r.stdout + r.stderr)
+
+
+def connect(port, source, timeout=10):
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def signed_post(port, source, n, timeout):
+    """One signed Standard Webhooks POST from ``source``; (status, seconds it took)."""
+    body = json.dumps({"n": n, "at": time.time()}).encode()
+    headers = test_hooks.sw_headers("msg_%d_%f" % (n, time.time()), body, test_hooks.SW_SECRET)
+    head = "POST /hooks/sw HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n" % len(body)
+    head += "".join("%s: %s\r\n" % kv for kv in headers.items())
+    started = time.monotonic()
+    try:
+        with connect(port, source, timeout) as s:
+            s.sendall(head.encode() + b"\r\n" + body)
+            got = statuses(read_to_eof(s, timeout))
+    except OSError:
+        got = []
+    return (got[0] if got else None), time.monotonic() - started
+
+
+class FairConnectionsTest(unittest.TestCase):
+    """One client cannot starve the others (max_connections_per_client), and a client that does not read
+    its answer is dropped after write_timeout."""
+
+    def test_slowloris_from_one_address_leaves_room_for_everyone_else(self):
+        d = Daemon("[hookd]\nread_timeout = 10\nworkers = 2\n[hook:sw]\nverify = standard-webhooks\n"
+                   "secret = %s\n" % test_hooks.SW_SECRET).start()
+        stop, trickling = threading.Event(), []
+        try:
+            def trickle():
+                try:
+                    with connect(d.port, "127.0.0.2") as s:
+                        trickling.append(s)
+                        for ch in b"POST /hooks/sw HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 100:
+                            if stop.wait(1.0):
+                                return
+                            s.sendall(bytes([ch]))
+                except OSError:
+                    pass
+            threads = [threading.Thread(target=trickle, daemon=True) for _ in range(64)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: len(trickling) == 64, 10, message="64 trickling sockets connected")
+            results, lock = [], threading.Lock()
+
+            def good(n):
+                r = signed_post(d.port, "127.0.0.3", n, 10)
+                with lock:
+                    results.append(r)
+            posters = [threading.Thread(target=good, args=(n,)) for n in range(50)]
+            for i, t in enumerate(posters):
+                t.start()
+                if i % 8 == 7:
+                    posters[i - 7].join()
+            for t in posters:
+                t.join(30)
+            codes = [code for code, _ in results]
+            slowest = max(took for _, took in results)
+            print("slowloris: %d of 50 signed POSTs got 202, slowest %.2fs, while 64 sockets trickled"
+                  % (codes.count(202), slowest), file=sys.stderr)
+            self.assertEqual(codes, [202] * 50)
+            self.assertLess(slowest, 10)
+            crowded = d.log().count("503 too many connections from 127.0.0.2")
+            self.assertGreaterEqual(crowded, 1)
+            self.assertLessEqual(crowded, 4, "at most one line per client and second")
+        finally:
+            stop.set()
+            d.stop()
+
+    def test_a_client_that_never_reads_a_large_answer_is_dropped(self):
+        d = Daemon("[hookd]\nmax_body = 16777216\nwrite_timeout = 1\nshutdown_grace = 2\n"
+                   "[hook:open]\nverify = none\nallow_unsigned = true\n").start()
+        try:
+            status, _, data = d.post("/hooks/open", b'{"big": "' + b"b" * 12000000 + b'"}')
+            self.assertEqual(status, 202)
+            port = int(d.admin_url.rsplit(":", 1)[1])
+            stuck = socket.socket()
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.connect(("127.0.0.1", port))
+            stuck.sendall(b"GET /events/%d HTTP/1.1\r\nHost: x\r\n\r\n" % json.loads(data)["id"])
+            d.wait_log(r"dropped 127\.0\.0\.1: it did not read its answer within write_timeout", 15)
+            self.assertEqual(d.admin("GET", "/healthz")[0], 200)
+            started = time.monotonic()
+            self.assertEqual(d.stop(timeout=20), 0)
+            self.assertLess(time.monotonic() - started, 10, "SIGTERM is not held up by a client")
+            stuck.close()
+        finally:
+            d.stop()
+
+
+HAPROXY_CONFIG = """global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option forwardfor
+    option http-server-close
+    http-reuse never
+frontend web
+    bind 127.0.0.1:%(front)d
+    default_backend hookd
+backend hookd
+    server hookd 127.0.0.1:%(hookd)d
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ReverseProxyTest(unittest.TestCase):
+    """hookd behind a real HAProxy on loopback, the deployment issue 13 is about."""
+
+    @classmethod
+    def setUpClass(cls):
+        haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+        if haproxy is None:
+            raise unittest.SkipTest("haproxy is not installed (tests/run installs it)")
+        cls.d = Daemon(CONFIG.replace("read_timeout = 3\n", "read_timeout = 10\nproxy.trusted = 127.0.0.1/32\n"
+                                      "max_connections_per_client = 2\n")).start()
+        cls.front = free_port()
+        path = os.path.join(cls.d.tmp, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write(HAPROXY_CONFIG % {"front": cls.front, "hookd": cls.d.port})
+        cls.proxy = subprocess.Popen([haproxy, "-db", "-f", path], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: cls.proxied("GET", "/healthz")[0] == 200, 10, interval=0.1,
+                   message="haproxy to forward")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proxy.terminate()
+        cls.proxy.wait(10)
+        cls.d.stop()
+
+    @classmethod
+    def proxied(cls, method, path, body=None, headers=None, source="127.0.0.7"):
+        conn_headers = dict(headers or {})
+        try:
+            with connect(cls.front, source) as s:
+                head = "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" % (method, path)
+                head += "".join("%s: %s\r\n" % kv for kv in conn_headers.items())
+                if body is not None:
+                    head += "Content-Length: %d\r\n" % len(body)
+                s.sendall(head.encode() + b"\r\n" + (body or b""))
+                got = read_to_eof(s)
+        except OSError:
+            return None, b""
+        codes = statuses(got)
+        return (codes[0] if codes else None), got
+
+    def test_admin_api_is_unreachable_through_the_proxy(self):
+        eid = json.loads(self.d.post("/hooks/open", b'{"secret-ish": 1}')[2])["id"]
+        for path in ("/events", "/events/%d" % eid, "/metrics", "/events?limit=1"):
+            for headers in ({}, {"Authorization": "Bearer " + ADMIN}):
+                self.assertEqual(self.proxied("GET", path, headers=headers)[0], 404, path)
+        self.assertEqual(self.proxied("POST", "/events/%d/replay" % eid, b"{}",
+                                      {"Content-Type": "application/json"})[0], 404)
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            self.assertEqual(self.d.admin("GET", "/events/%d" % eid, headers=headers)[0], 401)
+
+    def test_webhooks_work_and_the_client_address_comes_from_the_proxy(self):
+        status, _ = self.proxied("POST", "/hooks/t", b'{"via": "proxy"}', {"Authorization": "Bearer " + TOKEN})
+        self.assertEqual(status, 202)
+        self.d.wait_log(r"202 hook:t stored event \d+ from 127\.0\.0\.7")
+        status, _ = self.proxied("POST", "/hooks/t", b'{"via": "spoof"}', {"Authorization": "Bearer " + TOKEN,
+                                                                          "X-Forwarded-For": "10.9.9.9"})
+        self.assertEqual(status, 202)
+        self.assertNotIn("from 10.9.9.9", self.d.log(), "a client's own X-Forwarded-For is not believed")
+        body = b'{"direct": "spoof"}'
+        with connect(self.d.port, "127.0.0.8") as s:  # not a trusted proxy: its header is ignored
+            s.sendall(b"POST /hooks/t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nX-Forwarded-For: "
+                      b"10.8.8.8\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                      % (TOKEN.encode(), len(body), body))
+            self.assertEqual(statuses(read_to_eof(s)), [202])
+        self.d.wait_log(r"202 hook:t stored event \d+ from 127\.0\.0\.8")
+        self.assertNotIn("from 10.8.8.8", self.d.log(), "only a trusted proxy's header counts")
+
+    def test_the_per_client_limit_counts_the_forwarded_client(self):
+        held = []
+        try:
+            for _ in range(2):  # two requests from 127.0.0.9, their bodies never finished
+                s = connect(self.front, "127.0.0.9")
+                s.sendall(b"POST /hooks/open HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                held.append(s)
+            deadline = time.monotonic() + 10
+            while True:  # the proxy may take a moment to pass both on
+                status, got = self.proxied("POST", "/hooks/open", b'{"third": 1}', source="127.0.0.9")
+                if status == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            self.assertEqual(status, 503, got)
+            self.d.wait_log(r"503 too many connections from 127\.0\.0\.9")
+            status, _ = self.proxied("POST", "/hooks/open", b'{"other": 1}', source="127.0.0.10")
+            self.assertEqual(status, 202, "another client behind the same proxy is not held up")
+        finally:
+            for s in held:
+                s.close()
 
 
 if __name__ == "__main__":
