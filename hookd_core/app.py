@@ -344,9 +344,10 @@ class App:
         self.log.info("%s: stopping intake, letting running jobs finish (up to %.0fs)", why, grace)
         systemd_glue.stopping()
         servers = [s for s in (self.server, self.admin_server) if s is not None]
-        for server in servers:
+        for server in servers:  # the listening sockets first: a client arriving now is refused, never reset
             server.stopping = True
             server.shutdown()
+            server.stop_listening()
             server.reaper.fire_idle()
         self.stopping.set()
         left = self.pool.join(grace)

@@ -6,7 +6,9 @@ handler; proxies in ``proxy.trusted`` are exempt, and the client they forward fo
 instead) and owns a ``Reaper`` that enforces ``read_timeout`` as a whole-request deadline: when it
 passes, the socket's read side is shut, the blocked read returns, and the handler answers 408 (or closes
 quietly if the client had sent nothing). The same Reaper bounds every answer by ``write_timeout``: a
-client that does not read is cut (both directions shut) and dropped. ``Handler`` reads each
+client that does not read is cut (both directions shut) and dropped. On SIGTERM ``stop_listening``
+takes what is already queued on the listening socket and closes it, so a later client is refused
+rather than reset after sending (under socket activation systemd keeps the socket and its queue). ``Handler`` reads each
 request with ``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks keep-alive; every answer
 has Content-Length, and an answer given while a body is still unread closes the connection. The same
 classes serve two listeners: the webhook port (webhook routes, /healthz, /readyz) and the admin listener
@@ -19,6 +21,7 @@ thread). Every refusal is a ``Reject`` carrying its
 status, answered with one WARNING line; anything else is a 500 with a traceback.
 """
 
+import array
 import email.utils
 import http
 import http.server
@@ -28,6 +31,7 @@ import select
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -225,8 +229,53 @@ class Server(http.server.ThreadingHTTPServer):
         self.app.log.warning("503 too many connections from %s (max_connections_per_client=%d)", client,
                              self.app.settings.int("max_connections_per_client"))
 
+    def stop_listening(self):
+        """At shutdown, after serve_forever returned: stop taking connections without resetting any.
+        A TCP listener cannot stop at once (the kernel completes handshakes into its queue until it is
+        closed, and closing it resets what is queued), so: new connection attempts (a SYN) are dropped
+        by a socket filter, handshakes already under way finish, what is queued is served (one answer
+        each, with Connection: close), and then the socket is closed; a client whose SYN was dropped
+        retries and is refused. Under socket activation the socket stays open: systemd keeps it, and
+        what queues there is served by the next start."""
+        if self.inherited:
+            return
+        tcp = self.address_family != socket.AF_UNIX and _drop_new_connections(self.socket)
+        self.socket.setblocking(False)
+        for wait in ((HANDSHAKE_GRACE, 0.0) if tcp else (0.0,)):
+            time.sleep(wait)
+            while True:
+                try:
+                    request, client_address = self.get_request()
+                except OSError:
+                    break
+                request.setblocking(True)
+                self.process_request(request, client_address)
+        self.socket.close()
+
     def handle_error(self, request, client_address):
         self.app.log.exception("unexpected error on a connection from %s", client_address[0])
+
+
+HANDSHAKE_GRACE = 0.25  # seconds for handshakes under way at SIGTERM to complete (a client's round trip)
+SO_ATTACH_FILTER = 26    # <asm-generic/socket.h>
+# A classic BPF socket filter: drop TCP segments with SYN set and ACK clear (new connection attempts),
+# keep everything else. It runs on the TCP header (skb->data), so byte 13 holds the flags.
+_SYN_DROP = [(0x30, 0, 0, 13),          # ldb [13]
+             (0x54, 0, 0, 0x12),        # and #SYN|ACK
+             (0x15, 0, 1, 0x02),        # jeq #SYN, drop, keep
+             (0x06, 0, 0, 0),           # drop: ret #0
+             (0x06, 0, 0, 0xFFFFFFFF)]  # keep: ret #-1
+
+
+def _drop_new_connections(sock):
+    """Attach _SYN_DROP to a listening TCP socket; False when the kernel refuses it."""
+    prog = array.array("B", b"".join(struct.pack("HBBI", *op) for op in _SYN_DROP))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HP", len(_SYN_DROP),
+                                                                          prog.buffer_info()[0]))
+    except OSError:
+        return False
+    return True
 
 
 def _remove_stale_socket(path):

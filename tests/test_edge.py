@@ -9,6 +9,7 @@ API looked for on the webhook port, bodies of every media type, what reaches the
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -458,6 +459,69 @@ class ReverseProxyTest(unittest.TestCase):
         finally:
             for s in held:
                 s.close()
+
+
+class ShutdownTest(unittest.TestCase):
+    """SIGTERM under load: the listening socket is closed first, so every client either is refused at
+    connect or gets its answer; none is reset after sending its request."""
+
+    ROUNDS = 5
+
+    def test_sigterm_under_load_resets_no_client_that_sent_a_request(self):
+        tmp = tempfile.mkdtemp(prefix="hookd-sigterm-")
+        slow = os.path.join(tmp, "slow.py")
+        with open(slow, "w") as f:
+            f.write("import time\ntime.sleep(1.0)\n")
+        d = Daemon("[hookd]\nworkers = 2\nshutdown_grace = 5\n[hook:open]\nverify = none\n"
+                   "allow_unsigned = true\ndedupe = none\n[hook:slow]\nverify = none\nallow_unsigned = true\n"
+                   "dedupe = none\ncommand = %s %s\n" % (sys.executable, slow), tmpdir=tmp)
+        totals, resets = {"answered": 0, "refused": 0, "reset_after_send": 0}, []
+        for _ in range(self.ROUNDS):
+            d.start()
+            port = d.port
+            self.assertEqual(d.post("/hooks/slow", b"{}")[0], 202)  # a running job makes the drain last
+            stop, lock, sent_at = threading.Event(), threading.Lock(), [time.monotonic() + 0.5]
+
+            def client():
+                refused_in_a_row = 0
+                while not stop.is_set() and refused_in_a_row < 5:
+                    try:
+                        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    except OSError:
+                        refused_in_a_row += 1
+                        with lock:
+                            totals["refused"] += 1
+                        time.sleep(0.02)
+                        continue
+                    refused_in_a_row = 0
+                    with s:
+                        try:
+                            s.sendall(b"POST /hooks/open HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                      b"Content-Length: 2\r\n\r\n{}")
+                        except OSError:
+                            continue  # never sent: not the defect looked for
+                        try:
+                            got = read_to_eof(s, 10)
+                        except OSError:
+                            got = b""
+                    with lock:
+                        totals["answered" if statuses(got) else "reset_after_send"] += 1
+                        if not statuses(got):
+                            resets.append(round(time.monotonic() - sent_at[0], 3))
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            sent_at[0] = time.monotonic()
+            d.signal(signal.SIGTERM)
+            self.assertEqual(d.proc.wait(30), 0)
+            stop.set()
+            for t in threads:
+                t.join(20)
+        print("SIGTERM x%d under load: %s" % (self.ROUNDS, totals), file=sys.stderr)
+        self.assertGreater(totals["answered"], 0)
+        self.assertGreater(totals["refused"], 0)
+        self.assertEqual(totals["reset_after_send"], 0, "resets at these seconds after SIGTERM: %s" % resets)
 
 
 if __name__ == "__main__":
