@@ -395,6 +395,12 @@ class UnitFileTest(unittest.TestCase):
         self.assertIn("ListenStream", settings)
         self.assertEqual(settings.get("Accept"), "no")
 
+    def test_the_admin_listener_is_not_a_socket_of_the_socket_unit(self):
+        listens = [k for k, _ in unit_settings(SOCKET_UNIT) if k.startswith("Listen")]
+        self.assertEqual(listens, ["ListenStream"], "one socket: the webhook port (hookd binds admin.listen)")
+        self.assertEqual(dict(unit_settings(UNIT)).get("RuntimeDirectory"), "hookd",
+                         "/run/hookd for admin.listen = unix:/run/hookd/admin.sock")
+
     def test_exposure_score(self):
         tool = shutil.which("systemd-analyze")
         if not tool:
@@ -547,6 +553,8 @@ class SocketActivationTest(DaemonTestBase):
         with open(os.path.join(self.tmp, "env-%s" % event_id)) as f:
             env = json.load(f)
         self.assertFalse([k for k in env if k.startswith("LISTEN_")], env)
+        self.assertEqual(d.admin("GET", "/healthz")[0], 200, "hookd binds its admin listener itself")
+        self.assertEqual(d.get("/metrics")[0], 404, "never on the inherited webhook socket")
         self.assertEqual(d.stop(), 0)
 
     def test_restart_on_the_same_socket_refuses_no_connection(self):
