@@ -5,20 +5,21 @@ Strategy: ``Server`` bounds concurrent connections (503 beyond ``max_connections
 handler; proxies in ``proxy.trusted`` are exempt, and the client they forward for is counted per request
 instead) and owns a ``Reaper`` that enforces ``read_timeout`` as a whole-request deadline: when it
 passes, the socket's read side is shut, the blocked read returns, and the handler answers 408 (or closes
-quietly if the client had sent nothing). The same Reaper bounds every answer by ``write_timeout``: a
-client that does not read is cut (both directions shut) and dropped. On SIGTERM ``stop_listening``
-takes what is already queued on the listening socket and closes it, so a later client is refused
-rather than reset after sending (under socket activation systemd keeps the socket and its queue). ``Handler`` reads each
-request with ``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks keep-alive; every answer
-has Content-Length, and an answer given while a body is still unread closes the connection. The same
+quietly if the client had sent nothing). The same Reaper bounds the handler's answers by
+``write_timeout`` (a client that does not read is cut, both directions shut, and dropped); the writer
+thread's answers have the same deadline. On SIGTERM ``stop_listening`` serves what is already queued on
+the listening socket and closes it, so a later client is refused rather than reset after sending (under
+socket activation systemd keeps the socket and its queue). ``Handler`` reads each request with
+``framing.Reader`` (hookd's own strict HTTP/1.1 parser) and speaks keep-alive; every answer has
+Content-Length, and an answer given while a body is still unread closes the connection. The same
 classes serve two listeners: the webhook port (webhook routes, /healthz, /readyz) and the admin listener
 (``admin.dispatch``). A webhook POST goes: route lookup (404 before any ``100 Continue``) -> framing ->
 body -> ``integration.accept`` (verify over the raw bytes, parse) -> queue limit ->
 ``store.submit_events`` (group commit) -> the writer thread, right after the COMMIT, puts the ids on
 the worker queue and sends the 202 itself (``Answer``), while the connection's thread goes back to
 reading; answers on one connection never overtake each other (TLS connections answer from their own
-thread). Every refusal is a ``Reject`` carrying its
-status, answered with one WARNING line; anything else is a 500 with a traceback.
+thread). Every refusal is a ``Reject`` carrying its status, answered with one WARNING line; anything
+else is a 500 with a traceback.
 """
 
 import array
@@ -48,8 +49,9 @@ class Reaper:
 
     Each connection has one entry, [deadline, socket, armed, fired, between, writing], re-armed for
     every request and every answer (``writing``: the deadline is write_timeout, and firing shuts both
-    directions, which ends a send blocked on a client that does not read). Ten times a second the thread looks at every open connection (at most max_connections),
-    so the request path only writes three fields, and nothing piles up between scans."""
+    directions, which ends a send blocked on a client that does not read). Ten times a second the
+    thread looks at every open connection (at most max_connections), so the request path only writes
+    three fields, and nothing piles up between scans."""
 
     RESOLUTION = 0.1  # seconds; read_timeout is enforced to within this
 
