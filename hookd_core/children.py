@@ -9,9 +9,13 @@ once it runs; when it ends, the row goes. ``kill_all`` (SIGTERM, after the
 grace) kills the tree of every child still running. ``kill_leftovers`` (at start, before anything is
 requeued) reads the rows a previous run left: a row of this boot has its tree killed (``proc.tree``
 trusts a group only while its leader has the recorded start time, so a reused pid is never hit), then
-every row is deleted. Pure functions over a connection keep the SQL in one place.
+every row is deleted. Pure functions over a connection keep the SQL in one place. ``owns_peer`` tells
+the admin listener when a connection comes from a job's process, which it refuses: the admin API is the
+operator's, and a child shares hookd's user and (on TCP) its loopback.
 """
 
+import socket
+import struct
 import threading
 import time
 
@@ -96,6 +100,23 @@ class Registry:
     def _not_stored(self, error):
         self.log.warning("could not record a job process: %s", error)
 
+    def owns_peer(self, sock):
+        """True when the other end of ``sock`` (accepted on the admin listener) is a process of a running
+        job: by SO_PEERCRED on a unix socket, by the connecting socket's inode (/proc/net/tcp) among the
+        job processes' open sockets on TCP. Costs nothing while no job runs a program."""
+        with self._lock:
+            live = [child for _, child in self._live.values()]
+        if not live:
+            return False
+        pids = set()
+        for child in live:
+            pids.update(proc.tree(child.pid, child.start or 0, child.marker))
+        if sock.family == socket.AF_UNIX:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            return pid in pids
+        inode = peer_inode(sock)
+        return inode is not None and any(inode in proc.socket_inodes(pid) for pid in pids)
+
     def kill_all(self):
         """SIGKILL the tree of every child still running (hookd is stopping); returns the events hit."""
         with self._lock:
@@ -116,6 +137,35 @@ class Registry:
         if rows:
             self.store.write(lambda conn: forget(conn, [r[0] for r in rows]))
         return hit
+
+
+def peer_inode(sock):
+    """The inode of the socket at the other end of a loopback TCP connection, from /proc/net/tcp(6):
+    the row whose local address is our peer and whose remote address is us. None if not found."""
+    try:
+        peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
+    except OSError:
+        return None
+    table = "/proc/net/tcp6" if sock.family == socket.AF_INET6 else "/proc/net/tcp"
+    try:
+        with open(table) as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        cols = row.split()
+        if len(cols) > 9 and _address(cols[1]) == peer and _address(cols[2]) == local:
+            return int(cols[9])
+    return None
+
+
+def _address(text):
+    """("ip", port) from /proc/net/tcp's hex "ADDR:PORT" (the address in 32-bit words of host order)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, words), int(port, 16)
 
 
 class _Job:

@@ -266,6 +266,23 @@ def tree(pgid, start, marker):
     return {pid: procs[pid][3] for pid in found if procs[pid][2] != "Z" and pid != os.getpid()}
 
 
+def socket_inodes(pid):
+    """Inodes of the sockets ``pid`` holds open (from /proc/PID/fd); empty when it cannot be read."""
+    found = set()
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def kill_tree(child):
     """SIGKILL ``child`` (a Child, or any object with pid, start, marker) and its whole tree."""
     return kill_recorded(child.pid, child.start, child.marker)

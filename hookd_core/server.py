@@ -483,6 +483,8 @@ class Handler(socketserver.StreamRequestHandler):
     # -- the admin listener -------------------------------------------------------------------------
     def _admin(self, head):
         self._route = "admin"
+        if self.app.children is not None and self.app.children.owns_peer(self.connection):
+            raise Reject("the admin API does not serve the processes of hookd's own jobs", status=403)
         req = Request(head.method, head.path, urllib.parse.parse_qs(head.query, keep_blank_values=True),
                       head.headers, self._read_body(), self.client)
         req.connected = self._connected

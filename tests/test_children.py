@@ -189,6 +189,57 @@ class ShutdownTest(Base):
                    message="the command %s to be gone after hookd stopped" % pids)
 
 
+# Asks the admin API for /events, itself and from a grandchild in its own session; writes what each got.
+ADMIN_PROBE = textwrap.dedent("""\
+    import http.client, socket, subprocess, sys
+    where, out = open(sys.argv[1]).read().strip(), sys.argv[2]
+    if len(sys.argv) == 3:
+        subprocess.run([sys.executable] + sys.argv + ["grandchild"], start_new_session=True, check=True)
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    if where.startswith("unix:"):
+        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.sock.connect(where[5:])
+    else:
+        conn = http.client.HTTPConnection(where[len("http://"):], timeout=10)
+    try:
+        conn.request("GET", "/events")
+        got = str(conn.getresponse().status)
+    except (OSError, http.client.HTTPException) as e:
+        got = "refused: %s" % e.__class__.__name__
+    with open(out + ("-grandchild" if len(sys.argv) > 3 else "-child"), "w") as f:
+        f.write(got)
+""")
+
+
+class AdminTest(Base):
+    """The admin API is hookd's operator's, not its children's: a job's process is refused on the admin
+    listener (TCP on loopback, or a unix socket), while the operator is served."""
+
+    def probe(self, listen):
+        probe = self.script("probe.py", ADMIN_PROBE)
+        where, out = os.path.join(self.tmp, "admin-address"), os.path.join(self.tmp, "got")
+        d = self.daemon("[hookd]\nadmin.listen = %s\n[hook:job]\nverify = none\nallow_unsigned = true\n"
+                        "command = %s %s %s %s\n" % (listen, sys.executable, probe, where, out))
+        with open(where, "w") as f:
+            f.write(d.admin_url)
+        d.wait_status(self.accepted(d), "done")
+        got = {}
+        for who in ("child", "grandchild"):
+            with open("%s-%s" % (out, who)) as f:
+                got[who] = f.read()
+        self.assertEqual(d.admin("GET", "/events")[0], 200)
+        self.assertEqual(d.stop(), 0)
+        return got
+
+    def test_a_job_cannot_use_the_admin_api_on_loopback(self):
+        got = self.probe("127.0.0.1:0")
+        self.assertEqual(got, {"child": "403", "grandchild": "403"}, got)
+
+    def test_a_job_cannot_use_the_admin_api_on_a_unix_socket(self):
+        got = self.probe("unix:%s" % os.path.join(self.tmp, "admin.sock"))
+        self.assertEqual(got, {"child": "403", "grandchild": "403"}, got)
+
+
 class RestartTest(Base):
     def setUp(self):
         super().setUp()
