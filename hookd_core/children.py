@@ -15,6 +15,7 @@ operator's, and a child shares hookd's user and (on TCP) its loopback.
 """
 
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -79,21 +80,30 @@ class Registry:
         return proc.watched_by(_Job(self, event_id))
 
     def starting(self, event_id, marker):
-        self.store.write(lambda conn: announce(conn, event_id, marker, self.boot))
+        """Durable before the fork (a crash a moment later must still find the child by its marker), but a
+        row that cannot be written (disk full, store closing) does not fail the job: the child is still
+        tracked in memory (timeouts, SIGTERM); only a crash in that moment would leave it unrecorded."""
+        try:
+            self.store.write(lambda conn: announce(conn, event_id, marker, self.boot))
+        except (StoreError, sqlite3.Error) as e:
+            self._not_stored(e)
 
     def started(self, event_id, child):
         """Not waited for (a job would wait one more group commit): until it commits, the marker, which
         ``starting`` made durable before the fork, is what finds the child after a crash."""
         with self._lock:
             self._live[child.marker] = (event_id, child)
-        self.store.write_soon(lambda conn: record(conn, child), self._not_stored)
+        self._soon(lambda conn: record(conn, child))
 
     def ended(self, marker):
         """Not waited for either: a row left behind only names processes the next start finds gone."""
         with self._lock:
             self._live.pop(marker, None)
+        self._soon(lambda conn: forget(conn, [marker]))
+
+    def _soon(self, fn):
         try:
-            self.store.write_soon(lambda conn: forget(conn, [marker]), self._not_stored)
+            self.store.write_soon(fn, self._not_stored)
         except StoreError as e:  # stopping: the row stays, and the next start finds its processes gone
             self._not_stored(e)
 

@@ -83,11 +83,7 @@ def spawn(argv, env=None, **popen_args):
         raise
     child = Child(popen, marker)
     if watcher is not None:
-        try:
-            watcher.started(child)
-        except BaseException:  # its group is not recorded: it must not run on
-            end(child)
-            raise
+        watcher.started(child)
     return child
 
 
