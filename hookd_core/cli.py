@@ -264,24 +264,24 @@ def cmd_subscribe(app, ns):
         print("hookd: [hookd] public_url is not set (the base URL senders reach this daemon at)", file=sys.stderr)
         return 1
     try:
-        client = subscriptions.upstream_for(app, ns.route)
+        upstream = subscriptions.upstream_for(app, ns.route)
     except subscriptions.UpstreamError as e:
         print("hookd: subscribe %s: %s" % (ns.route, e), file=sys.stderr)
         return 1
-    if client.TRIGGERS and ns.trigger not in client.TRIGGERS:
-        print("hookd: subscribe %s needs a trigger: %s" % (ns.route, " | ".join(client.TRIGGERS)), file=sys.stderr)
+    if upstream.TRIGGERS and ns.trigger not in upstream.TRIGGERS:
+        print("hookd: subscribe %s needs a trigger: %s" % (ns.route, " | ".join(upstream.TRIGGERS)), file=sys.stderr)
         return 2
-    if not client.TRIGGERS and ns.trigger is not None:
+    if not upstream.TRIGGERS and ns.trigger is not None:
         print("hookd: subscribe %s takes no trigger" % ns.route, file=sys.stderr)
         return 2
     try:
-        created, skipped = client.subscribe(ns.trigger)
+        created, skipped = upstream.subscribe(ns.trigger)
     except UPSTREAM_ERRORS as e:
         print("hookd: subscribe %s: %s" % (ns.route, e), file=sys.stderr)
         return 1
-    app.store.write(lambda c: subscriptions.observe(c, app.settings, client.route, created + skipped,
+    app.store.write(lambda c: subscriptions.observe(c, app.settings, upstream.route, created + skipped,
                                                     complete=False))
-    if client.TRIGGERS:
+    if upstream.TRIGGERS:
         print(created[0].id)
         return 0
     for sub in created:
@@ -292,8 +292,8 @@ def cmd_subscribe(app, ns):
 
 
 def cmd_subscriptions(app, ns):
-    clients = subscriptions.upstreams(app)
-    if not clients:
+    upstreams = subscriptions.upstreams(app)
+    if not upstreams:
         print("hookd: no upstream with a subscription API is configured ([preservica] with server, username"
               " and password; [iconik])", file=sys.stderr)
         return 1
@@ -301,12 +301,12 @@ def cmd_subscriptions(app, ns):
         print("hookd: [hookd] public_url is not set: only subscriptions hookd already knows are shown",
               file=sys.stderr)
     failed = []
-    for route, client in clients.items():
+    for route, upstream in upstreams.items():
         try:
-            subscriptions.check(app, route, client)
+            subscriptions.check(app, route, upstream)
         except UPSTREAM_ERRORS as e:
             failed.append("hookd: listing %s failed: %s" % (route, e))
-    subs = [s for s in app.store.read(subscriptions.known).values() if s.route in clients]
+    subs = [s for s in app.store.read(subscriptions.known).values() if s.route in upstreams]
     if ns.json:
         print(json.dumps([dict(s.as_dict(), up=s.up) for s in subs], indent=1))
     else:

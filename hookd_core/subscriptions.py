@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 
-from . import alerts
+from . import alerts, client
 from .api import Fail, Retry
 
 SCHEMA = """
@@ -52,7 +52,7 @@ ICONIK_NEEDED = (("assets", "entity", "create"), ("assets", "proxies", None))
 
 
 class UpstreamError(Exception):
-    """The upstream refused or did not understand a subscription call; the message quotes its answer."""
+    """No upstream hookd can manage subscriptions of for a route (not configured, no credentials)."""
 
 
 class Sub:
@@ -71,15 +71,6 @@ class Sub:
                 "status": self.status}
 
 
-def answer_excerpt(reply, limit=300):
-    return reply.body[:limit].decode("utf-8", "replace").replace("\n", " ").strip()
-
-
-def refused(what, reply):
-    return UpstreamError("%s answered %d%s" % (what, reply.status,
-                                               ": " + answer_excerpt(reply) if reply.body else ""))
-
-
 def points_at(url, public_url):
     """True when ``url`` is below ``public_url`` (same scheme, host and port; path underneath)."""
     if not public_url or not isinstance(url, str):
@@ -94,7 +85,7 @@ class Upstream:
     """What both upstream clients share: the route, the URL they subscribe (public_url + the route's path),
     create with one POST, delete with one DELETE. A subclass sets NAME, PATH, TRIGGERS and ``call``."""
 
-    NAME = PATH = ""
+    NAME = PATH = REFUSED = ""
     TRIGGERS = ()  # the triggers ``subscribe`` takes; empty: it takes none
 
     def __init__(self, integ, public_url):
@@ -107,25 +98,22 @@ class Upstream:
     def call(self, method, path, body=None):
         raise NotImplementedError
 
-    def post(self, doc, ok):
-        """POST ``doc`` to PATH; the created object (with an id), or UpstreamError quoting the answer."""
-        reply = self.call("POST", self.PATH, json.dumps(doc).encode("utf-8"))
-        if reply.status not in ok:
-            raise refused(self.NAME, reply)
+    def post(self, doc):
+        """POST ``doc`` to PATH; the created object (with an id), or Fail/Retry quoting the answer."""
+        reply = client.check(self.call("POST", self.PATH, json.dumps(doc).encode("utf-8")), self.NAME,
+                             self.REFUSED)
         created = reply.json()
         if not isinstance(created, dict) or not created.get("id"):
-            raise UpstreamError("%s answered %d without an id: %s" % (self.NAME, reply.status,
-                                                                      answer_excerpt(reply)))
+            raise Fail("%s answered %d without an id: %s" % (self.NAME, reply.status, client.excerpt(reply.body)))
         return created
 
     def delete(self, sub_id):
-        """True when deleted (204, or 200), False when the upstream does not know it (404)."""
+        """True when deleted (2xx: 204), False when the upstream does not know it (404)."""
         reply = self.call("DELETE", self.item_path(urllib.parse.quote(sub_id, safe="")))
-        if reply.status in (200, 204):
-            return True
         if reply.status == 404:
             return False
-        raise refused(self.NAME, reply)
+        client.check(reply, self.NAME, self.REFUSED)
+        return True
 
     def item_path(self, quoted_id):
         return "%s/%s" % (self.PATH, quoted_id)
@@ -136,18 +124,16 @@ class PreservicaSubscriptions(Upstream):
 
     NAME = "Preservica"
     PATH = "/api/webhook/subscriptions"
+    REFUSED = "[preservica] username and password (a user with ROLE_SDB_MANAGER_USER)"
     TRIGGERS = PRESERVICA_TRIGGERS
 
     def call(self, method, path, body=None):
         return self.integ.api_call(method, path, body=body)
 
     def listing(self):
-        reply = self.call("GET", self.PATH)
-        if reply.status != 200:
-            raise refused(self.NAME, reply)
-        doc = reply.json()
+        doc = client.check(self.call("GET", self.PATH), self.NAME, self.REFUSED).json()
         if not isinstance(doc, list):
-            raise UpstreamError("Preservica listed subscriptions as %s, not a list" % type(doc).__name__)
+            raise Fail("Preservica listed subscriptions as %s, not a list" % type(doc).__name__)
         return [self.sub(s) for s in doc if isinstance(s, dict) and s.get("id")]
 
     def sub(self, doc):
@@ -158,7 +144,7 @@ class PreservicaSubscriptions(Upstream):
         runs the challenge against that URL while this POST waits; 200 is success."""
         body = {"url": self.target(), "triggerType": trigger, "secret": self.integ.conf.get("secret.key"),
                 "includeIdentifiers": "true"}
-        created = self.post(body, ok=(200,))
+        created = self.post(body)
         return [self.sub(dict({"url": body["url"], "triggerType": trigger}, **created))], []
 
 
@@ -167,6 +153,7 @@ class IconikWebhooks(Upstream):
 
     NAME = "iconik"
     PATH = "/API/notifications/v1/webhooks/"
+    REFUSED = "[iconik] app_id and auth_token (the token's user needs the webhook roles)"
 
     def call(self, method, path, body=None):
         return self.integ.call(method, path, body=body)
@@ -177,13 +164,10 @@ class IconikWebhooks(Upstream):
     def listing(self):
         out, path = [], self.PATH + "?per_page=100"
         for _ in range(MAX_PAGES):
-            reply = self.call("GET", path)
-            if reply.status != 200:
-                raise refused(self.NAME, reply)
-            doc = reply.json()
+            doc = client.check(self.call("GET", path), self.NAME, self.REFUSED).json()
             objects = doc.get("objects") if isinstance(doc, dict) else None
             if not isinstance(objects, list):
-                raise UpstreamError("iconik listed webhooks without an objects list")
+                raise Fail("iconik listed webhooks without an objects list")
             out += [self.sub(o) for o in objects if isinstance(o, dict) and o.get("id")]
             path = self.next_path(doc.get("next_url"))
             if path is None:
@@ -225,7 +209,7 @@ class IconikWebhooks(Upstream):
                     "headers": {self.integ.conf.get("secret.header"): self.integ.conf.get("secret.key")}}
             if operation:
                 body["operation"] = operation
-            created.append(self.sub(dict(body, **self.post(body, ok=(200, 201)))))
+            created.append(self.sub(dict(body, **self.post(body))))
         return created, skipped
 
 
@@ -332,12 +316,12 @@ def health(conn):
 
 # -- one look at one upstream (the CLI and the daemon) ----------------------------------------------------
 
-def check(app, route, client):
+def check(app, route, upstream):
     """List ``route``'s subscriptions, keep those that point at public_url or are known, observe them.
-    Returns the number of health changes. Raises UpstreamError, Retry or Fail when the listing fails."""
-    listed = client.listing()
+    Returns the number of health changes. Raises Retry or Fail when the listing fails."""
+    listed = upstream.listing()
     ids = set(sub_id for (_, sub_id) in app.store.read(lambda c: known(c, route)))
-    ours = [s for s in listed if points_at(s.url, client.public_url) or s.id in ids]
+    ours = [s for s in listed if points_at(s.url, upstream.public_url) or s.id in ids]
     changes = app.store.write(lambda c: observe(c, app.settings, route, ours))
     if changes and getattr(app, "alerts", None) is not None:
         app.alerts.wake.set()
@@ -374,12 +358,12 @@ class Watcher:
     def check_all(self):
         """Check every upstream once; a failing one is logged and changes nothing."""
         log = self.app.log
-        for route, client in upstreams(self.app).items():
+        for route, upstream in upstreams(self.app).items():
             if self.app.stopping.is_set() or not worth_checking(self.app, route):
                 continue
             try:
-                changes = check(self.app, route, client)
-            except (UpstreamError, Retry, Fail) as e:
+                changes = check(self.app, route, upstream)
+            except (Retry, Fail) as e:
                 log.warning("subscriptions: listing %s failed; health unchanged: %s", route, e)
                 continue
             except Exception:
