@@ -15,6 +15,7 @@ import tempfile
 import unittest
 
 from hookd_core import alerts, config, subscriptions
+from hookd_core.api import Fail
 from hookd_core.app import App
 from tests import fake_iconik as fi
 from tests import fake_preservica as fp
@@ -325,6 +326,55 @@ class ObserveTest(unittest.TestCase):
         self.assertEqual(self.see(("b", "ENABLED"), complete=False), 0)
         self.assertEqual(self.state(), {"a": ("FAILING", 0), "b": ("ENABLED", 1)})
         self.assertEqual(self.told(), [("subscription_down", "a")])
+
+
+class WatcherTest(unittest.TestCase):
+    """The daemon's check, one round at a time (``Watcher.check_all``), on a real App and FakeIconik."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.fake = fi.FakeIconik(app_id="app-1", auth_token="tok-1")
+        self.addCleanup(self.fake.close)
+
+    def app(self, token="tok-1"):
+        path = os.path.join(self.tmp.name, "c.properties")
+        with open(path, "w") as f:
+            f.write("[hookd]\nstate_dir = %s\npublic_url = https://hooks.example.org\nalert.command = /bin/true\n"
+                    "[iconik]\nurl = %s\napp_id = app-1\nauth_token = %s\nsecret.key = %s\n"
+                    % (self.tmp.name, self.fake.url, token, SECRET))
+        os.chmod(path, 0o600)
+        app = App(path)
+        self.assertEqual(app.problems, [])
+        app.open_store()
+        self.addCleanup(app.store.close)
+        return app
+
+    def state(self, app):
+        return [(s.id, s.status, s.up) for s in app.store.read(subscriptions.known).values()]
+
+    def outbox(self, app):
+        return app.store.read(lambda c: c.execute("SELECT count(*) FROM alerts").fetchone()[0])
+
+    def test_a_failing_listing_changes_nothing(self):
+        app = self.app()
+        created, _ = subscriptions.upstream_for(app, "iconik").subscribe()
+        watcher = subscriptions.Watcher(app)
+        watcher.check_all()
+        ids = sorted(s.id for s in created)
+        self.assertEqual(sorted(self.state(app)), sorted((i, "ENABLED", True) for i in ids))
+        self.fake.close()  # iconik unreachable: nothing is known to be wrong with the webhooks
+        watcher.check_all()
+        self.assertEqual(sorted(self.state(app)), sorted((i, "ENABLED", True) for i in ids))
+        self.assertEqual(self.outbox(app), 0)
+
+    def test_refused_credentials_say_which_keys(self):
+        app = self.app(token="wrong")
+        with self.assertRaises(Fail) as caught:
+            subscriptions.upstream_for(app, "iconik").listing()
+        self.assertIn("app_id and auth_token", str(caught.exception))
+        subscriptions.Watcher(app).check_all()  # logged, not raised
+        self.assertEqual(self.state(app), [])
 
 
 class ConfigTest(unittest.TestCase):
