@@ -287,11 +287,9 @@ class JobContext:
     def product(self, kind, path=None, data=None):
         """Record what this job produced, for the console: a file it wrote (``path``; the console serves
         files only through these records) or what it sent (``data``, JSON-able). Kinds the console
-        shows: ``thumbnail`` and ``clip`` (files), ``labels`` and ``variations`` (data). A job leased by a
-        remote worker (SPEC §10) runs without the first hookd's store: its products stay on its host."""
-        store = getattr(self.app, "store", None)
-        if store is not None:
-            store.add_product(self.id, kind, None if path is None else os.path.abspath(path), data)
+        shows: ``thumbnail`` and ``clip`` (files), ``labels`` and ``variations`` (data). A job run by a
+        remote worker (SPEC §10) records into that host's own store, next to the files it wrote."""
+        self.app.store.add_product(self.id, kind, None if path is None else os.path.abspath(path), data)
 
 
 def dedupe_key(rule, req):

@@ -126,8 +126,8 @@ def set_cookie(app, value, max_age=None):
     attrs = "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (COOKIE, value)
     if max_age is not None:
         attrs += "; Max-Age=%d" % max_age
-    if app.settings.get("tls.cert"):
-        attrs += "; Secure"
+    if app.settings.get("tls.cert") and not app.settings.get("admin.listen").strip().startswith("unix:"):
+        attrs += "; Secure"  # the admin listener serves HTTPS (a unix socket stays plain)
     return ("Set-Cookie", attrs)
 
 

@@ -342,10 +342,19 @@ class TokenTest(ConsoleCase):
 class TlsCookieTest(ConsoleCase):
     settings = "admin.token = s3cret-admin-token-42\ntls.cert = /nonexistent/cert.pem\ntls.key = /nonexistent/key.pem\n"
 
-    def test_the_session_cookie_is_secure_under_tls(self):
+    def login_cookie(self):
         html = self.page("/", status=401)
         resp = self.send("POST", "/ui/login", form={"csrf": self.csrf(html), "token": "s3cret-admin-token-42"})
-        self.assertIn("Secure", [a.strip() for a in self.header(resp, "Set-Cookie")[0].split(";")])
+        return [a.strip() for a in self.header(resp, "Set-Cookie")[0].split(";")]
+
+    def test_the_session_cookie_is_secure_under_tls(self):
+        self.assertIn("Secure", self.login_cookie())
+
+    def test_an_admin_unix_socket_stays_plain_so_the_cookie_is_not_secure(self):
+        self.app.store.close()
+        self.app = self.make_app(self.settings + "admin.listen = unix:%s/admin.sock\n" % self.tmp)
+        self.cookie = None
+        self.assertNotIn("Secure", self.login_cookie())
 
 
 class ProductsTest(ConsoleCase):
