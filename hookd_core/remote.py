@@ -10,7 +10,9 @@ length; progress a step saves travels to the first hookd with an extend. A lease
 (409) stops the job: someone else runs it. When the first hookd cannot be reached the slot waits with
 exponential backoff and tries again (one log line when it goes away, one when it is back); a report that
 cannot be sent is kept and sent again. SIGTERM/SIGINT: no new lease; running jobs get ``shutdown_grace``
-seconds to finish, and what is still running then is stopped and handed back (retry) to the first hookd.
+seconds to finish, and what is still running then is stopped and handed back (retry) to the first hookd;
+the programs its jobs started are killed (recorded in this host's store like the daemon's, so a worker
+killed with -9 has them killed when it starts again: hookd_core/children.py).
 """
 
 import argparse
@@ -140,6 +142,9 @@ class RemoteWorker:
         self.over.set()
         for job in left:
             job.hand_back()
+        killed = self.app.children.kill_all()
+        if killed:
+            self.log.warning("killed the processes of events %s after shutdown_grace", ", ".join(map(str, killed)))
         for t in threads:
             t.join(5)
         self.log.info("stopped")
@@ -186,7 +191,8 @@ class Job:
         try:
             if integ is None:
                 raise Retry("route %s is not configured on worker %s" % (route, w.name))
-            note = run_steps(self.context(integ), integ, progress, self._save)
+            with w.app.children.job(self.lease["id"]):  # its processes are recorded, never outlive the worker
+                note = run_steps(self.context(integ), integ, progress, self._save)
             verb, body = "done", {"note": note, "progress": progress}
         except Retry as e:
             verb, body = "retry", {"error": str(e), "retry_after": e.after}
@@ -308,6 +314,8 @@ def main(path, argv):
             print("hookd: %s" % p, file=sys.stderr)
         return 1
     app.open_store()  # this host's own: temporary files and caches some handlers keep (Camio's labels)
+    for event_id, n in sorted(app.children.kill_leftovers().items()):
+        app.log.warning("killed %d processes of event %s left running by an earlier run", n, event_id)
     try:
         return RemoteWorker(app, Client(args.url, token), routes, args.lease_seconds, args.name,
                             app.settings.int("workers")).serve()

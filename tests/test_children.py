@@ -18,7 +18,7 @@ import unittest
 from hookd_core import actions, config, proc
 from tests import test_ixon
 from tests.fake_camera import FakeCamera
-from tests.support import Daemon, process_alive, wait_until
+from tests.support import Daemon, Worker, process_alive, wait_until
 
 SECRETS = {"HOOK_SECRET": "hook-secret-0123456789", "ADMIN_TOKEN": "admin-token-0123456789",
            "CAMERA_PASSWORD": "camera-password-0123456789"}
@@ -187,6 +187,33 @@ class ShutdownTest(Base):
         self.assertEqual(d.stop(), 0)
         wait_until(lambda: not any(process_alive(p) for p in pids), 5,
                    message="the command %s to be gone after hookd stopped" % pids)
+
+
+class RemoteWorkerShutdownTest(Base):
+    """``hookd.py worker`` (SPEC §10) runs jobs on another host: its children never outlive it either."""
+
+    def test_sigterm_of_a_worker_leaves_no_process_behind(self):
+        sleeper = self.script("sleeper.py", SLEEPER)
+        pidfile = os.path.join(self.tmp, "pids")
+        os.makedirs(os.path.join(self.tmp, "first"))
+        first = Daemon("[hookd]\nadmin.token = tok-12345678\n[hook:job]\nverify = none\nallow_unsigned = true\n"
+                       "remote = true\ncommand = /bin/false\n", tmpdir=os.path.join(self.tmp, "first"))
+        self.addCleanup(lambda: first.proc and first.proc.poll() is None and first.kill9())
+        first.start()
+        os.makedirs(os.path.join(self.tmp, "w"))
+        w = Worker("[hookd]\nshutdown_grace = 1\n[hook:job]\nverify = none\nallow_unsigned = true\n"
+                   "command = %s %s %s\n" % (sys.executable, sleeper, pidfile),
+                   ["--from", first.admin_url, "--token", "tok-12345678", "--routes", "hook:job"],
+                   tmpdir=os.path.join(self.tmp, "w"))
+        self.addCleanup(lambda: w.proc and w.proc.poll() is None and w.kill9())
+        w.start()
+        self.accepted(first)
+        pids = read_pids(pidfile)
+        self.assertTrue(all(process_alive(p) for p in pids))
+        self.assertEqual(w.stop(), 0)
+        wait_until(lambda: not any(process_alive(p) for p in pids), 5,
+                   message="the command %s to be gone after the worker stopped" % pids)
+        first.stop()
 
 
 # Asks the admin API for /events, itself and from a grandchild in its own session; writes what each got.
