@@ -94,6 +94,15 @@ class Base(unittest.TestCase):
         self.addCleanup(lambda: d.proc and d.proc.poll() is None and d.kill9())
         return d.start()
 
+    def assert_stop_leaves_nothing(self, d, pidfile):
+        """The SLEEPER command of a running job wrote ``pidfile``: SIGTERM ``d`` (exit 0), and neither the
+        command nor its setsid grandchild may be left."""
+        pids = read_pids(pidfile)
+        self.assertTrue(all(process_alive(p) for p in pids))
+        self.assertEqual(d.stop(), 0)
+        wait_until(lambda: not any(process_alive(p) for p in pids), 5,
+                   message="the command %s to be gone after %s stopped" % (pids, d.__class__.__name__))
+
     def accepted(self, d, path="/hooks/job", body=b'{"n": 1}', headers=None):
         status, _, reply = d.post(path, body, dict({"Content-Type": "application/json"}, **(headers or {})))
         self.assertEqual(status, 202, reply)
@@ -182,11 +191,7 @@ class ShutdownTest(Base):
         d = self.daemon("[hookd]\nshutdown_grace = 2\n[hook:job]\nverify = none\nallow_unsigned = true\n"
                         "command = %s %s %s\n" % (sys.executable, sleeper, pidfile))
         self.accepted(d)
-        pids = read_pids(pidfile)
-        self.assertTrue(all(process_alive(p) for p in pids))
-        self.assertEqual(d.stop(), 0)
-        wait_until(lambda: not any(process_alive(p) for p in pids), 5,
-                   message="the command %s to be gone after hookd stopped" % pids)
+        self.assert_stop_leaves_nothing(d, pidfile)
 
 
 class RemoteWorkerShutdownTest(Base):
@@ -208,11 +213,7 @@ class RemoteWorkerShutdownTest(Base):
         self.addCleanup(lambda: w.proc and w.proc.poll() is None and w.kill9())
         w.start()
         self.accepted(first)
-        pids = read_pids(pidfile)
-        self.assertTrue(all(process_alive(p) for p in pids))
-        self.assertEqual(w.stop(), 0)
-        wait_until(lambda: not any(process_alive(p) for p in pids), 5,
-                   message="the command %s to be gone after the worker stopped" % pids)
+        self.assert_stop_leaves_nothing(w, pidfile)
         first.stop()
 
 
