@@ -106,10 +106,13 @@ class EdgeTest(unittest.TestCase):
                 self.assertEqual(self.stored(marker), [])
 
     def test_a_bare_cr_never_splits_a_header(self):
-        body = b'{"cr": 1}'
+        """The stdlib read "X-A: a<CR>Transfer-Encoding: chunked" as two headers, so as a chunked body."""
+        marker = "bare-cr-%f" % time.time()
+        body = json.dumps({"cr": marker}).encode()
         got = self.send(b"POST /hooks/open HTTP/1.1\r\nHost: x\r\nX-A: a\rTransfer-Encoding: chunked\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                        b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         self.assertEqual(statuses(got), [400], got)
+        self.assertEqual(self.stored(marker), [])
 
     def test_length_and_coding_values_keep_unicode_whitespace(self):
         for value in (b"\x0b9", b"9\x0c", b"9\xa0", b"\x859"):
