@@ -114,7 +114,7 @@ class Reader:
             raise BadRequest("bad HTTP version")
         if not _TOKEN.fullmatch(method):
             raise BadRequest("method is not a token")
-        if not _TARGET.fullmatch(target) or not (target[:1] == b"/" or target == b"*"
+        if not _TARGET.fullmatch(target) or not (target[:1] == b"/" or (target == b"*" and method == b"OPTIONS")
                                                  or target.startswith((b"http://", b"https://"))):
             raise BadRequest("bad request target")
         items, readline, field, left = [], self.rfile.readline, _FIELD.fullmatch, budget[0]
