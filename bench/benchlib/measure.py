@@ -44,21 +44,20 @@ def intake(plan, log):
     return points
 
 
-def _target_block(plan, target, workload, ceiling, log, env=None, conns_list=None, tag=""):
+def _target_block(plan, target, workload, ceiling, log, env=None, tag=""):
     """Every connection count of one target on one workload, with one server process. ``env``: extra
     environment for the server (the slow-disk shim); ``tag`` names the scratch directory."""
     workdir = os.path.join(plan.workdir, "%s-%s%s" % (target.name, workload.name, tag))
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    conns_list = conns_list or plan.conns
     if time.monotonic() > plan.deadline:
-        return [_skipped(target, workload, c) for c in conns_list]
+        return [_skipped(target, workload, c) for c in plan.conns]
     port = procs.free_port()
     server = procs.Server(target.name, target.argv(port, workdir), port,
                           os.path.join(workdir, "server.log"), env=dict(_env(), **(env or {})), cwd=workdir)
     points = []
     with server:
-        for conns in conns_list:
+        for conns in plan.conns:
             point = _point(plan, target, workload, conns, server, workdir, ceiling, log)
             if target.role == "ceiling" and point["runs"]:
                 ceiling[conns] = point["rps"]

@@ -55,7 +55,8 @@ def build(path, scheme, count, tag=None):
 
 
 def _fields(tag, n):
-    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = time.time()  # each delivery carries its own timestamp, as every real one does
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int(now % 1 * 1e6)
     ref = str(uuid.UUID(bytes=hashlib.md5(("%s-%d" % (tag, n)).encode()).digest()))
     return {"ts": ts, "ref": ref, "n": n, "tag": tag, "sum": ref.replace("-", "") * 2}
 
