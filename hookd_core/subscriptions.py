@@ -44,6 +44,7 @@ UNHEALTHY = ("FAILING", "DELETED")
 MISSING = "missing"    # the status of a known subscription the upstream no longer lists
 UNSUBSCRIBED = "unsubscribed"  # deleted through hookd: a check that listed it just before is not news
 MAX_PAGES = 50         # iconik listing pages followed (100 webhooks each)
+MAX_ID = 200           # characters; a longer id (or one with control characters) is not something we keep
 PRESERVICA_TRIGGERS = ("FULL_TEXT_INDEXED", "MOVED", "INGEST_FAILED", "CHANGED_SECURITY_DESCRIPTOR",
                        "CHANGE_ASSET_VISIBILITY")
 # The iconik webhooks the analysis flow needs: (event_type, realm, operation); None: every operation
@@ -69,6 +70,14 @@ class Sub:
     def as_dict(self):
         return {"route": self.route, "id": self.id, "filter": self.filter, "url": self.url,
                 "status": self.status}
+
+
+def usable(doc):
+    """True when ``doc`` is a listed object with an id hookd can keep, show and put in a metric label."""
+    sub_id = doc.get("id") if isinstance(doc, dict) else None
+    if isinstance(sub_id, int) and not isinstance(sub_id, bool):
+        return True
+    return isinstance(sub_id, str) and 0 < len(sub_id) <= MAX_ID and sub_id.isprintable()
 
 
 def points_at(url, public_url):
@@ -103,7 +112,7 @@ class Upstream:
         reply = client.check(self.call("POST", self.PATH, json.dumps(doc).encode("utf-8")), self.NAME,
                              self.REFUSED)
         created = reply.json()
-        if not isinstance(created, dict) or not created.get("id"):
+        if not usable(created):
             raise Fail("%s answered %d without an id: %s" % (self.NAME, reply.status, client.excerpt(reply.body)))
         return created
 
@@ -134,7 +143,7 @@ class PreservicaSubscriptions(Upstream):
         doc = client.check(self.call("GET", self.PATH), self.NAME, self.REFUSED).json()
         if not isinstance(doc, list):
             raise Fail("Preservica listed subscriptions as %s, not a list" % type(doc).__name__)
-        return [self.sub(s) for s in doc if isinstance(s, dict) and s.get("id")]
+        return [self.sub(s) for s in doc if usable(s)]
 
     def sub(self, doc):
         return Sub(self.route, str(doc["id"]), str(doc.get("triggerType") or ""), doc.get("url"), "present")
@@ -168,7 +177,7 @@ class IconikWebhooks(Upstream):
             objects = doc.get("objects") if isinstance(doc, dict) else None
             if not isinstance(objects, list):
                 raise Fail("iconik listed webhooks without an objects list")
-            out += [self.sub(o) for o in objects if isinstance(o, dict) and o.get("id")]
+            out += [self.sub(o) for o in objects if usable(o)]
             path = self.next_path(doc.get("next_url"))
             if path is None:
                 break
@@ -337,7 +346,8 @@ def worth_checking(app, route):
 
 class Watcher:
     """The daemon's thread that checks the subscriptions every ``subscriptions.check_interval`` seconds
-    (read again each round, so SIGHUP can change it). ``check_all()`` is one round (tests call it)."""
+    (read again every second, so a SIGHUP that changes it takes effect at once). ``check_all()`` is one
+    round (tests call it)."""
 
     def __init__(self, app):
         self.app = app
@@ -348,11 +358,13 @@ class Watcher:
         return t
 
     def _run(self):
+        last = time.monotonic()
         while True:
             interval = self.app.settings.float("subscriptions.check_interval")
-            if self.app.stopping.wait(interval if interval > 0 else 5.0):
+            if self.app.stopping.wait(min(interval, 1.0) if interval > 0 else 1.0):
                 return
-            if interval > 0:
+            if interval > 0 and time.monotonic() - last >= interval:
+                last = time.monotonic()
                 self.check_all()
 
     def check_all(self):

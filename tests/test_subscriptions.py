@@ -51,13 +51,13 @@ class Watched(unittest.TestCase):
 
     SECTION = ""
 
-    def start(self, section):
+    def start(self, section, interval=INTERVAL):
         tmp = tempfile.mkdtemp(prefix="hookd-subs-")
         self.teams = FakeTeams()
         self.addCleanup(self.teams.close)
         command, self.folder = recorder(tmp)
         self.d = support.Daemon("[hookd]\nsubscriptions.check_interval = %s\nalert.teams.url = %s\n"
-                                "alert.command = %s\n%s" % (INTERVAL, self.teams.workflow_url, command, section),
+                                "alert.command = %s\n%s" % (interval, self.teams.workflow_url, command, section),
                                 tmpdir=tmp)
         self.d.start()
         self.addCleanup(self.d.stop)
@@ -165,6 +165,25 @@ class PreservicaSubscriptionTest(Watched):
         r = self.cli("subscribe", "zencoder")
         self.assertEqual(r.returncode, 1)
         self.assertIn("no [zencoder] section", r.stderr)
+
+
+class ReloadTest(Watched):
+    def test_a_reload_that_shortens_the_check_interval_takes_effect_at_once(self):
+        fake = fp.FakePreservica(username="hookd", password=PASSWORD, tenant="DEMO")
+        self.addCleanup(fake.close)
+        self.start("[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\npassword = %s\n"
+                   % (SECRET, fake.url, PASSWORD), interval=900)
+        r = self.cli("subscribe", "preservica", "MOVED")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        sub_id = r.stdout.strip()
+        with open(self.d.config_path) as f:
+            text = f.read()
+        with open(self.d.config_path, "w") as f:
+            f.write(text.replace("subscriptions.check_interval = 900", "subscriptions.check_interval = %s" % INTERVAL))
+        self.d.signal(signal.SIGHUP)
+        support.wait_until(lambda: self.d.log().count("configuration reloaded") >= 2, 10, message="second reload")
+        fake.drop(sub_id)
+        self.wait_metric("preservica", sub_id, 0)
 
 
 class IconikSubscriptionTest(Watched):
@@ -367,6 +386,15 @@ class WatcherTest(unittest.TestCase):
         watcher.check_all()
         self.assertEqual(sorted(self.state(app)), sorted((i, "ENABLED", True) for i in ids))
         self.assertEqual(self.outbox(app), 0)
+
+    def test_unusable_ids_are_not_kept(self):
+        app = self.app()
+        for bad in ("x" * 5000, "a\nb", ""):
+            self.fake.webhooks[bad] = {"id": bad, "event_type": "assets", "realm": "entity", "operation": None,
+                                       "url": "https://hooks.example.org/iconik", "status": "ENABLED"}
+        self.fake.webhooks["ok-1"] = dict(self.fake.webhooks["a\nb"], id="ok-1")
+        subscriptions.Watcher(app).check_all()
+        self.assertEqual(self.state(app), [("ok-1", "ENABLED", True)])
 
     def test_refused_credentials_say_which_keys(self):
         app = self.app(token="wrong")
