@@ -27,8 +27,9 @@ RECORDER = textwrap.dedent("""\
     n = len([p for p in os.listdir(folder) if p.endswith(".json")])
     doc = {"stdin": json.loads(sys.stdin.read()),
            "env": {k: v for k, v in os.environ.items() if k.startswith("HOOKD_")}, "names": sorted(os.environ)}
-    with open(os.path.join(folder, "%d.json" % n), "w") as f:
+    with open(os.path.join(folder, "%d.tmp" % n), "w") as f:
         json.dump(doc, f)
+    os.replace(os.path.join(folder, "%d.tmp" % n), os.path.join(folder, "%d.json" % n))  # seen whole or not at all
     code = os.path.join(folder, "exit")
     sys.exit(int(open(code).read()) if os.path.exists(code) else 0)
 """)
