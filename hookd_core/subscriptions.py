@@ -61,7 +61,7 @@ class Sub:
 
     def __init__(self, route, sub_id, filter_, url, status):
         self.route, self.id, self.filter, self.url, self.status = route, sub_id, filter_, url, status
-        self.up = None  # what hookd last recorded (known() sets it)
+        self.up = self.seen_at = None  # what hookd last recorded, and when (known() sets them)
 
     @property
     def healthy(self):
@@ -254,22 +254,25 @@ def upstream_for(app, route):
 
 def known(conn, route=None):
     """{(route, id): Sub} of every subscription hookd created or listed (and did not unsubscribe), with
-    its ``up``."""
-    sql, args = "SELECT route, id, filter, url, status, up FROM subscriptions WHERE status != ?", (UNSUBSCRIBED,)
+    its ``up`` and ``seen_at``."""
+    sql = "SELECT route, id, filter, url, status, up, seen_at FROM subscriptions WHERE status != ?"
+    args = (UNSUBSCRIBED,)
     if route is not None:
         sql, args = sql + " AND route = ?", args + (route,)
     out = {}
-    for r, i, f, u, s, up in conn.execute(sql + " ORDER BY route, id", args):
+    for r, i, f, u, s, up, seen_at in conn.execute(sql + " ORDER BY route, id", args):
         sub = Sub(r, i, f, u, s)
-        sub.up = bool(up)
+        sub.up, sub.seen_at = bool(up), seen_at
         out[(r, i)] = sub
     return out
 
 
 def observe(conn, settings, route, listed, complete=True, now=None):
-    """Record ``listed`` (one upstream's subscriptions that point at hookd or are known) for ``route``.
-    With ``complete``, known ones not in ``listed`` are missing. Every change of health queues one alert;
-    returns the number of changes."""
+    """Record ``listed`` (one upstream's subscriptions that point at hookd or are known) for ``route``, as
+    the upstream listed them at ``now`` (when the listing was asked for). With ``complete``, known ones
+    not in ``listed`` are missing. A subscription recorded after ``now`` (a ``subscribe`` or another look
+    that finished meanwhile) is left as it is: this listing is older news. Every change of health queues
+    one alert; returns the number of changes."""
     now = time.time() if now is None else now
     before = known(conn, route)
     gone = set(i for (i,) in conn.execute("SELECT id FROM subscriptions WHERE route=? AND status=?",
@@ -279,6 +282,8 @@ def observe(conn, settings, route, listed, complete=True, now=None):
         if sub.id in gone:
             continue
         old = before.pop((route, sub.id), None)
+        if old is not None and old.seen_at > now:
+            continue
         up = 1 if sub.healthy else 0
         if old is None:
             conn.execute("INSERT INTO subscriptions(route, id, filter, url, status, up, seen_at, changed_at)"
@@ -297,7 +302,7 @@ def observe(conn, settings, route, listed, complete=True, now=None):
                                                                     reason, now), now)
     if complete:
         for old in before.values():
-            if old.status == MISSING:
+            if old.status == MISSING or old.seen_at > now:
                 continue
             conn.execute("UPDATE subscriptions SET status=?, up=0, changed_at=CASE WHEN up=1 THEN ? ELSE"
                          " changed_at END WHERE route=? AND id=?", (MISSING, now, route, old.id))
@@ -328,10 +333,11 @@ def health(conn):
 def check(app, route, upstream):
     """List ``route``'s subscriptions, keep those that point at public_url or are known, observe them.
     Returns the number of health changes. Raises Retry or Fail when the listing fails."""
+    asked = time.time()
     listed = upstream.listing()
     ids = set(sub_id for (_, sub_id) in app.store.read(lambda c: known(c, route)))
     ours = [s for s in listed if points_at(s.url, upstream.public_url) or s.id in ids]
-    changes = app.store.write(lambda c: observe(c, app.settings, route, ours))
+    changes = app.store.write(lambda c: observe(c, app.settings, route, ours, now=asked))
     if changes and getattr(app, "alerts", None) is not None:
         app.alerts.wake.set()
     return changes

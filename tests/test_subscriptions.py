@@ -12,6 +12,7 @@ import re
 import signal
 import sqlite3
 import tempfile
+import time
 import unittest
 
 from hookd_core import alerts, config, subscriptions
@@ -122,7 +123,8 @@ class PreservicaSubscriptionTest(Watched):
         self.wait_alerts(1)
         self.quiet_for(self.listings)
         cards, told = self.alerts_told()
-        self.assertEqual(len(cards), 1, "one alert for one subscription gone")
+        self.assertEqual(len(cards), 1, "one alert for one subscription gone: %s\n%s" % (
+            json.dumps(cards), self.d.log()[-3000:]))
         self.assertEqual([(t["kind"], t["id"], t["status"]) for t in told],
                          [("subscription_down", sub_id, "missing")])
         self.assertIn(sub_id, json.dumps(cards[0][1]))
@@ -307,9 +309,9 @@ class ObserveTest(unittest.TestCase):
         self.conn.executescript(alerts.SCHEMA + subscriptions.SCHEMA)
         self.settings = config.Section("hookd", {"alert.command": "/bin/true"}, config.HOOKD_KEYS)
 
-    def see(self, *subs, complete=True):
+    def see(self, *subs, complete=True, asked=None):
         listed = [subscriptions.Sub("iconik", i, "assets/*/*", "https://h/iconik", s) for i, s in subs]
-        return subscriptions.observe(self.conn, self.settings, "iconik", listed, complete)
+        return subscriptions.observe(self.conn, self.settings, "iconik", listed, complete, now=asked)
 
     def state(self):
         return {i: (s, up) for _, i, _, _, s, up in self.conn.execute(
@@ -339,6 +341,16 @@ class ObserveTest(unittest.TestCase):
         self.assertEqual(self.see(("b", "ENABLED")), 0)
         self.assertEqual(self.told(), [])
         self.assertEqual(subscriptions.health(self.conn), [("iconik", "b", 1)])
+
+    def test_a_listing_asked_for_before_a_subscribe_does_not_miss_it(self):
+        asked = time.time() - 1  # the daemon asked for a listing, then `subscribe` recorded "a"
+        self.see(("a", "ENABLED"), complete=False)
+        self.assertEqual(self.see(asked=asked), 0)
+        self.assertEqual(self.see(("a", "FAILING"), asked=asked), 0)
+        self.assertEqual(self.state(), {"a": ("ENABLED", 1)})
+        self.assertEqual(self.told(), [])
+        self.assertEqual(self.see(), 1)  # a listing asked for later does
+        self.assertEqual(self.told(), [("subscription_down", "a")])
 
     def test_first_seen_failing_is_told_and_partial_listings_miss_nothing(self):
         self.assertEqual(self.see(("a", "FAILING")), 1)
