@@ -24,7 +24,7 @@ import string
 import time
 import urllib.parse
 
-from . import admin
+from . import admin, subscriptions
 from .api import Response
 from .store import (STATUSES, counts, list_events, list_workers, oldest_queued, product_path, products,
                     row_dict)
@@ -269,8 +269,11 @@ def overview(ctx):
     routes = sorted(set(table) | {i.name for i in app.integrations})
     total = {s: sum(table.get(r, {}).get(s, 0) for r in routes) for s in STATUSES}
     waiting = total["queued"] + total["retry"] + total["running"]
+    subs = sorted(app.store.read(subscriptions.known).values(), key=lambda sub: (sub.up, sub.route, sub.id))
     facts = [("waiting", waiting), ("dead", total["dead"]),
              ("oldest queued", age(now - oldest) if oldest else "none")]
+    if subs:
+        facts.append(("subscriptions up", "%d of %d" % (sum(1 for sub in subs if sub.up), len(subs))))
     if app.pool is not None:
         busy = sum(1 for w in app.pool.workers if w.busy_since is not None)
         facts.append(("workers", "%d of %d busy%s" % (busy, app.pool.size,
@@ -287,6 +290,9 @@ def overview(ctx):
         out.append('<p class="quiet">None.</p>')
     out.append('<h2>Events by route and status</h2>')
     out.append(counts_table(table, routes, total))
+    out.append('<h2>Upstream subscriptions</h2>')
+    out.append(subscriptions_table(subs) if subs else '<p class="quiet">None known: <code>hookd.py subscribe'
+               '</code> creates them, <code>hookd.py subscriptions</code> lists what the upstreams have.</p>')
     remote = app.store.read(list_workers)
     if remote:
         out.append('<h2>Remote workers</h2><table class="workers"><thead><tr><th>worker</th><th>address</th>'
@@ -315,6 +321,16 @@ def counts_table(table, routes, total):
     out.append('<tr class="total"><th>all</th>%s%s</tr></tbody></table>' % (
         "".join(cell(None, s, total[s]) for s in STATUSES), cell(None, None, sum(total.values()))))
     return "".join(out)
+
+
+def subscriptions_table(subs):
+    """The upstream subscriptions hookd watches (SPEC §8), unhealthy ones first."""
+    rows = "".join('<tr><td>%s</td><td>%s</td><td>%s</td><td class="msg">%s</td><td>%s</td><td>%s</td></tr>' % (
+        e(sub.route), e(sub.id), e(sub.filter), e(sub.url), e(sub.status),
+        '<span class="badge st-done">up</span>' if sub.up else '<span class="badge st-dead">down</span>')
+        for sub in subs)
+    return ('<table class="subscriptions"><thead><tr><th>route</th><th>id</th><th>trigger / filter</th><th>url'
+            '</th><th>upstream says</th><th>health</th></tr></thead><tbody>%s</tbody></table>' % rows)
 
 
 def event_table(rows, now):

@@ -15,7 +15,7 @@ import tempfile
 import unittest
 import urllib.parse
 
-from hookd_core import console
+from hookd_core import console, subscriptions
 from hookd_core.api import Headers, Request
 from hookd_core.app import App
 from hookd_core.store import list_events, row_dict
@@ -133,6 +133,20 @@ class PagesTest(ConsoleCase):
         html = self.page("/")
         self.assertRegex(html, r"<tr><td>cam-host-&lt;1&gt;</td><td>10.0.0.7</td><td>hook:demo</td><td>2</td>"
                                r"<td title=\"[^\"]+\">\d+ s ago</td></tr>")
+
+    def test_overview_shows_subscription_health_unhealthy_first(self):
+        self.assertIn("None known", self.page("/"))
+        hooks = "https://hooks.example.org/iconik"
+        self.app.store.write(lambda c: subscriptions.observe(c, self.app.settings, "iconik", [
+            subscriptions.Sub("iconik", "w-1", "assets/entity/create", hooks, "ENABLED"),
+            subscriptions.Sub("iconik", "w-<2>", "assets/proxies/*", hooks, "FAILING")]))
+        html = self.page("/")
+        rows = re.findall(r"<table class=\"subscriptions\">.*?<tbody>(.*?)</tbody>", html)[0].split("</tr>")
+        self.assertIn("<td>w-&lt;2&gt;</td><td>assets/proxies/*</td>", rows[0])
+        self.assertIn('<td>FAILING</td><td><span class="badge st-dead">down</span>', rows[0])
+        self.assertIn('<td>w-1</td>', rows[1])
+        self.assertIn('<td>ENABLED</td><td><span class="badge st-done">up</span>', rows[1])
+        self.assertIn("<dt>subscriptions up</dt><dd>1 of 2</dd>", html)
 
     def count_cell(self, html, route, status):
         """The number in the overview's table at (route, status), as shown."""

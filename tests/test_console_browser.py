@@ -1,9 +1,10 @@
 """The console in a real browser, against the real daemon with events from every route.
 
 Strategy: one daemon serves the whole module, configured with every integration against its loopback
-fake (Preservica with thumbnails, iconik, Camio, an IXON camera recording real H.264 clips, Zencoder), two
-generic hooks, ``demo`` (stores anything, here a payload full of HTML) and ``flaky`` (a command that fails
-until a marker file exists, so its event goes dead), and an ``admin.token``. ``setUpModule`` sends one
+fake (Preservica with thumbnails, iconik with the webhooks ``subscribe iconik`` made, Camio, an IXON
+camera recording real H.264 clips, Zencoder), two generic hooks, ``demo`` (stores anything, here a
+payload full of HTML) and ``flaky`` (a command that fails until a marker file exists, so its event goes
+dead), and an ``admin.token``. ``setUpModule`` sends one
 event to each route and waits until every one has settled. ``ProductsTest`` reads the console over HTTP
 with the bearer token: what each job produced. ``BrowserTest`` drives one headless Chromium (tests/cdp.py)
 as the person on call would: the login form, the overview's counts against the CLI's, a dead event's
@@ -11,6 +12,7 @@ error, a mouse click on Retry and then the CLI's word that the event is done, th
 text, and the IXON clip playing in its ``<video>``. Screenshots of the overview and of the IXON event are
 taken every run; with ``HOOKD_SCREENSHOTS=DIR`` they are kept there (that is how docs/ got its own).
 """
+
 import json
 import os
 import re
@@ -35,6 +37,7 @@ FLAKY = "import os, sys; sys.exit(0 if os.path.exists(sys.argv[1]) else 3)"
 
 CONFIG = """[hookd]
 admin.token = {token}
+public_url = https://hooks.example.org
 workers = 4
 retry.base_delay = 0.05
 retry.max_delay = 0.2
@@ -103,6 +106,8 @@ def _start(tmp):
         ic_token=ic.auth_token, ic_secret=IC_SECRET, camio_key=CAMIO_KEY, camera=cam.stream_url, zc_url=zc.api_url,
         zc_key=fake_zencoder.API_KEY, zc_secret=ZC_SECRET, python=sys.executable, flaky=FLAKY,
         marker=D["marker"], token=TOKEN), tmpdir=tmp).start()
+    r = d.cli("subscribe", "iconik")  # the two iconik webhooks hookd needs, so the overview has their health
+    assert r.returncode == 0, r.stdout + r.stderr
     ids = D["ids"] = {}
     png, _ = fp.make_images("160x120")
     D["png"] = png
@@ -254,6 +259,9 @@ class BrowserTest(unittest.TestCase):
         dead_rows = page.eval("[...document.querySelectorAll('table.events tbody tr')].map(r => r.innerText)")
         self.assertEqual(len(dead_rows), 1)
         self.assertIn("hook:flaky", dead_rows[0])
+        subs = page.eval("[...document.querySelectorAll('table.subscriptions tbody tr')].map("
+                         "r => [r.children[0].textContent, r.children[5].textContent])")
+        self.assertEqual(subs, [["iconik", "up"], ["iconik", "up"]])
         self.screenshot(page, "console-overview.png")
 
     def test_3_a_dead_event_shows_its_error_and_retry_makes_it_done(self):
