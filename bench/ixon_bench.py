@@ -44,12 +44,12 @@ def latency(mode, runs):
                       ixon.server_id))
     else:
         section = "stream.url = %s\n" % cam.stream_url
-    d = Daemon("[hookd]\nworkers = 2\n\n[ixon]\n%sduration = 2\n" % section).start()
+    d = Daemon("[hookd]\nworkers = 2\n\n[ixon]\nkey = bench-key\n%sduration = 2\n" % section).start()
     out = []
     try:
         for i in range(runs):
             msg = dict(MESSAGE, createdOn="2024-01-01T00:00:%02d" % i)
-            status, _, body = post(d.url + "/ixon/webhook", json.dumps(msg), {"Content-Type": "application/json"})
+            status, _, body = post(d.url + "/ixon/webhook/bench-key", json.dumps(msg), {"Content-Type": "application/json"})
             answered = time.monotonic()
             if status != 202:
                 raise SystemExit("webhook answered %d: %s" % (status, body))

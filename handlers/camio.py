@@ -1,34 +1,37 @@
 """Camio hooks: label the key images of a camera event and POST the labels back to Camio.
 
-Strategy: Camio POSTs each interesting event, with its images base64'd, to ``/camio/tasks/{api_key}``
-(the key in the path is the only credential; compared in constant time). ``accept`` checks the shape
-(``callback_url`` and a non-empty ``images[]``) and stores the event (its payload without the image
-bytes, which stay in the raw body), keyed on ``callback_url``, Camio's per-event URL for the answer (no
-event id field is known; upstreams.md §3.2). A worker then
-decodes the images into ``state_dir/tmp/camio-<id>/`` (removed when the job ends), labels them, and POSTs
-``{"status": "success", "labels": {TIMESTAMP: {LABEL: {"probability": P, "polygon": []}}}}`` to the
-payload's ``callback_url``, but only if its host is in ``callback.hosts`` (else the job fails, nothing
-sent). A non-2xx answer or a network error is retried; labels already computed are kept in
+Wire contract (CamioCam/examples ``hooks/hook-example.py``, ``hooks/README.md``, ``batch_import/EXAMPLE.md``).
+A hook is registered with ``POST https://camio.com/api/users/me/hooks`` and a ``callback_url``; Camio then
+POSTs each interesting event there as JSON, with no signature: the secret is the last path segment, so
+hookd serves ``POST /camio/tasks/{api_key}`` (compared in constant time, never logged; wrong key 401). The
+body has ``callback_url`` (Camio's URL for this event's answer), ``user_id``, ``camera`` and ``images[]``,
+each ``{type, size, timestamp, image_b64}``; ``timestamp`` is an ISO string or
+``{"meta_class": ..., "date": ...}`` (422 when the shape is wrong). The answer to Camio is
+``POST callback_url`` with ``{"status": "success", "labels": {TIMESTAMP: {LABEL: {"probability": P,
+"polygon": []}}}}``. ``GET /camio/tasks/{api_key}`` lists the events still waiting or running.
+
+Strategy: ``accept`` stores the event (its payload without the image bytes, which stay in the raw body),
+keyed on ``callback_url`` (no event id field is known). A worker decodes the images into
+``state_dir/tmp/camio-<id>/`` (removed when the job ends), labels them, and posts the labels through
+``CamioCallback``, but only to a host in ``callback.hosts`` (else the job fails, nothing sent); the answer
+is mapped by ``client.check`` (any other non-2xx is retried), and labels already computed are kept in
 ``camio_labels`` so a retry only re-sends them. ``labeler = stats`` derives labels from the pixels with
 ffmpeg's ``signalstats`` filter (thresholds below); ``labeler = command:PROG ARGS`` runs the user's model
-with the payload JSON on stdin and posts the labels JSON it prints. ``GET /camio/tasks/{api_key}`` lists
-the events still waiting or running.
+with the payload JSON on stdin and posts the labels JSON it prints.
 """
 
 import base64
 import binascii
-import hmac
 import json
 import os
 import re
 import shlex
 import shutil
 import sqlite3
-import time
 
-from hookd_core import actions, client, proc
-from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Response,
-                            Retry)
+from hookd_core import actions, client, proc, verify
+from hookd_core.api import (REQUIRED, BadPayload, Fail, Integration, NewEvent, Response, Retry, iso,
+                            path_segment)
 from hookd_core.config import ConfigError
 
 PREFIX = "/camio/tasks/"
@@ -61,8 +64,28 @@ CREATE TABLE IF NOT EXISTS camio_labels (
 """
 
 
+class CamioCallback:
+    """The answer to Camio: POST the labels to the event's ``callback_url``, only to ``callback.hosts``."""
+
+    def __init__(self, hosts, timeout):
+        self.hosts, self.timeout = hosts, timeout
+
+    def check_host(self, url):
+        """Fail before any work when the labels could never be sent (SSRF guard; request() checks too)."""
+        host = client.split_url(url)[1].lower()
+        if host not in {h.lower() for h in self.hosts}:
+            raise Fail("callback host %s is not in callback.hosts" % host)
+
+    def post_labels(self, url, labels):
+        body = json.dumps({"status": "success", "labels": labels}).encode("utf-8")
+        reply = client.request("POST", url, headers={"Content-Type": "application/json"}, body=body,
+                               timeout=self.timeout, allowed_hosts=self.hosts)
+        client.check(reply, "Camio callback", refused="the event's callback_url", other=Retry)
+
+
 class Handler(Integration):
     SECTION = "camio"
+    route = PREFIX + "{api_key}"
     KEYS = {
         "api_key": REQUIRED,
         "labeler": "stats",
@@ -77,8 +100,7 @@ class Handler(Integration):
     # -- request thread --------------------------------------------------------------------------------
 
     def match(self, path):
-        key = path[len(PREFIX):] if path.startswith(PREFIX) else ""
-        return bool(key) and "/" not in key
+        return path_segment(path, PREFIX) is not None
 
     def check(self):
         problems = []
@@ -106,7 +128,7 @@ class Handler(Integration):
         return problems
 
     def accept(self, req):
-        self._check_key(req.path)
+        verify.path_secret(path_segment(req.path, PREFIX), self.conf.get("api_key"))
         payload = req.json()
         problem = payload_problem(payload)
         if problem:
@@ -117,42 +139,35 @@ class Handler(Integration):
         return [NewEvent(payload=without_pixels(payload), dedupe_key=key)]
 
     def get(self, req):
-        self._check_key(req.path)
+        verify.path_secret(path_segment(req.path, PREFIX), self.conf.get("api_key"))
         route = self.name
-        tasks = self.app.store.read(lambda conn: pending_tasks(conn, route))
+        tasks = self.core.read(lambda conn: pending_tasks(conn, route))
         return Response(200, tasks)
 
-    def _check_key(self, path):
-        given = path[len(PREFIX):].encode("utf-8")
-        if not hmac.compare_digest(given, self.conf.get("api_key").encode("utf-8")):
-            raise BadSignature("wrong Camio API key in the path")
+    def callback(self):
+        return CamioCallback(self.conf.list("callback.hosts"), self.conf.float("callback.timeout"))
 
     # -- worker thread ---------------------------------------------------------------------------------
 
     def run(self, ctx):
         payload = ctx.payload
         url = payload["callback_url"]
-        self._check_host(url)
-        labels = self.app.store.read(lambda conn: cached_labels(conn, ctx.id))
+        callback = self.callback()
+        callback.check_host(url)
+        labels = self.core.read(lambda conn: cached_labels(conn, ctx.id))
         if labels is None:
             labels = self._label(ctx, full_task(ctx.body))
-            self.app.store.write(lambda conn: remember_labels(conn, ctx.id, labels))
-        self._post(url, labels)
+            self.core.write(lambda conn: remember_labels(conn, ctx.id, labels))
+        callback.post_labels(url, labels)
         ctx.product("labels", data=labels)
-        self.app.store.write(lambda conn: forget_labels(conn, ctx.id))
+        self.core.write(lambda conn: forget_labels(conn, ctx.id))
         ctx.action_input = {"camera": payload.get("camera"), "user_id": payload.get("user_id"),
                             "images": len(payload["images"]), "labels": labels}
         return "labels for %d image(s) posted to %s" % (len(payload["images"]), client.redact_url(url))
 
-    def _check_host(self, url):
-        """Fail before any work when the labels could never be sent (SSRF guard; client.request checks too)."""
-        host = client.split_url(url)[1].lower()
-        if host not in {h.lower() for h in self.conf.list("callback.hosts")}:
-            raise Fail("callback host %s is not in callback.hosts" % host)
-
     def _label(self, ctx, task):
         """Decode the images into a private temp dir under state_dir, label them, remove the dir."""
-        workdir = os.path.join(self.app.state_dir, "tmp", "camio-%s" % ctx.id)
+        workdir = os.path.join(self.core.state_dir, "tmp", "camio-%s" % ctx.id)
         shutil.rmtree(workdir, ignore_errors=True)  # left over from a crash mid-job
         os.makedirs(os.path.dirname(workdir), exist_ok=True)
         os.mkdir(workdir, 0o700)
@@ -180,14 +195,6 @@ class Handler(Integration):
             stderr = tail(done.stderr).replace(self.conf.get("api_key"), "***")
             raise Retry("labeler exited with %d: %s" % (done.returncode, stderr))
         return parse_labels(done.stdout)
-
-    def _post(self, url, labels):
-        body = json.dumps({"status": "success", "labels": labels}).encode("utf-8")
-        reply = client.request("POST", url, headers={"Content-Type": "application/json"}, body=body,
-                             timeout=self.conf.float("callback.timeout"),
-                             allowed_hosts=self.conf.list("callback.hosts"))
-        if not reply.ok:
-            raise Retry("Camio callback answered %d" % reply.status)
 
     def card(self, ctx):
         payload = ctx.payload if isinstance(ctx.payload, dict) else {}
@@ -432,9 +439,3 @@ def _who(payload_text):
         return None, None
     return (payload.get("camera"), payload.get("user_id")) if isinstance(payload, dict) else (None, None)
 
-
-def iso(value):
-    """received_at (epoch seconds) as ISO 8601 UTC with milliseconds, as ``hookd.py events`` shows it."""
-    if not isinstance(value, (int, float)):
-        return value
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(value)) + ".%03dZ" % int((value % 1) * 1000)

@@ -1,26 +1,35 @@
 """iconik (Backlight) webhooks: send each new asset to iconik's analysis once, as soon as its proxy is ready.
 
-Strategy: ``POST /iconik`` receives every iconik webhook. iconik signs nothing, so the webhook definition
-carries a shared-secret header (``secret.header``: ``secret.key``), compared in constant time before the
-body is parsed. ``accept`` stores each event with ``serial_key = "iconik:" + asset id``, so two jobs for one
+Wire contract. An iconik webhook definition (``POST /API/notifications/v1/webhooks/``: ``event_type``,
+``realm``, ``operation``, ``url`` and a ``headers`` map iconik adds to every call; OpenAPI spec in
+bootsie123/iconik-typescript ``openapi.json``, https://app.iconik.io/help/pages/entities/webhooks) makes
+iconik POST a JSON envelope ``{system_domain_id, event_type, object_id, user_id, realm, operation, data,
+request_id}`` (captured in backblaze-b2-samples/b2-iconik-plugin ``main_test.py``). iconik signs nothing,
+so the definition carries a shared-secret header (``secret.header``: ``secret.key``), checked in constant
+time before the body is parsed (401). The API calls back are ``POST {url}/API/transcode/v1/analyze/assets/
+{id}/`` (201 on success, 404 for an unknown asset) and ``GET {url}/API/assets/v1/assets/{id}/`` (its
+``analyze_status``), with ``App-ID`` and ``Auth-Token`` headers (NorthShoreAutomation/pythonik
+``pythonik/client.py``).
+
+Strategy: ``accept`` stores each event with ``serial_key = "iconik:" + asset id``, so two jobs for one
 asset never run at once. ``run`` keeps one row per asset in ``iconik_asset`` and moves it through
 ``proxy_first`` (a CLOSED proxy seen before the create) / ``waiting`` (created) → ``submitting`` (claimed in
 the same transaction that saw both facts) → ``submitted`` (only after iconik's 201/200) or ``gone`` (404).
 A job that finds ``submitting`` left behind by an attempt that may have reached iconik (network error, crash)
 first reads the asset's ``analyze_status`` and submits again only if iconik has not got the request, so an
-asset is analysed once whatever the number and order of events. Every other event runs only the generic
-actions. Wire format: reference/upstreams.md §1.
+asset is analysed once whatever the number and order of events. ``IconikApi`` makes the calls; answers
+are mapped by ``client.check`` (401/403 dead with what to check, 429/5xx retried). Every other event runs
+only the generic actions.
 """
 
-import datetime
 import hashlib
-import hmac
 import json
 import re
+import time
 import urllib.parse
 
-from hookd_core import client
-from hookd_core.api import REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Retry
+from hookd_core import client, verify
+from hookd_core.api import REQUIRED, BadPayload, Integration, NewEvent, iso
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS iconik_asset (
@@ -38,10 +47,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 REQUESTED = ("REQUESTED", "IN_PROGRESS", "DONE")  # analyze_status values meaning "iconik already has it"
 API_TIMEOUT = 30  # seconds for one call to the iconik API
-
-
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+REFUSED = "[iconik] app_id and auth_token, and that the token's user has can_analyze_content"
 
 
 # -- what an event is about (pure functions: tested directly) ------------------------------------------
@@ -100,7 +106,7 @@ def load(conn, asset_id):
 
 def save(conn, asset_id, state, proxy_ready, note):
     """Insert or update the asset's row (no UPSERT: it needs SQLite 3.24, older than some Python 3.9s)."""
-    values = (state, int(proxy_ready), now_iso(), note, asset_id)
+    values = (state, int(proxy_ready), iso(time.time()), note, asset_id)
     cur = conn.execute("UPDATE iconik_asset SET state = ?, proxy_ready = ?, updated_at = ?, note = ?"
                        " WHERE asset_id = ?", values)
     if cur.rowcount == 0:
@@ -149,7 +155,26 @@ def finish(conn, asset_id, state, note):
     conn.execute("UPDATE iconik_asset SET state = ?, updated_at = ?, note = ?,"
                  " submitted_at = CASE WHEN ? = 'submitted' THEN ? ELSE submitted_at END"
                  " WHERE asset_id = ? AND state = 'submitting'",
-                 (state, now_iso(), note, state, now_iso(), asset_id))
+                 (state, iso(time.time()), note, state, iso(time.time()), asset_id))
+
+
+# -- the iconik API ----------------------------------------------------------------------------------------
+
+class IconikApi(client.Api):
+    """The two calls hookd makes, with the application token; only to the configured host."""
+
+    def __init__(self, conf):
+        super().__init__(conf.get("url"), API_TIMEOUT)
+        self.app_id, self.auth_token = conf.get("app_id"), conf.get("auth_token")
+
+    def headers(self):
+        return {"App-ID": self.app_id, "Auth-Token": self.auth_token, "Accept": "application/json"}
+
+    def asset(self, asset_id):
+        return self.call("GET", "/API/assets/v1/assets/%s/" % asset_id)
+
+    def analyze(self, asset_id, profile):
+        return self.call("POST", analyze_path(asset_id, profile), body={})
 
 
 # -- the integration -------------------------------------------------------------------------------------
@@ -173,6 +198,10 @@ class Handler(Integration):
     max_parallel = 2  # a burst of ingests must not turn into a burst of API calls, nor take every worker
     job_timeout = 4 * API_TIMEOUT  # at most two calls (check + submit) per job
 
+    def __init__(self, name, conf, core):
+        super().__init__(name, conf, core)
+        self.api = IconikApi(conf)
+
     def check(self):
         problems = []
         parts = urllib.parse.urlsplit(self.conf.get("url") or "")
@@ -188,7 +217,7 @@ class Handler(Integration):
     # request thread ----------------------------------------------------------------------------------
 
     def accept(self, req):
-        self.verify(req)
+        verify.secret_header(req.headers, [self.conf.get("secret.key")], [self.conf.get("secret.header")])
         event = req.json()
         if not isinstance(event, dict):
             raise BadPayload("iconik event is not a JSON object")
@@ -197,23 +226,14 @@ class Handler(Integration):
         serial = "iconik:" + kind.asset_id if kind.asset_id else None
         return [NewEvent(payload=event, dedupe_key=key, serial_key=serial)]
 
-    def verify(self, req):
-        """The secret header must carry secret.key exactly (constant time, over the bytes received)."""
-        got = req.headers.get(self.conf.get("secret.header"))
-        want = self.conf.get("secret.key") or ""
-        if got is None or not want:
-            raise BadSignature("missing %s header" % self.conf.get("secret.header"))
-        if not http_equal(got, want):
-            raise BadSignature("wrong %s header" % self.conf.get("secret.header"))
-
     # worker thread -----------------------------------------------------------------------------------
 
     def run(self, ctx):
         kind = classify(ctx.payload)
         if kind.action == "create":
-            decision, note = self.app.store.write(lambda conn: on_create(conn, kind.asset_id))
+            decision, note = self.core.write(lambda conn: on_create(conn, kind.asset_id))
         elif kind.action == "proxy" and kind.proxy_status == "CLOSED":
-            decision, note = self.app.store.write(lambda conn: on_proxy_closed(conn, kind.asset_id))
+            decision, note = self.core.write(lambda conn: on_proxy_closed(conn, kind.asset_id))
         elif kind.action == "proxy":
             return "proxy status %.40s; nothing to do until it is CLOSED" % kind.proxy_status
         else:
@@ -229,60 +249,36 @@ class Handler(Integration):
     def verify_earlier(self, ctx, asset_id):
         """An earlier attempt may have reached iconik: if the asset's analyze_status says iconik has the
         request, record it as submitted (note returned); None means "post it"."""
-        reply = self.call("GET", "/API/assets/v1/assets/%s/" % asset_id)
+        reply = self.api.asset(asset_id)
         if reply.status == 404:
             return self.end(asset_id, "gone", "asset not found in iconik (deleted?); nothing submitted")
         if reply.status in (401, 403):
             ctx.log.warning("iconik: cannot read asset %s to check an earlier attempt (HTTP %d; the token "
                             "lacks can_read_assets); submitting", asset_id, reply.status)
             return None
-        self.raise_for_server_error(reply, asset_id)
-        asset = reply.json() if reply.status == 200 else None
+        asset = client.check(reply, "iconik asset %s" % asset_id, REFUSED).json()
         status = asset.get("analyze_status") if isinstance(asset, dict) else None
         if status in REQUESTED:
             return self.end(asset_id, "submitted", "analysis already requested (analyze_status %s)" % status)
         return None
 
     def submit(self, ctx, asset_id):
-        """POST the analysis request; 201/200 submitted, 404 gone, 401/403 dead, 5xx/network retried."""
-        path = analyze_path(asset_id, self.conf.get("analyze.profile"))
+        """POST the analysis request; 201/200 submitted, 404 gone, else as ``client.check`` says."""
         try:
-            reply = self.call("POST", path, body=b"{}")
+            reply = self.api.analyze(asset_id, self.conf.get("analyze.profile"))
         except client.NetworkError:
             ctx.log.warning("iconik: analyze request for asset %s may not have arrived; will check", asset_id)
             raise
-        if reply.status in (200, 201):
+        if reply.ok:
             ctx.log.info("iconik: analysis of asset %s submitted (HTTP %d)", asset_id, reply.status)
             return self.end(asset_id, "submitted", "analysis submitted (HTTP %d)" % reply.status)
         if reply.status == 404:
             return self.end(asset_id, "gone", "asset not found in iconik (deleted?); nothing submitted")
         self.end(asset_id, "waiting", "analyze answered HTTP %d" % reply.status)
-        if reply.status in (401, 403):
-            raise Fail("iconik refused the application token (HTTP %d): check [%s] app_id and auth_token, "
-                       "and that the token's user has can_analyze_content" % (reply.status, self.name))
-        self.raise_for_server_error(reply, asset_id)
-        raise Fail("iconik answered HTTP %d to the analyze request for asset %s: %s"
-                   % (reply.status, asset_id, excerpt(reply.body)))
-
-    def raise_for_server_error(self, reply, asset_id):
-        """5xx and 429 are worth retrying, honouring Retry-After when iconik sends one."""
-        if reply.status >= 500 or reply.status == 429:
-            raise Retry("iconik answered HTTP %d for asset %s" % (reply.status, asset_id),
-                        after=client.retry_after(reply))
-
-    def call(self, method, path, body=None):
-        """One iconik API call with the application token; only to the configured host."""
-        base = self.conf.get("url").rstrip("/")
-        headers = {"App-ID": self.conf.get("app_id"), "Auth-Token": self.conf.get("auth_token"),
-                   "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        host = urllib.parse.urlsplit(base).hostname
-        return client.request(method, base + path, headers=headers, body=body, timeout=API_TIMEOUT,
-                            allowed_hosts=[host])
+        client.check(reply, "iconik analyze of asset %s" % asset_id, REFUSED)
 
     def end(self, asset_id, state, note):
-        self.app.store.write(lambda conn: finish(conn, asset_id, state, note))
+        self.core.write(lambda conn: finish(conn, asset_id, state, note))
         return note
 
     def card(self, ctx):
@@ -294,16 +290,3 @@ class Handler(Integration):
             facts.append(("status", str(data["status"])))
         return {"title": "iconik: %s (event %s)" % (what, ctx.id), "facts": facts, "text": ""}
 
-
-def http_equal(got, want):
-    """Constant-time comparison of a header value with the configured secret, over the bytes received
-    (the stdlib decodes header bytes as latin-1, so encoding back gives them exactly)."""
-    try:
-        raw = got.encode("latin-1")
-    except UnicodeEncodeError:
-        raw = got.encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(raw, want.encode("utf-8"))
-
-
-def excerpt(body, limit=200):
-    return body[:limit].decode("utf-8", "replace").replace("\n", " ")

@@ -1,15 +1,27 @@
 """IXON Cloud Notify alarms: record a clip from the IP camera next to the alarming machine.
 
-Strategy: ``POST /ixon/webhook`` takes the IXON message (a JSON object, or a JSON string holding one, as
-the old video_store_service sent it), checks ``createdOn`` and ``extraInfo["Device name"]`` (else 422),
-and refuses with 503 + Retry-After when ``queue_size`` recordings are already waiting, so nothing is
-dropped silently. Each event's serial key is the camera, so one camera is never recorded twice at once;
-``max_parallel`` bounds recordings overall. The job finds the stream (``stream.url`` straight from the
-camera, or IXON API v2: bearer token or a cached login, ``POST /web-access`` for ``webaccess.server``,
-one GET of the returned URL for its auth cookie, then ``stream.path`` behind it) and lets the supervised
-ffmpeg in ``hookd_core.ffmpeg`` read the URL itself, with the cookie and camera credentials as ffmpeg
-options. The clip is ``video.dir/<createdOn, : → ->_<device name>.mp4`` and appears only when complete.
-Wire format: reference/upstreams.md §4 (API v2, §4.3).
+Wire contract. IXON Cloud forwards every message of a user's message centre (Cloud Notify alarms among
+them) as an HTTPS POST to a webhook URL; its webhook form has only a name and a URL
+(https://www.ixon.cloud/knowledge-hub/expand-your-services-using-webhooks). It signs nothing, so the URL
+carries the secret: ``POST /ixon/webhook/{key}``, ``key`` compared in constant time and never logged (a
+wrong key is 401, no key 404); ``allow.from`` may also limit the client addresses (403). The body is the
+message: a JSON object with ``createdOn`` and ``extraInfo["Device name"]`` (422 without them), or a JSON
+string holding that object, as job-van-schipstal/video_store_service (``test_post.py``,
+``video_store_service/__main__.py``) sent it. Camera access goes through the IXON API v2
+(https://developer.ixon.cloud/docs/ixon-api-authentication-headers: headers ``Api-Version: 2``,
+``Api-Application``, ``Api-Company``, ``Authorization: Bearer``; ``POST /access-tokens`` with Basic
+``email:otp:password`` answers 201 ``data.secretId``; ``POST /web-access`` ``{"server": {"publicId"}}``
+answers 201 ``data.url``, whose GET sets the auth cookie for the camera behind it), or straight to
+``stream.url``.
+
+Strategy: ``accept`` checks the client address, the key, the body (the core's ``Request.json``), and
+answers 503 + Retry-After when ``queue_size`` recordings are already waiting, so nothing is dropped
+silently. Each event's serial key is the camera, so one camera is never recorded twice at once;
+``max_parallel`` bounds recordings overall. ``run`` waits for ``min_free_mb`` of free space, finds the
+stream through ``IxonApi`` (token configured, or a cached login) and lets the supervised ffmpeg in
+``hookd_core.ffmpeg`` read the URL itself, with the cookie and camera credentials as ffmpeg options. The
+clip is ``video.dir/<createdOn, : → ->_<device name>.mp4``, appears only when complete, and is deleted by
+the daily prune after ``video.keep_days``.
 """
 
 import base64
@@ -22,10 +34,12 @@ import threading
 import time
 import urllib.parse
 
-from hookd_core import client, ffmpeg
-from hookd_core.api import BadPayload, Busy, Fail, Integration, NewEvent, Retry, Unparsable
+from hookd_core import client, ffmpeg, verify
+from hookd_core.api import (REQUIRED, BadPayload, Busy, Fail, Files, Forbidden, Integration,
+                            NewEvent, Retry, json_or_none, path_segment)
 from hookd_core.config import ConfigError
 
+PREFIX = "/ixon/webhook/"
 API_TIMEOUT = 20           # seconds for one IXON API call
 TOKEN_LIFETIME = 3600      # seconds a login token is asked to live (IXON allows 60..5184000)
 TOKEN_SLACK = 120          # renew a cached token this long before it expires
@@ -37,14 +51,11 @@ STREAM_SCHEMES = ("http", "https", "rtsp", "rtsps")
 
 # -- the message and the file name (pure functions) ----------------------------------------------------
 
-def parse_message(body):
-    """The IXON message from the raw body: a JSON object, or a JSON string containing one."""
-    try:
-        msg = json.loads(body.decode("utf-8"))
-        if isinstance(msg, str):
-            msg = json.loads(msg)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise Unparsable("body is not JSON: %s" % e.__class__.__name__)
+def parse_message(req):
+    """The IXON message of a request: a JSON object, or a JSON string containing one."""
+    msg = req.json()
+    if isinstance(msg, str):
+        msg = json_or_none(msg.encode("utf-8"))
     if not isinstance(msg, dict):
         raise BadPayload("the IXON message must be a JSON object (or a JSON string holding one)")
     created, device = msg.get("createdOn"), device_name(msg)
@@ -103,25 +114,22 @@ def cookies_of(reply):
 
 # -- IXON API v2 client ---------------------------------------------------------------------------------
 
-class IxonApi:
+class IxonApi(client.Api):
     """Calls to the IXON API v2 with the ``Api-*`` headers and a bearer token (configured, or obtained by
     logging in and cached until shortly before it expires; a login token refused with 401 is renewed once)."""
 
+    REFUSED = "[ixon] token (or email, password and otp), api.application and company"
+
     def __init__(self, conf):
+        super().__init__(conf.get("api.url"), API_TIMEOUT)
         self.conf = conf
-        self.base = conf.get("api.url").rstrip("/")
         self._lock = threading.Lock()
         self._token, self._expires = None, 0.0
         self.logins = 0
 
-    def headers(self, company=True):
-        """The ``Api-*`` headers; ``company`` True: the configured company, a string: that one, False: none."""
-        h = {"Accept": "application/json", "Api-Version": "2",
-             "Api-Application": self.conf.get("api.application")}
-        company = self.conf.get("company") if company is True else company
-        if company:
-            h["Api-Company"] = company
-        return h
+    def headers(self):
+        return {"Accept": "application/json", "Api-Version": "2",
+                "Api-Application": self.conf.get("api.application")}
 
     def token(self, fresh=False):
         if self.conf.get("token"):
@@ -136,36 +144,32 @@ class IxonApi:
         if not (self.conf.get("email") and self.conf.get("password")):
             raise Fail("[ixon] needs token, or email and password")
         cred = "%s:%s:%s" % (self.conf.get("email"), self.conf.get("otp") or "", self.conf.get("password"))
-        h = dict(self.headers(company=False), Authorization="Basic " + base64.b64encode(
-            cred.encode("utf-8")).decode("ascii"), **{"Content-Type": "application/json"})
-        reply = client.request("POST", self.base + "/access-tokens?fields=secretId", headers=h,
-                             body=json.dumps({"expiresIn": TOKEN_LIFETIME}), timeout=API_TIMEOUT)
+        basic = "Basic " + base64.b64encode(cred.encode("utf-8")).decode("ascii")
+        reply = self.call("POST", "/access-tokens?fields=secretId", {"expiresIn": TOKEN_LIFETIME},
+                          headers={"Authorization": basic})
         self.logins += 1
-        if reply.status in (200, 201):
-            secret = _data(reply).get("secretId") if isinstance(_data(reply), dict) else None
-            if isinstance(secret, str) and secret:
-                return secret
-            raise Retry("IXON login answered %d without a secretId" % reply.status)
-        raise _error("IXON login", reply)
+        data = _data(client.check(reply, "IXON login", self.REFUSED))
+        secret = data.get("secretId") if isinstance(data, dict) else None
+        if isinstance(secret, str) and secret:
+            return secret
+        raise Retry("IXON login answered %d without a secretId" % reply.status)
 
-    def call(self, method, path, body=None, company=True):
-        """One authorised call; returns the reply's ``data``. Renews a login token once on 401."""
+    def request(self, method, path, body=None, company=True):
+        """One authorised call; the 2xx Reply, or ``client.check``'s mapping. Renews a login token once
+        on 401. ``company``: True the configured company, a string that one, False none."""
+        company = self.conf.get("company") if company is True else company
         for attempt in (1, 2):
-            h = dict(self.headers(company), Authorization="Bearer " + self.token(fresh=attempt == 2))
-            if body is not None:
-                h["Content-Type"] = "application/json"
-            reply = client.request(method, self.base + path, headers=h, timeout=API_TIMEOUT,
-                                 body=None if body is None else json.dumps(body))
+            h = {"Authorization": "Bearer " + self.token(fresh=attempt == 2)}
+            if company:
+                h["Api-Company"] = company
+            reply = self.call(method, path, body, headers=h)
             if reply.status == 401 and attempt == 1 and not self.conf.get("token"):
                 continue
-            if 200 <= reply.status < 300:
-                return reply
-            raise _error("IXON %s %s" % (method, path.split("?")[0]), reply)
+            return client.check(reply, "IXON %s %s" % (method, path.split("?")[0]), self.REFUSED)
 
     def web_access_url(self, server):
         """``POST /web-access`` for the server's publicId → the URL of a web-access session."""
-        reply = self.call("POST", "/web-access", {"server": {"publicId": server}})
-        data = _data(reply)
+        data = _data(self.request("POST", "/web-access", {"server": {"publicId": server}}))
         if isinstance(data, list):
             data = data[0] if data else None
         url = data.get("url") if isinstance(data, dict) else None
@@ -179,7 +183,7 @@ class IxonApi:
         for _ in range(MAX_PAGES):
             sep = "&" if "?" in path else "?"
             page = path + (sep + "page-after=" + urllib.parse.quote(after) if after else "")
-            body = self.call("GET", page, company=company).json()
+            body = self.request("GET", page, company=company).json()
             data = body.get("data") if isinstance(body, dict) else None
             items += [d for d in (data or []) if isinstance(d, dict)]
             after = body.get("moreAfter") if isinstance(body, dict) else None
@@ -193,20 +197,15 @@ def _data(reply):
     return body.get("data") if isinstance(body, dict) else None
 
 
-def _error(what, reply):
-    """A Fail for answers retrying cannot fix (bad token, unknown server), else a Retry."""
-    msg = "%s answered %d" % (what, reply.status)
-    if reply.status in (429, 408) or reply.status >= 500:
-        return Retry(msg)
-    return Fail(msg)
-
-
 # -- the integration -----------------------------------------------------------------------------------
 
 class Handler(Integration):
     SECTION = "ixon"
-    route = "/ixon/webhook"
+    route = PREFIX + "{key}"
     KEYS = {
+        "key": REQUIRED,
+        "allow.from": "",
+        "video.keep_days": "0",
         "api.url": "https://portal.ixon.cloud/api",
         "api.application": "",
         "company": "",
@@ -229,11 +228,15 @@ class Handler(Integration):
         "stall_timeout": "10",
         "time_margin": "15",
     }
-    SECRET_KEYS = ("token", "password", "otp", "camera.password")
+    SECRET_KEYS = ("key", "token", "password", "otp", "camera.password")
 
-    def __init__(self, name, conf, app):
-        super().__init__(name, conf, app)
+    def __init__(self, name, conf, core):
+        super().__init__(name, conf, core)
         self.api = IxonApi(conf)
+        try:
+            self.allowed, self.allow_problem = verify.networks(conf.get("allow.from")), None
+        except ValueError as e:
+            self.allowed, self.allow_problem = [], "[%s] allow.from: %s" % (name, e)
         self.duration = _number(conf, "duration", 10.0)
         self.stall_timeout = _number(conf, "stall_timeout", 10.0)
         self.margin = _number(conf, "time_margin", 15.0)
@@ -245,9 +248,15 @@ class Handler(Integration):
     # -- configuration -------------------------------------------------------------------------------
     def check(self):
         c, problems = self.conf, []
+        if "/" in (c.get("key") or ""):
+            problems.append("[%s] key must not contain '/' (it is a path segment)" % self.name)
+        if self.allow_problem:
+            problems.append(self.allow_problem)
         for key in ("duration", "stall_timeout", "time_margin", "queue_size", "max_parallel"):
             if _number(c, key, None) is None or _number(c, key, 0) <= 0:
                 problems.append("[%s] %s must be a positive number" % (self.name, key))
+        if _number(c, "video.keep_days", None) is None or _number(c, "video.keep_days", 0) < 0:
+            problems.append("[%s] video.keep_days must be 0 (keep) or a number of days" % self.name)
         rate = (c.get("framerate") or "auto").strip().lower()
         if rate != "auto" and (_float(rate) is None or _float(rate) <= 0):
             problems.append("[%s] framerate must be auto or a positive number" % self.name)
@@ -274,9 +283,15 @@ class Handler(Integration):
         return ["[%s] %s is required unless stream.url is set" % (self.name, k) for k in missing]
 
     # -- request thread ------------------------------------------------------------------------------
+    def match(self, path):
+        return path_segment(path, PREFIX) is not None
+
     def accept(self, req):
-        msg = parse_message(req.body)
-        waiting = self.app.store.waiting(self.name)
+        if self.allowed and not verify.client_allowed(req.client, self.allowed):
+            raise Forbidden("client %s is not in allow.from" % req.client)
+        verify.path_secret(path_segment(req.path, PREFIX), self.conf.get("key"))
+        msg = parse_message(req)
+        waiting = self.core.waiting()
         if waiting >= self.queue_size:
             raise Busy("%d recordings already waiting (queue_size = %d)" % (waiting, self.queue_size),
                        retry_after=max(5, int(self.duration)))
@@ -296,6 +311,7 @@ class Handler(Integration):
         msg = ctx.payload
         if not isinstance(msg, dict) or not device_name(msg) or not msg.get("createdOn"):
             raise Fail("stored event is not an IXON message")
+        self.core.need_space(self.video_dir())
         out = os.path.join(self.video_dir(), clip_name(msg))
         clip = self.record(out, ctx.stopping, ctx.log, device=device_name(msg))
         ctx.product("clip", path=clip.path)
@@ -314,8 +330,11 @@ class Handler(Integration):
                              overwrite=overwrite, secrets=secrets, log=log)
 
     def video_dir(self):
-        d = self.conf.get("video.dir") or os.path.join(self.app.state_dir, "videos")
+        d = self.conf.get("video.dir") or os.path.join(self.core.state_dir, "videos")
         return os.path.abspath(d)
+
+    def files(self):
+        return [Files(self.video_dir(), (".mp4",), _number(self.conf, "video.keep_days", 0), "clip")]
 
     def stream_input(self, log=None, device=None):
         """ffmpeg input options ending in ``-i URL``, and the secrets in them (for redaction)."""
@@ -336,7 +355,7 @@ class Handler(Integration):
     def open_webaccess(self, device=None):
         """A web-access session for ``webaccess.server``: its URL and the auth cookie(s) it sets."""
         url = self.api.web_access_url(for_device(self.conf.get("webaccess.server"), device))
-        reply = client.request("GET", url, timeout=API_TIMEOUT)  # redirects are not followed: we want the cookie
+        reply = client.request("GET", url, timeout=API_TIMEOUT)  # a redirect is not followed: we want its cookie
         cookies = cookies_of(reply)
         if reply.status >= 400 or not cookies:
             raise Retry("IXON web-access URL answered %d%s" % (
@@ -386,35 +405,16 @@ def _number(conf, key, default):
 
 # -- CLI: test-recording and ixon-configure ------------------------------------------------------------
 
-def _handler(app):
-    """The configured [ixon] Handler, or None (the message is printed)."""
-    for attr in ("integrations", "handlers"):
-        found = getattr(app, attr, None)
-        items = found.values() if isinstance(found, dict) else (found or [])
-        for integ in items:
-            if isinstance(integ, Handler):
-                return integ
-    getter = getattr(app, "integration", None)
-    integ = getter("ixon") if callable(getter) else None
-    if isinstance(integ, Handler):
-        return integ
-    print("hookd: no [ixon] section in the configuration", file=sys.stderr)
-    return None
-
-
-def test_recording(app, argv):
+def test_recording(handler, argv):
     """``test-recording [--out FILE]``: record one clip now; print its path and ffprobe duration."""
     import argparse
     parser = argparse.ArgumentParser(prog="hookd.py test-recording")
     parser.add_argument("--out", help="file to write (default: video.dir/test.mp4, replaced)")
     parser.add_argument("--device", help="the device name {device} in stream.url / webaccess.server stands for")
     args = parser.parse_args(argv)
-    integ = _handler(app)
-    if integ is None:
-        return 1
-    out = os.path.abspath(args.out or os.path.join(integ.video_dir(), "test.mp4"))
+    out = os.path.abspath(args.out or os.path.join(handler.video_dir(), "test.mp4"))
     try:
-        clip = integ.record(out, threading.Event(), app.log, overwrite=True, device=args.device)
+        clip = handler.record(out, threading.Event(), handler.core.log, overwrite=True, device=args.device)
     except (Retry, Fail) as e:
         print("hookd: test recording failed: %s" % e, file=sys.stderr)
         return 1
@@ -423,15 +423,12 @@ def test_recording(app, argv):
     return 0
 
 
-def ixon_configure(app, argv):
+def ixon_configure(handler, argv):
     """``ixon-configure``: list companies, their agents and the agents' servers with publicIds."""
-    integ = _handler(app)
-    if integ is None:
-        return 1
-    api = integ.api
+    api = handler.api
     try:
         companies = api.listing("/companies?fields=publicId,name", company=False)
-        chosen = integ.conf.get("company")
+        chosen = handler.conf.get("company")
         for comp in companies:
             print("company %s  %s" % (comp.get("publicId"), comp.get("name", "")))
             if chosen and comp.get("publicId") != chosen:

@@ -1,17 +1,30 @@
 """Preservica webhooks (v6.8+): the subscription handshake, signed event deliveries, thumbnails and Teams cards.
 
+Wire contract (carj/pyPreservica ``pyPreservica/webHooksAPI.py`` and ``docs/webhooks.rst``;
+https://developers.preservica.com/api-reference/6-access-token-api). A subscription
+(``POST /api/webhook/subscriptions`` with ``url``, ``triggerType``, ``secret``) makes Preservica POST
+``url?challengeCode=C``, possibly with no body at all, and expect 200 JSON ``{"challengeCode": C,
+"challengeResponse": hex(HMAC-SHA256(secret, C))}``. Every delivery after that is a POST whose
+``Preservica-Signature`` is hex HMAC-SHA256(secret, ``"preservica-webhook-auth"`` + raw body) (401 when
+missing or wrong) and whose JSON body is ``{"subscriptionId", "timestamp", "trigger", "events": [{"entityRef",
+"entityType", "identifiers"?, "event"?}, ...]}``. For thumbnails hookd logs in (``POST
+/api/accesstoken/login``, form ``username``, ``password``, ``tenant``: 200 ``{"token", "validFor"}``
+minutes) and fetches ``GET /api/content/thumbnail?id=sdb:IO|REF&size=S`` with ``Preservica-Access-Token``
+(404: the entity has no thumbnail); the card's title comes from ``GET /api/entity/information-objects/REF``
+(XML, ``Title``).
+
 Strategy: ``accept`` runs on the request thread and never touches the network. A POST carrying
-``?challengeCode=C`` is the subscription handshake and is answered at once with
-``{"challengeCode": C, "challengeResponse": hex(HMAC-SHA256(secret, C))}``, before and without any
-signature check. Any other POST must carry ``Preservica-Signature`` = hex HMAC-SHA256(secret,
-``b"preservica-webhook-auth"`` + the raw body bytes), compared in constant time; then each element of
-``events[]`` becomes its own stored job, so one failing asset never holds up the others. The delivery's
-body is stored once; each job keeps only its element's index, and its payload (the envelope's fields
-plus ``"event": element``) is rebuilt from the body on the worker. On a worker, ``run`` does the ``thumbnail`` action itself
-(log in, cache the token, fetch, write atomically); ``teams``, ``command`` and ``forward`` are the core's
+``?challengeCode=C`` is the handshake, answered at once, before and without any signature check (also when
+it has no body: ``bodiless_post``). Any other POST is verified with the core's ``hmac`` recipe (message
+``preservica-webhook-auth{body}``); then each element of ``events[]`` becomes its own stored job (one
+serial lane per entity), so one failing asset never holds up the others. The delivery's body is stored
+once; each job keeps only its element's index, and its payload (the envelope's fields plus ``"event":
+element``) is rebuilt from the body on the worker. On a worker, ``run`` does the ``thumbnail`` action
+itself through ``PreservicaApi`` (token cached, one new login on a 401, answers mapped by
+``client.check``), waiting for ``min_free_mb`` before it writes, and the daily prune deletes thumbnails
+older than ``thumbnail.keep_days``; ``teams``, ``command`` and ``forward`` are the core's
 generic actions, run afterwards in the order the ``actions`` key lists them, and ``card`` tells the Teams
-action what to say. Wire facts: reference/upstreams.md §2 (pyPreservica ``webHooksAPI.py``,
-developers.preservica.com access-token API).
+action what to say.
 """
 
 import hashlib
@@ -25,12 +38,13 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 
-from hookd_core import client
+from hookd_core import client, verify
+from hookd_core.api import (REQUIRED, BadPayload, Fail, Files, Integration, NewEvent, Reject, Response,
+                            Retry, dedupe_key)
+from hookd_core.config import ConfigError
 
-from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, Reject,
-                            Response, Retry, dedupe_key)
-
-SIGNATURE_PREFIX = b"preservica-webhook-auth"
+SIGNATURE_PREFIX = "preservica-webhook-auth"
+SIGNED_MESSAGE = SIGNATURE_PREFIX + "{body}"  # the core hmac recipe's template
 # The handshake signs any code it is given; a code that begins like a signed event body would turn the
 # handshake into a signing oracle for forged events, so such codes are refused.
 MAX_CHALLENGE = 512        # characters; real codes are short random strings
@@ -52,13 +66,6 @@ TRIGGER_WORDS = {
 }
 ENTITY_PATHS = {"IO": "information-objects", "SO": "structural-objects", "CO": "content-objects"}
 ENTITY_WORDS = {"IO": "asset", "SO": "folder", "CO": "content object"}
-
-
-def sign(secret, message):
-    """Lower-case hex HMAC-SHA256 of ``message`` (bytes or str, UTF-8) under ``secret``."""
-    if isinstance(message, str):
-        message = message.encode("utf-8")
-    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
 def safe_name(ref):
@@ -87,17 +94,17 @@ class Handler(Integration):
         "actions": "",
         "thumbnail.size": "large",
         "thumbnail.dir": "",
+        "thumbnail.keep_days": "0",
     }
     SECRET_KEYS = ("secret.key", "password")
+    bodiless_post = True  # the challenge may come with neither Content-Length nor Transfer-Encoding
 
-    def __init__(self, name, conf, app):
-        super().__init__(name, conf, app)
-        self._token = None
-        self._token_until = 0.0
-        self._token_lock = threading.Lock()
+    def __init__(self, name, conf, core):
+        super().__init__(name, conf, core)
+        self.api = PreservicaApi(conf)
         unlisted = [n for n, key in GENERIC.items() if conf.get(key) and n not in self.wanted()]
-        if unlisted and getattr(app, "log", None):
-            app.log.warning("[%s] not listed in actions, so not run: %s", name, ", ".join(unlisted))
+        if unlisted and core is not None:
+            core.log.warning("[%s] not listed in actions, so not run: %s", name, ", ".join(unlisted))
 
     # -- configuration -------------------------------------------------------------------------------
 
@@ -120,6 +127,12 @@ class Handler(Integration):
                     problems.append("[%s] actions lists thumbnail but %s is empty" % (self.name, key))
             if self.conf.get("thumbnail.size") not in SIZES:
                 problems.append("[%s] thumbnail.size must be one of %s" % (self.name, ", ".join(SIZES)))
+        try:
+            negative = self.conf.float("thumbnail.keep_days") < 0
+        except ConfigError:
+            negative = True
+        if negative:
+            problems.append("[%s] thumbnail.keep_days must be 0 (keep) or a number of days" % self.name)
         server = self.conf.get("server")
         if server and urllib.parse.urlsplit(server).scheme not in ("http", "https"):
             problems.append("[%s] server must be an http(s):// URL" % self.name)
@@ -138,7 +151,8 @@ class Handler(Integration):
     def accept(self, req):
         if "challengeCode" in req.query:
             return self.challenge(req.query1("challengeCode", ""))
-        self.verify(req)
+        verify.hmac_scheme(req.headers, req.body, [self.conf.get("secret.key")], "Preservica-Signature",
+                           template=SIGNED_MESSAGE)
         body = req.json()
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise BadPayload("body is not an object with an events array")
@@ -150,22 +164,13 @@ class Handler(Integration):
         return self.new_events(req, body)
 
     def challenge(self, code):
-        """The subscription handshake: echo the code with its HMAC (SPEC §5.1, upstreams.md §2.2)."""
+        """The subscription handshake: echo the code with its lower-case hex HMAC-SHA256."""
         if len(code) > MAX_CHALLENGE:
             raise Reject("challengeCode longer than %d characters" % MAX_CHALLENGE)
-        if code.startswith(SIGNATURE_PREFIX.decode("ascii")):
+        if code.startswith(SIGNATURE_PREFIX):
             raise Reject("challengeCode looks like a signed event body; refused")
-        answer = {"challengeCode": code, "challengeResponse": sign(self.conf.get("secret.key"), code)}
-        return Response(200, json.dumps(answer).encode("utf-8"))
-
-    def verify(self, req):
-        """Constant-time check of Preservica-Signature over the exact bytes received, or 401."""
-        given = (req.headers.get("Preservica-Signature") or "").strip().lower()
-        if not given:
-            raise BadSignature("Preservica-Signature header missing")
-        expected = sign(self.conf.get("secret.key"), SIGNATURE_PREFIX + req.body)
-        if not hmac.compare_digest(expected.encode("ascii"), given.encode("utf-8", "replace")):
-            raise BadSignature("Preservica-Signature does not match")
+        mac = hmac.new(self.conf.get("secret.key").encode("utf-8"), code.encode("utf-8"), hashlib.sha256)
+        return Response(200, json.dumps({"challengeCode": code, "challengeResponse": mac.hexdigest()}).encode())
 
     def new_events(self, req, body):
         """One NewEvent per element of ``events[]``: its index in the array (the body is stored once, the
@@ -222,12 +227,12 @@ class Handler(Integration):
             return "no thumbnail for entity type %s" % kind
         query = urllib.parse.urlencode({"id": "sdb:%s|%s" % (THUMB_TYPES[kind], ref),
                                         "size": self.conf.get("thumbnail.size")})
-        reply = self.api_call("GET", "/api/content/thumbnail?" + query, "image/png, image/jpeg, image/*")
+        self.core.need_space(self.thumbnail_dir())
+        reply = self.api.request("GET", "/api/content/thumbnail?" + query, "image/png, image/jpeg, image/*")
         if reply.status == 404:
             ctx.log.info("preservica: no thumbnail for sdb:%s|%s", kind, ref)
             return "no thumbnail for sdb:%s|%s" % (kind, ref)
-        if reply.status != 200:
-            raise self.failure("thumbnail", reply)
+        client.check(reply, "Preservica thumbnail")
         if not reply.body:
             raise Retry("thumbnail for %s came back empty" % ref)
         path = self.write_thumbnail(ref, reply.headers.get("Content-Type", ""), reply.body)
@@ -261,7 +266,13 @@ class Handler(Integration):
     def thumbnail_dir(self):
         """``thumbnail.dir`` (relative paths are below state_dir), default ``state_dir/thumbnails``."""
         folder = self.conf.get("thumbnail.dir") or "thumbnails"
-        return os.path.join(self.app.state_dir, os.path.expanduser(folder))
+        return os.path.join(self.core.state_dir, os.path.expanduser(folder))
+
+    def files(self):
+        if "thumbnail" not in self.wanted():
+            return []
+        return [Files(self.thumbnail_dir(), (".jpg", ".png"), self.conf.float("thumbnail.keep_days"),
+                      "thumbnail")]
 
     # -- the Teams card ------------------------------------------------------------------------------
 
@@ -288,32 +299,41 @@ class Handler(Integration):
         if not (self.conf.get("server") and self.conf.get("username") and ENTITY_PATHS.get(kind)):
             return None
         try:
-            reply = self.api_call("GET", "/api/entity/%s/%s" % (ENTITY_PATHS[kind], urllib.parse.quote(ref, safe="")),
+            reply = self.api.request("GET", "/api/entity/%s/%s" % (ENTITY_PATHS[kind], urllib.parse.quote(ref, safe="")),
                                  "application/xml", max_body=MAX_ENTITY_XML)
-            if reply.status != 200:
-                raise self.failure("entity", reply)
-            return xml_title(reply.body)
+            return xml_title(client.check(reply, "Preservica entity").body)
         except (Retry, Fail, ET.ParseError) as e:
             ctx.log.warning("preservica: title of %s not read: %s", ref, e)
             return None
 
-    # -- the Preservica API --------------------------------------------------------------------------
 
-    def api_call(self, method, path, accept="application/json", body=None, max_body=client.MAX_REPLY):
+class PreservicaApi(client.Api):
+    """Calls to the Preservica REST API with an access token: logged in on first use, cached until
+    shortly before ``validFor`` runs out, and renewed once when a call is answered 401."""
+
+    REFUSED = "[preservica] username, password and tenant"
+
+    def __init__(self, conf):
+        super().__init__(conf.get("server"), API_TIMEOUT)
+        self.conf = conf
+        self._token = None
+        self._token_until = 0.0
+        self._token_lock = threading.Lock()
+
+    def request(self, method, path, accept="application/json", body=None, max_body=client.MAX_REPLY):
         """``method`` on ``server + path`` with the cached token (a ``body`` is sent as JSON); on a 401 log
-        in again once and repeat."""
+        in again once and repeat. The Reply is returned whatever its status (404 means something to each
+        caller; the subscription calls read theirs)."""
         refused = None
         for _ in range(2):
             token = self.token(refused)
-            headers = {"Preservica-Access-Token": token, "Accept": accept}
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-            reply = client.request(method, self.url(path), headers=headers, body=body,
-                                   timeout=API_TIMEOUT, allowed_hosts=[self.host()], max_body=max_body)
+            reply = self.call(method, path, body, headers={"Preservica-Access-Token": token, "Accept": accept},
+                              max_body=max_body)
             if reply.status != 401:
                 return reply
             refused = token
-        raise Fail("Preservica answered 401 to %s even after a new login" % path.split("?")[0])
+        raise Fail("Preservica answered 401 to %s even after a new login: check %s" % (
+            path.split("?")[0], self.REFUSED))
 
     def token(self, refused=None):
         """A valid access token: the cached one, or a new login when there is none, it is about to run
@@ -329,44 +349,19 @@ class Handler(Integration):
         form = {"username": self.conf.get("username"), "password": self.conf.get("password")}
         if self.conf.get("tenant"):
             form["tenant"] = self.conf.get("tenant")
-        reply = client.request("POST", self.url("/api/accesstoken/login"), headers={
-            "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
-            body=urllib.parse.urlencode(form), timeout=API_TIMEOUT, allowed_hosts=[self.host()])
-        if reply.status != 200:
-            raise self.failure("login", reply)
-        doc = reply.json()
+        reply = self.call("POST", "/api/accesstoken/login", urllib.parse.urlencode(form),
+                          headers={"Accept": "application/json"},
+                          content_type="application/x-www-form-urlencoded")
+        doc = client.check(reply, "Preservica login", self.REFUSED).json()
         token = doc.get("token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
-            raise Fail("Preservica login answered 200 without a token")
+            raise Fail("Preservica login answered %d without a token" % reply.status)
         try:
             lifetime = float(doc.get("validFor", 15)) * 60
         except (TypeError, ValueError):
             lifetime = 15 * 60
         margin = min(TOKEN_MARGIN, lifetime / 4)
         return token, time.monotonic() + lifetime - margin
-
-    def failure(self, what, reply):
-        """The job outcome for an unexpected API status: 5xx/429 retry, other statuses fail."""
-        reason = "Preservica %s answered %d%s" % (what, reply.status, api_message(reply))
-        if reply.status >= 500 or reply.status in (408, 429):
-            return Retry(reason, after=client.retry_after(reply))
-        return Fail(reason)
-
-    def url(self, path):
-        return self.conf.get("server").rstrip("/") + path
-
-    def host(self):
-        return urllib.parse.urlsplit(self.conf.get("server")).hostname or ""
-
-
-def api_message(reply):
-    """``: message`` from a Preservica JSON error body (e.g. login's 401), or empty."""
-    try:
-        doc = json.loads(reply.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return ""
-    message = doc.get("message") if isinstance(doc, dict) else None
-    return ": %s" % str(message)[:200] if message else ""
 
 
 def xml_title(data):

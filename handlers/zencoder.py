@@ -1,24 +1,29 @@
 """Zencoder: submit encoding jobs (``zencoder-submit``) and track their outputs from notifications.
 
-Strategy: ``zencoder-submit`` creates a job (``POST {api.url}/jobs``) and records the file and one
-variation per requested output, all ``pending``. Zencoder then POSTs notifications to
-``/zencoder/notifications``. ``accept`` checks the shared secret (``X-Zencoder-Notification-Secret``, or
-the password of HTTP basic auth embedded in the notification URL) in constant time, parses the JSON and
-refuses jobs hookd never submitted (404). The dedupe key is the job id, its state and each output's id
-and state, so a repeated notification is a duplicate even when a timestamp in it changed. ``run``
-applies the notification in one write transaction: the job status follows ``job.state`` but never leaves
+Wire contract. ``POST {api.url}/jobs`` with header ``Zencoder-Api-Key`` and a JSON job (``input``,
+``outputs[]`` with ``size: "WxH"``, ``notifications`` URLs) answers 201 ``{"id", "outputs": [{"id",
+"url"}]}``; 403 "Rate Limit Exceeded" and 5xx mean "try later" (zencoder/zencoder-py ``zencoder/core.py``;
+https://zencoder.support.brightcove.com/general-information/getting-notifications-when-videos-are-finished.html).
+Zencoder then POSTs a JSON notification ``{"job": {"id", "state"}, "input": {...}, "outputs": [{"id",
+"state", "format", "width", "height", "file_size_in_bytes", "duration_in_ms", ...}]}`` to each URL
+(https://zencoder.support.brightcove.com/encoding-settings/general/encoding-settings-notifications.html);
+``format`` is ``mpeg4`` for MP4, and a notification may repeat. Zencoder does not sign it: the receiver
+checks ``X-Zencoder-Notification-Secret`` (armadillica/pillar ``pillar/api/encoding.py``) or the password
+of HTTP basic auth in the notification URL (401 otherwise); a job hookd never submitted is 404.
+
+Strategy: ``zencoder-submit`` creates the job through ``ZencoderApi`` (retrying 5xx, the rate-limit 403
+and network errors a few times) and records the file and one variation per requested output, all
+``pending``. ``accept`` checks the secret with ``verify.secret_header``, parses with ``Request.json`` and
+refuses unknown jobs. The dedupe key is the job id, its state and each output's id and state, so a
+repeated notification is a duplicate even when a timestamp in it changed. ``run`` applies the
+notification in one write transaction: the job status follows ``job.state`` but never leaves
 ``finished``/``failed``/``cancelled``; each output updates the variation it belongs to (by output id,
 else format and width, else format alone). The event that first moves a job into ``finished`` or
-``failed`` hands a JSON summary of the file to the section's generic actions; every other one skips
-them. Wire formats: /work/shared/reference/upstreams.md §5.
+``failed`` hands a JSON summary of the file to the section's generic actions; every other one skips them.
 """
 
 import argparse
-import base64
-import binascii
-import datetime
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -26,15 +31,15 @@ import sqlite3
 import sys
 import time
 
-from hookd_core import client
-from hookd_core.api import (REQUIRED, BadPayload, BadSignature, Fail, Integration, NewEvent, NotFound,
-                            Reject, Response, Retry)
+from hookd_core import client, verify
+from hookd_core.api import (REQUIRED, BadPayload, Fail, Integration, NewEvent, NotFound, Reject, Response,
+                            Retry, iso)
 
 ROUTE = "/zencoder/notifications"
 JOB_PATH = re.compile(r"^/zencoder/jobs/([^/]+)$")
 FINAL = ("finished", "failed", "cancelled")
 NOTIFY_ON = ("finished", "failed")  # a job moving into one of these runs the actions, once
-FORMAT_ALIASES = {"mpeg4": "mp4"}  # Zencoder reports mp4 outputs as "mpeg4" (upstreams §5.2)
+FORMAT_ALIASES = {"mpeg4": "mp4"}  # Zencoder reports mp4 outputs as "mpeg4" (pillar maps it the same way)
 MAX_ERROR = 2000  # characters of an output's error text kept
 OUTPUT_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 TEMPLATE_FIELDS = ("name", "format", "width", "height", "n")
@@ -70,42 +75,12 @@ VARIATION_COLUMNS = ("format", "width", "height", "length", "duration", "state",
 UPDATABLE = ("state", "length", "width", "height", "duration", "output_id", "url", "error")  # update order
 
 
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def canonical_format(fmt):
     fmt = str(fmt or "").strip().lower()
     return FORMAT_ALIASES.get(fmt, fmt)
 
 
 # -- reading a notification ----------------------------------------------------------------------------
-
-def presented_secrets(headers):
-    """The secrets a notification carries: the header, and the password of an ``Authorization: Basic``."""
-    found = []
-    header = headers.get("X-Zencoder-Notification-Secret")
-    if header:
-        found.append(header.strip())
-    auth = (headers.get("Authorization") or "").strip()
-    if auth[:6].lower() == "basic ":
-        try:
-            decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            decoded = ""
-        if ":" in decoded:
-            found.append(decoded.split(":", 1)[1])
-    return found
-
-
-def secret_ok(expected, headers):
-    """True when any presented secret equals ``expected`` (constant time, over UTF-8 bytes)."""
-    want = expected.encode("utf-8")
-    ok = False
-    for given in presented_secrets(headers):
-        ok |= hmac.compare_digest(given.encode("utf-8"), want)
-    return bool(expected) and ok
-
 
 def notification_outputs(doc):
     """The outputs of a notification: ``outputs`` (a list), or a single ``output`` object."""
@@ -240,7 +215,7 @@ def apply_notification(conn, event_id, doc):
     if row is None:
         raise Fail("job %d is not in zencoder_file" % job_id)
     old, notified = row
-    stamp = now_iso()
+    stamp = iso(time.time())
     moved = old not in FINAL and state in NOTIFY_ON
     if old not in FINAL and state != old:
         conn.execute("UPDATE zencoder_file SET status = ?, updated_at = ?,"
@@ -273,7 +248,7 @@ def apply_outputs(conn, job_id, outputs, input_ms, stamp):
 
 def record_job(conn, job_id, input_url, outputs, answer_outputs):
     """Insert the file and one pending variation per requested output (zencoder-submit)."""
-    stamp = now_iso()
+    stamp = iso(time.time())
     conn.execute("INSERT INTO zencoder_file (job_id, input, status, created_at, updated_at)"
                  " VALUES (?, ?, 'pending', ?, ?)", (job_id, input_url, stamp, stamp))
     for position, (fmt, width, height) in enumerate(outputs, 1):
@@ -335,25 +310,29 @@ def job_body(conf, args):
     return {"input": args.input, "test": bool(args.test), "notifications": notify, "outputs": outputs}
 
 
-def zencoder_errors(reply):
-    """Zencoder's ``errors`` list from an error answer, as one line."""
-    try:
-        doc = json.loads(reply.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return reply.body[:200].decode("utf-8", "replace").strip()
-    errors = doc.get("errors") if isinstance(doc, dict) else None
-    if isinstance(errors, list):
-        return "; ".join(str(e) for e in errors)[:500]
-    return json.dumps(doc)[:500]
+class ZencoderApi(client.Api):
+    """Job creation with the API key; only to the configured host."""
+
+    def __init__(self, conf):
+        super().__init__(conf.get("api.url"), conf.float("api.timeout"))
+        self.api_key = conf.get("api_key")
+
+    def headers(self):
+        return {"Zencoder-Api-Key": self.api_key, "Accept": "application/json"}
+
+    def create_job(self, body):
+        """``POST /jobs``: the answer's JSON, or Retry (5xx, rate limit, network) / Fail (anything else)."""
+        reply = self.call("POST", "/jobs", body)
+        if reply.status == 403 and b"Rate Limit" in reply.body:  # Zencoder's rate limit is a 403
+            raise Retry("Zencoder answered 403: %s" % client.excerpt(reply.body))
+        return client.check(reply, "Zencoder", refused="[zencoder] api_key").json()
 
 
 def post_job(conf, body):
-    """POST the job, retrying 5xx, 403 (rate limit) and network errors with backoff; returns the JSON."""
+    """Create the job, trying again with backoff while Zencoder says "later"; returns its JSON."""
     attempts = max(1, conf.int("submit.attempts"))
     delay = conf.float("submit.backoff")
-    url = conf.get("api.url").rstrip("/") + "/jobs"
-    headers = {"Zencoder-Api-Key": conf.get("api_key"), "Content-Type": "application/json",
-               "Accept": "application/json"}
+    api = ZencoderApi(conf)
     problem = ""
     for attempt in range(1, attempts + 1):
         if attempt > 1:
@@ -361,19 +340,11 @@ def post_job(conf, body):
             time.sleep(delay)
             delay *= 2
         try:
-            reply = client.request("POST", url, headers=headers, body=json.dumps(body),
-                                 timeout=conf.float("api.timeout"))
-        except client.NetworkError as e:
+            return api.create_job(body)
+        except Retry as e:
             problem = str(e)
-            continue
-        if reply.status in (200, 201):
-            try:
-                return reply.json()
-            except Retry as e:  # 2xx with a body that is not JSON
-                raise SubmitError("Zencoder answered %s" % e)
-        problem = "Zencoder answered %d: %s" % (reply.status, zencoder_errors(reply))
-        if reply.status < 500 and reply.status != 403:
-            raise SubmitError(problem)
+        except Fail as e:
+            raise SubmitError(str(e))
     raise SubmitError("%s (gave up after %d attempts)" % (problem, attempts))
 
 
@@ -383,21 +354,21 @@ def check_submit_conf(conf):
             raise SubmitError("[zencoder] %s is not set" % key)
 
 
-def submit(app, argv):
+def submit(handler, argv):
     """``zencoder-submit INPUT_URL --output FORMAT:WIDTHxHEIGHT ...``: create, record, print the job id."""
     try:
         args = submit_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage or --help
         return e.code if isinstance(e.code, int) else 2
     try:
-        conf = cli_section(app)
+        conf = handler.conf
         check_submit_conf(conf)
         answer = post_job(conf, job_body(conf, args))
         job_id = as_int(answer.get("id")) if isinstance(answer, dict) else None
         if job_id is None:
             raise SubmitError("Zencoder's answer has no integer job id")
         outputs = answer.get("outputs") if isinstance(answer.get("outputs"), list) else []
-        app.store.write(lambda conn: record_job(conn, job_id, args.input, args.output, outputs))
+        handler.core.write(lambda conn: record_job(conn, job_id, args.input, args.output, outputs))
     except sqlite3.IntegrityError:
         print("zencoder-submit: job %s is already recorded" % job_id, file=sys.stderr)
         return 1
@@ -406,14 +377,6 @@ def submit(app, argv):
         return 1
     print(job_id)
     return 0
-
-
-def cli_section(app):
-    """The [zencoder] Section for a CLI command (the core gives commands ``app`` only)."""
-    for integ in app.integrations:
-        if isinstance(integ, Handler):
-            return integ.conf
-    raise SubmitError("the configuration has no [zencoder] section")
 
 
 # -- the integration -------------------------------------------------------------------------------------
@@ -453,11 +416,11 @@ class Handler(Integration):
         return problems
 
     def accept(self, req):
-        if not secret_ok(self.conf.get("notification.secret") or "", req.headers):
-            raise BadSignature("missing or wrong Zencoder notification secret")
+        verify.secret_header(req.headers, [self.conf.get("notification.secret")],
+                             ["X-Zencoder-Notification-Secret", "Authorization"])
         doc = req.json()
         job_id, state, outputs = parse_notification(doc)
-        known = self.app.store.read(lambda conn: conn.execute(
+        known = self.core.read(lambda conn: conn.execute(
             "SELECT 1 FROM zencoder_file WHERE job_id = ?", (job_id,)).fetchone())
         if not known:
             raise NotFound("Zencoder job %d is not one hookd submitted" % job_id)
@@ -465,7 +428,7 @@ class Handler(Integration):
 
     def run(self, ctx):
         try:
-            summary, notify, note = self.app.store.write(
+            summary, notify, note = self.core.write(
                 lambda conn: apply_notification(conn, ctx.id, ctx.payload))
         except Reject as e:  # a stored payload that is not a notification (a replay of something odd)
             raise Fail(str(e))
@@ -481,7 +444,7 @@ class Handler(Integration):
         if not m:
             return None
         job_id = int(m.group(1)) if re.match(r"^[0-9]{1,18}$", m.group(1)) else None
-        summary = None if job_id is None else self.app.store.read(lambda conn: file_summary(conn, job_id))
+        summary = None if job_id is None else self.core.read(lambda conn: file_summary(conn, job_id))
         if summary is None:
             return Response(404, {"error": "unknown Zencoder job"})
         return Response(200, summary)

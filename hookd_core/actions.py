@@ -79,7 +79,8 @@ def run_command(text, document, timeout, env, secrets=()):
 def job_env(ctx, integration, **more):
     """The clean environment of a job's program (proc.child_env): the job's HOOKD_* values (and
     ``more``), plus the names the section lists in ``command.env`` unless they hold a secret."""
-    secrets = _secret_values(integration) + (ctx.app.secrets() if ctx.app is not None else [])
+    core = getattr(integration, "core", None)
+    secrets = _secret_values(integration) + (core.secrets() if core is not None else [])
     hookd_vars = dict({"HOOKD_EVENT_ID": str(ctx.id), "HOOKD_ROUTE": str(ctx.route),
                        "HOOKD_ATTEMPT": str(ctx.attempt)}, **more)
     return proc.child_env(hookd_vars, ctx.conf.list("command.env"), secrets)
@@ -117,7 +118,8 @@ def forward(ctx, integration):
                "X-Hookd-Route": str(ctx.route), "X-Hookd-Attempt": str(ctx.attempt)}
     reply = client.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"))
     where = client.redact_url(url)
-    # SPEC §6: any answer but 2xx is retried; credentials refused (401/403) are dead at once, as everywhere.
+    # Any answer but 2xx is retried (the receiver may be down or redeploying); credentials refused
+    # (401/403) are dead at once, as for every outbound call.
     client.check(reply, "forward to %s" % where, refused="the forward URL's credentials", other=Retry)
     return "forwarded to %s: %d" % (where, reply.status)
 

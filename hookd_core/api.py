@@ -1,18 +1,51 @@
-"""The contract between hookd's core and the integration modules in ``handlers/``.
+"""The contract between hookd's core and the integration modules in ``handlers/``: all a new one needs.
 
-Strategy: an integration is one file, ``handlers/NAME.py``, that defines ``class Handler(Integration)``.
-At startup the core imports every module in ``handlers/``, and for each configuration section whose name
-equals ``Handler.SECTION`` (or starts with it, when SECTION ends with ``:``, as in ``hook:``) it builds one
-``Handler(name, conf, app)``. A request whose path the handler ``match``es goes to ``accept`` on the
-request thread: verify over the raw bytes, parse, and return the events to store. The core commits them
-(group commit) and only then answers 202. A worker later calls ``run(ctx)`` for each stored event, then
-the section's generic actions (command, forward, teams). ``run`` ends the job by returning (done),
-raising ``Retry`` (backoff, then dead), or raising ``Fail`` (dead at once). A handler never imports
-``hookd``; everything it needs from outside comes through ``app`` and ``ctx``.
+Strategy: an integration is one file, ``handlers/NAME.py``, laid out like ``handlers/hook.py``: a module
+docstring giving the wire contract (what the sender POSTs, how it proves who it is, what hookd calls back,
+each citing the upstream's own public documentation or source), then ``class Handler(Integration)`` with
+``accept`` and ``run``, and, when it calls an upstream API, one small client class built on
+``hookd_core.client.Api``. At startup the core imports every module in ``handlers/`` and, for each
+configuration section whose name equals ``Handler.SECTION`` (or starts with it, when SECTION ends with
+``:``, as in ``hook:``), builds ``Handler(name, conf, core)``: ``conf`` is the section (a
+``config.Section``, defaults applied, ``env:``/``file:``/``cred:`` resolved), ``core`` a ``Core``, the
+narrow part of the daemon a handler may use (never the whole App).
+
+Configuration: ``KEYS`` gives every key with its default (``REQUIRED`` for must-haves; the generic action
+keys and ``dedupe`` are added by the core), ``SECRET_KEYS`` those whose values are never logged, stored or
+shown, and ``check()`` returns one problem line per mistake for ``check-config`` (a missing required key is
+reported by the core). Every key is documented in ``credentials.properties.template`` (tests/test_docs.py
+checks) and README. Tables of its own: ``SCHEMA`` (``CREATE TABLE IF NOT EXISTS``), used only through
+``core.read``/``core.write`` inside one transaction each. Extra CLI subcommands: ``COMMANDS``.
+
+Request thread: a request whose path the handler ``match``es goes to ``accept(req)`` (a ``Request``).
+``accept`` verifies with ``hookd_core.verify`` (a scheme over the raw bytes: ``verify.verify(conf, ...)``,
+``verify.hmac_scheme``, ``verify.secret_header``, ``verify.path_secret``), parses with ``req.json()`` (400
+for anything that is not JSON, deep nesting included), raises a ``Reject`` for what it refuses
+(``BadSignature`` 401, ``Forbidden`` 403, ``NotFound`` 404, ``BadPayload`` 422, ``Busy`` 503) and returns
+either a list of ``NewEvent`` (the core commits them, then answers 202; each may carry a ``dedupe_key``, so
+a redelivery is answered "duplicate" and runs nothing, and a ``serial_key``, so two jobs for one camera or
+asset never run at once) or a ``Response`` to answer at once without storing anything (a handshake). It
+never touches the network. A POST with neither Content-Length nor Transfer-Encoding is 411 before
+``accept`` is called, unless the handler sets ``bodiless_post = True``: it then gets ``req.body == b""``
+(RFC 9112 §6.3) and the connection closes after the answer (Preservica's challenge, sent as ``curl -X POST
+URL?challengeCode=C`` would).
+
+Worker thread: ``run(ctx)`` (a ``JobContext``) does the integration's own work for one stored event, then
+the core runs the section's generic actions (command, forward, teams; ``actions()`` says which, ``card``
+what a Teams card says, ``ctx.action_input`` what they get instead of the event). ``run`` ends the job by
+returning (done; a short note), raising ``Retry`` (backoff, or ``after`` seconds, then dead after
+``retry.max_attempts``) or raising ``Fail`` (dead at once). Calls upstream go through
+``hookd_core.client``: one deadline per call, no redirects, and ``client.check`` maps every answer the same
+way (2xx the reply; 401/403 ``Fail`` with what to check; 408/429/5xx and network errors ``Retry`` honouring
+``Retry-After``; any other status ``Fail`` unless the caller says otherwise; 404 means what the integration
+says, so it is tested before ``check``). Times shown or stored are ``iso()`` (ISO 8601 UTC). Files an
+integration writes are declared by ``files()``: the core prunes them after their ``keep_days`` and keeps
+``min_free_mb`` free under them (``core.need_space(folder)`` before writing raises ``Retry``).
 """
 
 import json
 import os
+import time
 
 REQUIRED = object()  # KEYS default meaning "this key must be set"
 
@@ -26,6 +59,14 @@ def json_or_none(body):
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
+
+
+def iso(ts):
+    """Epoch seconds as ISO 8601 UTC with milliseconds (None stays None): the one format hookd shows and
+    stores (``iso(time.time())`` for now)."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % int((ts % 1) * 1000)
 
 
 # -- errors that carry their HTTP status (h11's error_status_hint) -------------------------------------
@@ -52,6 +93,10 @@ class Unparsable(Reject):
 
 class BadSignature(Reject):
     status = 401
+
+
+class Forbidden(Reject):
+    status = 403
 
 
 class NotFound(Reject):
@@ -179,6 +224,12 @@ def _always():
     return True
 
 
+def path_segment(path, prefix):
+    """The one non-empty path segment after ``prefix`` ("/ixon/webhook/KEY" → "KEY"), or None."""
+    rest = path[len(prefix):] if path.startswith(prefix) else ""
+    return rest if rest and "/" not in rest else None
+
+
 class Response:
     """A reply for ``get``/``admin`` routes and for answers like Preservica's challenge."""
 
@@ -197,15 +248,21 @@ class Integration:
                    teams.url, ...) and dedupe are added by the core. Every key is documented in the template.
       SECRET_KEYS  keys whose values are secrets (never logged; their headers are never stored)
       SCHEMA       SQL run with executescript at startup (CREATE TABLE IF NOT EXISTS ...), for own tables
-      COMMANDS     {"zencoder-submit": function(app, argv) -> exit code}, extra CLI subcommands
+      COMMANDS     {"zencoder-submit": function(handler, argv) -> exit code}, extra CLI subcommands, called
+                   with the configured section's Handler (the core says so when the section is absent)
       max_parallel at most this many of this section's jobs run at once (None: no limit)
       queue_size   at most this many of this section's events waiting (queued, retrying or running); more
                    -> 503 + Retry-After, checked by the core inside the insert transaction (None: no limit)
       job_timeout  seconds a job may run before the watchdog calls the worker stuck
       RUNS_REMOTELY  False when ``run`` keeps state in the store (correlation tables): its jobs then
                    cannot be leased to a remote worker (``remote = true`` is refused)
+      route        the POST path, or a pattern shown in log lines ("/ixon/webhook/{key}": a secret path
+                   segment is never logged); override ``match`` for patterns
+      bodiless_post  True: a POST with neither Content-Length nor Transfer-Encoding reaches ``accept``
+                   with an empty body (RFC 9112 §6.3) instead of being answered 411; the connection is
+                   closed after the answer (Preservica's challenge comes that way)
     ``self.conf`` is a ``config.Section``: ``get``, ``int``, ``float``, ``bool``, ``list`` with defaults
-    applied and ``env:``/``file:``/``cred:`` already resolved.
+    applied and ``env:``/``file:``/``cred:`` already resolved. ``self.core`` is the ``Core``.
     """
 
     SECTION = None
@@ -217,10 +274,11 @@ class Integration:
     queue_size = None
     job_timeout = 600
     RUNS_REMOTELY = True
-    route = None  # the POST path; override match() for patterns
+    route = None
+    bodiless_post = False
 
-    def __init__(self, name, conf, app):
-        self.name, self.conf, self.app = name, conf, app
+    def __init__(self, name, conf, core):
+        self.name, self.conf, self.core = name, conf, core
 
     def match(self, path):
         """True when this integration owns ``path`` (query string already removed)."""
@@ -268,28 +326,125 @@ class Integration:
         return {"title": "hookd: %s event %s" % (self.name, ctx.id), "facts": [("route", self.name)],
                 "text": ""}
 
+    def files(self):
+        """The files this integration writes, as a list of ``Files``: the core deletes those older than
+        their ``keep_days`` in the daily prune and ``hookd.py prune``, and /readyz reports a folder with
+        less than ``min_free_mb`` free."""
+        return []
+
+
+class Files:
+    """Files one integration writes: ``folder``, the name ``suffixes`` that are its own (nothing else
+    there is touched), ``keep_days`` (0: kept forever) and what one is called (``noun``, for messages)."""
+
+    __slots__ = ("folder", "suffixes", "keep_days", "noun")
+
+    def __init__(self, folder, suffixes, keep_days, noun):
+        self.folder, self.suffixes, self.keep_days, self.noun = folder, tuple(suffixes), keep_days, noun
+
+    def prune(self, now=None):
+        """Delete this integration's files last modified more than ``keep_days`` ago; returns how many."""
+        if not self.keep_days or self.keep_days <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.keep_days * 86400.0
+        removed = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith(self.suffixes) or entry.name.startswith("."):
+                continue  # temporary files (.tmp-*) belong to a job still writing
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def free_mb(folder):
+    """Megabytes free to an unprivileged writer on the file system holding ``folder`` (or its nearest
+    existing parent, for a folder not created yet)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / 1048576.0
+
+
+class Core:
+    """The part of the daemon one integration may use, instead of the whole App: its section ``name``,
+    the ``[hookd]`` ``settings``, ``state_dir``, the ``log``, the store (``read``/``write`` a function of
+    a sqlite connection, for its own tables and its own route's events; ``waiting()`` its events not
+    finished yet), the free-space floor (``need_space``) and every configured secret (``secrets``, to
+    keep them out of what a job passes on)."""
+
+    def __init__(self, app, name):
+        self._app, self.name = app, name
+
+    @property
+    def settings(self):
+        return self._app.settings
+
+    @property
+    def state_dir(self):
+        return self._app.state_dir
+
+    @property
+    def log(self):
+        return self._app.log
+
+    def read(self, fn):
+        return self._app.store.read(fn)
+
+    def write(self, fn):
+        return self._app.store.write(fn)
+
+    def waiting(self):
+        return self._app.store.waiting(self.name)
+
+    def secrets(self):
+        """Every secret configured anywhere in the daemon, to keep out of a child's environment."""
+        return self._app.secrets()
+
+    def need_space(self, folder):
+        """Raise Retry when ``folder`` has less than ``min_free_mb`` free: a recording or thumbnail waits
+        for space instead of filling the disk (intake, which needs far less, carries on)."""
+        floor = self.settings.float("min_free_mb")
+        free = free_mb(folder)
+        if free < floor:
+            raise Retry("only %d MB free under %s (min_free_mb = %g); waiting for space" % (free, folder, floor))
+
 
 class JobContext:
     """What ``run`` and the actions see for one attempt of one event.
 
     id, route, attempt (1-based), payload (JSON value), body (raw bytes), headers (dict of the stored,
     non-secret headers, lower-case names), content_type, received_at (ISO 8601), conf (the section),
-    app (see hookd_core.app.App), stopping (threading.Event set on shutdown), log (logging.Logger-like,
-    messages get the event id). A handler may set ``action_input`` (a JSON-able dict the actions get
-    instead of the event) or ``skip_actions = True`` (run no generic action this time).
+    stopping (threading.Event set on shutdown), log (logging.Logger-like, messages get the event id),
+    products (where ``product`` records go: the store, or None where there is none). A handler may set
+    ``action_input`` (a JSON-able dict the actions get instead of the event) or ``skip_actions = True``
+    (run no generic action this time).
     """
 
-    def __init__(self, **kw):
+    def __init__(self, id, route, attempt, payload, body, headers, content_type, received_at, conf, stopping,
+                 log, products=None):
+        self.id, self.route, self.attempt = id, route, attempt
+        self.payload, self.body, self.headers, self.content_type = payload, body, headers, content_type
+        self.received_at, self.conf, self.stopping, self.log = received_at, conf, stopping, log
+        self.products = products
         self.action_input = None
         self.skip_actions = False
-        self.__dict__.update(kw)
 
     def product(self, kind, path=None, data=None):
         """Record what this job produced, for the console: a file it wrote (``path``; the console serves
         files only through these records) or what it sent (``data``, JSON-able). Kinds the console
         shows: ``thumbnail`` and ``clip`` (files), ``labels`` and ``variations`` (data). A job run by a
-        remote worker (SPEC §10) records into that host's own store, next to the files it wrote."""
-        self.app.store.add_product(self.id, kind, None if path is None else os.path.abspath(path), data)
+        remote worker records into that host's own store, next to the files it wrote."""
+        if self.products is not None:
+            self.products.add_product(self.id, kind, None if path is None else os.path.abspath(path), data)
 
 
 def dedupe_key(rule, req):

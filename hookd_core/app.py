@@ -25,7 +25,7 @@ import urllib.parse
 from . import config as config_mod
 from . import actions, admin, alerts, clients, logs, subscriptions, systemd_glue
 from .children import Registry
-from .api import Integration, NewEvent, dedupe_key
+from .api import Core, Integration, NewEvent, dedupe_key, free_mb
 from .metrics import Metrics
 from .redact import credential_headers, stored_headers
 from .server import Server
@@ -97,7 +97,7 @@ class App:
             keys = dict(config_mod.ACTION_KEYS)
             keys.update(cls.KEYS)
             conf = config_mod.make_section(name, cfg.raw[name], keys, problems, warnings)
-            integ = cls(name, conf, self)
+            integ = cls(name, conf, Core(self, name))
             try:
                 problems.extend("[%s] %s" % (name, p) for p in actions.check(conf))
                 if conf.bool("remote") and not cls.RUNS_REMOTELY:
@@ -126,7 +126,8 @@ class App:
                     out.append("[hookd] %s must be at least 1" % key)
             except config_mod.ConfigError as e:
                 out.append(str(e))
-        for key in ("read_timeout", "retry.base_delay", "retry.max_delay", "shutdown_grace", "write_timeout"):
+        for key in ("read_timeout", "retry.base_delay", "retry.max_delay", "shutdown_grace", "write_timeout",
+                    "min_free_mb"):
             try:
                 if s.float(key) < 0:
                     out.append("[hookd] %s must not be negative" % key)
@@ -200,6 +201,13 @@ class App:
                          "done": done})
         return rows
 
+    def redact(self, text):
+        """``text`` (a path no route matched, for a log line) with every configured secret masked: a
+        near miss such as /ixon/webhook/KEY/x must not put the key in the log."""
+        for secret in self._secret_cache()[0]:
+            text = text.replace(secret, "***")
+        return text
+
     def _secret_cache(self):
         """(every secret, {route: (its credential header names, its dedupe rule, nothing to do)}), worked
         out once per configuration (a reload builds new integrations) instead of once per request."""
@@ -213,14 +221,30 @@ class App:
         return cache[1], cache[2]
 
     def ready(self):
-        """(ok, reason): the database takes a write and the workers are alive."""
+        """(ok, reason): the database takes a write, the workers are alive, and the folders files are
+        written to have ``min_free_mb`` free (below it recordings and thumbnails wait; intake goes on)."""
         try:
             self.store.write(lambda c: c.execute("CREATE TABLE IF NOT EXISTS hookd_ready(x)"))
         except Exception as e:
             return False, "database: %s" % e
         if not self.pool.healthy():
             return False, "workers stuck or dead"
+        low = self.low_space()
+        if low:
+            return False, low
         return True, "ok"
+
+    def low_space(self):
+        """Why files cannot be written now (less than min_free_mb free under state_dir or a folder an
+        integration writes to), or None."""
+        floor = self.settings.float("min_free_mb")
+        folders = [self.state_dir] + [f.folder for integ in self.integrations for f in integ.files()]
+        for folder in folders:
+            free = free_mb(folder)
+            if free < floor:
+                return ("only %d MB free under %s (min_free_mb = %g): recordings and thumbnails wait for space;"
+                        " webhooks are still accepted" % (free, folder, floor))
+        return None
 
     # -- store and lifecycle ------------------------------------------------------------------------
     def open_store(self):
@@ -241,6 +265,20 @@ class App:
         n = self.store.prune(days)
         if n:
             self.log.info("pruned %d finished events older than %s days", n, self.settings.get("retention.days"))
+        for line in self.prune_files():
+            self.log.info("%s", line)
+
+    def prune_files(self, now=None):
+        """Delete the files integrations wrote (clips, thumbnails) older than their keep_days; one line
+        per folder that lost any."""
+        lines = []
+        for integ in self.integrations:
+            for files in integ.files():
+                n = files.prune(now)
+                if n:
+                    lines.append("pruned %d %s%s older than %g days from %s" % (
+                        n, files.noun, "" if n == 1 else "s", files.keep_days, files.folder))
+        return lines
 
     def serve(self, host, port):
         """Run the daemon until SIGTERM/SIGINT; returns the exit code."""

@@ -118,13 +118,20 @@ def _open(path):
 
 
 def integration_command(app, name, args):
+    """Run an integration's own subcommand with its configured Handler (the section must exist)."""
     if app.problems:
         for p in app.problems:
             print("hookd: %s" % p, file=sys.stderr)
         return 1
+    cls = next(c for c in app.classes.values() if name in c.COMMANDS)
+    handler = next((i for i in app.integrations if isinstance(i, cls)), None)
+    if handler is None:
+        print("hookd: %s needs a [%s] section in the configuration" % (name, cls.SECTION.rstrip(":")),
+              file=sys.stderr)
+        return 1
     app.open_store()
     try:
-        return _integration_commands(app)[name](app, args) or 0
+        return cls.COMMANDS[name](handler, args) or 0
     finally:
         app.store.close()
 
@@ -253,6 +260,8 @@ def cmd_replay(app, ns):
 def cmd_prune(app, ns):
     days = ns.days if ns.days is not None else app.settings.float("retention.days")
     print("pruned %d events" % app.store.prune(days))
+    for line in app.prune_files():
+        print(line)
     return 0
 
 

@@ -38,9 +38,10 @@ HOOKD_KEYS = {
     "alert.teams.url": "",
     "alert.command": "",
     "subscriptions.check_interval": "900",
+    "min_free_mb": "500",
 }
 
-# Keys every integration section accepts (SPEC §6): the generic actions and the dedupe rule.
+# Keys every integration section accepts: the generic actions, the dedupe rule and the filter.
 ACTION_KEYS = {
     "command": "",
     "command.timeout": "300",

@@ -16,7 +16,8 @@ differently are how request smuggling happens:
   - Transfer-Encoding and Content-Length together: 400 (a CL.TE desync vector);
   - chunked on HTTP/1.0: 400 (1.0 has no chunked; a proxy may read it differently);
   - a coding other than exactly ``chunked``: 501 (hookd decodes nothing else; the sender should not gzip);
-  - a repeated or non-digit Content-Length: 400; a POST with neither: 411;
+  - a repeated or non-digit Content-Length: 400; a POST with neither: 411, unless its route takes
+    such requests as bodiless (Preservica's challenge), and then the connection closes after the answer;
   - chunk sizes that are not plain hex (``6_0``, ``+5``, ``-5``, ``0x5``, spaces): 400, because Python's
     ``int(x, 16)`` accepts several of them;
   - the CRLF after each chunk's data is checked, not skipped;
@@ -181,14 +182,20 @@ class Reader:
             raise BadRequest("CR not followed by LF in the request head")
         return line
 
-    def body(self, max_body):
+    def body(self, max_body, unframed_ok=False):
         """The body of the last head, read whole (b"" when it has none); says 100 Continue first when
-        the client waits for it. Raises Reject (the framing), or ClientGone."""
+        the client waits for it. A POST with neither Content-Length nor Transfer-Encoding is 411, or,
+        with ``unframed_ok`` (a route that takes such requests), an empty body (RFC 9112 §6.3: a request
+        without either has none). Either way ``unread`` stays true, so the connection is closed after
+        the answer and whatever the client sends after the head is never read as a request.
+        Raises Reject (the framing), or ClientGone."""
         head = self._head
         kind, length = body_framing(head.headers, head.version, max_body)
         if kind is None:
             if head.method in _BODY_METHODS:  # a body delimited by closing may follow: never read it as a request
                 self.unread = True
+                if unframed_ok:
+                    return b""
                 raise LengthRequired("neither Content-Length nor chunked body")
             return b""
         if head.expect_continue and self.send_continue is not None:

@@ -177,7 +177,8 @@ class Job:
         return JobContext(id=self.lease["id"], route=self.lease["route"], attempt=self.lease["attempt"],
                           payload=doc.get("payload"), body=body, headers=doc.get("headers") or {},
                           content_type=doc.get("content_type"), received_at=doc.get("received_at"),
-                          conf=integ.conf, app=self.worker.app, stopping=self.stop, log=self.log)
+                          conf=integ.conf, stopping=self.stop, log=self.log,
+                          products=getattr(self.worker.app, "store", None))
 
     def run(self):
         w = self.worker

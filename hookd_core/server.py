@@ -413,8 +413,8 @@ class Handler(socketserver.StreamRequestHandler):
         self._settle()
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _read_body(self):
-        body = self.reader.body(self.app.settings.int("max_body"))
+    def _read_body(self, unframed_ok=False):
+        body = self.reader.body(self.app.settings.int("max_body"), unframed_ok)
         if self._deadline[3]:
             raise framing.ClientGone("deadline passed")
         self.server.reaper.disarm(self._deadline)
@@ -428,9 +428,9 @@ class Handler(socketserver.StreamRequestHandler):
             self._route = integ.name
         if head.method == "POST":
             if integ is None:
-                raise NotFound("no route for %s" % head.path)
+                raise NotFound("no route for %s" % app.redact(head.path[:200]))
             req = Request("POST", head.path, _query(head.query), head.headers,
-                          self._read_body(), self.client)
+                          self._read_body(integ.bodiless_post), self.client)
             return self._accept(integ, req)
         if head.method != "GET":
             raise Reject("method not allowed", status=405, headers=[("Allow", "GET, POST")])
@@ -444,7 +444,7 @@ class Handler(socketserver.StreamRequestHandler):
         if head.path == "/readyz":
             ok, why = app.ready()
             return Response(200 if ok else 503, {"status": "ok" if ok else "unavailable", "reason": why})
-        raise NotFound("no route for %s" % head.path)
+        raise NotFound("no route for %s" % app.redact(head.path[:200]))
 
     def _accept(self, integ, req):
         app = self.app
@@ -512,11 +512,12 @@ class Handler(socketserver.StreamRequestHandler):
 
     def _log_path(self):
         """The path for a log line. A matched route may carry a secret in its path (Camio's key), so
-        only unmatched paths are logged as sent (cut to 200 characters; the log escapes control bytes)."""
+        only unmatched paths are logged as sent, with any configured secret masked (a near miss such as
+        /ixon/webhook/KEY/x), cut to 200 characters; the log escapes control bytes."""
         if self._route not in ("-", "admin"):
             integ = self.app.integration(self._route)
             return integ.route if integ is not None and integ.route else "(%s route)" % self._route
-        return self.head.path[:200] if self.head is not None else "-"
+        return self.app.redact(self.head.path[:200]) if self.head is not None else "-"
 
     def _reply(self, status, obj, headers=(), close=False):
         self._send(status, json.dumps(obj).encode(), "application/json", headers, close)

@@ -137,7 +137,7 @@ class PreservicaSubscriptions(Upstream):
     TRIGGERS = PRESERVICA_TRIGGERS
 
     def call(self, method, path, body=None):
-        return self.integ.api_call(method, path, body=body)
+        return self.integ.api.request(method, path, body=body)
 
     def listing(self):
         doc = client.check(self.call("GET", self.PATH), self.NAME, self.REFUSED).json()
@@ -165,7 +165,7 @@ class IconikWebhooks(Upstream):
     REFUSED = "[iconik] app_id and auth_token (the token's user needs the webhook roles)"
 
     def call(self, method, path, body=None):
-        return self.integ.call(method, path, body=body)
+        return self.integ.api.call(method, path, body=body)
 
     def item_path(self, quoted_id):
         return "%s%s/" % (self.PATH, quoted_id)

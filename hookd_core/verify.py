@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import re
 import time
 
@@ -25,7 +26,10 @@ ENCODINGS = ("hex", "base64")
 MAX_SIGNATURES = 8  # signature entries looked at per header; rotation needs two or three, not hundreds
 MAX_ED25519 = 4     # v1a entries checked per request: each costs milliseconds of CPU before any auth
 
-# What each sender sends once per event and repeats on every redelivery (peers.md §3).
+# What each sender sends once per event and repeats on every redelivery: webhook-id (Standard Webhooks
+# spec), X-GitHub-Delivery (https://docs.github.com/en/webhooks/webhook-events-and-payloads), the event id
+# (https://docs.stripe.com/webhooks#handle-duplicate-events), X-Shopify-Webhook-Id
+# (https://shopify.dev/docs/apps/build/webhooks/ignore-duplicates).
 DEFAULT_DEDUPE = {
     "standard-webhooks": "header:webhook-id",
     "github": "header:X-GitHub-Delivery",
@@ -100,7 +104,7 @@ def _check_timestamp(value, tolerance, now):
         raise BadSignature("timestamp outside the tolerance of %ds" % tolerance)
 
 
-# -- Standard Webhooks (peers.md §2) -------------------------------------------------------------------
+# -- Standard Webhooks (https://github.com/standard-webhooks/standard-webhooks, spec/standard-webhooks.md) -
 
 def whsec_key(secret):
     """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64), or ValueError."""
@@ -229,7 +233,8 @@ def ed25519_verify(public, message, signature):
     return _same(_mul(s, _G), _add(r, _mul(h, a)))
 
 
-# -- GitHub, Stripe, Shopify (peers.md §3) -------------------------------------------------------------
+# -- GitHub, Stripe, Shopify (https://docs.github.com/en/webhooks/using-webhooks/validating-webhook-deliveries,
+# https://docs.stripe.com/webhooks#verify-manually, https://shopify.dev/docs/apps/build/webhooks) -------
 
 def github(headers, body, secrets):
     """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>``."""
@@ -348,6 +353,52 @@ def token(headers, body, secrets, name="Authorization"):
         candidates.append(decoded.partition(b":")[2])
     if not any(_any_equal(_utf8(s), candidates) for s in secrets):
         raise BadSignature("%s does not hold a valid token" % name)
+
+
+# -- shared secrets that are not signatures: a header, or a URL path segment -------------------------
+
+def secret_header(headers, secrets, names):
+    """For senders that present a shared secret instead of signing (iconik's custom webhook header,
+    Zencoder's notification secret): one of the headers ``names`` must hold one of ``secrets`` (bare,
+    ``Bearer``, or HTTP basic auth, as ``token`` reads it). BadSignature otherwise."""
+    for name in names:
+        if header(headers, name) is not None:
+            try:
+                return token(headers, b"", secrets, name)
+            except BadSignature:
+                continue
+    raise BadSignature("missing or wrong %s" % " / ".join(names))
+
+
+def path_secret(given, secret):
+    """For senders that can only be given a URL (Camio, IXON): the secret path segment ``given`` must
+    equal ``secret``, compared in constant time. BadSignature otherwise (the message never holds either)."""
+    if not secret or not hmac.compare_digest(_utf8(given or ""), _utf8(secret)):
+        raise BadSignature("wrong key in the path")
+
+
+def networks(text):
+    """``allow.from`` text (CIDRs or addresses, comma- or space-separated) → list of ip_network;
+    ValueError naming the bad item."""
+    out = []
+    for item in (text or "").replace(",", " ").split():
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("%r is not an address or CIDR" % item)
+    return out
+
+
+def client_allowed(client, allowed):
+    """True when the client address (``req.client``) is in one of the ``allowed`` networks (an IPv4
+    address seen as ::ffff:a.b.c.d counts as a.b.c.d)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in allowed)
 
 
 # -- configuration glue --------------------------------------------------------------------------------

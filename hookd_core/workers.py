@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 
-from .api import Fail, Integration, JobContext, Retry, stored_payload
+from .api import Fail, Integration, JobContext, Retry, iso, stored_payload
 from .logs import EventLog
 
 
@@ -327,15 +327,7 @@ def make_context(app, integ, row, log):
     headers = json.loads(row["headers"]) if row["headers"] else {}
     body = row.get("body") or b""
     payload = stored_payload(row["payload"], body, row["element"])
-    return JobContext(id=row["id"], route=row["route"], attempt=row["attempts"], payload=payload, body=body,
-                      headers=headers, content_type=row["content_type"],
-                      received_at=iso(row["received_at"]), conf=integ.conf if integ else None, app=app,
-                      stopping=app.stopping, log=log)
-
-
-def iso(ts):
-    """Epoch seconds as ISO 8601 UTC with milliseconds."""
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % int((ts % 1) * 1000)
+    return JobContext(row["id"], row["route"], row["attempts"], payload, body, headers, row["content_type"],
+                      iso(row["received_at"]), integ.conf if integ else None, app.stopping, log,
+                      getattr(app, "store", None))
 

@@ -50,8 +50,8 @@ def make_ctx(body=BODY, **conf_values):
         payload = None
     ctx = JobContext(id=7, route="hook:t", attempt=2, payload=payload, body=body,
                      headers={"x-github-event": "push"}, content_type="application/json; charset=utf-8",
-                     received_at="2026-01-02T03:04:05Z", conf=conf, app=None,
-                     stopping=threading.Event(), log=logging.getLogger("test"))
+                     received_at="2026-01-02T03:04:05Z", conf=conf, stopping=threading.Event(),
+                     log=logging.getLogger("test"))
     return ctx, Handler("hook:t", conf, None)
 
 

@@ -276,9 +276,9 @@ class RestartTest(Base):
 
     def test_kill_9_mid_recording_then_restart_leaves_one_ffmpeg(self):
         d = self.daemon("[hookd]\nadmin.token = env:ADMIN_TOKEN\nretry.base_delay = 0.05\n"
-                        "[ixon]\nstream.url = %s\nduration = 30\n" % self.cam.stream_url,
-                        env={"ADMIN_TOKEN": SECRETS["ADMIN_TOKEN"]})
-        status, _, body = d.post("/ixon/webhook", json.dumps(test_ixon.MESSAGE).encode(),
+                        "[ixon]\nkey = %s\nstream.url = %s\nduration = 30\n"
+                        % (test_ixon.KEY, self.cam.stream_url), env={"ADMIN_TOKEN": SECRETS["ADMIN_TOKEN"]})
+        status, _, body = d.post("/ixon/webhook/" + test_ixon.KEY, json.dumps(test_ixon.MESSAGE).encode(),
                                  {"Content-Type": "application/json"})
         self.assertEqual(status, 202, body)
         first = wait_until(lambda: pids_with_cmdline(self.cam.stream_url), 20, message="ffmpeg to start")

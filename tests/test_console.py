@@ -435,7 +435,7 @@ class ProductsTest(ConsoleCase):
         self.app = self.make_app("")
         os.makedirs(elsewhere)
         with open(os.path.join(self.tmp, "credentials.properties"), "a") as f:
-            f.write("[ixon]\nstream.url = http://127.0.0.1:9/video.mjpg\nvideo.dir = %s\n" % elsewhere)
+            f.write("[ixon]\nkey = k\nstream.url = http://127.0.0.1:9/video.mjpg\nvideo.dir = %s\n" % elsewhere)
         self.app.store.close()
         self.app = App(os.path.join(self.tmp, "credentials.properties"))
         self.app.open_store()

@@ -63,6 +63,7 @@ api_key = {camio_key}
 callback.hosts = 127.0.0.1
 
 [ixon]
+key = console-ixon-key
 stream.url = {camera}
 duration = 2
 
@@ -121,7 +122,7 @@ def _start(tmp):
                                     {"Content-Type": "application/json"}))
     alarm = {"createdOn": "2019-08-29T12:26:24", "extraInfo": {"Device name": "Project D4 Alarming machine"},
              "shortContent": "Counter above 30"}
-    ids["ixon"] = _accepted(d.post("/ixon/webhook", json.dumps(alarm), {"Content-Type": "application/json"}))
+    ids["ixon"] = _accepted(d.post("/ixon/webhook/console-ixon-key", json.dumps(alarm), {"Content-Type": "application/json"}))
     r = d.cli("zencoder-submit", "gcs://bucket/_/in.mkv", "--output", "mp4:1280x720", "--output", "webm:640x360")
     assert r.returncode == 0, r.stderr
     job = D["job"] = int(r.stdout.strip())

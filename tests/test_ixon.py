@@ -34,6 +34,7 @@ MESSAGE = {
     "userId": "u-1", "longContent": "Counter1000Max30 went above 30 on Project D4 Alarming machine",
 }
 FIRST_NAME = "2019-08-29T12-26-24_Project_D4_Alarming_machine.mp4"
+KEY = "ixon-door-Kq7vR2"  # the secret path segment of the URL given to IXON
 
 
 def message(**changes):
@@ -45,14 +46,14 @@ def message(**changes):
     return msg
 
 
-def post_json(d, value, **kw):
-    status, headers, body = d.post("/ixon/webhook", json.dumps(value).encode(),
-                                   {"Content-Type": "application/json"}, **kw)
+def post_json(d, value, path="/ixon/webhook/" + KEY, **kw):
+    status, headers, body = d.post(path, json.dumps(value).encode(), {"Content-Type": "application/json"},
+                                   **kw)
     return status, headers, json.loads(body.decode() or "null")
 
 
-def start_daemon(section, attempts=3):
-    d = Daemon(HOOKD % {"attempts": attempts} + "\n[ixon]\n" + section)
+def start_daemon(section, attempts=3, hookd=""):
+    d = Daemon(HOOKD % {"attempts": attempts} + hookd + "\n[ixon]\nkey = %s\n" % KEY + section)
     d.start()
     return d
 
@@ -148,7 +149,7 @@ duration = 2
                  ([MESSAGE], 422), (json.dumps("just a string"), 422)]
         for value, want in cases:
             self.assertEqual(post_json(self.d, value)[0], want, value)
-        status, _, _ = self.d.post("/ixon/webhook", b"{not json", {"Content-Type": "application/json"})
+        status, _, _ = self.d.post("/ixon/webhook/" + KEY, b"{not json", {"Content-Type": "application/json"})
         self.assertEqual(status, 400)
         self.assertEqual(len(self.d.events()), before)
 
@@ -246,6 +247,110 @@ queue_size = 1
         self.assertNotIn("2023-04-04T04:04:05", created)
         later = self.accepted(message(createdOn="2023-04-04T04:04:05"))  # the sender's retry gets in
         self.d.wait_status(later, "done", timeout=30)
+
+
+class DoorTest(Base):
+    """The URL given to IXON carries a key (IXON signs nothing); clips older than video.keep_days go."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cam = FakeCamera(fps=10)
+        cls.d = start_daemon("stream.url = %s\nduration = 2\nallow.from = 10.0.0.0/8, 127.0.0.0/8\n"
+                             "video.keep_days = 1\n" % cls.cam.stream_url)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+        cls.cam.close()
+
+    def test_no_key_is_404_wrong_key_401_and_the_key_is_never_logged(self):
+        before = len(self.d.events())
+        self.assertEqual(post_json(self.d, MESSAGE, path="/ixon/webhook")[0], 404)
+        self.assertEqual(post_json(self.d, MESSAGE, path="/ixon/webhook/")[0], 404)
+        self.assertEqual(post_json(self.d, MESSAGE, path="/ixon/webhook/%s/x" % KEY)[0], 404)
+        self.assertEqual(post_json(self.d, MESSAGE, path="/ixon/webhook/" + KEY[:-1])[0], 401)
+        self.assertEqual(post_json(self.d, MESSAGE, path="/ixon/webhook/" + KEY + "x")[0], 401)
+        self.assertEqual(len(self.d.events()), before)
+        event_id = self.accepted(message(createdOn="2024-02-02T02:02:02"))
+        self.d.wait_status(event_id, "done", timeout=30)
+        self.assertNotIn(KEY, self.d.log())
+
+    def test_deeply_nested_json_is_400_not_500(self):
+        for body in (b"[" * 100000 + b"]" * 100000, json.dumps("[" * 100000).encode()):
+            status, _, _ = self.d.post("/ixon/webhook/" + KEY, body, {"Content-Type": "application/json"})
+            self.assertIn(status, (400, 422))
+        self.assertNotIn("Traceback", self.d.log())
+
+    def test_prune_deletes_clips_older_than_keep_days(self):
+        os.makedirs(self.video_dir(), exist_ok=True)
+        old, fresh, other = (os.path.join(self.video_dir(), n) for n in ("old.mp4", "fresh.mp4", "notes.txt"))
+        for path in (old, fresh, other):
+            with open(path, "wb") as f:
+                f.write(b"x")
+        two_days_ago = time.time() - 2 * 86400
+        for path in (old, other):
+            os.utime(path, (two_days_ago, two_days_ago))
+        r = self.d.cli("prune")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(old))
+        self.assertTrue(os.path.exists(fresh) and os.path.exists(other))  # only clips, only old ones
+        self.assertIn("1 clip", r.stdout)
+
+
+class AllowFromTest(Base):
+    """allow.from: only these client addresses may post (403 otherwise, right key or not)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.d = start_daemon("stream.url = http://127.0.0.1:9/video.mjpg\nallow.from = 10.0.0.0/8 192.0.2.7\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+
+    def test_other_addresses_get_403_and_nothing_is_stored(self):
+        for path in ("/ixon/webhook/" + KEY, "/ixon/webhook/wrong"):
+            self.assertEqual(post_json(self.d, MESSAGE, path=path)[0], 403)
+        self.assertEqual(self.d.events(), [])
+
+
+class LowDiskTest(Base):
+    """Below min_free_mb a recording waits (retried later) instead of filling the disk; intake goes on and
+    /readyz says why."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cam = FakeCamera(fps=10)
+        cls.d = start_daemon("stream.url = %s\nduration = 2\n" % cls.cam.stream_url, attempts=8,
+                             hookd="min_free_mb = 900000000\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+        cls.cam.close()
+
+    def test_recording_waits_and_readyz_says_why(self):
+        event_id = self.accepted(MESSAGE)
+        e = self.d.wait_status(event_id, ("retry", "dead"), timeout=20)
+        self.assertIn("min_free_mb", e["last_error"])
+        self.assertEqual(self.videos(), [])
+        self.assertEqual(self.cam.connections, 0)
+        status, _, body = self.d.get("/readyz")
+        self.assertEqual(status, 503)
+        self.assertIn("min_free_mb", json.loads(body)["reason"])
+        self.accepted(message(createdOn="2025-01-01T00:00:00"))  # intake keeps working
+
+
+class CheckConfigTest(unittest.TestCase):
+    def test_ixon_without_key_is_a_problem_line(self):
+        d = Daemon("[ixon]\nstream.url = http://127.0.0.1:9/v.mjpg\n")
+        r = d.cli("check-config")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("[ixon] key is required", r.stdout.splitlines())
+        d = Daemon("[ixon]\nkey = a/b\nstream.url = http://127.0.0.1:9/v.mjpg\nallow.from = 10.0.0.0/33\n")
+        out = d.cli("check-config").stdout
+        self.assertIn("[ixon] key must not contain '/'", out)
+        self.assertIn("[ixon] allow.from", out)
 
 
 class CameraOnly(Base):

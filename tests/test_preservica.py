@@ -12,13 +12,14 @@ import json
 import os
 import sys
 import tempfile
+import time
 import unittest
 import urllib.parse
 import uuid
 
 from tests import fake_preservica as fp
 from tests.fake_teams import FakeTeams
-from tests.support import Daemon, hmac_hex, post, wait_until
+from tests.support import Daemon, hmac_hex, post, raw_exchange, wait_until
 from tests.support import request as support_request
 
 SECRET = "my_shared_secret"
@@ -141,6 +142,20 @@ class IntakeTest(PreservicaCase):
             "challengeCode": "abc123",
             "challengeResponse": "8ecc163a3d4079d2f3eb2c5f36ed1c5c9e855a42477fb81d24fded7cad766946"})
         self.assertEqual(body, json.dumps(json.loads(body.decode("utf-8"))).encode("utf-8"))
+
+    def test_bodiless_challenge_as_curl_sends_it(self):
+        """``curl -X POST '.../preservica?challengeCode=abc123'``: neither Content-Length nor
+        Transfer-Encoding (the way docs/preservica.md shows it, and Preservica may send it) is 200."""
+        port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        head = ("POST /preservica?challengeCode=abc123 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                "User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n" % port).encode("ascii")
+        status, headers, body = raw_exchange("127.0.0.1", port, head)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body.decode("utf-8"))["challengeResponse"],
+                         "8ecc163a3d4079d2f3eb2c5f36ed1c5c9e855a42477fb81d24fded7cad766946")
+        self.assertEqual(headers.get("connection"), "close")  # nothing after it is read as a request
+        no_code = head.replace(b"?challengeCode=abc123", b"")
+        self.assertEqual(raw_exchange("127.0.0.1", port, no_code)[0], 401)  # a delivery must be signed
 
     def test_challenge_comes_before_any_signature_check(self):
         status, _, body = post(self.url + "?challengeCode=x%22y", b"{}",
@@ -275,6 +290,46 @@ class RejectTest(PreservicaCase):
         status, _, _ = fp.deliver(self.url, SECRET, raw, signature=sig)
         self.assertEqual(status, 401)
         self.assertEqual(self.d.events(), [])
+
+
+class ThumbnailKeepDaysTest(PreservicaCase):
+    """thumbnail.keep_days: the daily prune (which also runs once at start) deletes older thumbnails."""
+
+    @classmethod
+    def section(cls):
+        os.makedirs(cls.thumbs)
+        for name, age_days in (("old-ref.jpg", 3), ("old-ref2.png", 3), ("new-ref.jpg", 0), ("keep.txt", 3)):
+            with open(os.path.join(cls.thumbs, name), "wb") as f:
+                f.write(b"x")
+            stamp = time.time() - age_days * 86400
+            os.utime(os.path.join(cls.thumbs, name), (stamp, stamp))
+        return ("[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\npassword = %s\n"
+                "actions = thumbnail\nthumbnail.dir = %s\nthumbnail.keep_days = 1\n"
+                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs))
+
+    def test_daily_prune_deletes_thumbnails_older_than_keep_days(self):
+        wait_until(lambda: not os.path.exists(os.path.join(self.thumbs, "old-ref.jpg")), 10,
+                   message="the old thumbnail to be pruned")
+        self.assertEqual(sorted(os.listdir(self.thumbs)), ["keep.txt", "new-ref.jpg"])
+        self.assertIn("pruned 2 thumbnails older than 1 days", self.d.log())
+
+
+class LowDiskThumbnailTest(PreservicaCase):
+    """Below min_free_mb a thumbnail waits (retried later); the delivery itself is still accepted."""
+
+    @classmethod
+    def section(cls):
+        return ("min_free_mb = 900000000\n[preservica]\nsecret.key = %s\nserver = %s\nusername = hookd\n"
+                "password = %s\nactions = thumbnail\nthumbnail.dir = %s\n"
+                % (SECRET, cls.fake.url, PASSWORD, cls.thumbs))
+
+    def test_thumbnail_waits_for_space(self):
+        ref = new_ref()
+        self.fake.thumbnails[ref] = (b"\xff\xd8\xff jpeg", "image/jpeg")
+        event = self.d.wait_status(self.deliver_one(ref), ("retry", "dead"))
+        self.assertIn("min_free_mb", event["last_error"])
+        self.assertEqual(self.fake.thumbnail_ids, [])
+        self.assertFalse(os.path.exists(self.thumbs) and os.listdir(self.thumbs))
 
 
 class ThumbnailTest(PreservicaCase):

@@ -210,13 +210,18 @@ def post_tls(d, cert, value):
     return json.loads(body)["id"]
 
 
+IXON_KEY = "remote-ixon-key"
+IXON_PATH = "/ixon/webhook/" + IXON_KEY
+
+
 class IxonRecordingTest(RemoteCase):
     """IXON recordings on two workers: three cameras, never one twice at once, faults in the middle."""
 
     def setUp(self):
         super().setUp()
         self.cam = FakeCamera(fps=10, paths=["/%s.mjpg" % c for c in CAMERAS])
-        self.ixon = "[ixon]\nstream.url = %s/{device}.mjpg\nduration = %%g\nqueue_size = 50\n" % self.cam.url
+        self.ixon = ("[ixon]\nkey = %s\nstream.url = %s/{device}.mjpg\nduration = %%g\nqueue_size = 50\n"
+                     % (IXON_KEY, self.cam.url))
 
     def tearDown(self):
         super().tearDown()
@@ -246,7 +251,7 @@ class IxonRecordingTest(RemoteCase):
     def test_six_alarms_three_cameras_two_workers(self):
         d = self.first_ixon()
         a, b = self.ixon_worker("wa", d), self.ixon_worker("wb", d)
-        ids = [self.post(d, "/ixon/webhook", alarm(CAMERAS[n % 3], n)) for n in range(6)]
+        ids = [self.post(d, IXON_PATH, alarm(CAMERAS[n % 3], n)) for n in range(6)]
         self.all_done(d, ids, 90)
         clips = self.clips("wa", "wb")
         self.assertEqual(len(clips), 6, clips)
@@ -261,7 +266,7 @@ class IxonRecordingTest(RemoteCase):
     def test_kill9_of_a_worker_mid_recording_its_lease_expires_the_other_records_it(self):
         d = self.first_ixon(duration=3)
         a = self.ixon_worker("wa", d, duration=3, lease_seconds=2)
-        event = self.post(d, "/ixon/webhook", alarm("cam2", 1))
+        event = self.post(d, IXON_PATH, alarm("cam2", 1))
         wait_until(lambda: any(p == "/cam2.mjpg" for p, _, _ in self.cam.streams), 15, 0.05, "wa to record")
         time.sleep(0.5)  # mid-recording
         a.kill9()
@@ -280,7 +285,7 @@ class IxonRecordingTest(RemoteCase):
                      " sys.exit(0 if ok else 3)\" %s" % (sys.executable, marker)
         self.worker("wa", d, self.ixon % 2 + "video.dir = %s\ncommand = %s\n" % (
             os.path.join(self.tmp, "wa", "v"), fails_once), hookd="workers = 1\n")
-        event = self.post(d, "/ixon/webhook", alarm("cam3", 7))
+        event = self.post(d, IXON_PATH, alarm("cam3", 7))
         self.assertEqual(self.all_done(d, [event], 60)[event]["attempts"], 2)
         self.assertEqual(len(self.cam.streams), 1, "the clip of attempt 1 was not recorded again")
         self.assertEqual(len(self.clips("wa")), 1)
@@ -290,7 +295,7 @@ class IxonRecordingTest(RemoteCase):
         d = self.first_ixon(duration=3, admin_port=port)
         self.ixon_worker("wa", d, duration=3, lease_seconds=20)
         self.ixon_worker("wb", d, duration=3, lease_seconds=20)
-        ids = [self.post(d, "/ixon/webhook", alarm(c, n)) for n, c in enumerate(CAMERAS)]
+        ids = [self.post(d, IXON_PATH, alarm(c, n)) for n, c in enumerate(CAMERAS)]
         wait_until(lambda: all(e["status"] == "running" for e in self.events(d)), 15, 0.1, "all three leased")
         d.kill9()
         d.start()

@@ -38,6 +38,7 @@ notification.secret = %(s)s
 CAMERAS = """[hookd]
 proxy.trusted = 127.0.0.1/32
 [ixon]
+key = scaling-ixon-key
 stream.url = http://127.0.0.1:9/{device}.mjpg
 remote = true
 [camio]
@@ -117,7 +118,7 @@ class HaproxyTest(unittest.TestCase):
             ("/preservica", body, {"Preservica-Signature": sig}, self.assets, "preservica"),
             ("/iconik", {"event_type": "assets", "realm": "entity", "operation": "create", "object_id": "a-1"},
              {"X-Hookd-Secret": SECRET}, self.assets, "iconik"),
-            ("/ixon/webhook", {"createdOn": "2026-11-30T05:00:00", "extraInfo": {"Device name": "press 1"}}, {},
+            ("/ixon/webhook/scaling-ixon-key", {"createdOn": "2026-11-30T05:00:00", "extraInfo": {"Device name": "press 1"}}, {},
              self.cameras, "ixon"),
             ("/camio/tasks/" + CAMIO_KEY, {"callback_url": "https://camio.com/x",
                                             "images": [image(jpeg, "2026-11-30T05:00:00")]}, {},
