@@ -14,7 +14,8 @@ import os
 import re
 import select
 import threading
-import time
+
+from .api import iso
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -26,10 +27,9 @@ def escaped(text):
 
 class TextFormatter(logging.Formatter):
     def format(self, record):
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         event = getattr(record, "event", None)
-        line = "%s.%03dZ %s %s%s" % (ts, record.msecs, record.levelname,
-                                     "event=%s " % event if event is not None else "", escaped(record.getMessage()))
+        line = "%s %s %s%s" % (iso(record.created), record.levelname,
+                               "event=%s " % event if event is not None else "", escaped(record.getMessage()))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -37,7 +37,7 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record):
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs,
+        out = {"ts": iso(record.created),
                "level": record.levelname, "msg": escaped(record.getMessage())}
         event = getattr(record, "event", None)
         if event is not None:
