@@ -77,7 +77,7 @@ def run_scheme(app, scheme):
         stored += [(op.wait(), r) for op, (_, r) in zip(ops, rows[i:i + GROUP])]
     t_store = (time.thread_time() - t) / N * 1e6  # this thread's part; the writer's is below
     def answer(item):
-        status, body, headers, close = server.outcome(app, rows[0][0], item[1], item[0], None)
+        status, body, headers, close = server.outcome(app, rows[0][0], item[1], item[0], None, "127.0.0.1")
         return server._answer_bytes(status, body, "application/json", headers, close)
     _, t_answer = timed(answer, stored)
     return {"reader": t_read, "route_and_request": t_route, "accept": t_accept, "event_rows": t_rows,
