@@ -81,7 +81,7 @@ def hookd_config(workdir, extra_hook="", extra_hookd=""):
     path = os.path.join(workdir, "credentials.properties")
     with open(path, "w") as f:
         f.write("[hookd]\nstate_dir = %s\nadmin.listen = unix:%s\nworkers = 4\nmax_connections = 256\n"
-                "shutdown_grace = 3\n%s\n"
+                "max_connections_per_client = 256\nshutdown_grace = 3\n%s\n"
                 "[preservica]\nsecret.key = %s\n\n"
                 "[hook:bench]\nverify = standard-webhooks\nsecret = %s\n%s"
                 % (os.path.join(workdir, "var"), os.path.join(workdir, "admin.sock"), extra_hookd,
