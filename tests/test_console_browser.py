@@ -8,9 +8,10 @@ dead), and an ``admin.token``. ``setUpModule`` sends one
 event to each route and waits until every one has settled. ``ProductsTest`` reads the console over HTTP
 with the bearer token: what each job produced. ``BrowserTest`` drives one headless Chromium (tests/cdp.py)
 as the person on call would: the login form, the overview's counts against the CLI's, a dead event's
-error, a mouse click on Retry and then the CLI's word that the event is done, the HTML payload shown as
-text, and the IXON clip playing in its ``<video>``. Screenshots of the overview and of the IXON event are
-taken every run; with ``HOOKD_SCREENSHOTS=DIR`` they are kept there (that is how docs/ got its own).
+error, a mouse click on Retry with the page's scripts off and then the CLI's word that the event is done,
+the HTML payload shown as text, and the IXON clip playing in its ``<video>``. Screenshots of the overview
+and of the IXON event are taken every run; with ``HOOKD_SCREENSHOTS=DIR`` they are kept there (that is
+how docs/ got its own).
 """
 
 import json
@@ -214,9 +215,11 @@ class BrowserTest(unittest.TestCase):
     def url(self, path):
         return D["d"].admin_url + path
 
-    def logged_in(self, path="/"):
-        """A new tab (no cookies) that logs in through the form and then opens ``path``."""
+    def logged_in(self, path="/", javascript=True):
+        """A new tab (no cookies) that logs in through the form and then opens ``path``; ``javascript``
+        False turns the page's own scripts off (the console must work without them)."""
         page = self.browser.new_page()
+        page.call("Emulation.setScriptExecutionDisabled", {"value": not javascript})
         self.assertEqual(page.goto(self.url(path)), 401)
         page.type("form.login input[name=token]", TOKEN)
         self.assertEqual(page.click("form.login button"), 200)
@@ -265,9 +268,9 @@ class BrowserTest(unittest.TestCase):
         self.assertEqual(subs, [["iconik", "up"], ["iconik", "up"]])
         self.screenshot(page, "console-overview.png")
 
-    def test_3_a_dead_event_shows_its_error_and_retry_makes_it_done(self):
+    def test_3_a_dead_event_shows_its_error_and_retry_makes_it_done_with_javascript_off(self):
         event_id = D["ids"]["flaky"]
-        page = self.logged_in("/ui/events/%d" % event_id)
+        page = self.logged_in("/ui/events/%d" % event_id, javascript=False)
         error = page.eval("document.querySelector('pre.error').textContent")
         self.assertEqual(error, D["d"].event(event_id)["last_error"])
         self.assertIn("exit", error)
