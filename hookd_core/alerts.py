@@ -160,7 +160,9 @@ class Sender:
                 if doc["kind"] == "event_dead":
                     env["HOOKD_EVENT_ID"] = str(doc["id"])
                 secrets = self.app.secrets()
-                note = actions.run_command(where, doc, COMMAND_TIMEOUT, proc.child_env(env, (), secrets), secrets)
+                with self.app.children.job("alert %d" % alert_id):  # never outlives hookd (hookd_core/children.py)
+                    note = actions.run_command(where, doc, COMMAND_TIMEOUT, proc.child_env(env, (), secrets),
+                                               secrets)
         except Fail as e:
             log.error("alert %d (%s) not delivered to %s, giving up: %s", alert_id, doc["kind"], target, e)
             self._set(alert_id, "failed", attempt, str(e))

@@ -284,8 +284,8 @@ class App:
         """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
         self._announce()
         self.open_store()
-        for event_id, n in sorted(self.children.kill_leftovers().items()):
-            self.log.warning("killed %d processes of event %s left running by an earlier run", n, event_id)
+        for owner, n in sorted(self.children.kill_leftovers().items()):
+            self.log.warning("killed %d processes of %s left running by an earlier run", n, owner)
         n = self.store.requeue_running()
         if n:
             self.log.warning("requeued %d events left running by an earlier stop", n)
@@ -391,8 +391,8 @@ class App:
         left = self.pool.join(grace)
         killed = self.children.kill_all()
         if killed:
-            self.log.warning("killed the processes of events %s after shutdown_grace",
-                             ", ".join(map(str, killed)))
+            self.log.warning("killed the processes of %s after shutdown_grace",
+                             ", ".join(killed))
             self.pool.join(5)  # let their workers record the outcome before the store closes
         for server in servers:
             server.server_close()

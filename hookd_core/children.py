@@ -1,11 +1,12 @@
 """A job's processes never outlive hookd: each one is recorded in the store while it runs, killed after
 ``shutdown_grace`` on SIGTERM, and after a crash killed by the next start before its job runs again.
 
-Strategy: the worker runs each job inside ``Registry.job(event_id)``, which makes the registry the watcher
-of every child the job's thread spawns (hookd_core/proc.py). When a child starts, one row goes into
-``job_processes``: its HOOKD_JOB marker and the boot before the fork (so a crash a moment later still
-finds it by its marker), then its process group and start time (clock ticks since boot, /proc/PID/stat)
-once it runs; when it ends, the row goes. ``kill_all`` (SIGTERM, after the
+Strategy: the worker runs each job inside ``Registry.job("event N")`` (the alert sender each alert
+command inside ``job("alert N")``), which makes the registry the watcher of every child that thread
+spawns (hookd_core/proc.py). When a child starts, one row goes into ``child_processes``: its HOOKD_JOB
+marker and the boot before the fork (so a crash a moment later still finds it by its marker), then its
+process group and start time (clock ticks since boot, /proc/PID/stat) once it runs; when it ends, the
+row goes. ``kill_all`` (SIGTERM, after the
 grace) kills the tree of every child still running. ``kill_leftovers`` (at start, before anything is
 requeued) reads the rows a previous run left: a row of this boot has its tree killed (``proc.tree``
 trusts a group only while its leader has the recorded start time, so a reused pid is never hit), then
@@ -24,15 +25,16 @@ from . import proc
 from .store import StoreError
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS job_processes (
+CREATE TABLE IF NOT EXISTS child_processes (
   marker TEXT PRIMARY KEY,
-  event_id INTEGER NOT NULL,
+  owner TEXT NOT NULL,
   pgid INTEGER,
   start_ticks INTEGER,
   boot_id TEXT NOT NULL,
   started_at REAL NOT NULL
-)
-"""
+);
+DROP TABLE IF EXISTS job_processes
+"""  # job_processes: this table's first form (one hour on main, keyed by event id only), never released
 
 
 def boot_id():
@@ -44,55 +46,56 @@ def boot_id():
         return ""
 
 
-def announce(conn, event_id, marker, boot):
+def announce(conn, owner, marker, boot):
     """A child is about to start: its marker is known, its process group not yet."""
-    conn.execute("INSERT OR REPLACE INTO job_processes(marker, event_id, boot_id, started_at) VALUES (?, ?, ?, ?)",
-                 (marker, event_id, boot, time.time()))
+    conn.execute("INSERT OR REPLACE INTO child_processes(marker, owner, boot_id, started_at) VALUES (?, ?, ?, ?)",
+                 (marker, owner, boot, time.time()))
 
 
 def record(conn, child):
-    conn.execute("UPDATE job_processes SET pgid=?, start_ticks=? WHERE marker=?", (child.pid, child.start,
+    conn.execute("UPDATE child_processes SET pgid=?, start_ticks=? WHERE marker=?", (child.pid, child.start,
                                                                                   child.marker))
 
 
 def forget(conn, markers):
-    conn.executemany("DELETE FROM job_processes WHERE marker=?", [(m,) for m in markers])
+    conn.executemany("DELETE FROM child_processes WHERE marker=?", [(m,) for m in markers])
 
 
 def recorded(conn):
-    """[(marker, event_id, pgid, start_ticks, boot_id)] of every recorded process group."""
-    return conn.execute("SELECT marker, event_id, pgid, start_ticks, boot_id FROM job_processes"
+    """[(marker, owner, pgid, start_ticks, boot_id)] of every recorded process group."""
+    return conn.execute("SELECT marker, owner, pgid, start_ticks, boot_id FROM child_processes"
                         " ORDER BY started_at").fetchall()
 
 
 class Registry:
-    """The children of the running jobs, in memory and in the store's ``job_processes`` table."""
+    """The children of the running jobs, in memory and in the store's ``child_processes`` table."""
 
     def __init__(self, store, log):
         self.store, self.log = store, log
         self.boot = boot_id()
-        self.store.write(lambda conn: conn.execute(SCHEMA))
+        self.store.write(lambda conn: [conn.execute(sql) for sql in SCHEMA.split(";") if sql.strip()])
         self._lock = threading.Lock()
-        self._live = {}  # marker -> (event_id, Child)
+        self._live = {}  # marker -> (owner, Child)
 
-    def job(self, event_id):
-        """Context manager: children spawned by this thread inside it belong to event ``event_id``."""
-        return proc.watched_by(_Job(self, event_id))
+    def job(self, owner):
+        """Context manager: children spawned by this thread inside it belong to ``owner`` ("event 7",
+        "alert 3": what the log lines name)."""
+        return proc.watched_by(_Job(self, owner))
 
-    def starting(self, event_id, marker):
+    def starting(self, owner, marker):
         """Durable before the fork (a crash a moment later must still find the child by its marker), but a
         row that cannot be written (disk full, store closing) does not fail the job: the child is still
         tracked in memory (timeouts, SIGTERM); only a crash in that moment would leave it unrecorded."""
         try:
-            self.store.write(lambda conn: announce(conn, event_id, marker, self.boot))
+            self.store.write(lambda conn: announce(conn, owner, marker, self.boot))
         except (StoreError, sqlite3.Error) as e:
             self._not_stored(e)
 
-    def started(self, event_id, child):
+    def started(self, owner, child):
         """Not waited for (a job would wait one more group commit): until it commits, the marker, which
         ``starting`` made durable before the fork, is what finds the child after a crash."""
         with self._lock:
-            self._live[child.marker] = (event_id, child)
+            self._live[child.marker] = (owner, child)
         self._soon(lambda conn: record(conn, child))
 
     def ended(self, marker):
@@ -128,22 +131,22 @@ class Registry:
         return inode is not None and any(inode in proc.socket_inodes(pid) for pid in pids)
 
     def kill_all(self):
-        """SIGKILL the tree of every child still running (hookd is stopping); returns the events hit."""
+        """SIGKILL the tree of every child still running (hookd is stopping); returns the owners hit."""
         with self._lock:
             live = list(self._live.values())
-        for event_id, child in live:
+        for owner, child in live:
             proc.kill_tree(child)
-        return sorted({event_id for event_id, _ in live})
+        return sorted({owner for owner, _ in live})
 
     def kill_leftovers(self):
-        """Kill what a previous run of hookd left running, then forget it; returns {event_id: killed}."""
+        """Kill what a previous run of hookd left running, then forget it; returns {owner: killed}."""
         rows = self.store.read(recorded)
         hit = {}
-        for marker, event_id, pgid, start, boot in rows:
+        for marker, owner, pgid, start, boot in rows:
             if boot == self.boot:
                 n = proc.kill_recorded(pgid, start, marker)
                 if n:
-                    hit[event_id] = hit.get(event_id, 0) + n
+                    hit[owner] = hit.get(owner, 0) + n
         if rows:
             self.store.write(lambda conn: forget(conn, [r[0] for r in rows]))
         return hit
@@ -181,14 +184,14 @@ def _address(text):
 class _Job:
     """The watcher of one job's thread: reports its children to the registry under the event's id."""
 
-    def __init__(self, registry, event_id):
-        self.registry, self.event_id = registry, event_id
+    def __init__(self, registry, owner):
+        self.registry, self.owner = registry, owner
 
     def starting(self, marker):
-        self.registry.starting(self.event_id, marker)
+        self.registry.starting(self.owner, marker)
 
     def started(self, child):
-        self.registry.started(self.event_id, child)
+        self.registry.started(self.owner, child)
 
     def ended(self, marker):
         self.registry.ended(marker)

@@ -144,7 +144,7 @@ class RemoteWorker:
             job.hand_back()
         killed = self.app.children.kill_all()
         if killed:
-            self.log.warning("killed the processes of events %s after shutdown_grace", ", ".join(map(str, killed)))
+            self.log.warning("killed the processes of %s after shutdown_grace", ", ".join(killed))
         for t in threads:
             t.join(5)
         self.log.info("stopped")
@@ -192,7 +192,7 @@ class Job:
         try:
             if integ is None:
                 raise Retry("route %s is not configured on worker %s" % (route, w.name))
-            with w.app.children.job(self.lease["id"]):  # its processes are recorded, never outlive the worker
+            with w.app.children.job("event %s" % self.lease["id"]):  # its processes are recorded, never outlive the worker
                 note = run_steps(self.context(integ), integ, progress, self._save)
             verb, body = "done", {"note": note, "progress": progress}
         except Retry as e:
@@ -315,8 +315,8 @@ def main(path, argv):
             print("hookd: %s" % p, file=sys.stderr)
         return 1
     app.open_store()  # this host's own: temporary files and caches some handlers keep (Camio's labels)
-    for event_id, n in sorted(app.children.kill_leftovers().items()):
-        app.log.warning("killed %d processes of event %s left running by an earlier run", n, event_id)
+    for owner, n in sorted(app.children.kill_leftovers().items()):
+        app.log.warning("killed %d processes of %s left running by an earlier run", n, owner)
     try:
         return RemoteWorker(app, Client(args.url, token), routes, args.lease_seconds, args.name,
                             app.settings.int("workers")).serve()

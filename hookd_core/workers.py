@@ -247,7 +247,7 @@ class Worker:
             if integ is None:
                 raise Fail("route %s is no longer configured" % route)
             progress = json.loads(row["progress"]) if row["progress"] else {}
-            with app.children.job(event_id):  # its processes are recorded, and never outlive hookd
+            with app.children.job("event %d" % event_id):  # its processes are recorded, and never outlive hookd
                 note = run_steps(make_context(app, integ, row, log), integ, progress,
                                  lambda p: app.store.save_progress(event_id, p))
         except Retry as e:

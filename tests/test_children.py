@@ -194,6 +194,17 @@ class ShutdownTest(Base):
         self.assert_stop_leaves_nothing(d, pidfile)
 
 
+class AlertCommandShutdownTest(Base):
+    def test_sigterm_leaves_no_alert_command_behind(self):
+        sleeper = self.script("sleeper.py", SLEEPER)
+        pidfile = os.path.join(self.tmp, "pids")
+        d = self.daemon("[hookd]\nshutdown_grace = 1\nretry.max_attempts = 1\nalert.command = %s %s %s\n"
+                        "[hook:job]\nverify = none\nallow_unsigned = true\ncommand = /bin/false\n"
+                        % (sys.executable, sleeper, pidfile))
+        self.accepted(d)  # dead at once: its alert command runs, and sleeps
+        self.assert_stop_leaves_nothing(d, pidfile)
+
+
 class RemoteWorkerShutdownTest(Base):
     """``hookd.py worker`` (SPEC §10) runs jobs on another host: its children never outlive it either."""
 
