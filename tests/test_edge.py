@@ -260,7 +260,9 @@ class AdminListenerTest(unittest.TestCase):
                            ("admin.listen = 0.0.0.0:8001\nadmin.token = long-enough-token\n", 0),
                            ("admin.listen = 127.0.0.1:8001\n", 0), ("admin.listen = [::1]:8001\n", 0),
                            ("admin.listen = unix:/run/hookd/admin.sock\n", 0),
-                           ("admin.listen = unix:relative.sock\n", 1), ("admin.listen = nonsense\n", 1)):
+                           ("admin.listen = unix:relative.sock\n", 1), ("admin.listen = nonsense\n", 1),
+                           ("proxy.trusted = 127.0.0.1/32 ::1 10.0.0.0/8\n", 0),
+                           ("proxy.trusted = 127.0.0.1/33\n", 1), ("proxy.trusted = nginx\n", 1)):
             with open(path, "w") as f:
                 f.write("[hookd]\n" + text)
             os.chmod(path, 0o600)
@@ -268,7 +270,7 @@ class AdminListenerTest(unittest.TestCase):
                                text=True, timeout=30)
             self.assertEqual(r.returncode, code, (text, r.stdout, r.stderr))
             if code:
-                self.assertIn("admin.listen", r.stdout + r.stderr)
+                self.assertRegex(r.stdout + r.stderr, "admin.listen|proxy.trusted")
 
 
 def connect(port, source, timeout=10):
@@ -289,6 +291,43 @@ def signed_post(port, source, n, timeout):
     except OSError:
         got = []
     return (got[0] if got else None), time.monotonic() - started
+
+
+class ClientAddressTest(unittest.TestCase):
+    """hookd_core.clients: who the client is, from the peer and a trusted proxy's headers."""
+
+    def address(self, peer, *headers, trusted="127.0.0.1/32 10.0.0.0/8 ::1"):
+        from hookd_core import clients
+        from hookd_core.api import Headers
+        return clients.client_address(peer, Headers(headers), clients.networks(trusted))
+
+    def test_only_a_trusted_peer_is_believed(self):
+        self.assertEqual(self.address("192.0.2.9", ("X-Forwarded-For", "203.0.113.5")), "192.0.2.9")
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "203.0.113.5")), "203.0.113.5")
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "203.0.113.5"), trusted=""), "127.0.0.1")
+        self.assertEqual(self.address("::ffff:127.0.0.1", ("X-Forwarded-For", "203.0.113.5")), "203.0.113.5")
+
+    def test_the_right_most_address_that_is_not_a_proxy(self):
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "198.51.100.1, 203.0.113.5, 10.1.2.3")),
+                         "203.0.113.5", "the client's own 198.51.100.1 is left of what the proxies wrote")
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "10.0.0.2")),
+                         "1.1.1.1", "several field lines are one list")
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "10.0.0.7, 10.0.0.2")), "10.0.0.7",
+                         "all hops trusted: the left-most")
+        self.assertEqual(self.address("127.0.0.1", ("X-Forwarded-For", "garbage, 10.0.0.2")), "10.0.0.2",
+                         "a hop that is not an address ends the walk at the trusted hop after it")
+
+    def test_forwarded_when_there_is_no_x_forwarded_for(self):
+        self.assertEqual(self.address("127.0.0.1", ("Forwarded", 'for=192.0.2.60;proto=https;by=10.0.0.1')),
+                         "192.0.2.60")
+        self.assertEqual(self.address("127.0.0.1", ("Forwarded", 'for="[2001:db8:cafe::17]:4711"')),
+                         "2001:db8:cafe::17")
+        self.assertEqual(self.address("127.0.0.1", ("Forwarded", "for=198.51.100.3:8080, for=10.0.0.4")),
+                         "198.51.100.3")
+        self.assertEqual(self.address("127.0.0.1", ("Forwarded", "for=unknown")), "127.0.0.1")
+        self.assertEqual(self.address("127.0.0.1", ("Forwarded", "for=192.0.2.60"),
+                                      ("X-Forwarded-For", "203.0.113.5")), "203.0.113.5",
+                         "X-Forwarded-For wins: the header the proxy is told to write")
 
 
 class FairConnectionsTest(unittest.TestCase):
