@@ -31,6 +31,7 @@ import os
 import select
 import socket
 import socketserver
+import stat
 import ssl
 import struct
 import threading
@@ -120,6 +121,7 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
+    bound_path = None  # the unix socket file this server created (removed by server_close)
 
     def __init__(self, address, app, sock=None, admin=False):
         self.app, self.admin, self.inherited = app, admin, sock is not None
@@ -147,6 +149,7 @@ class Server(http.server.ThreadingHTTPServer):
             socketserver.TCPServer.server_bind(self)
         finally:
             os.umask(old)
+        self.bound_path = self.server_address  # this socket file is ours to remove
         os.chmod(self.server_address, 0o600)
 
     def get_request(self):
@@ -155,9 +158,9 @@ class Server(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        if self.address_family == socket.AF_UNIX:
+        if self.bound_path:
             try:
-                os.unlink(self.server_address)
+                os.unlink(self.bound_path)
             except OSError:
                 pass
 
@@ -281,9 +284,14 @@ def _drop_new_connections(sock):
 
 
 def _remove_stale_socket(path):
-    """A unix socket file left by a killed hookd is removed; a live one (someone answers) is an error."""
-    if not os.path.exists(path):
+    """A unix socket file left by a killed hookd is removed; a live one (someone answers) is an error, and
+    so is anything that is not a socket (admin.listen never deletes a file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(17, "%s exists and is not a socket" % path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -244,6 +244,19 @@ class AdminListenerTest(unittest.TestCase):
             self.assertEqual(d.stop(), 0)
         self.assertFalse(os.path.exists(path), "the socket file is removed on stop")
 
+    def test_a_file_in_the_way_is_never_removed(self):
+        tmp = tempfile.mkdtemp(prefix="hookd-adminfile-")
+        path = os.path.join(tmp, "precious.txt")
+        with open(path, "w") as f:
+            f.write("keep me")
+        d = Daemon("[hookd]\nadmin.listen = unix:%s\n" % path, tmpdir=tmp)
+        with self.assertRaises(AssertionError):
+            d.start()
+        self.assertEqual(d.proc.wait(10), 1)
+        self.assertIn("is not a socket", d.log())
+        with open(path) as f:
+            self.assertEqual(f.read(), "keep me")
+
     def test_empty_admin_listen_turns_the_admin_api_off(self):
         d = Daemon("[hookd]\nadmin.listen =\n").start()
         try:
