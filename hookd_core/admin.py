@@ -103,6 +103,12 @@ def needs_json(req):
         raise Reject("Content-Type must be application/json", status=415)
 
 
+def readyz(app):
+    """The /readyz answer, on both listeners: 503 only when this instance cannot take webhooks."""
+    status, why = app.ready()
+    return Response(503 if status == "unavailable" else 200, {"status": status, "reason": why})
+
+
 def handle_core(app, req):
     path = req.path
     if path == "/healthz":
@@ -110,8 +116,7 @@ def handle_core(app, req):
         return Response(200, {"status": "ok"})
     if path == "/readyz":
         allow(req, "GET")
-        ok, why = app.ready()
-        return Response(200 if ok else 503, {"status": "ok" if ok else "unavailable", "reason": why})
+        return readyz(app)
     if path == "/metrics":
         allow(req, "GET")
         return Response(200, app.metrics.render(app.store).encode(), "text/plain; version=0.0.4")

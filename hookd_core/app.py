@@ -221,18 +221,20 @@ class App:
         return cache[1], cache[2]
 
     def ready(self):
-        """(ok, reason): the database takes a write, the workers are alive, and the folders files are
-        written to have ``min_free_mb`` free (below it recordings and thumbnails wait; intake goes on)."""
+        """(status, reason) for /readyz: "unavailable" unless the database takes a write and the workers
+        are alive; "degraded" when a folder files are written to has less than ``min_free_mb`` free.
+        Degraded is still ready: intake goes on (only recordings and thumbnails wait for space), so a
+        load balancer probing /readyz must keep sending webhooks to this instance."""
         try:
             self.store.write(lambda c: c.execute("CREATE TABLE IF NOT EXISTS hookd_ready(x)"))
         except Exception as e:
-            return False, "database: %s" % e
+            return "unavailable", "database: %s" % e
         if not self.pool.healthy():
-            return False, "workers stuck or dead"
+            return "unavailable", "workers stuck or dead"
         low = self.low_space()
         if low:
-            return False, low
-        return True, "ok"
+            return "degraded", low
+        return "ok", "ok"
 
     def low_space(self):
         """Why files cannot be written now (less than min_free_mb free under state_dir or a folder an

@@ -450,8 +450,7 @@ class Handler(socketserver.StreamRequestHandler):
         if head.path == "/healthz":
             return Response(200, {"status": "ok"})
         if head.path == "/readyz":
-            ok, why = app.ready()
-            return Response(200 if ok else 503, {"status": "ok" if ok else "unavailable", "reason": why})
+            return admin.readyz(app)
         raise NotFound("no route for %s" % app.redact(head.path[:200]))
 
     def _accept(self, integ, req):
