@@ -318,7 +318,7 @@ class App:
         return self._main_loop()
 
     def _serve_admin(self, scheme):
-        """The admin API's own listener (SPEC §4.2), bound by hookd itself, also under socket activation."""
+        """The admin API's own listener, bound by hookd itself, also under socket activation."""
         if self.admin_server is None:
             self.log.info("admin API off (admin.listen is empty)")
             return

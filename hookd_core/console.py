@@ -1,4 +1,4 @@
-"""The operator console (SPEC §9): ``GET /`` on the admin listener, plain HTML for the person on call.
+"""The operator console: ``GET /`` on the admin listener, plain HTML for the person on call.
 
 Strategy: ``handle(app, req)`` owns ``/`` and ``/ui/...`` and returns an ``api.Response`` (None for any
 other path). Pages are rendered on the server from the string templates below, every value passing
@@ -132,7 +132,7 @@ def set_cookie(app, value, max_age=None):
 
 
 def allowed(app, req, session):
-    """The admin rule of SPEC §4.2, with the login form's session as a second way to show the token: with
+    """The admin API's rule (README, "Admin API"), with the login form's session as a second way to show the token: with
     ``admin.token`` set, a session that logged in with it or the bearer header; without it, anyone who
     reaches the admin listener (loopback or a unix socket, as check-config insists)."""
     return (session is not None and session.auth) or admin.authorised(app.settings.get("admin.token"), req)
@@ -324,7 +324,7 @@ def counts_table(table, routes, total):
 
 
 def subscriptions_table(subs):
-    """The upstream subscriptions hookd watches (SPEC §8), unhealthy ones first."""
+    """The upstream subscriptions hookd watches, unhealthy ones first."""
     rows = "".join('<tr><td>%s</td><td>%s</td><td>%s</td><td class="msg">%s</td><td>%s</td><td>%s</td></tr>' % (
         e(sub.route), e(sub.id), e(sub.filter), e(sub.url), e(sub.status),
         '<span class="badge st-done">up</span>' if sub.up else '<span class="badge st-dead">down</span>')

@@ -527,7 +527,7 @@ class Store:
         return self.write(fn)
 
 
-    # -- leases (remote workers, SPEC §10) -----------------------------------------------------------
+    # -- leases (remote workers, docs/scaling.md) -----------------------------------------------------------
     def lease(self, routes, max_jobs, seconds, worker, address=None, now=None):
         """Lease up to ``max_jobs`` due events of ``routes`` to ``worker`` for ``seconds``: each becomes
         running (attempts + 1) with a new lease row, in one transaction. An event whose serial key is

@@ -1,4 +1,4 @@
-"""Upstream subscriptions (SPEC §8): create, list and delete the Preservica subscriptions and iconik webhooks
+"""Upstream subscriptions: create, list and delete the Preservica subscriptions and iconik webhooks
 that send hookd its events, and watch them while the daemon runs.
 
 Strategy: one small class per upstream with the same calls, ``listing()`` and ``delete(id)``, plus its own

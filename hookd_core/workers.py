@@ -40,7 +40,7 @@ class Pool:
         self.threads = []
         self.workers = [Worker(self, i) for i in range(size)]
         self.last_progress = time.monotonic()
-        self._work = threading.Condition()  # remote workers waiting in a lease call (SPEC §10)
+        self._work = threading.Condition()  # remote workers waiting in a lease call
         self._lease_waiters = 0
 
     # -- feeding the queue --------------------------------------------------------------------------
