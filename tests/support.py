@@ -196,6 +196,17 @@ class Worker(Daemon):
         return self
 
 
+def app_from(folder, text):
+    """An in-process ``App`` on the configuration ``text``, written to ``folder/c.properties`` (0600, as
+    the daemon wants its file), for tests that drive the core without a daemon."""
+    from hookd_core.app import App
+    path = os.path.join(folder, "c.properties")
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return App(path)
+
+
 def request(method, url, body=None, headers=None, timeout=20):
     """One request on a fresh connection; returns (status, headers dict lower-cased, body bytes)."""
     m = re.match(r"https?://([^/:]+):(\d+)(.*)", url)

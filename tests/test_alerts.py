@@ -69,15 +69,12 @@ class OutboxTest(unittest.TestCase):
         self.app = self.make_app(self.teams.workflow_url, self.command)
 
     def make_app(self, teams_url, command):
-        path = os.path.join(self.tmp.name, "c.properties")
-        with open(path, "w") as f:
-            f.write("[hookd]\nstate_dir = %s\nretry.max_attempts = 2\nretry.base_delay = 0\n"
-                    "alert.teams.url = %s\nalert.command = %s\n"
-                    "[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
-                    "command = %s -c \"import sys; sys.exit('upstream said no')\"\n"
-                    % (self.tmp.name, teams_url, command, sys.executable))
-        os.chmod(path, 0o600)
-        app = App(path)
+        app = support.app_from(self.tmp.name,
+                       "[hookd]\nstate_dir = %s\nretry.max_attempts = 2\nretry.base_delay = 0\n"
+                       "alert.teams.url = %s\nalert.command = %s\n"
+                       "[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
+                       "command = %s -c \"import sys; sys.exit('upstream said no')\"\n"
+                       % (self.tmp.name, teams_url, command, sys.executable))
         self.assertEqual(app.problems, [])
         app.open_store()
         self.addCleanup(app.store.close)

@@ -7,7 +7,6 @@ passing ``now`` to the store, never by sleeping, except where the long poll itse
 """
 
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -16,7 +15,7 @@ import unittest
 
 from hookd_core import admin, leases
 from hookd_core.api import Headers, Reject, Request
-from hookd_core.app import App
+from tests.support import app_from
 from hookd_core.store import list_workers
 from hookd_core.workers import Pool
 
@@ -26,15 +25,12 @@ JSON = {"Content-Type": "application/json"}
 class LeaseTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
-        path = os.path.join(self.tmp.name, "c.properties")
-        with open(path, "w") as f:
-            f.write("[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
-                    "[hook:r]\nverify = none\nallow_unsigned = true\ndedupe = none\nremote = true\n"
-                    "command = %s -c pass\n"
-                    "[hook:l]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
-                    "command = %s -c pass\n" % (self.tmp.name, sys.executable, sys.executable))
-        os.chmod(path, 0o600)
-        self.app = App(path)
+        self.app = app_from(self.tmp.name,
+                            "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
+                            "[hook:r]\nverify = none\nallow_unsigned = true\ndedupe = none\nremote = true\n"
+                            "command = %s -c pass\n"
+                            "[hook:l]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
+                            "command = %s -c pass\n" % (self.tmp.name, sys.executable, sys.executable))
         self.assertEqual(self.app.problems, [])
         self.app.open_store()
         self.app.pool = Pool(self.app, 1)
@@ -257,12 +253,8 @@ class LeaseTest(unittest.TestCase):
 class RemoteConfigTest(unittest.TestCase):
     def test_remote_is_refused_where_jobs_keep_state_in_the_store(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "c.properties")
-            with open(path, "w") as f:
-                f.write("[hookd]\nstate_dir = %s\n[iconik]\napp_id = a\nauth_token = t\nsecret.key = s\n"
-                        "remote = true\n" % tmp)
-            os.chmod(path, 0o600)
-            problems = App(path).problems
+            problems = app_from(tmp, "[hookd]\nstate_dir = %s\n[iconik]\napp_id = a\nauth_token = t\n"
+                                     "secret.key = s\nremote = true\n" % tmp).problems
         self.assertTrue(any("remote = true is not possible" in p for p in problems), problems)
 
 

@@ -17,7 +17,6 @@ import unittest
 
 from hookd_core import alerts, config, subscriptions
 from hookd_core.api import Fail
-from hookd_core.app import App
 from tests import fake_iconik as fi
 from tests import fake_preservica as fp
 from tests import support
@@ -369,13 +368,10 @@ class WatcherTest(unittest.TestCase):
         self.addCleanup(self.fake.close)
 
     def app(self, token="tok-1"):
-        path = os.path.join(self.tmp.name, "c.properties")
-        with open(path, "w") as f:
-            f.write("[hookd]\nstate_dir = %s\npublic_url = https://hooks.example.org\nalert.command = /bin/true\n"
-                    "[iconik]\nurl = %s\napp_id = app-1\nauth_token = %s\nsecret.key = %s\n"
-                    % (self.tmp.name, self.fake.url, token, SECRET))
-        os.chmod(path, 0o600)
-        app = App(path)
+        app = support.app_from(self.tmp.name,
+                       "[hookd]\nstate_dir = %s\npublic_url = https://hooks.example.org\nalert.command = /bin/true\n"
+                       "[iconik]\nurl = %s\napp_id = app-1\nauth_token = %s\nsecret.key = %s\n"
+                       % (self.tmp.name, self.fake.url, token, SECRET))
         self.assertEqual(app.problems, [])
         app.open_store()
         self.addCleanup(app.store.close)
@@ -420,10 +416,7 @@ class WatcherTest(unittest.TestCase):
 class ConfigTest(unittest.TestCase):
     def problems(self, text):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "c.properties")
-            with open(path, "w") as f:
-                f.write("[hookd]\nstate_dir = %s\n%s" % (tmp, text))
-            return App(path).problems
+            return support.app_from(tmp, "[hookd]\nstate_dir = %s\n%s" % (tmp, text)).problems
 
     def test_check_interval_and_public_url(self):
         self.assertEqual(self.problems("subscriptions.check_interval = 0\npublic_url = https://h.example\n"), [])

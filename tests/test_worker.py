@@ -10,7 +10,7 @@ import sys
 import tempfile
 import unittest
 
-from hookd_core.app import App
+from tests.support import app_from
 from hookd_core.workers import Pool, backoff
 
 EXIT_WITH = "import sys; sys.exit(int(open(sys.argv[1]).read()))"
@@ -21,13 +21,10 @@ class WorkerTest(unittest.TestCase):
         self.tmp = tempfile.TemporaryDirectory()
         self.code = os.path.join(self.tmp.name, "code")
         self.set_exit(0)
-        path = os.path.join(self.tmp.name, "c.properties")
-        with open(path, "w") as f:
-            f.write("[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
-                    "retry.max_delay = 100\n[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
-                    "command = %s -c \"%s\" %s\n" % (self.tmp.name, sys.executable, EXIT_WITH, self.code))
-        os.chmod(path, 0o600)
-        self.app = App(path)
+        self.app = app_from(self.tmp.name,
+                            "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
+                            "retry.max_delay = 100\n[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
+                            "command = %s -c \"%s\" %s\n" % (self.tmp.name, sys.executable, EXIT_WITH, self.code))
         self.assertEqual(self.app.problems, [])
         self.app.open_store()
         self.pool = Pool(self.app, 1)
