@@ -151,6 +151,41 @@ class StoreTest(unittest.TestCase):
         self.store.prune(days=1, now=3 * 86400)
         self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0]), 0)
 
+    def test_duplicates_inside_one_group_and_one_request(self):
+        """Keys repeated inside one request and across the requests of one group: the first row wins,
+        every later one is a duplicate row pointing at it, and a request that brought nothing new
+        leaves no body behind."""
+        [(old, _)] = self.store.add_events("r", [row("old")])
+        held, go = threading.Event(), threading.Event()
+
+        def hold(conn):
+            held.set()
+            go.wait(10)
+        blocker = threading.Thread(target=self.store.write, args=(hold,))
+        blocker.start()
+        self.assertTrue(held.wait(10))
+        ops = [self.store.submit_events("r", [row("a", b"1"), row("a", b"1")]),
+               self.store.submit_events("r", [row("a", b"2"), row("b", b"2")]),
+               self.store.submit_events("r", [row("old", b"3"), row("b", b"3")]),
+               self.store.submit_events("r", [row(None, b"4"), row("c", b"4")])]
+        groups = self.store.groups
+        go.set()
+        blocker.join(10)
+        results = [op.wait() for op in ops]
+        self.assertEqual(self.store.groups, groups + 2, "the four requests shared one commit")
+        a, b = results[0][0][0], results[1][1][0]
+        self.assertEqual(results, [[(a, "new"), (a, "duplicate")], [(a, "duplicate"), (b, "new")],
+                                   [(old, "duplicate"), (b, "duplicate")],
+                                   [(results[3][0][0], "new"), (results[3][1][0], "new")]])
+        stored = self.store.read(lambda c: c.execute(
+            "SELECT status, duplicate_of, dedupe_key FROM events ORDER BY id").fetchall())
+        self.assertEqual(stored, [("queued", None, "old"), ("queued", None, "a"), ("duplicate", a, None),
+                                  ("duplicate", a, None), ("queued", None, "b"), ("duplicate", old, None),
+                                  ("duplicate", b, None), ("queued", None, None), ("queued", None, "c")])
+        self.assertEqual(self.store.waiting("r"), 5)
+        bodies = self.store.read(lambda c: [r[0] for r in c.execute("SELECT data FROM request_bodies ORDER BY id")])
+        self.assertEqual(bodies, [b"{}", b"1", b"2", b"4"], "the all-duplicate request stored no body")
+
     def test_route_limit_is_exact_under_concurrency(self):
         from hookd_core.api import Busy
         outcomes = []
