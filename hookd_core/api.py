@@ -63,10 +63,19 @@ def json_or_none(body):
 
 def iso(ts):
     """Epoch seconds as ISO 8601 UTC with milliseconds (None stays None): the one format hookd shows and
-    stores (``iso(time.time())`` for now)."""
+    stores (``iso(time.time())`` for now). The date and time of the last second asked for are kept, so
+    the log lines of one second format them once."""
+    global _last_second
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % int((ts % 1) * 1000)
+    second = ts // 1
+    last = _last_second
+    if last[0] != second:
+        last = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return last[1] + ".%03dZ" % int((ts % 1) * 1000)
+
+
+_last_second = (None, "")  # (whole epoch second, its date and time): replaced whole, never changed
 
 
 # -- errors that carry their HTTP status (h11's error_status_hint) -------------------------------------

@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.parse
 
-from . import admin, clients, framing
+from . import admin, clients, framing, logs
 from .api import Busy, NotFound, Reject, Request, Response
 from .store import StoreError
 
@@ -632,14 +632,14 @@ def outcome(app, route, rows, stored, error, client):
     for event_id, row in fresh:
         if not row.get("done"):
             app.pool.submit(event_id, route, row.get("serial_key"))
-    ids = ", ".join(str(i) for i, _ in stored).encode()
     first = stored[0][0] if stored else None
     if fresh:
-        app.log.info("202 %s stored event %s from %s", route, ",".join(str(i) for i, _ in fresh), client,
-                     extra={"event": fresh[0][0]})
+        logs.info(app.log, "202 %s stored event %s from %s" % (route, ",".join([str(i) for i, _ in fresh]), client),
+                  fresh[0][0])
         app.metrics.request(route, 202)
+        ids = ", ".join([str(i) for i, _ in stored]).encode()
         return 202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (first, ids), (), False
-    app.log.info("200 %s duplicate of event %s", route, first if stored else "-")
+    logs.info(app.log, "200 %s duplicate of event %s" % (route, first if stored else "-"))
     app.metrics.request(route, 200)
     return 200, json.dumps({"id": first, "ids": [i for i, _ in stored], "status": "duplicate"}).encode(), (), False
 
@@ -647,12 +647,16 @@ def outcome(app, route, rows, stored, error, client):
 def _answer_bytes(status, body, content_type, headers, close, length=None):
     """A whole HTTP/1.1 answer in one piece: status line, headers, body (``length``: Content-Length
     when the body is left out, as for HEAD)."""
-    lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")), "Server: hookd", "Date: " + _http_date(),
-             "Content-Type: " + content_type, "Content-Length: %d" % (len(body) if length is None else length)]
-    lines.extend("%s: %s" % (k, v) for k, v in headers)
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    extra = "".join(["%s: %s\r\n" % (k, v) for k, v in headers]) if headers else ""
+    return b"%s%s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+        _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\nServer: hookd\r\nDate: " % status, _http_date(),
+        content_type.encode("latin-1"), len(body) if length is None else length, extra.encode("latin-1"),
+        b"Connection: close\r\n" if close else b"", body)
+
+
+# Each answer's first bytes, up to the Date header's value.
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\nServer: hookd\r\nDate: " % (status, phrase.encode("latin-1"))
+                 for status, phrase in _REASONS.items()}
 
 
 def _query(text):
@@ -660,15 +664,14 @@ def _query(text):
     return urllib.parse.parse_qs(text) if text else {}
 
 
-_DATE = [0, ""]
+_DATE = (None, b"")  # (the second, its Date header value): replaced whole, never changed
 
 
 def _http_date():
-    """The Date header value, formatted once per second."""
+    """The Date header value (bytes), formatted once per second."""
+    global _DATE
     now = int(time.time())
-    if _DATE[0] != now:
-        _DATE[1] = email.utils.formatdate(now, usegmt=True)
-        _DATE[0] = now
-    return _DATE[1]
-
-
+    date = _DATE
+    if date[0] != now:
+        date = _DATE = (now, email.utils.formatdate(now, usegmt=True).encode("latin-1"))
+    return date[1]

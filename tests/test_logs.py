@@ -1,0 +1,116 @@
+"""Unit tests of hookd_core/logs.py: the line each format writes (text and JSON), control characters
+escaped, and the request path's ``logs.info`` writing exactly what ``log.info`` writes, in both formats,
+to file descriptor 2 (a real temporary file put in its place), alone and inside ``batched()``."""
+
+import json
+import logging
+import os
+import re
+import tempfile
+import unittest
+
+from hookd_core import logs
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) (.*)$")
+
+
+class Stderr:
+    """File descriptor 2 pointed at a temporary file for the block; ``lines()`` what was written."""
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.lines()
+        self.file.close()
+
+    def lines(self):
+        """The lines written so far (split at "\\n" only: the JSON format keeps U+2028 raw)."""
+        if not self.file.closed:
+            self.file.seek(0)
+            self.written = self.file.read().decode("utf-8").split("\n")[:-1]
+        return self.written
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class LogLinesTest(unittest.TestCase):
+    def tearDown(self):
+        logs.setup("text")
+
+    def both_ways(self, fmt, message, event=None):
+        """(the line log.info writes, the line logs.info writes) for ``message``."""
+        log = logs.setup(fmt)
+        with Stderr() as err:
+            log.info("%s", message, extra={"event": event} if event is not None else None)
+            logs.info(log, message, event)
+        lines = err.lines()
+        self.assertEqual(len(lines), 2, lines)
+        return lines
+
+    def test_text_line_with_event_and_escaped_control_characters(self):
+        old, new = self.both_ways("text", "202 hook:t stored event 7 from \x1b[31m\nforged\x85\x7f", 7)
+        for line in (old, new):
+            m = TEXT_LINE.match(line)
+            self.assertIsNotNone(m, line)
+            self.assertEqual(m.group(2), "event=7 202 hook:t stored event 7 from \\x1b[31m\\x0aforged\\x85\\x7f")
+
+    def test_text_line_without_event_and_non_ascii_kept(self):
+        old, new = self.both_ways("text", "200 hook:t duplicate of event 3 from café\xa0x")
+        for line in (old, new):
+            self.assertEqual(TEXT_LINE.match(line).group(1, 2), ("INFO", "200 hook:t duplicate of event 3 from café\xa0x"))
+
+    def test_json_line_same_fields_both_ways(self):
+        for event in (12, None):
+            old, new = self.both_ways("json", "202 hook:t stored event 12 from \x00\u2028", event)
+            old, new = json.loads(old), json.loads(new)
+            self.assertEqual(sorted(old), sorted(new))
+            self.assertEqual(sorted(old), ["event", "level", "msg", "ts"] if event else ["level", "msg", "ts"])
+            self.assertEqual(old["msg"], "202 hook:t stored event 12 from \\x00\u2028")
+            self.assertEqual((new["level"], new["msg"], new.get("event")), ("INFO", old["msg"], event))
+            self.assertRegex(new["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+    def test_batched_lines_are_held_until_the_block_ends(self):
+        log = logs.setup("text")
+        with Stderr() as err:
+            with logs.batched():
+                logs.info(log, "first", 1)
+                log.warning("second")
+                self.assertEqual(err.lines(), [])
+            lines = err.lines()
+        self.assertEqual([TEXT_LINE.match(x).group(1, 2) for x in lines],
+                         [("INFO", "event=1 first"), ("WARNING", "second")])
+
+    def test_level_above_info_writes_nothing(self):
+        log = logs.setup("text", level=logging.WARNING)
+        with Stderr() as err:
+            logs.info(log, "quiet", 1)
+        self.assertEqual(err.lines(), [])
+
+    def test_another_handler_gets_the_record(self):
+        log = logs.setup("text")
+        extra = Recorder()
+        log.addHandler(extra)
+        try:
+            with Stderr() as err:
+                logs.info(log, "both", 5)
+        finally:
+            log.removeHandler(extra)
+        self.assertEqual([(r.getMessage(), r.event) for r in extra.records], [("both", 5)])
+        self.assertEqual(TEXT_LINE.match(err.lines()[0]).group(2), "event=5 both")
+
+
+if __name__ == "__main__":
+    unittest.main()
