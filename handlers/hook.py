@@ -76,6 +76,8 @@ class Handler(Integration):
         super().__init__(name, conf, app)
         self.hook = name[len(self.SECTION):] if name.startswith(self.SECTION) else name
         self.route = "/hooks/" + self.hook
+        self.check_signature = verify.checker(conf)
+        self.dedupe_rule = (conf.get("dedupe") or "").strip() or verify.default_dedupe(conf.get("verify"))
         try:
             self.conditions, self.filter_problem = parse_filter(conf.get("filter")), None
         except ValueError as e:
@@ -91,7 +93,7 @@ class Handler(Integration):
         return ["[%s] %s" % (self.name, p) for p in problems]
 
     def accept(self, req):
-        verify.verify(self.conf, req.headers, req.body)
+        self.check_signature(req.headers, req.body)
         if self.conditions:  # parse only when a filter needs it; the worker parses the stored body
             payload = json_or_none(req.body)
             if not all(c.holds(payload, req.headers) for c in self.conditions):
@@ -100,7 +102,7 @@ class Handler(Integration):
 
     def dedupe(self, req):
         """The section's rule, else the scheme's delivery id; a missing id falls back to the body hash."""
-        rule = (self.conf.get("dedupe") or "").strip() or verify.default_dedupe(self.conf.get("verify"))
+        rule = self.dedupe_rule
         key = dedupe_key(rule, req)
         if key is None and rule in verify.DEFAULT_DEDUPE_ALIASES:
             key = dedupe_key(verify.DEFAULT_DEDUPE_ALIASES[rule], req)

@@ -43,6 +43,7 @@ integration writes are declared by ``files()``: the core prunes them after their
 ``min_free_mb`` free under them (``core.need_space(folder)`` before writing raises ``Retry``).
 """
 
+import hashlib
 import json
 import os
 import time
@@ -459,7 +460,6 @@ class JobContext:
 def dedupe_key(rule, req):
     """The dedupe key for ``req`` under ``rule``: ``header:NAME`` (None if the header is absent),
     ``json:dotted.path`` (None if absent), ``body`` or empty (sha256 of the raw body), ``none`` (None)."""
-    import hashlib
     rule = (rule or "body").strip()
     if rule == "none":
         return None

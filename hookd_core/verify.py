@@ -6,12 +6,15 @@ Strategy: every scheme function takes the request headers (anything with a ``get
 when one secret matches and raises ``BadSignature`` (401) otherwise. Malformed headers (bad base64, no
 ``t=``, a timestamp that is not a number) are a 401 too, never an exception escaping to a 500. Every
 comparison is ``hmac.compare_digest`` over bytes. Timestamped schemes take ``now`` so tests can pin the
-clock. ``verify(conf, ...)`` dispatches on ``conf.get("verify")``; ``check(conf)`` lists configuration
-problems for check-config; ``default_dedupe(scheme)`` names each sender's delivery id.
+clock. ``verify(conf, ...)`` dispatches on ``conf.get("verify")`` (``checker(conf)`` reads the section
+once, for a handler to keep); ``check(conf)`` lists configuration problems for check-config;
+``default_dedupe(scheme)`` names each sender's delivery id. Each configured secret's HMAC key is set up
+once (``_Key``), not per request.
 """
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -82,7 +85,40 @@ def _any_equal(expected, candidates):
 
 
 def _mac(secret, message, algorithm="sha256"):
-    return hmac.new(secret, message, ALGORITHMS[algorithm]).digest()
+    """HMAC(secret, message) with ``algorithm`` (bytes)."""
+    return _key(secret, algorithm).digest(message)
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+class _Key:
+    """One secret set up for HMAC (RFC 2104, as CPython's hmac module does it): the hash states after
+    the key's inner and outer pads are computed once, so a message costs two state copies and its two
+    hashes, not a fresh HMAC object each time."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, secret, algorithm):
+        new = ALGORITHMS[algorithm]
+        block = new().block_size
+        if len(secret) > block:
+            secret = new(secret).digest()
+        secret = secret.ljust(block, b"\0")
+        self.inner, self.outer = new(secret.translate(_IPAD)), new(secret.translate(_OPAD))
+
+    def digest(self, message):
+        inner, outer = self.inner.copy(), self.outer.copy()
+        inner.update(message)
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _key(secret, algorithm):
+    """The ``_Key`` of one configured secret (secrets come from the configuration: a handful)."""
+    return _Key(secret, algorithm)
 
 
 def _decode(text, encoding):
@@ -97,7 +133,7 @@ def _decode(text, encoding):
 
 def _check_timestamp(value, tolerance, now):
     """Raise BadSignature unless ``value`` is whole Unix seconds within ``tolerance`` of ``now``."""
-    if not re.fullmatch(r"[0-9]{1,12}", value or ""):
+    if not (value and len(value) <= 12 and value.isascii() and value.isdigit()):  # [0-9]{1,12}
         raise BadSignature("timestamp is not a number of seconds")
     now = time.time() if now is None else now
     if tolerance and abs(now - int(value)) > tolerance:
@@ -105,6 +141,15 @@ def _check_timestamp(value, tolerance, now):
 
 
 # -- Standard Webhooks (https://github.com/standard-webhooks/standard-webhooks, spec/standard-webhooks.md) -
+
+@functools.lru_cache(maxsize=256)
+def _whsec_or_none(secret):
+    """``whsec_key(secret)``, or None for a secret that is not one (check() reports it)."""
+    try:
+        return whsec_key(secret)
+    except ValueError:
+        return None
+
 
 def whsec_key(secret):
     """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64), or ValueError."""
@@ -123,22 +168,22 @@ def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
     (https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md); the
     svix-* names are accepted too. ``v1a,<base64>`` entries (ed25519) are checked against ``whpk_`` secrets."""
     msg_id, stamp, entries = standard_headers(headers)
-    entries = entries.split()
     _check_timestamp(stamp, tolerance, now)
-    message = _utf8(msg_id) + b"." + _utf8(stamp) + b"." + body
-    v1 = [_decode(e[3:], "base64") for e in entries if e.startswith("v1,")]
-    v1a = [_decode(e[4:], "base64") for e in entries if e.startswith("v1a,")]
+    message = _utf8("%s.%s." % (msg_id, stamp)) + body
+    v1, v1a = [], []
+    for entry in entries.split():
+        if entry.startswith("v1,"):
+            v1.append(_decode(entry[3:], "base64"))
+        elif entry.startswith("v1a,"):
+            v1a.append(_decode(entry[4:], "base64"))
     v1, v1a = [s for s in v1 if s], [s for s in v1a if s]
     for secret in secrets:
         if secret.startswith("whpk_"):
             if _ed25519_any(secret, message, v1a):
                 return
             continue
-        try:
-            key = whsec_key(secret)
-        except ValueError:
-            continue  # check() reports it; a bad secret matches nothing
-        if _any_equal(_mac(key, message), v1):
+        key = _whsec_or_none(secret)
+        if key is not None and _any_equal(_mac(key, message), v1):  # a bad secret matches nothing
             return
     raise BadSignature("no webhook-signature entry matches")
 
@@ -416,29 +461,41 @@ def _tolerance(conf):
 
 def verify(conf, headers, body, now=None):
     """Check one request against the section ``conf`` (``verify``, ``secret``, ...). BadSignature if not."""
+    return checker(conf)(headers, body, now)
+
+
+def checker(conf):
+    """``verify`` for one section, with what depends on the configuration alone (the scheme, the secrets,
+    the tolerance, the recipe) read once: a function (headers, body, now=None) that returns None or
+    raises BadSignature. A handler builds it when it is built (a reload builds new handlers)."""
     scheme = (conf.get("verify") or "").strip()
     secrets = secrets_of(conf)
     if scheme == "none":
         if not _truthy(conf.get("allow_unsigned")):
-            raise BadSignature("verify = none without allow_unsigned = true")
-        return
+            return _refusal("verify = none without allow_unsigned = true")
+        return lambda headers, body, now=None: None
     if not secrets:
-        raise BadSignature("no secret configured")
-    if scheme == "standard-webhooks":
-        return standard_webhooks(headers, body, secrets, _tolerance(conf), now)
-    if scheme == "stripe":
-        return stripe(headers, body, secrets, _tolerance(conf), now)
-    if scheme == "github":
-        return github(headers, body, secrets)
-    if scheme == "shopify":
-        return shopify(headers, body, secrets)
+        return _refusal("no secret configured")
+    if scheme in ("standard-webhooks", "stripe"):
+        timestamped, tolerance = standard_webhooks if scheme == "standard-webhooks" else stripe, _tolerance(conf)
+        return lambda headers, body, now=None: timestamped(headers, body, secrets, tolerance, now)
+    if scheme in ("github", "shopify"):
+        plain = github if scheme == "github" else shopify
+        return lambda headers, body, now=None: plain(headers, body, secrets)
     if scheme == "hmac":
-        return hmac_scheme(headers, body, secrets, conf.get("signature.header") or "",
-                           conf.get("signature.prefix") or "", _enc(conf), _alg(conf),
-                           conf.get("signature.message") or "{body}")
+        recipe = (conf.get("signature.header") or "", conf.get("signature.prefix") or "", _enc(conf), _alg(conf),
+                  conf.get("signature.message") or "{body}")
+        return lambda headers, body, now=None: hmac_scheme(headers, body, secrets, *recipe)
     if scheme == "token":
-        return token(headers, body, secrets, conf.get("token.header") or "Authorization")
-    raise BadSignature("unknown verify scheme")
+        name = conf.get("token.header") or "Authorization"
+        return lambda headers, body, now=None: token(headers, body, secrets, name)
+    return _refusal("unknown verify scheme")
+
+
+def _refusal(reason):
+    def refuse(headers, body, now=None):
+        raise BadSignature(reason)
+    return refuse
 
 
 def _enc(conf):

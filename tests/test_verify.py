@@ -270,6 +270,17 @@ class HmacRecipeTest(unittest.TestCase):
                 verify.verify(conf, {"X-Hub-Signature": value}, body)
 
 
+    def test_secrets_of_every_length_sign_as_the_hmac_module_does(self):
+        # Keys shorter than, as long as and longer than each hash's block (a long key is hashed first).
+        for algorithm, new in sorted(verify.ALGORITHMS.items()):
+            for length in (1, 20, 63, 64, 65, 127, 128, 129, 300):
+                secret = bytes(range(length % 256)) + b"k" * (length - length % 256)
+                for message in (b"", b"x", bytes(range(256)) * 5):
+                    with self.subTest(algorithm=algorithm, length=length, message=len(message)):
+                        self.assertEqual(verify._mac(secret, message, algorithm),
+                                         hmac.new(secret, message, new).digest())
+
+
 class TokenTest(unittest.TestCase):
     def test_bare_bearer_and_basic_forms(self):
         conf = section(verify="token", secret="old-token tok3n")
