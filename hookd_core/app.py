@@ -27,7 +27,7 @@ from . import actions, admin, alerts, clients, logs, subscriptions, systemd_glue
 from .children import Registry
 from .api import Core, Integration, NewEvent, dedupe_key, free_mb
 from .metrics import Metrics
-from .redact import credential_headers, stored_headers
+from .redact import StoredHeaders, credential_headers
 from .server import Server
 from .store import Store
 from .workers import Pool
@@ -186,17 +186,16 @@ class App:
 
     def event_rows(self, integ, req, events):
         """Rows for the store from accept()'s NewEvents: dedupe key, stored headers, body, payload."""
-        secrets, facts = self._secret_cache()
-        credentials, rule, done = facts[integ.name]
-        headers = json.dumps(stored_headers(req.headers, secrets, credentials))
-        content_type = req.headers.get("Content-Type")
+        stored_headers, rule, done = self._secret_cache()[1][integ.name]
+        headers = stored_headers.json(req.headers)
+        content_type, body = req.headers.get("Content-Type"), req.body
         rows = []
         for ev in events:
             if not isinstance(ev, NewEvent):
                 ev = NewEvent(ev)
             key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
             rows.append({"dedupe_key": key, "serial_key": ev.serial_key, "headers": headers,
-                         "content_type": content_type, "body": req.body, "element": ev.element,
+                         "content_type": content_type, "body": body, "element": ev.element,
                          "payload": json.dumps(ev.payload) if ev.payload is not None else None,
                          "done": done})
         return rows
@@ -209,14 +208,15 @@ class App:
         return text
 
     def _secret_cache(self):
-        """(every secret, {route: (its credential header names, its dedupe rule, nothing to do)}), worked
-        out once per configuration (a reload builds new integrations) instead of once per request."""
+        """(every secret, {route: (its StoredHeaders, its dedupe rule, nothing to do)}), worked out once per
+        configuration (a reload builds new integrations) instead of once per request."""
         cache = getattr(self, "_secrets", None)
         if cache is None or cache[0] is not self.integrations:
-            facts = {i.name: (credential_headers(i.conf),
+            secrets = self.secrets()
+            facts = {i.name: (StoredHeaders(secrets, credential_headers(i.conf)),
                               i.conf.get("dedupe") or getattr(i, "DEFAULT_DEDUPE", "body"), not i.needs_work())
                      for i in self.integrations}
-            cache = (self.integrations, self.secrets(), facts)
+            cache = (self.integrations, secrets, facts)
             self._secrets = cache
         return cache[1], cache[2]
 

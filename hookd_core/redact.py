@@ -9,7 +9,9 @@ secret values. What is stored is what ``/events``, the CLI and a command's stdin
 ever hold a secret.
 """
 
+import json
 import re
+from json.encoder import encode_basestring_ascii as _string
 
 SENSITIVE = ("authorization", "cookie", "signature", "secret", "token", "hmac", "api-key", "apikey", "password")
 _SENSITIVE = re.compile("|".join(SENSITIVE))
@@ -34,16 +36,53 @@ def stored_headers(headers, secrets, credential_headers=()):
     """Headers worth keeping (lower-case names), without credentials, signatures or secret values."""
     out = {}
     for name, value in headers.items():
-        low = _NAMES.get(name)
-        if low is None:
-            if len(_NAMES) >= _MAX_NAMES:
-                _NAMES.clear()
-            low = _NAMES[name] = "" if _SENSITIVE.search(name.lower()) else name.lower()
-        if not low or low in credential_headers or _CREDENTIAL_VALUE.match(value):
-            continue
-        for secret in secrets:
-            if secret in value:
-                break
-        else:
+        low = _kept_name(name, value, secrets, credential_headers)
+        if low:
             out[low] = value
     return out
+
+
+def _kept_name(name, value, secrets, credential_headers):
+    """The lower-case name a header is kept under, or "" when it is not kept."""
+    low = _NAMES.get(name)
+    if low is None:
+        if len(_NAMES) >= _MAX_NAMES:
+            _NAMES.clear()
+        low = _NAMES[name] = "" if _SENSITIVE.search(name.lower()) else name.lower()
+    if not low or low in credential_headers or _CREDENTIAL_VALUE.match(value):
+        return ""
+    for secret in secrets:
+        if secret in value:
+            return ""
+    return low
+
+
+class StoredHeaders:
+    """``stored_headers`` of one route's requests as the JSON text stored with their events (exactly
+    ``json.dumps(stored_headers(...))``), for a configuration's secrets and credential headers. Most
+    headers come again and again with the same value (Host, Content-Type, User-Agent), so each
+    (name, value) seen keeps its verdict and its JSON; the pairs are the client's choice, so at most
+    ``MAX_PAIRS`` are kept and the lot is forgotten rather than grown past that."""
+
+    MAX_PAIRS = 256
+
+    def __init__(self, secrets, credential_headers):
+        self.secrets, self.credential_headers = tuple(secrets), frozenset(credential_headers)
+        self._pairs = {}  # (name, value) -> (stored name, its JSON member), or () when not stored
+
+    def json(self, headers):
+        pairs, names, members = self._pairs, [], []
+        for pair in headers.items():
+            known = pairs.get(pair)
+            if known is None:
+                low = _kept_name(pair[0], pair[1], self.secrets, self.credential_headers)
+                known = (low, "%s: %s" % (_string(low), _string(pair[1]))) if low else ()
+                if len(pairs) >= self.MAX_PAIRS:
+                    pairs.clear()
+                pairs[pair] = known
+            if known:
+                names.append(known[0])
+                members.append(known[1])
+        if len(set(names)) < len(names):  # a name sent twice: a dict keeps its last value, in its first place
+            return json.dumps(stored_headers(headers, self.secrets, self.credential_headers))
+        return "{" + ", ".join(members) + "}"

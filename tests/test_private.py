@@ -14,7 +14,8 @@ import stat
 import tempfile
 import unittest
 
-from hookd_core.redact import stored_headers
+from hookd_core.api import Headers
+from hookd_core.redact import StoredHeaders, stored_headers
 from tests.support import ROOT, Daemon, hmac_hex
 
 
@@ -63,6 +64,18 @@ class StoredHeadersTest(unittest.TestCase):
         kept = stored_headers(self.HEADERS, secrets=[], credential_headers={"x-api-auth"})
         self.assertEqual(kept, {"content-type": "application/json", "x-request-id": "r-1",
                                 "x-note": "digest of the day"})
+
+    def test_stored_json_is_the_kept_headers_json_again_and_again(self):
+        cases = [list(self.HEADERS.items()),
+                 [("Host", "h"), ("X-Note", "caf\xe9 \"q\" \\ \x7f"), ("x-note", "second"), ("X-Id", "1")],
+                 [("X-Api-Auth", "a"), ("X-Id", "my s3cret value"), ("Content-Type", "text/plain")], []]
+        cases += [[("Host", "h"), ("X-Id", "id-%d" % n)] for n in range(StoredHeaders.MAX_PAIRS * 2)]
+        stored = StoredHeaders(["s3cret"], {"x-api-auth"})
+        for _ in range(2):  # the second round finds what the first one remembered
+            for items in cases:
+                with self.subTest(items=items[:3]):
+                    self.assertEqual(stored.json(Headers(items)),
+                                     json.dumps(stored_headers(Headers(items), ["s3cret"], {"x-api-auth"})))
 
     def test_end_to_end_the_token_header_of_a_route_is_not_stored(self):
         tmp = tempfile.mkdtemp(prefix="hookd-private-")
