@@ -11,7 +11,10 @@ look-up first), with ids handed out by the writer, and a group's consecutive cla
 finishes are one ``executemany`` each, so a group costs a few statements however many requests it
 holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
 runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
-waking the request's own thread first. If the transaction fails (disk full, read-only file) every
+waking the request's own thread first. When the writer is idle and nothing is queued, a request's
+(or a waiting ``write``'s) own thread commits it as a group of one instead: no thread switch there and
+back (a client that sends one request at a time meets an idle writer every time). If the
+transaction fails (disk full, read-only file) every
 caller of that group gets a StoreError and nothing of the group is stored; a ``write`` function that
 raises is rolled back alone (a savepoint) and the others commit. A request's body is stored once in
 ``request_bodies`` (append-only rowid keys, no random-key B-tree), however many events it becomes; an
@@ -114,7 +117,8 @@ _INSERT_DUPLICATE = ("INSERT INTO events(id, route, status, received_at, updated
 class _Op:
     """One write waiting for its group: a function (``fn``), one request's events (``rows``), or one
     row's parameters for a batched statement (``stmt``: CLAIM or FINISH, ``args``).
-    ``then(result, error)``, when given, runs on the writer thread after the commit; otherwise the
+    ``then(result, error)``, when given, runs after the commit on the thread that committed (the writer,
+    or the caller when it committed its own group); otherwise the
     caller sleeps on ``_gate``, a bare lock used as a one-shot gate (cheaper than an Event)."""
 
     __slots__ = ("fn", "route", "rows", "now", "limit", "stmt", "args", "then", "result", "error", "delta",
@@ -194,6 +198,7 @@ class Store:
         self._wake = threading.Lock()  # held while the writer sleeps; released to wake it
         self._wake.acquire()
         self._idle = True            # the writer is asleep (or about to be) on _wake
+        self._committing = threading.Lock()  # held by whoever runs a group on the connection
         self._waiting = {}
         self._claimed = {}           # event id -> serial key: claimed, finish not committed yet
         self._leasing = {}           # event id -> serial key: picked by a lease not committed yet
@@ -220,7 +225,7 @@ class Store:
     def write(self, fn, delta=None):
         """Run ``fn(conn)`` in the next group transaction and return its result once committed.
         ``delta`` = {route: n} is added to the waiting counts after the commit."""
-        return self._submit(_Op(fn=fn, delta=delta)).wait()
+        return self._submit(_Op(fn=fn, delta=delta), lead=True).wait()
 
     def write_soon(self, fn, on_error=None):
         """Run ``fn(conn)`` in the next group without waiting for its commit; it still commits in order
@@ -240,19 +245,32 @@ class Store:
         return self.submit_events(route, rows, now=now, limit=limit).wait()
 
     def submit_events(self, route, rows, now=None, limit=None, then=None):
-        """``add_events`` without waiting: ``then(result, error)`` runs on the writer thread right after
-        the commit (error: Busy, or StoreError when nothing was stored). Without ``then``, call
-        ``.wait()`` on the returned operation."""
+        """``add_events`` without waiting: ``then(result, error)`` runs right after the commit, on the
+        writer thread, or on this one when the writer was idle and this thread committed the events
+        itself (error: Busy, or StoreError when nothing was stored). Without ``then``, call ``.wait()``
+        on the returned operation."""
         now = time.time() if now is None else now
-        return self._submit(_Op(route=route, rows=rows, now=now, limit=limit, then=then))
+        return self._submit(_Op(route=route, rows=rows, now=now, limit=limit, then=then), lead=True)
 
-    def _submit(self, op):
-        if self._closed:
-            raise StoreError("store is closed")
+    def _submit(self, op, lead=False):
+        """Queue ``op`` for the writer thread. With ``lead`` (a caller that waits for its commit anyway,
+        or whose ``then`` answers a client that waits for it), when the writer is idle and nothing is
+        queued the caller commits ``op`` as a group of its own on its own thread and settles it before
+        returning: no thread switch there and back. Whatever is submitted meanwhile goes to the writer,
+        which takes the connection only after that group is settled, so groups stay in order."""
         with self._plock:
-            self._pending.append(op)
-            wake, self._idle = self._idle, False
-        if wake:
+            if self._closed:
+                raise StoreError("store is closed")
+            lead = lead and self._idle and not self._pending and self._committing.acquire(False)
+            if not lead:
+                self._pending.append(op)
+                wake, self._idle = self._idle, False
+        if lead:
+            try:
+                self._run_group([op])
+            finally:
+                self._committing.release()
+        elif wake:
             self._wake.release()
         return op
 
@@ -260,18 +278,23 @@ class Store:
         while True:
             self._wake.acquire()
             while True:
-                with self._plock:
-                    group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                    if not group:
-                        self._idle = True
-                        break
-                try:
-                    self._commit_group(group)
-                except Exception as e:  # never leave a caller waiting, never let the writer die
-                    self._fail_all(group, e)
-                with logs.batched():  # the group's answers log one line each, written together
-                    for op in group:
-                        op.settle(self._log_exception)
+                with self._committing:  # a caller may be running its own group
+                    with self._plock:
+                        group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                        if not group:
+                            self._idle = True
+                            break
+                    self._run_group(group)
+
+    def _run_group(self, group):
+        """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
+        try:
+            self._commit_group(group)
+        except Exception as e:  # never leave a caller waiting, never let the writer die
+            self._fail_all(group, e)
+        with logs.batched():  # the group's answers log one line each, written together
+            for op in group:
+                op.settle(self._log_exception)
 
     def _log_exception(self):
         if self.log is not None:
@@ -354,16 +377,17 @@ class Store:
 
     def close(self):
         """No new writes; wait (up to 10 s) for the writer to finish what is queued, then close."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._plock:
+            if self._closed:
+                return
+            self._closed = True
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with self._plock:
                 if self._idle and not self._pending:
                     break
             time.sleep(0.01)
-        with self._plock:  # the writer is asleep: nothing uses the connection any more
+        with self._committing, self._plock:  # the writer is asleep, no caller commits: nothing uses it
             self._conn.close()
 
     # -- event operations ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 import unittest
 
 from hookd_core.store import Store, StoreError, list_events, product_path, products, row_dict
@@ -128,6 +129,47 @@ class StoreTest(unittest.TestCase):
         n = conn.execute("SELECT count(*) FROM events WHERE route='g'").fetchone()[0]
         conn.close()
         self.assertEqual(n, 64)
+
+    def test_an_idle_store_commits_on_the_callers_thread_before_then_runs(self):
+        # No thread switch when nothing else is waiting: the caller commits its own group, and its
+        # ``then`` (a request's answer) runs after the COMMIT, before submit_events returns.
+        seen = []
+
+        def then(result, error):
+            conn = sqlite3.connect(self.path)  # a fresh connection sees only what is committed
+            n = conn.execute("SELECT count(*) FROM events WHERE route='i'").fetchone()[0]
+            conn.close()
+            seen.append((threading.get_ident(), result, error, n))
+        self.store.submit_events("i", [row("i1")], then=then)
+        self.assertEqual(len(seen), 1, "then must have run by the time submit_events returns")
+        ident, result, error, n = seen[0]
+        self.assertEqual((ident, error, n), (threading.get_ident(), None, 1))
+        self.assertEqual(result[0][1], "new")
+
+    def test_writes_queued_behind_a_callers_own_commit_wait_for_it(self):
+        # A caller committing its own group holds the connection: what others submit meanwhile goes to
+        # the writer thread, which commits it after that group, in order.
+        inside, release, order = threading.Event(), threading.Event(), []
+
+        def slow(conn):
+            conn.execute("INSERT INTO events(route, status, received_at, updated_at) VALUES ('o', 'done', 0, 0)")
+            inside.set()
+            release.wait(30)
+            return "slow"
+        first = threading.Thread(target=lambda: order.append(self.store.write(slow)))
+        first.start()
+        self.assertTrue(inside.wait(30))
+        later = self.store.submit_events("o", [row("o1")], then=lambda r, e: order.append("later"))
+        self.assertEqual(order, [], "nothing may commit while the first group is open")
+        release.set()
+        first.join(30)
+        deadline = time.monotonic() + 30
+        while len(order) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.assertEqual(order, ["slow", "later"])
+        self.assertIsNone(later.error)
+        ids = self.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events WHERE route='o' ORDER BY id")])
+        self.assertEqual(len(ids), 2)
 
     def test_failing_operation_does_not_sink_its_group(self):
         def bad(conn):
