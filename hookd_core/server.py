@@ -465,7 +465,8 @@ class Handler(socketserver.StreamRequestHandler):
         rows = app.event_rows(integ, req, result)
         self._settle()
         if not isinstance(self.connection, ssl.SSLSocket):
-            # The writer thread answers right after the commit; this thread goes back to reading.
+            # The writer thread answers right after the commit (or this one, when the store's writer was
+            # idle and this thread committed the events itself); then this thread goes back to reading.
             close = self.server.stopping or not self.head.keep_alive
             answer = Answer(self, integ.name, rows, close)
             app.store.submit_events(integ.name, rows, limit=integ.queue_size, then=answer)
