@@ -224,6 +224,25 @@ class IntakeTest(PreservicaCase):
         self.assertIn(again[0], (200, 202))
         self.assertEqual(json.loads(again[2].decode("utf-8"))["status"], "duplicate")
 
+    def test_a_redelivered_element_is_a_duplicate_and_the_new_one_beside_it_is_queued(self):
+        """Dedupe is per element: the same envelope again with the first element unchanged and a second
+        one added stores the second as new and the first as a duplicate of the first delivery's."""
+        first, second = fp.io_event(new_ref()), fp.io_event(new_ref())
+        stamp = "2026-11-30T07:44:00.123Z"
+        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope([first], timestamp=stamp))
+        self.assertEqual(status, 202, reply)
+        [original] = json.loads(reply.decode("utf-8"))["ids"]
+        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope([first, second], timestamp=stamp), chunked=False)
+        self.assertEqual(status, 202, reply)
+        doc = json.loads(reply.decode("utf-8"))
+        self.assertEqual((doc["status"], doc["ids"][0]), ("queued", original))
+        added = doc["ids"][1]
+        self.assertGreater(added, original)
+        self.assertEqual(self.d.wait_status(added, "done")["payload"]["event"]["entityRef"], second["entityRef"])
+        duplicates = [e for e in self.d.events("--status", "duplicate") if e["id"] > original]
+        self.assertEqual(len(duplicates), 1)
+        self.assertEqual(self.d.event(duplicates[0]["id"])["duplicate_of"], original)
+
     def test_wrong_shapes_are_refused_and_not_stored(self):
         before = len(self.d.events())
         cases = [(b"not json", 400), (b'{"events": {}}', 422), (b'[1, 2]', 422),
