@@ -344,22 +344,40 @@ def template_problems(template):
 def build_message(template, headers, body):
     """The bytes to sign: the template with {body} replaced by the raw body bytes and {header:NAME} by
     that header's value. Literal text is UTF-8, so a non-UTF-8 body still verifies byte for byte."""
-    out, pos = [], 0
-    for m in PLACEHOLDER.finditer(template):
-        out.append(_utf8(template[pos:m.start()]))
-        name = m.group(1)
-        if name == "body":
+    out = []
+    for part in _template_parts(template):
+        if part is None:
             out.append(body)
-        elif name.startswith("header:"):
-            value = header(headers, name[7:].strip())
+        elif isinstance(part, str):
+            value = header(headers, part)
             if value is None:
-                raise BadSignature("header %s (signed) is missing" % name[7:].strip())
+                raise BadSignature("header %s (signed) is missing" % part)
             out.append(_utf8(value))
         else:
-            out.append(_utf8(m.group(0)))
-        pos = m.end()
-    out.append(_utf8(template[pos:]))
+            out.append(part)
     return b"".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_parts(template):
+    """A template split once (templates come from the configuration): literal text as bytes, None for
+    {body}, a header's name (str) for {header:NAME}; an unknown placeholder stays literal text."""
+    parts, pos = [], 0
+    for m in PLACEHOLDER.finditer(template):
+        parts.append(_utf8(template[pos:m.start()]))
+        name = m.group(1)
+        if name == "body":
+            parts.append(None)
+        elif name.startswith("header:"):
+            parts.append(name[7:].strip())
+        else:
+            parts.append(_utf8(m.group(0)))
+        pos = m.end()
+    parts.append(_utf8(template[pos:]))
+    return tuple(part for part in parts if part != b"")
+
+
+_SEPARATORS = re.compile(r"[,\s]+")
 
 
 def hmac_scheme(headers, body, secrets, name, prefix="", encoding="hex", algorithm="sha256",
@@ -368,7 +386,7 @@ def hmac_scheme(headers, body, secrets, name, prefix="", encoding="hex", algorit
     separated by commas or spaces (adnanh/webhook does the same)."""
     value = _require(headers, name)
     given = []
-    for item in re.split(r"[,\s]+", value)[:MAX_SIGNATURES]:
+    for item in _SEPARATORS.split(value)[:MAX_SIGNATURES]:
         if prefix and not item.startswith(prefix):
             continue
         decoded = _decode(item[len(prefix):], encoding)

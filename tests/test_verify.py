@@ -270,6 +270,16 @@ class HmacRecipeTest(unittest.TestCase):
                 verify.verify(conf, {"X-Hub-Signature": value}, body)
 
 
+    def test_message_template_parts_in_order_each_time(self):
+        template = "caf\xe9:{header: X-A }{body}|{unknown}{body}{}"
+        for _ in range(2):  # the second time the template is already split
+            self.assertEqual(verify.build_message(template, {"x-a": " 1 "}, b"\xff"),
+                             "caf\xe9:1".encode() + b"\xff|{unknown}\xff{}")
+        with self.assertRaisesRegex(BadSignature, "header X-A .signed. is missing"):
+            verify.build_message(template, {}, b"")
+        self.assertEqual(verify.build_message("{body}", {}, b"raw"), b"raw")
+        self.assertEqual(verify.build_message("", {}, b"raw"), b"")
+
     def test_secrets_of_every_length_sign_as_the_hmac_module_does(self):
         # Keys shorter than, as long as and longer than each hash's block (a long key is hashed first).
         for algorithm, new in sorted(verify.ALGORITHMS.items()):
