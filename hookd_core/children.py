@@ -3,18 +3,24 @@
 
 Strategy: the worker runs each job inside ``Registry.job("event N")`` (the alert sender each alert
 command inside ``job("alert N")``), which makes the registry the watcher of every child that thread
-spawns (hookd_core/proc.py). When a child starts, one row goes into ``child_processes``: its HOOKD_JOB
-marker and the boot before the fork (so a crash a moment later still finds it by its marker), then its
-process group and start time (clock ticks since boot, /proc/PID/stat) once it runs; when it ends, the
-row goes. ``kill_all`` (SIGTERM, after the
-grace) kills the tree of every child still running. ``kill_leftovers`` (at start, before anything is
-requeued) reads the rows a previous run left: a row of this boot has its tree killed (``proc.tree``
-trusts a group only while its leader has the recorded start time, so a reused pid is never hit), then
-every row is deleted. Pure functions over a connection keep the SQL in one place. ``owns_peer`` tells
+spawns (hookd_core/proc.py). Markers nest (proc.py): every child's HOOKD_JOB marker is this run's
+marker, a dot and a number. Before the first child forks, one row naming the run's marker (owner
+RUN_OWNER) is committed, once per run, so a crash at any moment later still finds every child of the
+run by its marker, without a commit wait before each fork. When a child runs, its own row goes into
+``child_processes`` (marker, owner, process group, start time in clock ticks since boot, boot), and
+when it ends the row goes; neither write is waited for. ``kill_all`` (SIGTERM, after the grace) kills
+the tree of every child still running. ``kill_leftovers`` (at start, before anything is requeued) reads
+the rows a previous run left: a row of this boot has its tree killed (``proc.tree`` trusts a group only
+while its leader has the recorded start time, so a reused pid is never hit), the children's rows first
+so that what is killed is told by job, then the run's row for whatever carries its marker but had no
+row yet; then every row is deleted. Pure functions over a connection keep the SQL in one place. ``owns_peer`` tells
 the admin listener when a connection comes from a job's process, which it refuses: the admin API is the
 operator's, and a child shares hookd's user and (on TCP) its loopback.
 """
 
+import itertools
+import os
+import secrets
 import socket
 import sqlite3
 import struct
@@ -46,15 +52,13 @@ def boot_id():
         return ""
 
 
-def announce(conn, owner, marker, boot):
-    """A child is about to start: its marker is known, its process group not yet."""
-    conn.execute("INSERT OR REPLACE INTO child_processes(marker, owner, boot_id, started_at) VALUES (?, ?, ?, ?)",
-                 (marker, owner, boot, time.time()))
+RUN_OWNER = "a job not yet recorded"  # the run's own row: what it finds had no row of its own yet
 
 
-def record(conn, child):
-    conn.execute("UPDATE child_processes SET pgid=?, start_ticks=? WHERE marker=?", (child.pid, child.start,
-                                                                                  child.marker))
+def record(conn, marker, owner, pgid, start, boot):
+    """A run (pgid None, ``start`` = hookd's own start) or a child that runs as group ``pgid``."""
+    conn.execute("INSERT OR REPLACE INTO child_processes(marker, owner, pgid, start_ticks, boot_id, started_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (marker, owner, pgid, start, boot, time.time()))
 
 
 def forget(conn, markers):
@@ -76,27 +80,42 @@ class Registry:
         self.store.write(lambda conn: [conn.execute(sql) for sql in SCHEMA.split(";") if sql.strip()])
         self._lock = threading.Lock()
         self._live = {}  # marker -> (owner, Child)
+        self.run = secrets.token_hex(8)  # every child's marker is nested in it
+        self._numbers = itertools.count(1)
+        self._run_stored = False
+        self._run_lock = threading.Lock()
 
     def job(self, owner):
         """Context manager: children spawned by this thread inside it belong to ``owner`` ("event 7",
         "alert 3": what the log lines name)."""
         return proc.watched_by(_Job(self, owner))
 
-    def starting(self, owner, marker):
-        """Durable before the fork (a crash a moment later must still find the child by its marker), but a
-        row that cannot be written (disk full, store closing) does not fail the job: the child is still
-        tracked in memory (timeouts, SIGTERM); only a crash in that moment would leave it unrecorded."""
-        try:
-            self.store.write(lambda conn: announce(conn, owner, marker, self.boot))
-        except (StoreError, sqlite3.Error) as e:
-            self._not_stored(e)
+    def marker(self):
+        return "%s.%d" % (self.run, next(self._numbers))
+
+    def starting(self):
+        """Before a fork: the run's row must be durable (a crash a moment later must still find the child
+        by its marker), which is waited for once per run. A row that cannot be written (disk full, store
+        closing) does not fail the job: the child is still tracked in memory (timeouts, SIGTERM), only a
+        crash would leave it unrecorded, and the next child tries again."""
+        if self._run_stored:
+            return
+        with self._run_lock:
+            if self._run_stored:
+                return
+            start = proc.start_time(os.getpid())
+            try:
+                self.store.write(lambda conn: record(conn, self.run, RUN_OWNER, None, start, self.boot))
+                self._run_stored = True
+            except (StoreError, sqlite3.Error) as e:
+                self._not_stored(e)
 
     def started(self, owner, child):
-        """Not waited for (a job would wait one more group commit): until it commits, the marker, which
-        ``starting`` made durable before the fork, is what finds the child after a crash."""
+        """Not waited for (a job would wait one more group commit): until it commits, the run's row,
+        which ``starting`` made durable before the fork, is what finds the child after a crash."""
         with self._lock:
             self._live[child.marker] = (owner, child)
-        self._soon(lambda conn: record(conn, child))
+        self._soon(lambda conn: record(conn, child.marker, owner, child.pid, child.start, self.boot))
 
     def ended(self, marker):
         """Not waited for either: a row left behind only names processes the next start finds gone."""
@@ -123,7 +142,7 @@ class Registry:
             return False
         pids = set()
         for child in live:
-            pids.update(proc.tree(child.pid, child.start or 0, child.marker))
+            pids.update(proc.tree(child.pid, child.start or 0, child.marker, child.since))
         if sock.family == socket.AF_UNIX:
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             return pid in pids
@@ -142,8 +161,8 @@ class Registry:
         """Kill what a previous run of hookd left running, then forget it; returns {owner: killed}."""
         rows = self.store.read(recorded)
         hit = {}
-        for marker, owner, pgid, start, boot in rows:
-            if boot == self.boot:
+        for marker, owner, pgid, start, boot in sorted(rows, key=lambda row: row[1] == RUN_OWNER):
+            if boot == self.boot and marker != self.run:
                 n = proc.kill_recorded(pgid, start, marker)
                 if n:
                     hit[owner] = hit.get(owner, 0) + n
@@ -187,8 +206,11 @@ class _Job:
     def __init__(self, registry, owner):
         self.registry, self.owner = registry, owner
 
+    def marker(self):
+        return self.registry.marker()
+
     def starting(self, marker):
-        self.registry.starting(self.owner, marker)
+        self.registry.starting()
 
     def started(self, child):
         self.registry.started(self.owner, child)

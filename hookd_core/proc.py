@@ -6,18 +6,24 @@ the names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIF
 holding one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit.
 ``kill_tree`` ends a child and everything it started: its process group, every process descended from
 those by parent pid (a grandchild that called ``setsid`` is still a descendant while its parent lives),
-and every process that carries the child's marker (an orphan whose parent already exited). Each process
-is checked against its start time in /proc/PID/stat before the signal, sent through a pidfd where the
-kernel has them, so a reused pid is never hit. A thread that runs a job registers a watcher
-(``watched_by``): each child it spawns is reported when it starts and ends, which is how the store
-records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout and
+and every process that carries the child's marker (an orphan whose parent already exited). Markers nest:
+a process carries marker M when its HOOKD_JOB is M or starts with "M.", so the marker of a whole run of
+hookd covers every child of that run (hookd_core/children.py). Each process is checked against its start
+time in /proc/PID/stat before the signal, sent through a pidfd where the kernel has them, so a reused pid
+is never hit. Reading all of /proc after every child would cost a job about as much CPU as the child
+itself; ``new_pids`` bounds, from the kernel's task counters read just before the fork, which pids can
+have been handed out since, and only those are read when the bound is small. A thread that runs a job
+registers a watcher (``watched_by``): it names each child's marker and hears when each starts and ends,
+which is how the store records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout and
 stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of each and discarding the rest, so
 memory stays flat whatever a program prints; at its timeout the whole tree gets SIGKILL.
 """
 
 import contextlib
+import itertools
 import os
 import secrets as secrets_mod
+import select
 import selectors
 import signal
 import subprocess
@@ -32,6 +38,8 @@ NEVER = ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")  # not passed even when comma
 MARKER = "HOOKD_JOB"
 KILL_ROUNDS = 5  # a tree that keeps forking while it is killed is scanned again, this many times
 DEATH_WAIT = 1.0  # seconds each round waits for the killed processes to be gone
+RESERVED_PIDS = 300  # after wrapping at pid_max, the kernel hands out pids from here again
+NEW_PIDS_READ = 64  # at most this many pids handed out since a child started are read one by one
 
 _local = threading.local()
 
@@ -45,10 +53,11 @@ class Finished:
 
 class Child:
     """A started program: ``popen``, ``pid`` (= its process group), ``start`` (its start time in clock
-    ticks since boot, from /proc), ``marker`` (the HOOKD_JOB value its descendants inherit)."""
+    ticks since boot, from /proc), ``marker`` (the HOOKD_JOB value its descendants inherit), ``since``
+    (``task_counters()`` read just before its fork)."""
 
-    def __init__(self, popen, marker):
-        self.popen, self.marker, self.pid = popen, marker, popen.pid
+    def __init__(self, popen, marker, since=None):
+        self.popen, self.marker, self.pid, self.since = popen, marker, popen.pid, since
         self.start = start_time(popen.pid)
 
 
@@ -69,19 +78,21 @@ def child_env(hookd_vars=None, names=(), secrets=(), environ=None):
 
 def spawn(argv, env=None, **popen_args):
     """Start ``argv`` (a list, never a shell string) in its own session with ``env`` (default: the clean
-    ``child_env()``) plus its marker, and report it to this thread's watcher. Raises OSError."""
-    marker = secrets_mod.token_hex(8)
-    env = dict(child_env() if env is None else env, **{MARKER: marker})
+    ``child_env()``) plus its marker (named by this thread's watcher, else random), and report it to the
+    watcher. Raises OSError."""
     watcher = getattr(_local, "watcher", None)
+    marker = watcher.marker() if watcher is not None else secrets_mod.token_hex(8)
+    env = dict(child_env() if env is None else env, **{MARKER: marker})
     if watcher is not None:
-        watcher.starting(marker)  # recorded before the fork: a crash right after it still finds the child
+        watcher.starting(marker)  # durable before the fork: a crash right after it still finds the child
+    since = task_counters()
     try:
         popen = subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, **popen_args)
     except BaseException:
         if watcher is not None:
             watcher.ended(marker)
         raise
-    child = Child(popen, marker)
+    child = Child(popen, marker, since)
     if watcher is not None:
         watcher.started(child)
     return child
@@ -102,8 +113,9 @@ def end(child):
 
 @contextlib.contextmanager
 def watched_by(watcher):
-    """Children this thread spawns inside the block are reported to ``watcher``: ``starting(marker)``
-    before the fork, ``started(child)`` once it runs, ``ended(marker)`` when it is gone."""
+    """Children this thread spawns inside the block are marked and reported by ``watcher``: ``marker()``
+    names the next one's marker, ``starting(marker)`` runs before the fork, ``started(child)`` once it
+    runs, ``ended(marker)`` when it is gone."""
     old = getattr(_local, "watcher", None)
     _local.watcher = watcher
     try:
@@ -133,13 +145,27 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
 
 def _exited(pid, deadline):
     """Wait until ``pid`` exits or ``deadline``; True if it exited. It is left unreaped (a zombie), so
-    ``kill_tree`` can still trust its process group by the leader's start time."""
-    while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
+    ``kill_tree`` can still trust its process group by the leader's start time. The wait is on a pidfd
+    (readable once the process has exited) where the kernel has them, else a 10 ms poll."""
+    fd = None
+    try:
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if fd is None:
+                try:
+                    fd = os.pidfd_open(pid)
+                except (AttributeError, OSError):
+                    fd = -1
+            if fd >= 0:
+                select.select([fd], [], [], left)
+            else:
+                time.sleep(min(0.01, left))
+        return True
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
 
 
 class _Capped:
@@ -201,6 +227,21 @@ def _write(pipe, view):
 
 # -- the process tree in /proc ------------------------------------------------------------------------
 
+def _read(path, size=4096):
+    """The start of a /proc file, or None when it cannot be read (three system calls, no file object:
+    a tree walk reads hundreds of these)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def start_time(pid):
     """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22), or None if gone."""
     info = _stat(pid)
@@ -209,12 +250,56 @@ def start_time(pid):
 
 def _stat(pid):
     """(ppid, pgid, state, start) of ``pid``, or None when it does not exist."""
+    data = _read("/proc/%d/stat" % pid)
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        fields = data.rsplit(b")", 1)[1].split()
+        return int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"), int(fields[19])
+    except (AttributeError, IndexError, ValueError):
         return None
-    return int(fields[1]), int(fields[2]), fields[0].decode("ascii", "replace"), int(fields[19])
+
+
+def task_counters():
+    """(tasks created since boot, tasks that exist now, the last pid handed out, pid_max), from /proc/stat
+    ("processes" counts every process and thread ever created, in any pid namespace), /proc/loadavg (its
+    fourth field ends with the number of tasks, its fifth is this namespace's last pid) and
+    /proc/sys/kernel/pid_max; None when one cannot be read."""
+    stat, loadavg, pid_max = (_read(p) for p in ("/proc/stat", "/proc/loadavg", "/proc/sys/kernel/pid_max"))
+    try:
+        forks = int(stat.split(b"\nprocesses ", 1)[1].split(None, 1)[0])
+        fields = loadavg.split()
+        return forks, int(fields[3].split(b"/")[1]), int(fields[4]), int(pid_max)
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def new_pids(pid, since):
+    """Every pid that can have been handed out after ``pid``, which was forked after ``since``
+    (``task_counters()``) was read, as a range; None when that is not bounded cheaply (read all of /proc).
+
+    The kernel hands out pids in increasing order from the last one it gave, skipping numbers in use, and
+    wraps at pid_max back to RESERVED_PIDS. ``made`` tasks were created since ``since``, anywhere; each
+    holds at most three numbers (its pid, its group's, its session's), so at least pid_max -
+    RESERVED_PIDS - 3 * (tasks then + made) numbers were free all along, and while ``made`` is below that
+    the counter cannot have gone all the way round: every pid handed out after ``pid`` lies in
+    (pid, last], or the counter wrapped (last < pid) and this gives up. Only a privileged process can pick
+    its own pid (clone3 set_tid, ns_last_pid), and such a child can escape any tree walk anyway."""
+    now = task_counters() if since is not None else None
+    if now is None:
+        return None
+    made, last, pid_max = now[0] - since[0], now[2], min(now[3], since[3])
+    if not 0 < made <= NEW_PIDS_READ or made >= pid_max - RESERVED_PIDS - 3 * (since[1] + made):
+        return None
+    if not pid <= last <= pid + 4 * NEW_PIDS_READ:  # wrapped, or many numbers in use skipped: read all
+        return None
+    return range(pid + 1, last + 1)
+
+
+def _is_process(pid):
+    """True when ``pid`` is a process (a thread group's leader), not another thread of one: /proc lists
+    only those, but /proc/TID can be read for any thread."""
+    data = _read("/proc/%d/status" % pid) or b""
+    tgid = data.split(b"\nTgid:", 1)[1].split(None, 1)[0] if b"\nTgid:" in data else b""
+    return tgid == str(pid).encode()
 
 
 def _processes():
@@ -229,18 +314,26 @@ def _processes():
 
 
 def _carries(pid, marker):
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as f:
-            return (b"\0%s=%s\0" % (MARKER.encode(), marker.encode())) in b"\0" + f.read()
-    except OSError:
+    """True when ``pid``'s HOOKD_JOB is ``marker`` or nested in it (starts with "marker.")."""
+    environ = _read("/proc/%d/environ" % pid, 1 << 20)
+    if environ is None:
         return False
+    setting = b"\0%s=%s" % (MARKER.encode(), marker.encode())
+    environ = b"\0" + environ + b"\0"
+    return setting + b"\0" in environ or setting + b"." in environ
 
 
-def tree(pgid, start, marker):
+def tree(pgid, start, marker, since=None):
     """Live pids of the tree of a child started as group ``pgid`` at ``start`` with ``marker``: its group
     (only while the leader is still the process that started at ``start``), their descendants, and any
-    process carrying the marker; a process started before ``start`` is never part of it."""
-    procs = _processes()
+    process carrying the marker; a process started before ``start`` is never part of it. With ``since``
+    (the child's ``task_counters()``), only the pids handed out since its fork are read when they are few
+    (``new_pids``); otherwise every process in /proc."""
+    new = new_pids(pgid, since) if pgid is not None else None
+    if new is None:
+        procs = _processes()
+    else:
+        procs = {pid: info for pid, info in ((p, _stat(p)) for p in itertools.chain((pgid,), new)) if info}
     leader = procs.get(pgid)
     group_ok = leader is not None and leader[3] == start
     found = {pid for pid, (_, g, _, s) in procs.items() if group_ok and g == pgid and s >= start}
@@ -259,7 +352,10 @@ def tree(pgid, start, marker):
             if kid not in found:
                 found.add(kid)
                 todo.append(kid)
-    return {pid: procs[pid][3] for pid in found if procs[pid][2] != "Z" and pid != os.getpid()}
+    live = {pid: procs[pid][3] for pid in found if procs[pid][2] != "Z" and pid != os.getpid()}
+    if new is not None:  # pids read one by one may be threads
+        live = {pid: s for pid, s in live.items() if _is_process(pid)}
+    return live
 
 
 def socket_inodes(pid):
@@ -280,17 +376,17 @@ def socket_inodes(pid):
 
 
 def kill_tree(child):
-    """SIGKILL ``child`` (a Child, or any object with pid, start, marker) and its whole tree."""
-    return kill_recorded(child.pid, child.start, child.marker)
+    """SIGKILL ``child`` (a Child) and its whole tree."""
+    return kill_recorded(child.pid, child.start, child.marker, child.since)
 
 
-def kill_recorded(pgid, start, marker):
+def kill_recorded(pgid, start, marker, since=None):
     """SIGKILL the tree of group ``pgid`` started at ``start`` with ``marker`` (see ``tree``; a group not
     known, None, leaves the marker alone to find it), waiting for each round to die and rescanning while it
     keeps forking. Returns the number of processes signalled."""
     killed = 0
     for _ in range(KILL_ROUNDS):
-        victims = tree(pgid, start or 0, marker)
+        victims = tree(pgid, start or 0, marker, since)
         if not victims:
             break
         for pid, started in victims.items():

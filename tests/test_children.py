@@ -8,6 +8,7 @@ command action and the labelers call it.
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -16,6 +17,8 @@ import textwrap
 import unittest
 
 from hookd_core import actions, config, proc
+from hookd_core.children import Registry
+from hookd_core.store import Store
 from tests import test_ixon
 from tests.fake_camera import FakeCamera
 from tests.support import Daemon, Worker, process_alive, wait_until
@@ -182,6 +185,50 @@ class TimeoutTest(Base):
         self.assertTrue(done.timed_out)
         escaped = read_pids(pidfile)[0]
         wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+class LeftoverTest(Base):
+    """A program that exits at once may leave processes behind; they are killed when it ends."""
+
+    def test_an_orphan_in_its_own_session_is_killed_when_the_command_exits_0(self):
+        pidfile = os.path.join(self.tmp, "pid")
+        done = proc.run(["/bin/sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo $! > %s" % pidfile],
+                         timeout=10)
+        self.assertEqual((done.returncode, done.timed_out), (0, False))
+        escaped = read_pids(pidfile)[0]
+        wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+    def test_an_orphan_is_killed_after_a_command_that_started_many_processes(self):
+        pidfile = os.path.join(self.tmp, "pid")
+        script = "i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done;" \
+                 " setsid sleep 60 >/dev/null 2>&1 & echo $! > %s"
+        done = proc.run(["/bin/sh", "-c", script % pidfile], timeout=60)
+        self.assertEqual((done.returncode, done.timed_out), (0, False))
+        escaped = read_pids(pidfile)[0]
+        wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+class RegistryTest(Base):
+    """The store's record of a job's processes, as the next start reads it after a crash."""
+
+    def test_a_child_whose_own_row_never_reached_the_store_is_killed_at_the_next_start(self):
+        path, log = os.path.join(self.tmp, "hookd.sqlite3"), logging.getLogger("test-children")
+        store = Store(path)
+        registry = Registry(store, log)
+        with registry.job("event 1"):
+            child = proc.spawn(["sleep", "60"], stdin=proc.subprocess.DEVNULL)
+        self.addCleanup(child.popen.wait)
+        self.addCleanup(proc.kill_tree, child)
+        # hookd died before the child's own row was committed: only what was durable before the fork is left
+        store.write(lambda conn: conn.execute("DELETE FROM child_processes WHERE marker=?", (child.marker,)))
+        store.close()
+        again = Store(path)
+        self.addCleanup(again.close)
+        hit = Registry(again, log).kill_leftovers()
+        wait_until(lambda: not process_alive(child.pid), 5, message="the sleep %d to be killed" % child.pid)
+        self.assertEqual(sum(hit.values()), 1, hit)
+        self.assertEqual(again.read(lambda conn: conn.execute("SELECT count(*) FROM child_processes").fetchone()[0]),
+                         0)
 
 
 class ShutdownTest(Base):
