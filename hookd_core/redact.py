@@ -68,7 +68,7 @@ class StoredHeaders:
 
     def __init__(self, secrets, credential_headers):
         self.secrets, self.credential_headers = tuple(secrets), frozenset(credential_headers)
-        self._pairs = {}  # (name, value) -> (stored name, its JSON member), or () when not stored
+        self._pairs = {}  # (name, value) of a header kept -> (its stored name, its JSON member)
 
     def json(self, headers):
         pairs, names, members = self._pairs, [], []
@@ -76,13 +76,14 @@ class StoredHeaders:
             known = pairs.get(pair)
             if known is None:
                 low = _kept_name(pair[0], pair[1], self.secrets, self.credential_headers)
-                known = (low, "%s: %s" % (_string(low), _string(pair[1]))) if low else ()
+                if not low:
+                    continue  # not kept (a signature, a credential): not remembered either
+                known = (low, "%s: %s" % (_string(low), _string(pair[1])))
                 if len(pairs) >= self.MAX_PAIRS:
                     pairs.clear()
                 pairs[pair] = known
-            if known:
-                names.append(known[0])
-                members.append(known[1])
+            names.append(known[0])
+            members.append(known[1])
         if len(set(names)) < len(names):  # a name sent twice: a dict keeps its last value, in its first place
             return json.dumps(stored_headers(headers, self.secrets, self.credential_headers))
         return "{" + ", ".join(members) + "}"
