@@ -101,6 +101,7 @@ CREATE TABLE IF NOT EXISTS lease_workers (
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
+KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 # The WAL is copied into the database file by a checkpointer thread on its own connection, never inside
 # a COMMIT (sqlite's automatic checkpoint, every 1000 pages, ran there and held every answer of its group
 # for the copy and two fsyncs: 3-4 ms under load, against a commit's ~1).
@@ -865,24 +866,34 @@ def _store_requests(conn, ops):
 def _mark_duplicates(conn, ops, first_id, first_body, added):
     """The rows ``INSERT OR IGNORE`` turned away had a known (route, dedupe_key): store each as a
     'duplicate' row under its id, pointing at the original, tell its request so, and drop the bodies
-    that no stored row needs (a request that brought nothing new keeps none)."""
+    that no stored row needs (a request that brought nothing new keeps none). The originals are looked
+    up KEYS_PER_SELECT keys a statement, so a redelivery of many elements costs a few statements."""
     stored = {r[0] for r in conn.execute("SELECT id FROM events WHERE id >= ?", (first_id,))}
-    for op in ops:
-        if op.error is not None:
-            continue
-        for i, ((event_id, _), row) in enumerate(zip(op.result, op.rows)):
-            if event_id in stored:
-                continue
-            key = row.get("dedupe_key")
-            found = None if key is None else conn.execute(
-                "SELECT id FROM events WHERE route=? AND dedupe_key=?", (op.route, key)).fetchone()
-            if found is None:
-                raise sqlite3.IntegrityError("event %d was not stored" % event_id)
-            conn.execute(_INSERT_DUPLICATE, (event_id, op.route, op.now, op.now, found[0], row.get("headers"),
-                                             row.get("content_type"), "duplicate of %d" % found[0]))
-            op.result[i] = (found[0], "duplicate")
-            if not row.get("done"):
-                added[op.route] -= 1
+    turned = [(op, i, row) for op in ops if op.error is None
+              for i, ((event_id, _), row) in enumerate(zip(op.result, op.rows)) if event_id not in stored]
+    wanted = {}
+    for op, _, row in turned:
+        wanted.setdefault(op.route, set()).add(row.get("dedupe_key"))
+    known = {}
+    for route, keys in wanted.items():
+        keys = [k for k in keys if k is not None]
+        for i in range(0, len(keys), KEYS_PER_SELECT):
+            part = keys[i:i + KEYS_PER_SELECT]
+            sql = ("SELECT dedupe_key, id FROM events WHERE route=? AND dedupe_key IN (%s)"
+                   % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
+            for key, event_id in conn.execute(sql, [route] + part):
+                known[(route, key)] = event_id
+    duplicates = []
+    for op, i, row in turned:
+        event_id, original = op.result[i][0], known.get((op.route, row.get("dedupe_key")))
+        if original is None:
+            raise sqlite3.IntegrityError("event %d was not stored" % event_id)
+        duplicates.append((event_id, op.route, op.now, op.now, original, row.get("headers"),
+                           row.get("content_type"), "duplicate of %d" % original))
+        op.result[i] = (original, "duplicate")
+        if not row.get("done"):
+            added[op.route] -= 1
+    conn.executemany(_INSERT_DUPLICATE, duplicates)
     conn.execute("DELETE FROM request_bodies WHERE id >= ? AND id NOT IN"
                  " (SELECT body_id FROM events WHERE id >= ? AND body_id IS NOT NULL)", (first_body, first_id))
 
