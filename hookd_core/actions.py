@@ -14,6 +14,7 @@ their query (Teams URLs carry a signature).
 """
 
 import base64
+import functools
 import json
 import re
 import shlex
@@ -56,7 +57,7 @@ def run_command(text, document, timeout, env, secrets=()):
     line is Fail; a start failure, a timeout or another exit is Retry (its last stderr line, with the
     ``secrets`` masked, in the reason)."""
     try:
-        argv = shlex.split(text)
+        argv = list(_split(text))
     except ValueError as e:
         raise Fail("command cannot be split into arguments: %s" % e)
     if not argv:
@@ -76,14 +77,23 @@ def run_command(text, document, timeout, env, secrets=()):
     return "command exited 0"
 
 
+@functools.lru_cache(maxsize=64)
+def _split(text):
+    """A command line's arguments, split like a shell would (a section runs the same line every job)."""
+    return tuple(shlex.split(text))
+
+
 def job_env(ctx, integration, **more):
     """The clean environment of a job's program (proc.child_env): the job's HOOKD_* values (and
     ``more``), plus the names the section lists in ``command.env`` unless they hold a secret."""
+    names = ctx.conf.list("command.env")
+    secrets = []
     core = getattr(integration, "core", None)
-    secrets = _secret_values(integration) + (core.secrets() if core is not None else [])
+    if names:  # the secrets are only looked for in the values of the names passed on
+        secrets = _secret_values(integration) + (core.secrets() if core is not None else [])
     hookd_vars = dict({"HOOKD_EVENT_ID": str(ctx.id), "HOOKD_ROUTE": str(ctx.route),
                        "HOOKD_ATTEMPT": str(ctx.attempt)}, **more)
-    return proc.child_env(hookd_vars, ctx.conf.list("command.env"), secrets)
+    return proc.child_env(hookd_vars, names, secrets)
 
 
 def _last_line(data, secrets):

@@ -8,7 +8,8 @@ marker, a dot and a number. Before the first child forks, one row naming the run
 RUN_OWNER) is committed, once per run, so a crash at any moment later still finds every child of the
 run by its marker, without a commit wait before each fork. When a child runs, its own row goes into
 ``child_processes`` (marker, owner, process group, start time in clock ticks since boot, boot), and
-when it ends the row goes; neither write is waited for. ``kill_all`` (SIGTERM, after the grace) kills
+when it ends the row goes; neither is waited for: both go with the store's next group, together with
+every other child's, and a child that ended before that group is never written at all. ``kill_all`` (SIGTERM, after the grace) kills
 the tree of every child still running. ``kill_leftovers`` (at start, before anything is requeued) reads
 the rows a previous run left: a row of this boot has its tree killed (``proc.tree`` trusts a group only
 while its leader has the recorded start time, so a reused pid is never hit), the children's rows first
@@ -55,10 +56,11 @@ def boot_id():
 RUN_OWNER = "a job not yet recorded"  # the run's own row: what it finds had no row of its own yet
 
 
-def record(conn, marker, owner, pgid, start, boot):
-    """A run (pgid None, ``start`` = hookd's own start) or a child that runs as group ``pgid``."""
-    conn.execute("INSERT OR REPLACE INTO child_processes(marker, owner, pgid, start_ticks, boot_id, started_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?)", (marker, owner, pgid, start, boot, time.time()))
+def record(conn, rows):
+    """Rows (marker, owner, pgid, start_ticks, boot_id, started_at): a run's (pgid None, its start is
+    hookd's own) or a child's that runs as group ``pgid``."""
+    conn.executemany("INSERT OR REPLACE INTO child_processes(marker, owner, pgid, start_ticks, boot_id,"
+                     " started_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
 def forget(conn, markers):
@@ -84,6 +86,9 @@ class Registry:
         self._numbers = itertools.count(1)
         self._run_stored = False
         self._run_lock = threading.Lock()
+        self._unsaved = {}  # marker -> row of a running child, not yet handed to the store
+        self._gone = []  # markers of ended children whose rows were handed to the store
+        self._flush_queued = False
 
     def job(self, owner):
         """Context manager: children spawned by this thread inside it belong to ``owner`` ("event 7",
@@ -105,29 +110,51 @@ class Registry:
                 return
             start = proc.start_time(os.getpid())
             try:
-                self.store.write(lambda conn: record(conn, self.run, RUN_OWNER, None, start, self.boot))
+                self.store.write(lambda conn: record(conn, [(self.run, RUN_OWNER, None, start, self.boot,
+                                                             time.time())]))
                 self._run_stored = True
             except (StoreError, sqlite3.Error) as e:
                 self._not_stored(e)
 
     def started(self, owner, child):
-        """Not waited for (a job would wait one more group commit): until it commits, the run's row,
-        which ``starting`` made durable before the fork, is what finds the child after a crash."""
+        """The child's row goes with the store's next group (``_flush``), not waited for (a job would
+        wait a group commit); a child that has ended by then is never written. Until its row commits, the
+        run's row, which ``starting`` made durable before the fork, is what finds it after a crash."""
         with self._lock:
             self._live[child.marker] = (owner, child)
-        self._soon(lambda conn: record(conn, child.marker, owner, child.pid, child.start, self.boot))
+            self._unsaved[child.marker] = (child.marker, owner, child.pid, child.start, self.boot, time.time())
+        self._flush_soon()
 
     def ended(self, marker):
-        """Not waited for either: a row left behind only names processes the next start finds gone."""
+        """Its row goes with the next group too, if it was written: a row left behind only names
+        processes the next start finds gone."""
         with self._lock:
             self._live.pop(marker, None)
-        self._soon(lambda conn: forget(conn, [marker]))
+            if self._unsaved.pop(marker, None) is not None:
+                return
+            self._gone.append(marker)
+        self._flush_soon()
 
-    def _soon(self, fn):
+    def _flush_soon(self):
+        with self._lock:
+            if self._flush_queued:
+                return
+            self._flush_queued = True
         try:
-            self.store.write_soon(fn, self._not_stored)
-        except StoreError as e:  # stopping: the row stays, and the next start finds its processes gone
+            self.store.write_soon(self._flush, self._not_stored)
+        except StoreError as e:  # stopping: the rows stay, and the next start finds their processes gone
+            with self._lock:
+                self._flush_queued = False
             self._not_stored(e)
+
+    def _flush(self, conn):
+        """In a group on the store's writer: the rows of the children started since the last flush and
+        still running, and the deletion of the rows of those that ended since."""
+        with self._lock:
+            rows, gone = list(self._unsaved.values()), self._gone
+            self._unsaved, self._gone, self._flush_queued = {}, [], False
+        record(conn, rows)
+        forget(conn, gone)
 
     def _not_stored(self, error):
         self.log.warning("could not record a job process: %s", error)

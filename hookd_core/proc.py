@@ -24,7 +24,6 @@ import itertools
 import os
 import secrets as secrets_mod
 import select
-import selectors
 import signal
 import subprocess
 import threading
@@ -66,7 +65,7 @@ def child_env(hookd_vars=None, names=(), secrets=(), environ=None):
     section lists (``command.env``) unless forbidden or holding a secret value, then ``hookd_vars``
     (HOOKD_EVENT_ID and the like). Nothing else of hookd's environment is passed."""
     environ = os.environ if environ is None else environ
-    env = {k: v for k, v in environ.items() if k in BASE_NAMES or k.startswith("LC_")}
+    env = {k: environ[k] for k in environ if k in BASE_NAMES or k.startswith("LC_")}
     for name in names:
         value = environ.get(name)
         if value is None or name in NEVER or any(s and s in value for s in secrets):
@@ -128,44 +127,29 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
     """Run ``argv`` with ``stdin`` and wait at most ``timeout`` seconds for it and its output.
 
     At the timeout the whole tree gets SIGKILL. Raises OSError if the program cannot be started."""
-    child = spawn(argv, env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr: raw fds, no file objects
+    ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
     try:
-        out, err, timed_out = _collect(child.popen, stdin, deadline)
-        if not timed_out:  # the output ended; the program itself may still run (it closed its pipes)
-            timed_out = not _exited(child.pid, deadline)
+        child = spawn(argv, env, cwd=cwd, stdin=pipes[0][0], stdout=pipes[1][1], stderr=pipes[2][1])
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
     finally:
-        for pipe in (child.popen.stdin, child.popen.stdout, child.popen.stderr):
-            pipe.close()
+        for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+            os.close(fd)
+    deadline = time.monotonic() + timeout
+    out, err = _Capped(), _Capped()
+    try:
+        timed_out = not _collect(child.pid, ours, stdin, out, err, deadline)
+    finally:
+        for fd in ours:
+            if fd >= 0:
+                os.close(fd)
         code = end(child)
     if timed_out:
         return Finished(None if code is None or code < 0 else code, out.data(), err.data(), True)
     return Finished(code, out.data(), err.data(), False)
-
-
-def _exited(pid, deadline):
-    """Wait until ``pid`` exits or ``deadline``; True if it exited. It is left unreaped (a zombie), so
-    ``kill_tree`` can still trust its process group by the leader's start time. The wait is on a pidfd
-    (readable once the process has exited) where the kernel has them, else a 10 ms poll."""
-    fd = None
-    try:
-        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if fd is None:
-                try:
-                    fd = os.pidfd_open(pid)
-                except (AttributeError, OSError):
-                    fd = -1
-            if fd >= 0:
-                select.select([fd], [], [], left)
-            else:
-                time.sleep(min(0.01, left))
-        return True
-    finally:
-        if fd is not None and fd >= 0:
-            os.close(fd)
 
 
 class _Capped:
@@ -183,41 +167,78 @@ class _Capped:
         return bytes(self.buf)
 
 
-def _collect(popen, data, deadline):
-    """Feed stdin and read stdout/stderr until both end or ``deadline``: (out, err, timed_out)."""
-    out, err = _Capped(), _Capped()
-    with selectors.DefaultSelector() as sel:
-        sel.register(popen.stdout, selectors.EVENT_READ, out)
-        sel.register(popen.stderr, selectors.EVENT_READ, err)
-        view = memoryview(data or b"")
-        if view:
-            os.set_blocking(popen.stdin.fileno(), False)
-            sel.register(popen.stdin, selectors.EVENT_WRITE, None)
-        else:
-            popen.stdin.close()
-        while sel.get_map():
+def _collect(pid, fds, data, out, err, deadline):
+    """Feed ``data`` to the stdin pipe ``fds[0]`` and read stdout ``fds[1]`` into ``out`` and stderr
+    ``fds[2]`` into ``err`` until both end and ``pid`` has exited, or ``deadline``; True unless the
+    deadline came first. One poll set: the pipes and a pidfd (readable once the program has exited), so
+    output and exit are waited for together; ``pid`` is left unreaped (a zombie), so ``kill_tree`` can
+    still trust its process group by the leader's start time. Each fd in ``fds`` that this closes is set
+    to -1. Without pidfds (Linux before 5.3) the exit is polled every 10 ms once the output has ended."""
+    poller, reading = select.poll(), {fds[1]: out, fds[2]: err}
+    for fd in reading:
+        poller.register(fd, select.POLLIN)
+    view = memoryview(data or b"")
+    if view:
+        os.set_blocking(fds[0], False)
+        view = _write(fds[0], view)  # a document that fits in the pipe is written without a wait
+    if view:
+        poller.register(fds[0], select.POLLOUT)
+    else:
+        os.close(fds[0])
+        fds[0] = -1
+    pidfd = _pidfd(pid)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    exited = False
+    try:
+        while reading or fds[0] >= 0 or (pidfd is not None and not exited):
             left = deadline - time.monotonic()
             if left <= 0:
-                return out, err, True
-            for key, _ in sel.select(left):
-                if key.data is None:
-                    view = _write(popen.stdin, view)
+                return False
+            for fd, _ in poller.poll(left * 1000 + 1):
+                if fd == pidfd:
+                    exited = True
+                    poller.unregister(fd)
+                elif fd == fds[0]:
+                    view = _write(fd, view)
                     if not view:
-                        sel.unregister(popen.stdin)
-                        popen.stdin.close()
-                    continue
-                chunk = os.read(key.fd, READ_CHUNK)
-                if chunk:
-                    key.data.add(chunk)
+                        poller.unregister(fd)
+                        os.close(fd)
+                        fds[0] = -1
                 else:
-                    sel.unregister(key.fileobj)
-    return out, err, False
+                    chunk = os.read(fd, READ_CHUNK)
+                    if chunk:
+                        reading[fd].add(chunk)
+                    else:
+                        poller.unregister(fd)
+                        del reading[fd]
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return exited or _exited(pid, deadline)
 
 
-def _write(pipe, view):
+def _pidfd(pid):
+    """A pidfd for ``pid``, or None where the kernel or Python has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _exited(pid, deadline):
+    """Poll every 10 ms until ``pid`` exits (True) or ``deadline`` (False), leaving it unreaped."""
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _write(fd, view):
     """Write what the pipe takes now; returns what is left (nothing when the reader has gone)."""
     try:
-        n = os.write(pipe.fileno(), view[:WRITE_CHUNK])
+        n = os.write(fd, view[:WRITE_CHUNK])
     except BlockingIOError:
         return view
     except (BrokenPipeError, ConnectionResetError):
@@ -259,15 +280,15 @@ def _stat(pid):
 
 
 def task_counters():
-    """(tasks created since boot, tasks that exist now, the last pid handed out, pid_max), from /proc/stat
-    ("processes" counts every process and thread ever created, in any pid namespace), /proc/loadavg (its
-    fourth field ends with the number of tasks, its fifth is this namespace's last pid) and
-    /proc/sys/kernel/pid_max; None when one cannot be read."""
-    stat, loadavg, pid_max = (_read(p) for p in ("/proc/stat", "/proc/loadavg", "/proc/sys/kernel/pid_max"))
+    """(tasks created since boot, tasks that exist now, the last pid handed out), from /proc/stat
+    ("processes" counts every process and thread ever created, in any pid namespace) and /proc/loadavg
+    (its fourth field ends with the number of tasks, its fifth is this namespace's last pid); None when
+    one cannot be read."""
+    stat, loadavg = _read("/proc/stat"), _read("/proc/loadavg")
     try:
         forks = int(stat.split(b"\nprocesses ", 1)[1].split(None, 1)[0])
         fields = loadavg.split()
-        return forks, int(fields[3].split(b"/")[1]), int(fields[4]), int(pid_max)
+        return forks, int(fields[3].split(b"/")[1]), int(fields[4])
     except (AttributeError, IndexError, ValueError):
         return None
 
@@ -286,7 +307,11 @@ def new_pids(pid, since):
     now = task_counters() if since is not None else None
     if now is None:
         return None
-    made, last, pid_max = now[0] - since[0], now[2], min(now[3], since[3])
+    made, last = now[0] - since[0], now[2]
+    try:
+        pid_max = int(_read("/proc/sys/kernel/pid_max"))
+    except (TypeError, ValueError):
+        return None
     if not 0 < made <= NEW_PIDS_READ or made >= pid_max - RESERVED_PIDS - 3 * (since[1] + made):
         return None
     if not pid <= last <= pid + 4 * NEW_PIDS_READ:  # wrapped, or many numbers in use skipped: read all

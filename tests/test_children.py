@@ -7,6 +7,7 @@ writes, or ffmpeg by the camera URL in its command line. ``proc`` is also called
 command action and the labelers call it.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -175,6 +176,20 @@ class OutputTest(Base):
         print("\ndaemon VmHWM after a command printed 400 MB: %.1f MB" % (peak / 1024.0), file=sys.stderr)
         self.assertLess(peak, 60 * 1024)
         d.stop()
+
+
+class StdinTest(Base):
+    """stdin is fed as the program reads it, whatever its size, and never past the timeout."""
+
+    def test_a_document_larger_than_a_pipe_reaches_the_program_whole(self):
+        document = os.urandom(3 * 1024 * 1024)
+        done = proc.run(["sha256sum"], stdin=document, timeout=60)
+        self.assertEqual((done.returncode, done.timed_out), (0, False))
+        self.assertEqual(done.stdout.split()[0].decode(), hashlib.sha256(document).hexdigest())
+
+    def test_a_program_that_never_reads_a_large_document_times_out(self):
+        done = proc.run(["sleep", "30"], stdin=b"x" * (3 * 1024 * 1024), timeout=1)
+        self.assertTrue(done.timed_out)
 
 
 class TimeoutTest(Base):
