@@ -279,12 +279,31 @@ def _stat(pid):
         return None
 
 
+_kept = {}  # path -> fd of a /proc file read again and again (a read at offset 0 makes it anew)
+_kept_lock = threading.Lock()
+
+
+def _reread(path, size=4096):
+    """The start of a /proc file kept open (one system call instead of three), or None."""
+    fd = _kept.get(path)
+    try:
+        if fd is None:
+            with _kept_lock:
+                fd = _kept.get(path)
+                if fd is None:
+                    fd = _kept[path] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, size, 0)
+    except OSError:
+        return None
+
+
 def task_counters():
     """(tasks created since boot, tasks that exist now, the last pid handed out), from /proc/stat
     ("processes" counts every process and thread ever created, in any pid namespace) and /proc/loadavg
     (its fourth field ends with the number of tasks, its fifth is this namespace's last pid); None when
-    one cannot be read."""
-    stat, loadavg = _read("/proc/stat"), _read("/proc/loadavg")
+    one cannot be read (or /proc/stat's first 64 KiB, on a host with very many interrupts, do not hold
+    the count)."""
+    stat, loadavg = _reread("/proc/stat", 65536), _reread("/proc/loadavg")
     try:
         forks = int(stat.split(b"\nprocesses ", 1)[1].split(None, 1)[0])
         fields = loadavg.split()
@@ -309,7 +328,7 @@ def new_pids(pid, since):
         return None
     made, last = now[0] - since[0], now[2]
     try:
-        pid_max = int(_read("/proc/sys/kernel/pid_max"))
+        pid_max = int(_reread("/proc/sys/kernel/pid_max"))
     except (TypeError, ValueError):
         return None
     if not 0 < made <= NEW_PIDS_READ or made >= pid_max - RESERVED_PIDS - 3 * (since[1] + made):
