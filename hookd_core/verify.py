@@ -58,7 +58,9 @@ def default_dedupe(scheme):
 def header(headers, name):
     """The value of header ``name`` (case-insensitive), stripped, or None."""
     value = headers.get(name)
-    if value is None and isinstance(headers, dict):
+    if value is None:
+        if not isinstance(headers, dict):
+            return None
         wanted = name.lower()
         value = next((v for k, v in headers.items() if k.lower() == wanted), None)
     return value.strip() if isinstance(value, str) else None
@@ -191,10 +193,11 @@ def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
 def standard_headers(headers):
     """(id, timestamp, signature) from the webhook-* headers, or else from the svix-* ones (whichever
     set is complete; never a mix), or BadSignature naming what is missing."""
-    for names in STANDARD_HEADERS:
-        values = [header(headers, name) for name in names]
-        if all(values):
-            return values
+    for id_name, stamp_name, signature_name in STANDARD_HEADERS:
+        msg_id, stamp, signature = header(headers, id_name), header(headers, stamp_name), \
+            header(headers, signature_name)
+        if msg_id and stamp and signature:
+            return msg_id, stamp, signature
     return [_require(headers, name) for name in STANDARD_HEADERS[0]]
 
 
