@@ -126,7 +126,8 @@ def forward(ctx, integration):
         body, ctype = ctx.body or b"", ctx.content_type or "application/octet-stream"
     headers = {"Content-Type": ctype, "User-Agent": "hookd", "X-Hookd-Event-Id": str(ctx.id),
                "X-Hookd-Route": str(ctx.route), "X-Hookd-Attempt": str(ctx.attempt)}
-    reply = client.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"))
+    reply = client.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"),
+                           keep_alive=True)
     where = client.redact_url(url)
     # Any answer but 2xx is retried (the receiver may be down or redeploying); credentials refused
     # (401/403) are dead at once, as for every outbound call.

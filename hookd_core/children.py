@@ -1,21 +1,21 @@
 """A job's processes never outlive hookd: each one is recorded in the store while it runs, killed after
 ``shutdown_grace`` on SIGTERM, and after a crash killed by the next start before its job runs again.
 
-Strategy: the worker runs each job inside ``Registry.job("event N")`` (the alert sender each alert
-command inside ``job("alert N")``), which makes the registry the watcher of every child that thread
-spawns (hookd_core/proc.py). Markers nest (proc.py): every child's HOOKD_JOB marker is this run's
-marker, a dot and a number. Before the first child forks, one row naming the run's marker (owner
-RUN_OWNER) is committed, once per run, so a crash at any moment later still finds every child of the
-run by its marker, without a commit wait before each fork. When a child runs, its own row goes into
-``child_processes`` (marker, owner, process group, start time in clock ticks since boot, boot), and
-when it ends the row goes; neither is waited for: both go with the store's next group, together with
-every other child's, and a child that ended before that group is never written at all. ``kill_all`` (SIGTERM, after the grace) kills
-the tree of every child still running. ``kill_leftovers`` (at start, before anything is requeued) reads
-the rows a previous run left: a row of this boot has its tree killed (``proc.tree`` trusts a group only
-while its leader has the recorded start time, so a reused pid is never hit), the children's rows first
-so that what is killed is told by job, then the run's row for whatever carries its marker but had no
-row yet; then every row is deleted. Pure functions over a connection keep the SQL in one place. ``owns_peer`` tells
-the admin listener when a connection comes from a job's process, which it refuses: the admin API is the
+Strategy: the worker runs each job inside ``Registry.job("event N")`` (the alert sender each alert command
+inside ``job("alert N")``), which makes the registry the watcher of every child that thread spawns
+(hookd_core/proc.py). Markers nest (proc.py): every child's HOOKD_JOB marker is this run's marker, a dot
+and a number. Before the first child forks, one row naming the run's marker (owner RUN_OWNER) is
+committed, once per run, so a crash at any moment later still finds every child of the run by its marker,
+without a commit wait before each fork. When a child runs, its own row goes into ``child_processes``
+(marker, owner, process group, start time in clock ticks since boot, boot), and when it ends the row goes;
+neither is waited for: both go with the store's next group, together with every other child's, and a child
+that ended before that group is never written at all. ``kill_all`` (SIGTERM, after the grace) kills the
+tree of every child still running. ``kill_leftovers`` (at start, before anything is requeued) reads the
+rows a previous run left: a row of this boot has its tree killed (``proc.tree`` trusts a group only while
+its leader has the recorded start time, so a reused pid is never hit), the children's rows first so that
+what is killed is told by job, then the run's row for whatever carries its marker but had no row yet; then
+every row is deleted. Pure functions over a connection keep the SQL in one place. ``owns_peer`` tells the
+admin listener when a connection comes from a job's process, which it refuses: the admin API is the
 operator's, and a child shares hookd's user and (on TCP) its loopback.
 """
 

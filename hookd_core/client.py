@@ -1,20 +1,20 @@
 """The one outbound HTTP client: every call hookd makes (forward, Teams, each vendor's API) goes through it.
 
-Strategy: ``request()`` opens one ``http.client`` connection per call (jobs are few and slow compared
-with intake), sends the body with Content-Length, reads at most ``max_body`` bytes of the answer, and
-returns a ``Reply``. ``timeout`` is a deadline for the whole exchange, not for each read: connect, send
-and every read share it, and one thread (``_Deadlines``, for every request in the process) shuts the
-socket when it passes, so an upstream that drips one byte a second cannot hold a worker longer than
-``timeout``. Redirects are never followed: a 3xx is returned
-like any other status, so nobody can bounce hookd to a host nobody allowed. A socket error or the
-deadline raises ``NetworkError`` (a ``Retry``); ``allowed_hosts`` refuses any other host with ``Fail``
-before a byte is sent (SSRF guard). ``check(reply, what)`` is the one status mapping every caller uses:
-2xx is the answer; 401/403 ``Fail`` (the credentials are wrong: retrying cannot help); 408, 429 and 5xx
-``Retry`` honouring ``Retry-After``; 3xx ``Retry`` (not followed); any other status ``other`` (``Fail``
-unless the caller says otherwise). 404 means something different to each integration ("no thumbnail",
-"asset gone", "unknown job"), so callers that give it a meaning test for it before ``check``.
-``Api`` is the small base every vendor client class builds on: a base URL, the one host it may reach,
-headers sent with every call, and the per-call deadline.
+Strategy: ``request()`` opens one ``http.client`` connection per call, or with ``keep_alive`` (forward,
+which runs once per event) takes one kept from an earlier call to the same place, sends the body with
+Content-Length, reads at most ``max_body`` bytes of the answer (one cut short of its Content-Length is a
+NetworkError), and returns a ``Reply``. ``timeout`` is a deadline for the whole exchange, not for each
+read: connect, send and every read share it, and one thread (``_Deadlines``, for every request in the
+process) shuts the socket when it passes, so an upstream that drips one byte a second cannot hold a worker
+longer than ``timeout``. Redirects are never followed: a 3xx is returned like any other status, so nobody
+can bounce hookd to a host nobody allowed. A socket error or the deadline raises ``NetworkError`` (a
+``Retry``); ``allowed_hosts`` refuses any other host with ``Fail`` before a byte is sent (SSRF guard).
+``check(reply, what)`` is the one status mapping every caller uses: 2xx is the answer; 401/403 ``Fail``
+(the credentials are wrong: retrying cannot help); 408, 429 and 5xx ``Retry`` honouring ``Retry-After``;
+3xx ``Retry`` (not followed); any other status ``other`` (``Fail`` unless the caller says otherwise). 404
+means something different to each integration ("no thumbnail", "asset gone", "unknown job"), so callers
+that give it a meaning test for it before ``check``. ``Api`` is the small base every vendor client class
+builds on: a base URL, the one host it may reach, headers sent with every call, and the per-call deadline.
 """
 
 import http.client
@@ -84,28 +84,42 @@ def redact_url(url):
 
 
 def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None, max_body=MAX_REPLY,
-            context=None):
+            context=None, keep_alive=False):
     """Send one request and return its Reply within ``timeout`` seconds in all. Raises NetworkError
-    (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed)."""
+    (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed). With
+    ``keep_alive`` the connection is kept for the next call to the same place (``_Idle``); a kept one
+    that the upstream closed meanwhile is found out before any answer and replaced, once."""
     scheme, host, port, path = split_url(url)
     if allowed_hosts is not None and host.lower() not in {h.lower() for h in allowed_hosts}:
         raise Fail("host %s is not in the allowed hosts" % host)
-    if scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout,
-                                           context=context or ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     if body is not None and not isinstance(body, bytes):
         body = body.encode("utf-8")
+    place = (scheme, host, port, context)
+    conn = _idle.take(place, timeout) if keep_alive else None
+    kept = conn is not None
+    if conn is None:
+        conn = _connection(place, timeout)
     watch = _deadlines.watch(conn, timeout)
     try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
-        resp = conn.getresponse()
+        try:
+            resp = _ask(conn, method, path, body, headers)
+        except ConnectionError:
+            if not kept or watch.cut:
+                raise
+            conn.close()  # it was closed at the other end while idle: this request never reached it
+            conn = watch.conn = _connection(place, timeout)
+            resp = _ask(conn, method, path, body, headers)
         data = resp.read(max_body + 1)
         if watch.cut:  # an answer without a length ends at EOF: the cut would look like its end
             raise socket.timeout("cut off")
         if len(data) > max_body:
             raise Retry("upstream answer larger than %d bytes" % max_body)
+        if resp.length:  # the connection ended before the Content-Length did (read(n) does not say so)
+            raise http.client.IncompleteRead(data, resp.length)
+        _deadlines.forget(watch)
+        if keep_alive and not watch.cut and conn.sock is not None and not resp.will_close:
+            _idle.put(place, conn)
+            conn = None
         return Reply(resp.status, resp.headers, data)
     except (OSError, http.client.HTTPException) as e:
         if watch.cut:
@@ -114,7 +128,62 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
             ": %s" % e if str(e) else "")))
     finally:
         _deadlines.forget(watch)
+        if conn is not None:
+            conn.close()
+
+
+def _connection(place, timeout):
+    scheme, host, port, context = place
+    if scheme == "https":
+        return http.client.HTTPSConnection(host, port, timeout=timeout,
+                                           context=context or ssl.create_default_context())
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def _ask(conn, method, path, body, headers):
+    """Send the request and read the answer's head."""
+    conn.request(method, path, body=body, headers=dict(headers or {}))
+    return conn.getresponse()
+
+
+class _Idle:
+    """Kept-alive connections not in use, per (scheme, host, port, TLS context): at most MAX_IDLE of
+    each, none idle longer than IDLE_SECONDS (upstreams drop idle connections after a few seconds)."""
+
+    MAX_IDLE = 8
+    IDLE_SECONDS = 2.0
+
+    def __init__(self):
+        self._conns, self._lock = {}, threading.Lock()  # place -> [(conn, idle since)]
+
+    def take(self, place, timeout):
+        """The most recently used idle connection to ``place`` (its timeout set to ``timeout``), or None."""
+        stale = []
+        try:
+            with self._lock:
+                kept = self._conns.get(place) or []
+                while kept:
+                    conn, since = kept.pop()
+                    if time.monotonic() - since < self.IDLE_SECONDS:
+                        conn.timeout = timeout
+                        conn.sock.settimeout(timeout)
+                        return conn
+                    stale.append(conn)
+                return None
+        finally:
+            for conn in stale:
+                conn.close()
+
+    def put(self, place, conn):
+        with self._lock:
+            kept = self._conns.setdefault(place, [])
+            if len(kept) < self.MAX_IDLE:
+                kept.append((conn, time.monotonic()))
+                return
         conn.close()
+
+
+_idle = _Idle()
 
 
 class _Watch:

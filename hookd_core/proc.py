@@ -1,21 +1,21 @@
 """Starting and ending every outside program hookd runs (commands, labelers, ffmpeg, ffprobe, alert commands).
 
-Strategy: ``spawn`` is the one way a child starts: no shell, its own session (so its process group is
-its own), a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_* values and
-the names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable
-holding one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit.
-``kill_tree`` ends a child and everything it started: its process group, every process descended from
-those by parent pid (a grandchild that called ``setsid`` is still a descendant while its parent lives),
-and every process that carries the child's marker (an orphan whose parent already exited). Markers nest:
-a process carries marker M when its HOOKD_JOB is M or starts with "M.", so the marker of a whole run of
-hookd covers every child of that run (hookd_core/children.py). Each process is checked against its start
-time in /proc/PID/stat before the signal, sent through a pidfd where the kernel has them, so a reused pid
-is never hit. Reading all of /proc after every child would cost a job about as much CPU as the child
-itself; ``new_pids`` bounds, from the kernel's task counters read just before the fork, which pids can
-have been handed out since, and only those are read when the bound is small. A thread that runs a job
-registers a watcher (``watched_by``): it names each child's marker and hears when each starts and ends,
-which is how the store records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout and
-stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of each and discarding the rest, so
+Strategy: ``spawn`` is the one way a child starts: no shell, its own session (so its process group is its
+own), a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_* values and the
+names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable holding
+one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit. ``kill_tree``
+ends a child and everything it started: its process group, every process descended from those by parent
+pid (a grandchild that called ``setsid`` is still a descendant while its parent lives), and every process
+that carries the child's marker (an orphan whose parent already exited). Markers nest: a process carries
+marker M when its HOOKD_JOB is M or starts with "M.", so the marker of a whole run of hookd covers every
+child of that run (hookd_core/children.py). Each process is checked against its start time in
+/proc/PID/stat before the signal, sent through a pidfd where the kernel has them, so a reused pid is never
+hit. Reading all of /proc after every child would cost a job about as much CPU as the child itself;
+``new_pids`` bounds, from the kernel's task counters read just before the fork, which pids can have been
+handed out since, and only those are read when the bound is small. A thread that runs a job registers a
+watcher (``watched_by``): it names each child's marker and hears when each starts and ends, which is how
+the store records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout
+and stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of each and discarding the rest, so
 memory stays flat whatever a program prints; at its timeout the whole tree gets SIGKILL.
 """
 

@@ -1,7 +1,8 @@
 """Tests of hookd_core/client.py, the one outbound HTTP client: the whole-request deadline against a
 loopback upstream that drips its answer one byte at a time (as forward, Teams and a vendor API call meet
-it), and the one status mapping every integration uses."""
+it), kept-alive connections (forward), and the one status mapping every integration uses."""
 
+import re
 import socket
 import threading
 import time
@@ -15,12 +16,15 @@ from tests.test_actions import make_ctx
 DRIP_ANSWER = b"HTTP/1.1 200 OK\r\n\r\nok"  # no length: the body ends at EOF; 21 bytes, 30 s at 1.5 s each
 
 
-class DripUpstream:
-    """A loopback server that reads one request, then sends ``answer`` one byte every ``interval``
-    seconds until it is all sent or the client goes away. Stops by itself when closed."""
+class Upstream:
+    """A loopback server that reads each request (head, then a Content-Length body) and answers the k-th
+    request on a connection with ``answers[k]``, the last of them one byte every ``interval`` seconds,
+    then closes the connection (without saying so in the answer, as an upstream whose idle timeout
+    passed does). Counts connections and requests. Stops by itself when closed."""
 
-    def __init__(self, interval=1.5, answer=DRIP_ANSWER):
-        self.interval, self.answer = interval, answer
+    def __init__(self, answers, interval=0):
+        self.answers, self.interval = answers, interval
+        self.connections = self.requests = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -34,22 +38,34 @@ class DripUpstream:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
-    def _drip(self, conn):
+    def _answer(self, conn):
         with conn:
             conn.settimeout(5)
+            data = b""
             try:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                for i in range(len(self.answer)):
-                    conn.sendall(self.answer[i:i + 1])
-                    if self.closed.wait(self.interval):
-                        return
+                for k, answer in enumerate(self.answers):
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, data = data.split(b"\r\n\r\n", 1)
+                    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                    length = int(length.group(1)) if length else 0
+                    while len(data) < length:
+                        data += conn.recv(65536)
+                    data = data[length:]
+                    self.requests += 1
+                    last = k == len(self.answers) - 1
+                    for i in range(len(answer)):
+                        conn.sendall(answer[i:i + 1] if last and self.interval else answer[i:])
+                        if not (last and self.interval):
+                            break
+                        if self.closed.wait(self.interval):
+                            return
             except OSError:
                 return  # the client cut us off: what the deadline is for
 
@@ -62,7 +78,7 @@ class DeadlineTest(unittest.TestCase):
     """issue 16 #6: a timeout is a deadline for the whole request, not for each read."""
 
     def setUp(self):
-        self.drip = DripUpstream(interval=1.5)
+        self.drip = Upstream([DRIP_ANSWER], interval=1.5)
         self.addCleanup(self.drip.close)
 
     def elapsed(self, fn):
@@ -91,11 +107,64 @@ class DeadlineTest(unittest.TestCase):
         took, _ = self.elapsed(lambda: api.call("GET", "/API/assets/v1/assets/a/"))
         self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
 
+    def test_an_answer_shorter_than_its_content_length_is_a_network_error(self):
+        short = Upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"])
+        self.addCleanup(short.close)
+        with self.assertRaises(client.NetworkError) as cm:
+            client.request("GET", short.url + "/", timeout=5)
+        self.assertIn("IncompleteRead", str(cm.exception))
+
     def test_a_fast_answer_without_length_is_read_whole(self):
-        fast = DripUpstream(interval=0, answer=DRIP_ANSWER)
+        fast = Upstream([DRIP_ANSWER])
         self.addCleanup(fast.close)
         reply = client.request("GET", fast.url + "/", timeout=5)
         self.assertEqual((reply.status, reply.body), (200, b"ok"))
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class KeepAliveTest(unittest.TestCase):
+    """A forward keeps its connection for the next one: no connect per event."""
+
+    def upstream(self, answers, interval=0):
+        up = Upstream(answers, interval)
+        self.addCleanup(up.close)
+        return up
+
+    def test_forwards_to_one_upstream_share_a_connection(self):
+        up = self.upstream([OK] * 4)
+        ctx, hook = make_ctx(forward=up.url + "/in")
+        for _ in range(3):
+            self.assertIn(": 200", actions.forward(ctx, hook))
+        self.assertEqual((up.requests, up.connections), (3, 1))
+
+    def test_a_connection_the_upstream_closed_while_idle_is_replaced(self):
+        up = self.upstream([OK])  # one answer per connection, then it is closed
+        for _ in range(3):
+            reply = client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep_alive=True)
+            self.assertEqual((reply.status, reply.body), (200, b"ok"))
+        self.assertEqual(up.requests, 3)  # each request reached the upstream once
+
+    def test_an_answer_cut_off_on_a_kept_connection_is_not_sent_again(self):
+        up = self.upstream([OK, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"])
+        reply = client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep_alive=True)
+        self.assertEqual(reply.status, 200)
+        with self.assertRaises(client.NetworkError):
+            client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep_alive=True)
+        self.assertEqual((up.requests, up.connections), (2, 1))
+
+    def test_the_deadline_holds_on_a_kept_connection(self):
+        up = self.upstream([OK, OK], interval=1.5)  # the second answer drips
+        reply = client.request("POST", up.url + "/in", body=b"{}", timeout=2, keep_alive=True)
+        self.assertEqual(reply.status, 200)
+        took = time.monotonic()
+        with self.assertRaises(client.NetworkError) as cm:
+            client.request("POST", up.url + "/in", body=b"{}", timeout=2, keep_alive=True)
+        took = time.monotonic() - took
+        self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
+        self.assertIn("within 2s", str(cm.exception))
+        self.assertEqual((up.requests, up.connections), (2, 1))  # the second went on the kept connection
 
 
 class StatusMappingTest(unittest.TestCase):
