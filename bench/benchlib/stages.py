@@ -7,7 +7,7 @@ the real code and a real App: ``framing.Reader`` (head and body from the raw byt
 ``Request``, the integration's ``accept`` (signature check, JSON parse, Preservica's per-element keys),
 ``App.event_rows`` (stored headers, rows), the store (the rows of GROUP requests per transaction,
 committed with synchronous=FULL, as the writer does under load), and the answer (the log line, the
-metric, the 202's bytes). Each stage is timed with the thread's CPU clock over all N requests; what is
+metric, the 202's bytes; a group's log lines written together, as the writer writes them). Each stage is timed with the thread's CPU clock over all N requests; what is
 left out (socket reads and writes, thread switches, the GIL) is the difference to the intake phase's
 CPU per request.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
 from benchlib import pool  # noqa: E402
-from hookd_core import framing, server  # noqa: E402
+from hookd_core import framing, logs, server  # noqa: E402
 from hookd_core.api import Request  # noqa: E402
 from hookd_core.app import App  # noqa: E402
 
@@ -79,7 +79,12 @@ def run_scheme(app, scheme):
     def answer(item):
         status, body, headers, close = server.outcome(app, rows[0][0], item[1], item[0], None, "127.0.0.1")
         return server._answer_bytes(status, body, "application/json", headers, close)
-    _, t_answer = timed(answer, stored)
+    t = time.thread_time()
+    for i in range(0, N, GROUP):
+        with logs.batched():  # as the writer answers a group: its log lines go out in one write
+            for item in stored[i:i + GROUP]:
+                answer(item)
+    t_answer = (time.thread_time() - t) / N * 1e6
     return {"reader": t_read, "route_and_request": t_route, "accept": t_accept, "event_rows": t_rows,
             "submit_and_wait": t_store, "answer_log_metric": t_answer}
 
