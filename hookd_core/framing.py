@@ -1,13 +1,19 @@
 """The request reader: hookd's own HTTP/1.1 parser, bytes in, one buffered read path, strict.
 
-Strategy (after h11's ``_readers.py`` and gunicorn's ``message.py``; RFC 9112): ``Reader`` wraps one
-connection's buffered binary stream and yields requests in order. ``head()`` reads the request line and
-the header block line by line within ``max_header_bytes`` (and 100 header lines; 431 beyond); ``body()``
-decides the framing once from the head, says ``100 Continue`` when the client waits for it, and reads
-exactly that body. ``unread`` tells whether a body is still on the wire: the server closes the
-connection after any answer given while ``unread`` is true, so an unread body is never parsed as the
-next request. Anything ambiguous is refused rather than guessed, because two parsers that guess
-differently are how request smuggling happens:
+Strategy (after h11's ``_readers.py`` and gunicorn's ``message.py``; RFC 9112): ``Reader`` owns one
+connection's receive buffer and yields requests in order. It receives with the socket's own
+``recv_into`` into one buffer per connection (8 KiB: one call usually holds a whole request, head and
+body, and what follows it stays buffered for the next request; a longer body is received straight
+into its own bytes). ``head()`` takes the head from the buffer: a whole head with CRLF
+line ends is checked in one match over the block (request line and every field line; the common case),
+and anything else (a head still arriving, bare LF line ends, leading empty lines, a head that does not
+match) is read and checked line by line, which also says why a head is refused; both ways within
+``max_header_bytes`` (and 100 header lines; 431 beyond). ``body()`` decides the framing once from the
+head, says ``100 Continue`` when the client waits for it, and reads exactly that body. ``unread`` tells
+whether a body is still on the wire: the server closes the connection after any answer given while
+``unread`` is true, so an unread body is never parsed as the next request. Anything ambiguous is
+refused rather than guessed, because two parsers that guess differently are how request smuggling
+happens:
   - request line ``METHOD SP TARGET SP HTTP/1.x``: else 400 (505 for another HTTP version);
   - a bare LF ends a line like CRLF; a CR not followed by LF anywhere in the head: 400;
   - header names are tokens, no whitespace before the colon, no obs-fold; values hold only VCHAR, SP,
@@ -32,6 +38,7 @@ from .api import BadFraming, BodyTooLarge, Headers, Reject
 MAX_HEADER_LINES = 100
 MAX_CHUNK_LINE = 4096      # size + extensions; h11 allows 20 hex digits, extensions are rarely used at all
 MAX_TRAILER_BYTES = 16384  # trailers are discarded; more than this is abuse (h11 caps a head at 16 KiB)
+RECV_SIZE = 8192           # one receive's buffer per connection; what is buffered is at most this beyond one line
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -44,6 +51,13 @@ _OTHER_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # backtracking); this way every run of blanks has one reading and a failing match stays linear.
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
                     rb"(?:([\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)[ \t]*)?\r?\n")
+# The same rules over a whole head with CRLF line ends, decoded as latin-1 (one character per byte, so
+# names and values come out as str): the request line, then each field line, which must start right
+# after a LF. A field match holds exactly one LF (its last byte), so as many matches as the block has
+# LFs means every line matched whole; anything else goes through the line-by-line path for its reason.
+_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n")
+_FIELD_LINE = re.compile(r"(?<=\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+                         r"(?:([\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)[ \t]*)?\r\n")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -79,29 +93,55 @@ class Head:
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
-        if target.startswith("http://") or target.startswith("https://"):
+        if target[:1] != "/" and target.startswith(("http://", "https://")):
             rest = target.split("//", 1)[1]
             target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         path, _, self.query = target.partition("?")
-        self.path = path.partition("#")[0]
-        tokens = {t.strip(" \t").lower() for v in headers.get_all("Connection", ()) for t in v.split(",")}
+        self.path = path.partition("#")[0] if "#" in path else path
+        connection = headers.get_all("Connection")
+        tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
         self.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-        self.expect_continue = version == "HTTP/1.1" and \
-            (headers.get("Expect") or "").strip(" \t").lower() == "100-continue"
+        self.expect_continue = version == "HTTP/1.1" and "Expect" in headers and \
+            headers.get("Expect").strip(" \t").lower() == "100-continue"
 
 
 class Reader:
-    """One connection's requests, in order: ``head()``, then at most one ``body()`` per head."""
+    """One connection's requests, in order: ``head()``, then at most one ``body()`` per head.
+    ``recv_into`` is the socket's (``recv_into(buffer)``: the number of bytes received into it, 0 at the
+    end of the stream)."""
 
-    def __init__(self, rfile, max_header_bytes, send_continue=None):
-        self.rfile, self.max_header_bytes, self.send_continue = rfile, max_header_bytes, send_continue
+    def __init__(self, recv_into, max_header_bytes, send_continue=None):
+        self.recv_into, self.max_header_bytes, self.send_continue = recv_into, max_header_bytes, send_continue
         self.unread = False
         self._head = None
+        self._data, self._pos = bytearray(), 0  # received, and how much of it is used
+        self._receive = bytearray(RECV_SIZE)  # reused by every receive, so none allocates
 
     def head(self):
         """The next request's head, or None at a clean end of stream (or a read_timeout cut) before
         its first byte. Raises BadRequest, HeadTooLarge, VersionNotSupported or ClientGone."""
         self.unread, self._head = False, None
+        data, pos = self._data, self._pos
+        if pos == len(data):
+            if not self._fill():
+                return None
+            data, pos = self._data, 0
+        end = data.find(b"\r\n\r\n", pos, pos + self.max_header_bytes)
+        if end >= 0:  # the whole head is here: the common case in two matches
+            text = data[pos:end + 2].decode("latin-1")
+            m = _REQUEST_LINE.match(text)
+            if m is not None:
+                method, target, version = m.groups()
+                fields = m.end()
+                items = _FIELD_LINE.findall(text, fields)
+                if len(items) == text.count("\n", fields) and len(items) <= MAX_HEADER_LINES \
+                        and _target_ok(method, target):
+                    self._pos = end + 4
+                    return self._parsed(method, target, version, items)
+        return self._head_by_lines()
+
+    def _head_by_lines(self):
+        """``head`` one line at a time: a head still arriving, or one that is not plain."""
         budget = [self.max_header_bytes]
         line = self._line(budget, first=True)
         while line == b"":  # RFC 9112 §2.2: empty lines before a request line are ignored
@@ -118,11 +158,10 @@ class Reader:
             raise BadRequest("bad HTTP version")
         if not _TOKEN.fullmatch(method):
             raise BadRequest("method is not a token")
-        if not _TARGET.fullmatch(target) or not (target[:1] == b"/" or (target == b"*" and method == b"OPTIONS")
-                                                 or target.startswith((b"http://", b"https://"))):
+        if not _TARGET.fullmatch(target) or not _target_ok(method.decode("ascii"), target.decode("ascii")):
             raise BadRequest("bad request target")
-        items, readline, field, left = [], self.rfile.readline, _FIELD.fullmatch, budget[0]
-        while True:  # the common case in one regex per line; _refuse says why a line does not match
+        items, readline, field, left = [], self._readline, _FIELD.fullmatch, budget[0]
+        while True:  # one regex per line; _refuse says why a line does not match
             raw = readline(left + 1)
             m = field(raw) if len(raw) <= left else None
             if m is None:
@@ -135,16 +174,16 @@ class Reader:
                 raise HeadTooLarge("more than %d header lines" % MAX_HEADER_LINES)
             name, value = m.group(1, 2)
             items.append((name.decode("ascii"), value.decode("latin-1") if value else ""))
+        return self._parsed(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), items)
+
+    def _parsed(self, method, target, version, items):
         headers = Headers(items)
-        version = version.decode("ascii")
         hosts = headers.get_all("Host", ())
-        if len(hosts) > 1:
-            raise BadRequest("more than one Host header")
-        if not hosts and version == "HTTP/1.1":
-            raise BadRequest("HTTP/1.1 request without Host")
-        self._head = Head(method.decode("ascii"), target.decode("ascii"), version, headers)
-        self.unread = bool(headers.get_all("Transfer-Encoding")) or \
-            any(v != "0" for v in headers.get_all("Content-Length", ()))
+        if len(hosts) != 1 and (hosts or version == "HTTP/1.1"):
+            raise BadRequest("more than one Host header" if hosts else "HTTP/1.1 request without Host")
+        self._head = Head(method, target, version, headers)
+        lengths = headers.get_all("Content-Length")
+        self.unread = "Transfer-Encoding" in headers or (lengths is not None and lengths != ["0"])
         return self._head
 
     def _refuse(self, raw, budget):
@@ -164,7 +203,7 @@ class Reader:
     def _line(self, budget, first=False):
         """One head line without its line end; None at end of stream before the first byte of a
         request. A CR not followed by LF is 400; more than the budget left is 431."""
-        return self._strip(self.rfile.readline(budget[0] + 1), budget, first)
+        return self._strip(self._readline(budget[0] + 1), budget, first)
 
     def _strip(self, raw, budget, first=False):
         """``raw`` (a line as read) without its line end, taken from the budget."""
@@ -200,9 +239,117 @@ class Reader:
             return b""
         if head.expect_continue and self.send_continue is not None:
             self.send_continue()
-        data = read_body(self.rfile, kind, length, max_body)
+        if kind == "length":
+            data = self._read(length)
+            if len(data) != length:
+                raise ClientGone("body ended after %d of %d bytes" % (len(data), length))
+        else:
+            data = self._chunked(max_body)
         self.unread = False
         return data
+
+    def _chunked(self, max_body):
+        """Decode a chunked body (RFC 9112 §7.1)."""
+        parts, total = [], 0
+        while True:
+            size = _chunk_size(self._chunk_line())
+            if size == 0:
+                self._skip_trailers()
+                return b"".join(parts)
+            total += size
+            if total > max_body:
+                raise BodyTooLarge("chunked body over max_body %d" % max_body)
+            data = self._read(size)
+            if len(data) != size:
+                raise ClientGone("chunk ended after %d of %d bytes" % (len(data), size))
+            if self._read(2) != b"\r\n":
+                raise BadFraming("chunk data not followed by CRLF")
+            parts.append(data)
+
+    def _chunk_line(self):
+        """One CRLF-terminated line without its CRLF; an over-long line or a bare LF is an error."""
+        line = self._readline(MAX_CHUNK_LINE + 1)
+        if not line:
+            raise ClientGone("connection closed inside a chunked body")
+        if len(line) > MAX_CHUNK_LINE:
+            raise BadFraming("chunk line longer than %d bytes" % MAX_CHUNK_LINE)
+        if not line.endswith(b"\r\n"):
+            if line.endswith(b"\n"):
+                raise BadFraming("chunk line ends with a bare LF")
+            raise ClientGone("connection closed inside a chunk line")
+        return line[:-2]
+
+    def _skip_trailers(self):
+        """Read trailer fields up to the empty line and drop them (RFC 9112 §7.1.2)."""
+        seen = 0
+        while True:
+            line = self._chunk_line()
+            if not line:
+                return
+            seen += len(line) + 2
+            if seen > MAX_TRAILER_BYTES:
+                raise BadFraming("trailers over %d bytes" % MAX_TRAILER_BYTES)
+            if b":" not in line or line[:1] in (b" ", b"\t"):
+                raise BadFraming("malformed trailer line")
+
+    # -- the receive buffer -----------------------------------------------------------------------
+    def _fill(self):
+        """Receive more after what is buffered; False at the end of the stream."""
+        n = self.recv_into(self._receive)
+        if not n:
+            return False
+        chunk = self._receive[:n]
+        data, pos = self._data, self._pos
+        if pos == len(data):
+            self._data = chunk
+        else:  # a line arriving in pieces: append to what is left, never copy it all again
+            del data[:pos]
+            data += chunk
+        self._pos = 0
+        return True
+
+    def _readline(self, limit):
+        """Up to ``limit`` bytes, through the first LF; fewer only at the end of the stream."""
+        data, pos = self._data, self._pos
+        start = pos  # where the look for the LF goes on: what came before has none
+        while True:
+            end = data.find(b"\n", start, pos + limit)
+            if end >= 0:
+                self._pos = end + 1
+                return bytes(data[pos:end + 1])
+            if len(data) - pos >= limit:
+                self._pos = pos + limit
+                return bytes(data[pos:pos + limit])
+            seen = len(data) - pos
+            if not self._fill():
+                self._pos = len(data)
+                return bytes(data[pos:])
+            data, pos = self._data, self._pos
+            start = pos + seen
+
+    def _read(self, n):
+        """``n`` bytes; fewer only at the end of the stream. What is not buffered yet is received straight
+        into the result (at most n bytes, which the caller bounds)."""
+        data, pos = self._data, self._pos
+        if len(data) - pos >= n:
+            self._pos = pos + n
+            return bytes(data[pos:pos + n])
+        got = len(data) - pos
+        out = bytearray(n)
+        out[:got] = data[pos:]
+        self._data, self._pos = bytearray(), 0
+        with memoryview(out) as view:
+            while got < n:
+                k = self.recv_into(view[got:])
+                if not k:
+                    break
+                got += k
+        return bytes(out) if got == n else bytes(out[:got])
+
+
+def _target_ok(method, target):
+    """origin-form, absolute-form with http(s), or ``*`` for OPTIONS (RFC 9112 §3.2)."""
+    return target[:1] == "/" or target.startswith(("http://", "https://")) or (target == "*" and method == "OPTIONS")
 
 
 def body_framing(headers, request_version, max_body):
@@ -235,49 +382,6 @@ def body_framing(headers, request_version, max_body):
     return "length", length
 
 
-def read_body(rfile, framing, length, max_body):
-    """Read the body as framed; returns bytes. Raises BadFraming, BodyTooLarge or ClientGone."""
-    if framing == "length":
-        data = rfile.read(length) if length else b""
-        if len(data) != length:
-            raise ClientGone("body ended after %d of %d bytes" % (len(data), length))
-        return data
-    return read_chunked(rfile, max_body)
-
-
-def read_chunked(rfile, max_body):
-    """Decode a chunked body (RFC 9112 §7.1) from a buffered binary file."""
-    parts, total = [], 0
-    while True:
-        size = _chunk_size(_line(rfile, MAX_CHUNK_LINE))
-        if size == 0:
-            _skip_trailers(rfile)
-            return b"".join(parts)
-        total += size
-        if total > max_body:
-            raise BodyTooLarge("chunked body over max_body %d" % max_body)
-        data = rfile.read(size)
-        if len(data) != size:
-            raise ClientGone("chunk ended after %d of %d bytes" % (len(data), size))
-        if rfile.read(2) != b"\r\n":
-            raise BadFraming("chunk data not followed by CRLF")
-        parts.append(data)
-
-
-def _line(rfile, limit):
-    """One CRLF-terminated line without its CRLF; an over-long line or a bare LF is an error."""
-    line = rfile.readline(limit + 1)
-    if not line:
-        raise ClientGone("connection closed inside a chunked body")
-    if len(line) > limit:
-        raise BadFraming("chunk line longer than %d bytes" % limit)
-    if not line.endswith(b"\r\n"):
-        if line.endswith(b"\n"):
-            raise BadFraming("chunk line ends with a bare LF")
-        raise ClientGone("connection closed inside a chunk line")
-    return line[:-2]
-
-
 def _chunk_size(line):
     """The size before any ';extension'; strict hex (RFC 9112: chunk-size = 1*HEXDIG)."""
     size = line.split(b";", 1)[0]
@@ -287,17 +391,3 @@ def _chunk_size(line):
     if b"\0" in ext or b"\r" in ext or b"\n" in ext:
         raise BadFraming("control character in chunk extension")
     return int(size, 16)
-
-
-def _skip_trailers(rfile):
-    """Read trailer fields up to the empty line and drop them (RFC 9112 §7.1.2)."""
-    seen = 0
-    while True:
-        line = _line(rfile, MAX_CHUNK_LINE)
-        if not line:
-            return
-        seen += len(line) + 2
-        if seen > MAX_TRAILER_BYTES:
-            raise BadFraming("trailers over %d bytes" % MAX_TRAILER_BYTES)
-        if b":" not in line or line[:1] in (b" ", b"\t"):
-            raise BadFraming("malformed trailer line")

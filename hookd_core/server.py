@@ -327,7 +327,7 @@ class Handler(socketserver.StreamRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self.reader = framing.Reader(self.rfile, self.app.settings.int("max_header_bytes"), self._continue)
+        self.reader = framing.Reader(self.connection.recv_into, self.app.settings.int("max_header_bytes"), self._continue)
         self.peer = self.client = self.client_address[0]
         self.close_connection = self._linger = False
         self.head, self._route = None, "-"

@@ -8,7 +8,6 @@ A new parser edge case is a new pair of files and no new test code.
 
 import glob
 import http.client
-import io
 import json
 import os
 import re
@@ -48,24 +47,21 @@ def fixtures(kind):
     return out
 
 
-class Trickle(io.RawIOBase):
-    """A raw stream that hands out the data in the given pieces: one readinto() per piece at most."""
+class Trickle:
+    """A socket's ``recv_into`` that hands out the data in the given pieces: one piece (or as much of it
+    as fits) per call, 0 at the end."""
 
     def __init__(self, pieces):
         self.pieces = [p for p in pieces if p]
 
-    def readable(self):
-        return True
-
-    def readinto(self, b):
+    def recv_into(self, buffer):
         if not self.pieces:
             return 0
-        piece = self.pieces[0][:len(b)]
-        self.pieces[0] = self.pieces[0][len(piece):]
+        n = min(len(buffer), len(self.pieces[0]))
+        buffer[:n], self.pieces[0] = self.pieces[0][:n], self.pieces[0][n:]
         if not self.pieces[0]:
             self.pieces.pop(0)
-        b[:len(piece)] = piece
-        return len(piece)
+        return n
 
 
 def feeds(data):
@@ -78,7 +74,7 @@ def feeds(data):
 
 def parse(data, pieces):
     """hookd's request reader over the pieces: the head, then the body. Returns the body or raises."""
-    reader = framing.Reader(io.BufferedReader(Trickle(pieces), buffer_size=64), MAX_HEAD)
+    reader = framing.Reader(Trickle(pieces).recv_into, MAX_HEAD)
     reader.head()
     return reader.body(MAX_BODY)
 
@@ -102,6 +98,71 @@ class FramingUnitTest(unittest.TestCase):
                         parse(data, pieces)
                     self.assertEqual(cm.exception.status, expect["status"])
                     self.assertEqual(cm.exception.__class__.__name__, expect["exception"])
+
+    def test_a_whole_head_reads_as_it_does_line_by_line(self):
+        """The one-match path (a whole head already received) and the line-by-line path agree on every
+        valid fixture: the same method, target, version, headers, keep-alive and body."""
+        def head_and_body(pieces):
+            reader = framing.Reader(Trickle(pieces).recv_into, MAX_HEAD)
+            head = reader.head()
+            return (head.method, head.target, head.path, head.query, head.version, head.headers.items(),
+                    head.keep_alive, head.expect_continue, reader.body(MAX_BODY))
+        for name, data, _ in fixtures("valid"):
+            with self.subTest(fixture=name):
+                whole = head_and_body([data])
+                self.assertEqual(whole, head_and_body(feeds(data)["bytes"]))
+                self.assertEqual(whole, head_and_body(feeds(data)["lines"]))
+
+    def test_pipelined_requests_are_read_in_order_from_one_receive(self):
+        """A receive may hold the end of one request and the start of the next: what follows a body is
+        kept for the next head, whichever way it arrives."""
+        cl = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nfirst"
+        chunked = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n"
+        bare = b"GET /c?q=1 HTTP/1.1\nHost: x\n\n"
+        data = cl + chunked + bare + cl
+        for mode, pieces in dict(feeds(data), halves=[data[:70], data[70:]]).items():
+            with self.subTest(feed=mode):
+                reader = framing.Reader(Trickle(pieces).recv_into, MAX_HEAD)
+                got = []
+                while True:
+                    head = reader.head()
+                    if head is None:
+                        break
+                    got.append((head.path, head.query, reader.body(MAX_BODY)))
+                self.assertEqual(got, [("/a", "", b"first"), ("/b", "", b"second"), ("/c", "q=1", b""),
+                                       ("/a", "", b"first")])
+
+    def test_an_endless_head_is_refused_within_bounded_reads(self):
+        """A client that never ends its head (one endless line, or endless lines) is refused with 431
+        after at most max_header_bytes plus one receive: nothing it sends is buffered beyond that."""
+        class Endless:
+            def __init__(self, start, filler):
+                self.start, self.filler, self.handed = start, filler, 0
+
+            def recv_into(self, buffer):
+                n = len(buffer)
+                buffer[:n] = (self.start + self.filler * (n // len(self.filler) + 1))[:n]
+                self.start = b""
+                self.handed += n
+                return n
+        for start, filler in ((b"POST / HTTP/1.1\r\nX-Long: ", b"a"), (b"", b"b" * 999),
+                              (b"POST / HTTP/1.1\r\n", b"X-A: b\r\n")):
+            for cap in (MAX_HEAD, 200000):
+                with self.subTest(start=start, filler=filler[:10], max_header_bytes=cap):
+                    client = Endless(start, filler)
+                    with self.assertRaises(framing.HeadTooLarge):
+                        framing.Reader(client.recv_into, cap).head()
+                    self.assertLessEqual(client.handed, cap + framing.RECV_SIZE)
+
+    def test_a_body_longer_than_a_receive_is_read_whole(self):
+        body = bytes(range(256)) * 1200
+        for data in (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                     b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                     % (len(body), body)):
+            reader = framing.Reader(Trickle([data[:1000], data[1000:100000], data[100000:]]).recv_into, MAX_HEAD)
+            reader.head()
+            self.assertEqual(reader.body(len(body)), body)
+            self.assertIsNone(reader.head())
 
     def test_truncated_chunked_body_is_client_gone_not_a_body(self):
         data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
