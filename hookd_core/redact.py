@@ -30,6 +30,7 @@ def credential_headers(conf):
 
 _NAMES = {}  # header name as sent -> its lower-case form, or "" when the name says credential
 _MAX_NAMES = 4096  # names are the client's choice: the cache is emptied rather than grown past this
+_SHORT = 200  # characters: only names and pairs this short are remembered (those that repeat are short)
 
 
 def stored_headers(headers, secrets, credential_headers=()):
@@ -46,9 +47,11 @@ def _kept_name(name, value, secrets, credential_headers):
     """The lower-case name a header is kept under, or "" when it is not kept."""
     low = _NAMES.get(name)
     if low is None:
-        if len(_NAMES) >= _MAX_NAMES:
-            _NAMES.clear()
-        low = _NAMES[name] = "" if _SENSITIVE.search(name.lower()) else name.lower()
+        low = "" if _SENSITIVE.search(name.lower()) else name.lower()
+        if len(name) <= _SHORT:
+            if len(_NAMES) >= _MAX_NAMES:
+                _NAMES.clear()
+            _NAMES[name] = low
     if not low or low in credential_headers or _CREDENTIAL_VALUE.match(value):
         return ""
     for secret in secrets:
@@ -61,8 +64,9 @@ class StoredHeaders:
     """``stored_headers`` of one route's requests as the JSON text stored with their events (exactly
     ``json.dumps(stored_headers(...))``), for a configuration's secrets and credential headers. Most
     headers come again and again with the same value (Host, Content-Type, User-Agent), so each
-    (name, value) seen keeps its verdict and its JSON; the pairs are the client's choice, so at most
-    ``MAX_PAIRS`` are kept and the lot is forgotten rather than grown past that."""
+    (name, value) seen keeps its verdict and its JSON; the pairs are the client's choice, so only short
+    ones are kept (a value of up to max_header_bytes would cost ~6 times that as JSON), at most
+    ``MAX_PAIRS``, and the lot is forgotten rather than grown past that."""
 
     MAX_PAIRS = 256
 
@@ -79,9 +83,10 @@ class StoredHeaders:
                 if not low:
                     continue  # not kept (a signature, a credential): not remembered either
                 known = (low, "%s: %s" % (_string(low), _string(pair[1])))
-                if len(pairs) >= self.MAX_PAIRS:
-                    pairs.clear()
-                pairs[pair] = known
+                if len(pair[0]) + len(pair[1]) <= _SHORT:
+                    if len(pairs) >= self.MAX_PAIRS:
+                        pairs.clear()
+                    pairs[pair] = known
             names.append(known[0])
             members.append(known[1])
         if len(set(names)) < len(names):  # a name sent twice: a dict keeps its last value, in its first place

@@ -14,6 +14,7 @@ import stat
 import tempfile
 import unittest
 
+from hookd_core import redact
 from hookd_core.api import Headers
 from hookd_core.redact import StoredHeaders, stored_headers
 from tests.support import ROOT, Daemon, hmac_hex
@@ -76,6 +77,18 @@ class StoredHeadersTest(unittest.TestCase):
                 with self.subTest(items=items[:3]):
                     self.assertEqual(stored.json(Headers(items)),
                                      json.dumps(stored_headers(Headers(items), ["s3cret"], {"x-api-auth"})))
+
+    def test_what_is_remembered_stays_small_whatever_the_headers(self):
+        # Names and values of up to max_header_bytes, all different: each one is still stored
+        # right, but the caches behind StoredHeaders must not keep them (they once held ~28 MB).
+        stored = StoredHeaders([], set())
+        for n in range(300):
+            items = [("X-Big", "\xff" * 16000 + str(n)), ("X-%d-%s" % (n, "n" * 8000), "v")]
+            self.assertEqual(stored.json(Headers(items)), json.dumps(stored_headers(Headers(items), [], ())))
+        remembered = sum(len(name) + len(value) + len(low) + len(member)
+                         for (name, value), (low, member) in stored._pairs.items())
+        remembered += sum(len(name) + len(low) for name, low in redact._NAMES.items())
+        self.assertLess(remembered, 1 << 20)
 
     def test_end_to_end_the_token_header_of_a_route_is_not_stored(self):
         tmp = tempfile.mkdtemp(prefix="hookd-private-")
