@@ -194,8 +194,8 @@ class App:
             if not isinstance(ev, NewEvent):
                 ev = NewEvent(ev)
             key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
-            rows.append({"dedupe_key": key, "serial_key": ev.serial_key, "headers": headers,
-                         "content_type": content_type, "body": body, "element": ev.element,
+            rows.append({"dedupe_key": _storable(key), "serial_key": _storable(ev.serial_key),
+                         "headers": headers, "content_type": content_type, "body": body, "element": ev.element,
                          "payload": json.dumps(ev.payload) if ev.payload is not None else None,
                          "done": done})
         return rows
@@ -403,6 +403,18 @@ class App:
         self.store.close()
         self.log.info("stopped")
         return 0
+
+
+def _storable(key):
+    """A key sqlite can bind: JSON may carry a lone surrogate ("\\ud800"), which no UTF-8 text holds, so
+    such a key is kept as its JSON text instead (the same again for a redelivery). Anything else as is."""
+    if not isinstance(key, str) or key.isascii():
+        return key
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(key)
+    return key
 
 
 def _executescript(conn, sql):

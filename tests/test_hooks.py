@@ -336,6 +336,20 @@ class UnsignedTest(unittest.TestCase):
             d.start()
         self.assertEqual(d.proc.returncode, 1)
 
+    def test_a_json_dedupe_key_with_a_lone_surrogate_is_stored_and_dedupes(self):
+        # JSON may carry "\ud800", which no UTF-8 text holds: sqlite cannot bind such a key, and its
+        # group's commit failed (503 for it and every request committed with it).
+        d = Daemon("[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = json:id\n").start()
+        self.addCleanup(shutil.rmtree, d.tmp, True)
+        self.addCleanup(d.stop)
+        status, _, reply = d.post("/hooks/w", b'{"id": "\\ud800"}', {"Content-Type": "application/json"})
+        self.assertEqual(status, 202, reply)
+        first = json.loads(reply)["id"]
+        status, _, reply = d.post("/hooks/w", b'{"id": "\\ud800", "again": 1}', {})
+        self.assertEqual((status, json.loads(reply)["status"], json.loads(reply)["id"]), (200, "duplicate", first))
+        status, _, reply = d.post("/hooks/w", b'{"id": "\\ud801"}', {})
+        self.assertEqual((status, json.loads(reply)["status"]), (202, "queued"), reply)
+
     def test_verify_none_with_allow_unsigned_accepts_anything(self):
         d = Daemon("[hook:open]\nverify = none\nallow_unsigned = true\n").start()
         self.addCleanup(shutil.rmtree, d.tmp, True)
