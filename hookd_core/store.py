@@ -20,9 +20,7 @@ raises is rolled back alone (a savepoint) and the others commit. A request's bod
 ``request_bodies`` (append-only rowid keys, no random-key B-tree), however many events it becomes; an
 event of a batch delivery (Preservica's ``events[]``) keeps only its index in that array (``element``),
 never a copy of the envelope. Workers' claims do not wait for their commit: ``_claimed`` makes a claim
-exclusive in the process (against leases too) until the attempt's finish has committed. The WAL is
-copied into the database file by a checkpointer thread on its own connection, never inside a COMMIT
-that answers requests. Reads use a
+exclusive in the process (against leases too) until the attempt's finish has committed. Reads use a
 connection per thread (WAL readers do not block the writer). Counts of waiting events per route live
 in memory, changed after each commit and re-read from the table now and then (the CLI may change rows
 while the daemon runs).
@@ -102,12 +100,10 @@ CREATE TABLE IF NOT EXISTS lease_workers (
 NOTHING_TO_DO = "stored; no work or action configured for this route"
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
-# The WAL is copied into the database file by a checkpointer thread on its own connection, never inside
-# a COMMIT (sqlite's automatic checkpoint, every 1000 pages, ran there and held every answer of its group
-# for the copy and two fsyncs: 3-4 ms under load, against a commit's ~1).
-CHECKPOINT_PERIOD = 0.1  # seconds from a commit to the checkpoint that copies it
-WAL_RESTART_FRAMES = 4000  # a WAL this long is started over by the writer, between two groups
-WAL_KEEP_BYTES = 4 << 20  # a WAL file a burst grew past this is cut back to it when the WAL starts over
+# A WAL file a burst (one large request) grew past this is cut back to it when the WAL starts over. The
+# WAL normally stays near sqlite's automatic checkpoint (1000 pages, ~4 MB): a limit below that would cut
+# and regrow the file every time, and an fsync that grows a file costs more than one that overwrites it.
+WAL_KEEP_BYTES = 8 << 20
 WRITER_CACHE_KIB = 1024  # sqlite's page cache per connection (its default is 2000 KiB each)
 READER_CACHE_KIB = 256
 
@@ -210,10 +206,6 @@ class Store:
         self._wake.acquire()
         self._idle = True            # the writer is asleep (or about to be) on _wake
         self._committing = threading.Lock()  # held by whoever runs a group on the connection
-        self._nudge = threading.Event()  # set by a commit while the checkpointer waits for one
-        self._checkpointer_waits = False
-        self._restart_wal = False  # set by the checkpointer: the WAL is long, the writer starts it over
-        self._checkpoint_error = None  # the last checkpoint's error, logged once
         self._waiting = {}
         self._claimed = {}           # event id -> serial key: claimed, finish not committed yet
         self._leasing = {}           # event id -> serial key: picked by a lease not committed yet
@@ -228,16 +220,10 @@ class Store:
         self._recount(self._conn)
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
-        checkpoints = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-        checkpoints.execute("PRAGMA cache_size=-%d" % READER_CACHE_KIB)
-        self._checkpointer = threading.Thread(target=self._checkpoint_forever, args=(checkpoints,),
-                                              name="hookd-checkpoint", daemon=True)
-        self._checkpointer.start()
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread copies the WAL
         conn.execute("PRAGMA journal_size_limit=%d" % WAL_KEEP_BYTES)
         conn.execute("PRAGMA cache_size=-%d" % WRITER_CACHE_KIB)
         conn.execute("PRAGMA synchronous=FULL")  # the 2xx promises the event survives power loss
@@ -318,59 +304,6 @@ class Store:
         with logs.batched():  # the group's answers log one line each, written together
             for op in group:
                 op.settle(self._log_exception)
-        if self._restart_wal:
-            self._restart_wal = False
-            self._restart()
-
-    def _restart(self):
-        """Copy the WAL's last frames and start it over. The checkpointer's copies never catch up with a
-        writer that keeps writing, and sqlite starts a WAL over only once every frame in it is copied:
-        this copies the few left, between two groups. It never waits for a reader (one still reading
-        old frames leaves the WAL as it is; the checkpointer asks again)."""
-        try:
-            self._conn.execute("PRAGMA busy_timeout=0")
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            finally:
-                self._conn.execute("PRAGMA busy_timeout=10000")
-        except sqlite3.Error:
-            pass  # a database that refuses writes: the next group hears it, the checkpointer logs it
-
-    # -- checkpoints --------------------------------------------------------------------------------
-    def _checkpoint_forever(self, conn):
-        """Copy committed WAL frames into the database file on this thread's own connection while the
-        writer goes on (PASSIVE: it blocks no commit and waits for nothing), CHECKPOINT_PERIOD after a
-        commit; a WAL past WAL_RESTART_FRAMES is started over by the writer."""
-        done = self.groups
-        while not self._closed:
-            if self.groups == done:
-                self._wait_for_commit(done)
-                continue
-            self._nudge.wait(CHECKPOINT_PERIOD)  # let a period's worth of commits gather
-            self._nudge.clear()
-            if self._closed:
-                break
-            done = self.groups
-            try:
-                frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]  # (busy, frames, copied)
-                self._checkpoint_error = None
-            except sqlite3.Error as e:  # a database that refuses writes: the writer's callers hear it
-                if str(e) != self._checkpoint_error and self.log is not None:
-                    self.log.warning("WAL checkpoint failed (tried again later): %s", e)
-                self._checkpoint_error, frames = str(e), 0
-            if frames > WAL_RESTART_FRAMES:
-                self._restart_wal = True
-        conn.close()
-
-    def _wait_for_commit(self, done):
-        """Sleep until a group past ``done`` has committed, or the store closes."""
-        self._checkpointer_waits = True
-        try:
-            if self.groups == done and not self._closed:
-                self._nudge.wait()
-        finally:
-            self._checkpointer_waits = False
-            self._nudge.clear()
 
     def _log_exception(self):
         if self.log is not None:
@@ -405,8 +338,6 @@ class Store:
         except sqlite3.Error as e:
             return self._fail_all(group, e)
         self.groups += 1
-        if self._checkpointer_waits:
-            self._nudge.set()
         with self._count_lock:
             for op in group:
                 if op.error is None and op.delta:
@@ -460,8 +391,6 @@ class Store:
             if self._closed:
                 return
             self._closed = True
-        self._nudge.set()
-        self._checkpointer.join(10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with self._plock:

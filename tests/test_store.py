@@ -171,17 +171,6 @@ class StoreTest(unittest.TestCase):
         ids = self.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events WHERE route='o' ORDER BY id")])
         self.assertEqual(len(ids), 2)
 
-    def test_commits_never_checkpoint_and_the_wal_stays_bounded(self):
-        # The WAL is copied into the database by a checkpointer thread, never inside a COMMIT, and still
-        # cannot grow for ever under a writer that never pauses (the checkpointer alone never catches up).
-        self.assertEqual(self.store.write(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]), 0)
-        wal = self.path + "-wal"
-        body = b"x" * 60000  # about 16 pages a request: 1,000 of them would make a 66 MB WAL
-        for i in range(1000):
-            self.store.add_events("w", [row("w%d" % i, body)])
-        self.assertLess(os.path.getsize(wal), 40 << 20)
-        self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM events").fetchone()[0]), 1000)
-
     def test_a_wal_grown_by_a_burst_is_cut_back(self):
         # One large request makes the WAL file large; once the WAL starts over it is cut back.
         self.store.add_events("b", [row("big", b"z" * (3 * WAL_KEEP_BYTES))])
