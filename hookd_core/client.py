@@ -1,7 +1,8 @@
 """The one outbound HTTP client: every call hookd makes (forward, Teams, each vendor's API) goes through it.
 
 Strategy: ``request()`` opens one ``http.client`` connection per call, or with ``keep_alive`` (forward,
-which runs once per event) takes one kept from an earlier call to the same place, sends the body with
+which runs once per event) takes one kept from an earlier call to the same place (never one that has
+something to read while idle: an EOF, or bytes nobody asked for), sends the body with
 Content-Length, reads at most ``max_body`` bytes of the answer (one cut short of its Content-Length is a
 NetworkError), and returns a ``Reply``. ``timeout`` is a deadline for the whole exchange, not for each
 read: connect, send and every read share it, and one thread (``_Deadlines``, for every request in the
@@ -19,6 +20,7 @@ builds on: a base URL, the one host it may reach, headers sent with every call, 
 
 import http.client
 import json
+import select
 import socket
 import ssl
 import threading
@@ -88,7 +90,8 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
     """Send one request and return its Reply within ``timeout`` seconds in all. Raises NetworkError
     (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed). With
     ``keep_alive`` the connection is kept for the next call to the same place (``_Idle``); a kept one
-    that the upstream closed meanwhile is found out before any answer and replaced, once."""
+    that the upstream closed meanwhile is replaced, once, when that shows before the request went out
+    whole."""
     scheme, host, port, path = split_url(url)
     if allowed_hosts is not None and host.lower() not in {h.lower() for h in allowed_hosts}:
         raise Fail("host %s is not in the allowed hosts" % host)
@@ -102,13 +105,17 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
     watch = _deadlines.watch(conn, timeout)
     try:
         try:
-            resp = _ask(conn, method, path, body, headers)
+            conn.request(method, path, body=body, headers=dict(headers or {}))
         except ConnectionError:
             if not kept or watch.cut:
                 raise
-            conn.close()  # it was closed at the other end while idle: this request never reached it
+            # Closed at the other end while idle, found out while sending: the upstream never had the
+            # whole request. Once it is sent, an error (even "closed without an answer") is never resent
+            # here: the upstream may have acted on it, and the caller's retry decides.
+            conn.close()
             conn = watch.conn = _connection(place, timeout)
-            resp = _ask(conn, method, path, body, headers)
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
         data = resp.read(max_body + 1)
         if watch.cut:  # an answer without a length ends at EOF: the cut would look like its end
             raise socket.timeout("cut off")
@@ -140,11 +147,6 @@ def _connection(place, timeout):
     return http.client.HTTPConnection(host, port, timeout=timeout)
 
 
-def _ask(conn, method, path, body, headers):
-    """Send the request and read the answer's head."""
-    conn.request(method, path, body=body, headers=dict(headers or {}))
-    return conn.getresponse()
-
 
 class _Idle:
     """Kept-alive connections not in use, per (scheme, host, port, TLS context): at most MAX_IDLE of
@@ -157,14 +159,16 @@ class _Idle:
         self._conns, self._lock = {}, threading.Lock()  # place -> [(conn, idle since)]
 
     def take(self, place, timeout):
-        """The most recently used idle connection to ``place`` (its timeout set to ``timeout``), or None."""
+        """The most recently used idle connection to ``place`` (its timeout set to ``timeout``), or None.
+        One that is readable while idle is dropped: the upstream closed it (EOF), or sent bytes nobody
+        asked for, which must never be read as the answer to the next request."""
         stale = []
         try:
             with self._lock:
                 kept = self._conns.get(place) or []
                 while kept:
                     conn, since = kept.pop()
-                    if time.monotonic() - since < self.IDLE_SECONDS:
+                    if time.monotonic() - since < self.IDLE_SECONDS and _quiet(conn.sock):
                         conn.timeout = timeout
                         conn.sock.settimeout(timeout)
                         return conn
@@ -181,6 +185,16 @@ class _Idle:
                 kept.append((conn, time.monotonic()))
                 return
         conn.close()
+
+
+def _quiet(sock):
+    """Nothing to read on an idle connection: no EOF, no stray bytes (TLS: none decrypted and waiting)."""
+    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
 
 
 _idle = _Idle()

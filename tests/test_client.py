@@ -3,6 +3,7 @@ loopback upstream that drips its answer one byte at a time (as forward, Teams an
 it), kept-alive connections (forward), and the one status mapping every integration uses."""
 
 import re
+import select
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import unittest
 
 from hookd_core import actions, client
 from hookd_core.api import Fail, Retry
+from tests import support
 from tests.support import FakeUpstream
 from tests.test_actions import make_ctx
 
@@ -24,11 +26,14 @@ class Upstream:
 
     def __init__(self, answers, interval=0):
         self.answers, self.interval = answers, interval
-        self.connections = self.requests = 0
+        self.connections = self.requests = self.ended = 0
+        self.bodies = []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.port = self.sock.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.first = None  # the first connection's socket, to write on it unasked
         self.closed = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -39,6 +44,7 @@ class Upstream:
             except OSError:
                 return
             self.connections += 1
+            self.first = self.first or conn
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn):
@@ -57,6 +63,7 @@ class Upstream:
                     length = int(length.group(1)) if length else 0
                     while len(data) < length:
                         data += conn.recv(65536)
+                    self.bodies.append(data[:length])
                     data = data[length:]
                     self.requests += 1
                     last = k == len(self.answers) - 1
@@ -68,6 +75,8 @@ class Upstream:
                             return
             except OSError:
                 return  # the client cut us off: what the deadline is for
+            finally:
+                self.ended += 1
 
     def close(self):
         self.closed.set()
@@ -141,10 +150,32 @@ class KeepAliveTest(unittest.TestCase):
 
     def test_a_connection_the_upstream_closed_while_idle_is_replaced(self):
         up = self.upstream([OK])  # one answer per connection, then it is closed
-        for _ in range(3):
+        for n in range(1, 4):
             reply = client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep_alive=True)
             self.assertEqual((reply.status, reply.body), (200, b"ok"))
-        self.assertEqual(up.requests, 3)  # each request reached the upstream once
+            support.wait_until(lambda: up.ended == n, message="the upstream closing its connection")
+        self.assertEqual((up.requests, up.connections), (3, 3))  # each request reached the upstream once
+
+    def test_bytes_sent_after_an_answer_are_never_read_as_the_next_answer(self):
+        """An upstream that writes an answer nobody asked for on an idle kept connection: the next
+        forward gets its own answer on a fresh connection, never the stray one."""
+        up = self.upstream([OK, b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"])
+        self.assertEqual(client.request("POST", up.url + "/in", body=b"A", timeout=5, keep_alive=True).body, b"ok")
+        up.first.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")  # unasked
+        kept = [c for kept in client._idle._conns.values() for c, _ in kept if c.port == up.port]
+        support.wait_until(lambda: select.select([kept[0].sock], [], [], 0)[0], message="the stray answer to arrive")
+        reply = client.request("POST", up.url + "/in", body=b"B", timeout=5, keep_alive=True)
+        self.assertEqual((reply.status, reply.body), (200, b"ok"))  # B's own answer, not "stray"
+        self.assertEqual((up.bodies, up.connections), ([b"A", b"B"], 2))
+
+    def test_a_request_the_upstream_took_whole_is_not_sent_twice(self):
+        """Closed after reading the request, without an answer: the upstream may have acted on it, so it
+        is a NetworkError (the event is retried later), never a second delivery inside one call."""
+        up = self.upstream([OK, b""])  # reads the second request, then closes without answering
+        client.request("POST", up.url + "/in", body=b"A", timeout=5, keep_alive=True)
+        with self.assertRaises(client.NetworkError):
+            client.request("POST", up.url + "/in", body=b"B", timeout=5, keep_alive=True)
+        self.assertEqual(up.bodies, [b"A", b"B"])
 
     def test_an_answer_cut_off_on_a_kept_connection_is_not_sent_again(self):
         up = self.upstream([OK, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"])
