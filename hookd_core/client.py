@@ -191,8 +191,10 @@ def _quiet(sock):
     """Nothing to read on an idle connection: no EOF, no stray bytes (TLS: none decrypted and waiting)."""
     if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
         return False
+    poller = select.poll()  # not select(): a daemon with many connections has descriptors past 1023
     try:
-        return not select.select([sock], [], [], 0)[0]
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
 
