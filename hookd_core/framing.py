@@ -259,10 +259,17 @@ class Reader:
             total += size
             if total > max_body:
                 raise BodyTooLarge("chunked body over max_body %d" % max_body)
-            data = self._read(size)
-            if len(data) != size:
-                raise ClientGone("chunk ended after %d of %d bytes" % (len(data), size))
-            if self._read(2) != b"\r\n":
+            buffered, pos = self._data, self._pos
+            end = pos + size
+            if end + 2 <= len(buffered):  # the chunk and its CRLF are here already (the common case)
+                data, crlf = buffered[pos:end], buffered[end:end + 2]
+                self._pos = end + 2
+            else:
+                data = self._read(size)
+                if len(data) != size:
+                    raise ClientGone("chunk ended after %d of %d bytes" % (len(data), size))
+                crlf = self._read(2)
+            if crlf != b"\r\n":
                 raise BadFraming("chunk data not followed by CRLF")
             parts.append(data)
 
