@@ -195,7 +195,8 @@ class App:
                 ev = NewEvent(ev)
             key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
             rows.append({"dedupe_key": _storable(key), "serial_key": _storable(ev.serial_key),
-                         "headers": headers, "content_type": content_type, "body": body, "element": ev.element,
+                         "headers": headers, "content_type": content_type, "body": body,
+                         "element": _storable(ev.element),
                          "payload": json.dumps(ev.payload) if ev.payload is not None else None,
                          "done": done})
         return rows

@@ -11,11 +11,12 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 
 from tests.fake_teams import FakeTeams
-from tests.support import Daemon, FakeUpstream, hmac_hex, process_alive, wait_until
+from tests.support import Daemon, FakeUpstream, app_from, hmac_hex, process_alive, wait_until
 
 SW_SECRET_OLD = "whsec_" + base64.b64encode(b"old standard webhooks key").decode()
 SW_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -361,6 +362,33 @@ class UnsignedTest(unittest.TestCase):
         self.assertEqual(event["route"], "hook:open")
         status, _, _ = d.post("/hooks/other", b"{}", {})
         self.assertEqual(status, 404)
+
+    def test_a_lone_surrogate_key_never_fails_its_group(self):
+        """Innocent requests committed in one group with a lone-surrogate key are all stored."""
+        from hookd_core.api import Headers, Request
+        tmp = tempfile.mkdtemp(prefix="hookd-surrogate-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        app = app_from(tmp, "[hookd]\nstate_dir = %s\n[hook:w]\nverify = none\nallow_unsigned = true\n"
+                            "dedupe = json:id\n" % os.path.join(tmp, "var"))
+        store = app.open_store()
+        self.addCleanup(store.close)
+        integ = app.route_for("/hooks/w")
+
+        def rows(body):
+            req = Request("POST", "/hooks/w", {}, Headers([("Content-Type", "application/json")]), body,
+                          ("127.0.0.1", 1))
+            return app.event_rows(integ, req, integ.accept(req))
+        held, go = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=store.write, args=(lambda conn: (held.set(), go.wait(10)),))
+        blocker.start()
+        held.wait(10)  # the writer is busy: what is submitted now commits as one group
+        bodies = [b'{"id": "ok%d"}' % i for i in range(5)] + [b'{"id": "\\ud800"}']
+        ops = [store.submit_events(integ.name, rows(body)) for body in bodies]
+        go.set()
+        blocker.join(10)
+        results = [op.wait()[0] for op in ops]
+        self.assertEqual([outcome for _, outcome in results], ["new"] * 6)
+        self.assertEqual(store.add_events(integ.name, rows(bodies[-1]))[0], (results[-1][0], "duplicate"))
 
     def test_bad_filter_and_name_are_config_problems(self):
         d = Daemon("[hook:bad name]\nverify = token\nsecret = t\nfilter = action is opened\n")
