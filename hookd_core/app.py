@@ -293,6 +293,10 @@ class App:
         if n:
             self.log.warning("requeued %d events left running by an earlier stop", n)
         self.pool = Pool(self, self.settings.int("workers"))
+        # before any port listens: a signal from now on waits in the queue for the main loop (a SIGTERM
+        # right after the first 202 drains like any other), never takes its default action
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, f: self._signals.put(s))  # no logging here, just queue it
         inherited = systemd_glue.inherited_socket()
         self.server = Server((host, port), self, sock=inherited)
         where = admin.listen_address(self.settings.get("admin.listen"))
@@ -314,8 +318,6 @@ class App:
                       self.settings.int("workers"), self.state_dir)
         self._serve_admin(scheme)
         systemd_glue.ready(self)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda s, f: self._signals.put(s))  # no logging here, just queue it
         return self._main_loop()
 
     def _serve_admin(self, scheme):

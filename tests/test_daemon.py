@@ -334,6 +334,30 @@ class LifecycleTest(unittest.TestCase):
         finally:
             d.stop()
 
+    def test_sigterm_as_soon_as_the_port_accepts_stops_cleanly(self):
+        """SIGTERM's handler is in place before any listener serves: a SIGTERM the moment the webhook port
+        accepts a connection drains and exits 0, never the default action (killed, -15)."""
+        for round_ in range(12):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+            d = Daemon("")
+            d._spawn(["127.0.0.1:%d" % port])
+
+            def accepts():
+                if d.proc.poll() is not None:
+                    return True
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return True
+                except OSError:
+                    return False
+            wait_until(accepts, 20, interval=0.001, message="the webhook port to accept")
+            d.signal(signal.SIGTERM)
+            self.assertEqual(d.proc.wait(40), 0, "round %d:\n%s" % (round_, d.log()[-2000:]))
+            wait_until(lambda: d.log().rstrip().endswith("stopped"), 10, message="the stopped line")
+
     def test_sighup_reloads_configuration(self):
         tmp = tempfile.mkdtemp(prefix="hookd-hup-")
         text, _ = hook_config(tmp)
