@@ -761,9 +761,11 @@ def _store_requests(conn, ops):
         if op.limit is not None:
             queued = conn.execute("SELECT count(*) FROM events WHERE route=? AND status IN"
                                   " ('queued','retry','running')", (route,)).fetchone()[0]
-            if queued + added.get(route, 0) + len(rows) > op.limit:
-                op.error = Busy("%s has %d events waiting (queue_size %d)" % (
-                    route, queued + added.get(route, 0), op.limit))
+            waiting = queued + added.get(route, 0)
+            if waiting + len(rows) > op.limit and added.get(route):
+                waiting = queued + _waiting_so_far(conn, route, events)  # exact, only when about to refuse
+            if waiting + len(rows) > op.limit:
+                op.error = Busy("%s has %d events waiting (queue_size %d)" % (route, waiting, op.limit))
                 continue
         out, body_ids = [], {}
         for row in rows:
@@ -790,6 +792,26 @@ def _store_requests(conn, ops):
         if conn.total_changes - before < len(events):
             _mark_duplicates(conn, ops, first_id, first_body, added)
     return added
+
+
+def _waiting_so_far(conn, route, events):
+    """How many of the group's rows for ``route`` so far will wait once stored: not the duplicates that
+    ``INSERT OR IGNORE`` will turn away (a key already stored, or taken by an earlier row of the group).
+    Only asked before refusing a request for its route's queue_size, so the fast path never looks up."""
+    rows = [(e[2], e[5]) for e in events if e[1] == route]
+    wanted = list({key for _, key in rows if key is not None})
+    taken = set()
+    for i in range(0, len(wanted), KEYS_PER_SELECT):
+        part = wanted[i:i + KEYS_PER_SELECT]
+        sql = ("SELECT dedupe_key FROM events WHERE route=? AND dedupe_key IN (%s)"
+               % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
+        taken.update(key for (key,) in conn.execute(sql, [route] + part))
+    waiting = 0
+    for status, key in rows:
+        if key is None or key not in taken:
+            taken.add(key)
+            waiting += status == "queued"
+    return waiting
 
 
 def _mark_duplicates(conn, ops, first_id, first_body, added):

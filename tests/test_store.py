@@ -205,11 +205,9 @@ class StoreTest(unittest.TestCase):
         self.store.prune(days=1, now=3 * 86400)
         self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0]), 0)
 
-    def test_duplicates_inside_one_group_and_one_request(self):
-        """Keys repeated inside one request and across the requests of one group: the first row wins,
-        every later one is a duplicate row pointing at it, and a request that brought nothing new
-        leaves no body behind."""
-        [(old, _)] = self.store.add_events("r", [row("old")])
+    def hold_writes(self):
+        """Hold the writer inside a write until the returned function is called, so what is submitted
+        meanwhile commits as one group."""
         held, go = threading.Event(), threading.Event()
 
         def hold(conn):
@@ -218,13 +216,24 @@ class StoreTest(unittest.TestCase):
         blocker = threading.Thread(target=self.store.write, args=(hold,))
         blocker.start()
         self.assertTrue(held.wait(10))
+
+        def release():
+            go.set()
+            blocker.join(10)
+        return release
+
+    def test_duplicates_inside_one_group_and_one_request(self):
+        """Keys repeated inside one request and across the requests of one group: the first row wins,
+        every later one is a duplicate row pointing at it, and a request that brought nothing new
+        leaves no body behind."""
+        [(old, _)] = self.store.add_events("r", [row("old")])
+        release = self.hold_writes()
         ops = [self.store.submit_events("r", [row("a", b"1"), row("a", b"1")]),
                self.store.submit_events("r", [row("a", b"2"), row("b", b"2")]),
                self.store.submit_events("r", [row("old", b"3"), row("b", b"3")]),
                self.store.submit_events("r", [row(None, b"4"), row("c", b"4")])]
         groups = self.store.groups
-        go.set()
-        blocker.join(10)
+        release()
         results = [op.wait() for op in ops]
         self.assertEqual(self.store.groups, groups + 2, "the four requests shared one commit")
         a, b = results[0][0][0], results[1][1][0]
@@ -239,6 +248,23 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store.waiting("r"), 5)
         bodies = self.store.read(lambda c: [r[0] for r in c.execute("SELECT data FROM request_bodies ORDER BY id")])
         self.assertEqual(bodies, [b"{}", b"1", b"2", b"4"], "the all-duplicate request stored no body")
+
+    def test_route_limit_does_not_count_a_redeliverys_duplicates(self):
+        """queue_size counts what will wait: a redelivery committed in the same group as a new request adds
+        nothing, so the new one fits (it was refused, 503, "2 events waiting" while 1 waited), and the
+        next one over the limit is refused with the true count."""
+        from hookd_core.api import Busy
+        self.store.add_events("r", [row("old")])
+        release = self.hold_writes()
+        ops = [self.store.submit_events("r", [row("old")], limit=2),
+               self.store.submit_events("r", [row("new")], limit=2),
+               self.store.submit_events("r", [row("newer")], limit=2)]
+        release()
+        self.assertEqual(ops[0].wait()[0][1], "duplicate")
+        self.assertEqual(ops[1].wait()[0][1], "new")
+        with self.assertRaisesRegex(Busy, "r has 2 events waiting"):
+            ops[2].wait()
+        self.assertEqual(self.store.waiting("r"), 2)
 
     def test_route_limit_is_exact_under_concurrency(self):
         from hookd_core.api import Busy
