@@ -5,8 +5,9 @@ two workers, each with its own configuration and state directory as another host
 alarms are recorded from the loopback MJPEG camera (three cameras behind one fake, ``{device}`` in
 ``stream.url``); the camera's own record of its streams shows that one camera is never recorded twice at
 once. Faults are real: kill -9 of a worker while it records, kill -9 of the first hookd while workers hold
-leases, SIGTERM of a worker with a job that cannot finish in time. The lease API itself is also driven by
-hand over HTTP: 401 without the token, a done repeated, a done after its lease expired.
+leases (and before a lease's answer left it), SIGTERM of a worker with a job that cannot finish in time.
+The lease API itself is also driven by hand over HTTP: 401 without the token, a done repeated, a done
+after its lease expired.
 """
 
 import http.client
@@ -96,9 +97,13 @@ class RemoteCase(unittest.TestCase):
         try:
             return wait_until(done, timeout, 0.2, "events %s to be done" % ids)
         except AssertionError:
-            raise AssertionError("not all done: %s\nfirst hookd:\n%s\nworkers:\n%s" % (
-                [(e["id"], e["status"], e["attempts"], e["last_error"]) for e in self.events(d)], d.log()[-3000:],
-                "\n".join(p.log()[-2000:] for p in self.procs if isinstance(p, Worker))))
+            raise AssertionError("not all done: " + self.story(d))
+
+    def story(self, d):
+        """Each event's status, attempts and last error, and the logs: what a failure message shows."""
+        return "%s\nfirst hookd:\n%s\nworkers:\n%s" % (
+            [(e["id"], e["status"], e["attempts"], e["last_error"]) for e in self.events(d)], d.log()[-3000:],
+            "\n".join(p.log()[-2000:] for p in self.procs if isinstance(p, Worker)))
 
 
 class LeaseApiOverHttpTest(RemoteCase):
@@ -296,13 +301,35 @@ class IxonRecordingTest(RemoteCase):
         self.ixon_worker("wa", d, duration=3, lease_seconds=20)
         self.ixon_worker("wb", d, duration=3, lease_seconds=20)
         ids = [self.post(d, IXON_PATH, alarm(c, n)) for n, c in enumerate(CAMERAS)]
-        wait_until(lambda: all(e["status"] == "running" for e in self.events(d)), 15, 0.1, "all three leased")
+        # 'running' only says a lease committed: a kill -9 before its answer reached the worker loses the
+        # answer, and that job runs again once the lease expires (attempt 2, the next test). A camera
+        # streaming to a worker says that worker holds the lease: only then is the first hookd killed.
+        wait_until(lambda: {p for p, _, _ in self.cam.streams} == {"/%s.mjpg" % c for c in CAMERAS}, 20, 0.05,
+                   "all three recorded by the workers")
+        self.assertEqual([self.event(d, i)["status"] for i in ids], ["running"] * 3, "killed while leased")
         d.kill9()
         d.start()
         events = self.all_done(d, ids, 60)
         self.assertEqual([events[i]["attempts"] for i in ids], [1, 1, 1],
-                         "the leases survived the crash: each recording reported once, none run again")
+                         "the leases survived the crash: each recording reported once, none run again\n"
+                         + self.story(d))
+        self.assertEqual(len(self.cam.streams), 3, "no camera recorded twice")
         self.assertEqual(len(self.clips("wa", "wb")), 3)
+
+    def test_a_lease_whose_answer_a_kill9_cut_off_expires_and_the_job_runs_again(self):
+        d = self.first_ixon()
+        event = self.post(d, IXON_PATH, alarm("cam1", 3))
+        lease = {"routes": ["ixon"], "max": 1, "lease_seconds": 2, "worker": "never-told", "wait": 0}
+        status, [job] = self.api(d, "/work/lease", lease)  # as if its answer never reached the worker
+        self.assertEqual((status, job["id"], job["attempt"]), (200, event, 1))
+        d.kill9()
+        d.start()
+        self.ixon_worker("wa", d)
+        done = self.all_done(d, [event], 60)[event]
+        self.assertEqual(done["attempts"], 2, "at least once: the lost lease's attempt counts\n" + self.story(d))
+        self.assertRegex(d.log(), r"event=%d lease of worker never-told expired \(ixon, attempt 1\)" % event)
+        self.assertNotIn("left running by an earlier stop", d.log(), "a held lease is not requeued at the start")
+        self.assertEqual(len(self.clips("wa")), 1)
 
 
 if __name__ == "__main__":
