@@ -423,11 +423,12 @@ def pending_tasks(conn, route):
     try:
         rows = conn.execute(
             "SELECT id, json_extract(payload, '$.camera'), json_extract(payload, '$.user_id'), received_at,"
-            " status FROM events WHERE route = ? AND status IN (?, ?, ?) ORDER BY id LIMIT ?", args).fetchall()
+            " status FROM events WHERE route = ? AND status <> 'done' AND status IN (?, ?, ?)"
+            " ORDER BY id LIMIT ?", args).fetchall()
     except sqlite3.OperationalError:  # an SQLite built without JSON1: parse in Python
         rows = [(i, *_who(p), r, s) for i, p, r, s in conn.execute(
-            "SELECT id, payload, received_at, status FROM events WHERE route = ? AND status IN (?, ?, ?)"
-            " ORDER BY id LIMIT ?", args)]
+            "SELECT id, payload, received_at, status FROM events WHERE route = ? AND status <> 'done'"
+            " AND status IN (?, ?, ?) ORDER BY id LIMIT ?", args)]
     return [{"id": i, "camera": camera, "user_id": user, "received_at": iso(received), "status": status}
             for i, camera, user, received, status in rows]
 

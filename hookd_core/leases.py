@@ -98,8 +98,8 @@ def lease(app, req, body):
 
 def _due(conn, routes, now):
     for route in routes:
-        if conn.execute("SELECT 1 FROM events WHERE status IN ('queued','retry') AND next_at <= ? AND route=?"
-                        " LIMIT 1", (now, route)).fetchone():
+        if conn.execute("SELECT 1 FROM events WHERE status <> 'done' AND status IN ('queued','retry')"
+                        " AND next_at <= ? AND route=? LIMIT 1", (now, route)).fetchone():
             return True
     return False
 

@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS products (
 );
 CREATE INDEX IF NOT EXISTS products_event ON products(event_id);
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at);
+CREATE INDEX IF NOT EXISTS events_due ON events(status, next_at) WHERE status <> 'done';
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY,
   event_id INTEGER NOT NULL,
@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS lease_workers (
 """
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
+# events_due holds only rows that are not done: done rows are most of the table and no query looks them
+# up by status, and a route with no action stores every row done, each of which cost an index entry (a
+# page more per commit at 1 connection). sqlite uses a partial index only when the query's WHERE holds
+# the index's own term, so every query that finds events by a status other than done says
+# "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 # A WAL file a burst (one large request) grew past this is cut back to it when the WAL starts over. The
@@ -380,8 +385,8 @@ class Store:
         self.write(self._recount)
 
     def _recount(self, conn):
-        rows = conn.execute("SELECT route, count(*) FROM events WHERE status IN ('queued','retry','running')"
-                            " GROUP BY route").fetchall()
+        rows = conn.execute("SELECT route, count(*) FROM events WHERE status <> 'done' AND"
+                            " status IN ('queued','retry','running') GROUP BY route").fetchall()
         with self._count_lock:
             self._waiting = dict(rows)
 
@@ -425,7 +430,8 @@ class Store:
                     ok = key not in self._leasing.values()
                     self._claimed[event_id] = key
                 holders = self.read(lambda conn: conn.execute(
-                    "SELECT id FROM events WHERE status='running' AND serial_key=?", (key,)).fetchall())
+                    "SELECT id FROM events WHERE status <> 'done' AND status='running' AND serial_key=?",
+                    (key,)).fetchall())
                 with self._count_lock:  # running elsewhere: held by a remote worker's lease
                     ok = ok and all(h[0] in self._claimed for h in holders)
         except BaseException:
@@ -487,18 +493,19 @@ class Store:
         """After a crash: events left 'running' by local workers go back to the queue; those a remote
         worker holds a lease on stay running until it reports or the lease expires. Returns how many."""
         return self.write(lambda conn: conn.execute(
-            "UPDATE events SET status='queued', next_at=0 WHERE status='running' AND id NOT IN"
+            "UPDATE events SET status='queued', next_at=0 WHERE status <> 'done' AND status='running' AND id NOT IN"
             " (SELECT event_id FROM leases WHERE ended IS NULL)").rowcount)
 
     def due(self, now, limit=1000):
         """(id, route, serial_key) of events whose time has come."""
         return self.read(lambda conn: conn.execute(
-            "SELECT id, route, serial_key FROM events WHERE status IN ('queued','retry') AND next_at <= ?"
+            "SELECT id, route, serial_key FROM events WHERE status <> 'done' AND status IN ('queued','retry')"
+            " AND next_at <= ?"
             " ORDER BY next_at, id LIMIT ?", (now, limit)).fetchall())
 
     def next_due(self):
         row = self.read(lambda conn: conn.execute(
-            "SELECT min(next_at) FROM events WHERE status IN ('queued','retry')").fetchone())
+            "SELECT min(next_at) FROM events WHERE status <> 'done' AND status IN ('queued','retry')").fetchone())
         return row[0]
 
     def retry(self, event_id=None, all_dead=False, now=None):
@@ -507,7 +514,7 @@ class Store:
 
         def fn(conn):
             if all_dead:
-                ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE status='dead'")]
+                ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE status <> 'done' AND status='dead'")]
             else:
                 ids = [r[0] for r in conn.execute(
                     "SELECT id FROM events WHERE id=? AND status IN ('dead','retry')", (event_id,))]
@@ -579,11 +586,12 @@ class Store:
             due = []
             for route in routes:
                 due += conn.execute(
-                    "SELECT next_at, id, serial_key FROM events WHERE status IN ('queued','retry')"
+                    "SELECT next_at, id, serial_key FROM events WHERE status <> 'done' AND status IN ('queued','retry')"
                     " AND next_at <= ? AND route=? ORDER BY next_at, id LIMIT ?",
                     (now, route, max_jobs * 8 + 32)).fetchall()
             busy = {r[0] for r in conn.execute(
-                "SELECT serial_key FROM events WHERE status='running' AND serial_key IS NOT NULL")}
+                "SELECT serial_key FROM events WHERE status <> 'done' AND status='running'"
+                " AND serial_key IS NOT NULL")}
             out = []
             for _, event_id, key in sorted(due):
                 if len(out) >= max_jobs:
@@ -759,8 +767,8 @@ def _store_requests(conn, ops):
     for op in ops:
         route, rows, now = op.route, op.rows, op.now
         if op.limit is not None:
-            queued = conn.execute("SELECT count(*) FROM events WHERE route=? AND status IN"
-                                  " ('queued','retry','running')", (route,)).fetchone()[0]
+            queued = conn.execute("SELECT count(*) FROM events WHERE route=? AND status <> 'done' AND"
+                                  " status IN ('queued','retry','running')", (route,)).fetchone()[0]
             waiting = queued + added.get(route, 0)
             if waiting + len(rows) > op.limit and added.get(route):
                 waiting = queued + _waiting_so_far(conn, route, events)  # exact, only when about to refuse
@@ -851,8 +859,9 @@ def _mark_duplicates(conn, ops, first_id, first_body, added):
 
 def migrate(conn):
     """Bring a database of any earlier schema up to this one, in one transaction: create what is
-    missing, add the ``body_id``/``element`` columns to an old ``events``, and move the bodies of the
-    old sha256-keyed ``bodies`` table into ``request_bodies``."""
+    missing, add the ``body_id``/``element`` columns to an old ``events``, rebuild an ``events_due``
+    index that still holds done rows as the partial one, and move the bodies of the old sha256-keyed
+    ``bodies`` table into ``request_bodies``."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
@@ -860,6 +869,9 @@ def migrate(conn):
             for name in ("body_id", "element"):
                 if name not in columns:
                     conn.execute("ALTER TABLE events ADD COLUMN %s INTEGER" % name)  # constant names
+        if not conn.execute("SELECT 1 FROM pragma_index_list('events') WHERE name='events_due' AND partial=1"
+                            ).fetchone():
+            conn.execute("DROP INDEX IF EXISTS events_due")  # whole-table index of before; made again below
         for stmt in SCHEMA.split(";"):
             if stmt.strip():
                 conn.execute(stmt)
@@ -909,7 +921,7 @@ def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
     raw body contains it (case-insensitive for ASCII); ``offset`` skips that many matches (paging)."""
     where, args = [], []
     if status:
-        where.append("e.status=?")
+        where.append("e.status=?" if status == "done" else "e.status <> 'done' AND e.status=?")
         args.append(status)
     if route:
         where.append("e.route=?")
@@ -935,7 +947,8 @@ def counts(conn):
 
 def oldest_queued(conn):
     """received_at of the oldest event waiting to run (queued or retry), or None."""
-    return conn.execute("SELECT min(received_at) FROM events WHERE status IN ('queued','retry')").fetchone()[0]
+    return conn.execute("SELECT min(received_at) FROM events WHERE status <> 'done' AND"
+                        " status IN ('queued','retry')").fetchone()[0]
 
 
 def _like(text):

@@ -516,5 +516,19 @@ class CommandAndLegacyTeamsTest(PreservicaCase):
         self.assertEqual(self.fake.logins, 0)
 
 
+class KeyTest(unittest.TestCase):
+    """An element's dedupe key is what earlier versions stored, so a redelivery that arrives across an
+    upgrade is still a duplicate: the envelope part is json.dumps of (subscription, timestamp, trigger)
+    whatever the values, built without a JSON encoder per call when they are strings."""
+
+    def test_envelope_text_is_the_json_of_the_three_fields(self):
+        from handlers.preservica import envelope_text
+        cases = [("4583e1e6d2c72ed96a1151bc7dfd53c2", "2026-11-30T07:44:00.123Z", "FULL_TEXT_INDEXED"),
+                 ("s", "t", None), (None, 1733000000, "MOVED"), ("東京 café", 'quote " back \\ slash\n', "\ud800"),
+                 ("", "\x00\x1f\x7f", ["x"]), (1.5, True, {"a": [1]})]
+        for values in cases:
+            self.assertEqual(envelope_text(*values), json.dumps(list(values)), values)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -16,6 +16,13 @@ def row(key=None, body=b"{}", serial=None):
             "body": body, "payload": None}
 
 
+def due_index_entries(store):
+    """Entries in the events_due index now (every page's cells: an index keeps entries in its inner
+    pages too)."""
+    return store.read(lambda c: c.execute("SELECT coalesce(sum(ncell), 0) FROM dbstat WHERE name='events_due'"
+                                          ).fetchone()[0])
+
+
 class StoreTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -205,6 +212,51 @@ class StoreTest(unittest.TestCase):
         self.store.prune(days=1, now=3 * 86400)
         self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0]), 0)
 
+    def test_done_rows_cost_no_entry_in_the_due_index(self):
+        """A route with nothing to do stores its rows done; they are never looked up by status, so
+        events_due leaves them out (one page less per commit at 1 connection): only the rows still
+        waiting, and a done row that becomes waiting again, have an entry."""
+        done = dict(row(), done=True)
+        self.store.add_events("r", [dict(done, dedupe_key="d%d" % i) for i in range(40)])
+        [(waiting, _)] = self.store.add_events("r", [row("w")])
+        self.assertEqual(due_index_entries(self.store), 1)
+        self.store.claim(waiting)
+        self.store.finish(waiting, "r", "done")
+        self.assertEqual(due_index_entries(self.store), 0)
+        self.store.replay(waiting)
+        self.assertEqual(due_index_entries(self.store), 1)
+
+    def test_every_query_for_waiting_events_uses_an_index(self):
+        """sqlite uses the partial events_due only for a query whose WHERE holds the index's own term: each
+        statement that finds events by a status other than done (due, next due, the waiting counts, a claim's
+        serial check, leases, crash recovery, the queue_size count, retrying the dead, the console's lists,
+        Camio's pending tasks) is run here with a trace, and none of them may scan the events table."""
+        from handlers import camio
+        from hookd_core import leases, store as store_mod
+        seen = []
+        self.store._conn.set_trace_callback(seen.append)
+        self.store.read(lambda c: c.set_trace_callback(seen.append))
+        self.store.add_events("r", [dict(row(), done=True)])
+        [(a, _), (b, _)] = self.store.add_events("r", [row("a", serial="s"), row("b", serial="s")], limit=10)
+        self.store.due(time.time())
+        self.store.next_due()
+        self.store.recount()
+        self.store.claim(a)
+        self.store.finish(a, "r", "dead", error="x")
+        self.store.retry(all_dead=True)
+        self.store.lease(["r"], 2, 30, "w1")
+        self.store.requeue_running()
+        self.store.read(lambda c: (store_mod.oldest_queued(c), list_events(c, status="dead"),
+                                   leases._due(c, ["r"], time.time()), camio.pending_tasks(c, "r")))
+        self.store._conn.set_trace_callback(None)
+        self.store.read(lambda c: c.set_trace_callback(None))
+        by_status = [sql for sql in seen if "events" in sql and "status" in sql.split("WHERE", 1)[-1]
+                     and not sql.lstrip().upper().startswith("INSERT")]
+        self.assertGreaterEqual(len(by_status), 12, by_status)
+        for sql in by_status:
+            plan = self.store.read(lambda c: [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql)])
+            self.assertFalse([p for p in plan if p in ("SCAN events", "SCAN e")], (sql, plan))
+
     def hold_writes(self):
         """Hold the writer inside a write until the returned function is called, so what is submitted
         meanwhile commits as one group."""
@@ -343,6 +395,10 @@ class MigrationTest(unittest.TestCase):
                 self.assertNotIn("bodies", tables)
                 n = store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0])
                 self.assertEqual(n, 3, "two old bodies (one shared by two events) and one new")
+                not_done = store.read(lambda c: c.execute(
+                    "SELECT count(*) FROM events WHERE status <> 'done'").fetchone()[0])
+                self.assertEqual((not_done, due_index_entries(store)), (4, 4), "the old done row left the index")
+                self.assertIn(new, [r[0] for r in store.due(time.time())])
             finally:
                 store.close()
             store = Store(path)  # a second open finds nothing left to migrate
