@@ -37,7 +37,6 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from json.encoder import encode_basestring_ascii as _json_string
 
 from hookd_core import client, verify
 from hookd_core.api import (REQUIRED, BadPayload, Fail, Files, Integration, NewEvent, Reject, Response,
@@ -67,15 +66,6 @@ TRIGGER_WORDS = {
 }
 ENTITY_PATHS = {"IO": "information-objects", "SO": "structural-objects", "CO": "content-objects"}
 ENTITY_WORDS = {"IO": "asset", "SO": "folder", "CO": "content object"}
-
-
-def envelope_text(subscription, stamp, trigger):
-    """``json.dumps([subscription, stamp, trigger])``, the envelope part of every element's dedupe key
-    (keys stay what earlier versions stored, so a redelivery across an upgrade is still a duplicate),
-    for strings without building a JSON encoder per call (~1 µs a delivery)."""
-    if type(subscription) is str and type(stamp) is str and type(trigger) is str:
-        return "[%s, %s, %s]" % (_json_string(subscription), _json_string(stamp), _json_string(trigger))
-    return json.dumps([subscription, stamp, trigger])
 
 
 def safe_name(ref):
@@ -184,8 +174,14 @@ class Handler(Integration):
 
     def new_events(self, req, body):
         """One NewEvent per element of ``events[]``: its index in the array (the body is stored once, the
-        envelope is never copied), its own dedupe key, and one serial lane per entity."""
-        keys, lane = self.event_keys(req, body), self.name + ":"
+        envelope is never copied) and one serial lane per entity. Dedupe is per element, but a delivery
+        stores one key: with the section's ``dedupe`` rule, that rule's key plus the element's position on
+        every element; otherwise the delivery's key (``delivery_key``) on its first element, a batch
+        (``NewEvent.batch``): only when that key is already stored (a redelivery, or another delivery
+        with the same envelope) does the store judge each element by its own position and content. A
+        new delivery costs one key and one index entry instead of one per element (measured: ~4 µs a
+        4-event delivery in the writer, ~4 µs of keys on the request thread)."""
+        lane = self.name + ":"
         out = []
         for index, element in enumerate(body["events"]):
             if not isinstance(element, dict):
@@ -193,35 +189,29 @@ class Handler(Integration):
             ref = element.get("entityRef")
             if not isinstance(ref, str) or not ref.strip():
                 raise BadPayload("events[%d] has no entityRef" % index)
-            out.append(NewEvent(None, keys(index, element), lane + ref, index))
-        return out
-
-    def event_keys(self, req, body):
-        """A function (index, element) -> the dedupe key of that element. With the section's ``dedupe``
-        rule: that rule's key plus the element's position. Otherwise a hash of the subscription,
-        timestamp and trigger, and of the element's position, reference, type and event, so a
-        redelivery of the same message is recognised and a later event about the same asset (a later
-        timestamp) is not; with no timestamp, the body's hash stands in for the envelope. The key begins
-        with the delivery's timestamp, so keys arrive roughly in order and each commit adds them at the
-        end of the dedupe index instead of scattered over all of it (measured: 47 KB of WAL per
-        4-event delivery with hash-first keys, 11 KB with timestamp-first ones)."""
+            out.append(NewEvent(None, None, lane + ref, index))
         rule = self.conf.get("dedupe")
         if rule:
             key = dedupe_key(rule, req)
-            return lambda index, element: None if key is None else "%s#%d" % (key, index)
-        stamp = body.get("timestamp")
-        if stamp:
-            base = envelope_text(body.get("subscriptionId"), stamp, body.get("trigger"))
-            prefix = "pv:%s:" % str(stamp)[:MAX_KEY_STAMP]
+            for index, event in enumerate(out):
+                event.dedupe_key = None if key is None else "%s#%d" % (key, index)
         else:
-            base, prefix = "body:" + hashlib.sha256(req.body).hexdigest(), "pv:"
-        sha256 = hashlib.sha256
+            out[0].dedupe_key, out[0].batch = self.delivery_key(req.body, body), True
+        return out
 
-        def key_of(index, element):
-            material = "%s\0%d\0%s\0%s\0%s" % (base, index, element.get("entityRef"), element.get("entityType"),
-                                               element.get("event"))
-            return prefix + sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        return key_of
+    def delivery_key(self, raw, body):
+        """The key of a whole delivery: a hash of its subscription, timestamp and trigger (each as its
+        ``repr``, unambiguous for any JSON value), so a redelivery of the same message finds it and a
+        later event about the same asset (a later timestamp) does not; with no timestamp, a hash of the
+        body. It begins with the delivery's timestamp, so keys arrive roughly in order and each commit
+        adds them at the end of the dedupe index instead of scattered over all of it (measured: 47 KB of
+        WAL per 4-event delivery with hash-first keys, 11 KB with timestamp-first ones)."""
+        stamp = body.get("timestamp")
+        if not stamp:
+            return "pv:" + hashlib.sha256(raw).hexdigest()[:32]
+        text = "%r\0%r\0%r" % (body.get("subscriptionId"), stamp, body.get("trigger"))
+        return "pv:%s:%s" % (str(stamp)[:MAX_KEY_STAMP],
+                             hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32])
 
     # -- worker thread -------------------------------------------------------------------------------
 

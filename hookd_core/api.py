@@ -148,15 +148,19 @@ class NewEvent:
     body. ``dedupe_key`` None means the section's ``dedupe`` setting (default: sha256 of the body).
     ``serial_key``: never two running jobs with the same key (a camera, an asset). ``element``: this job
     is element N of the body's ``events`` array (a batch delivery); only N is stored, never a copy of
-    the body, and ``ctx.payload`` is rebuilt from the body by ``element_payload``."""
+    the body, and ``ctx.payload`` is rebuilt from the body by ``element_payload``. ``batch``, on the
+    first NewEvent of a batch delivery only: its ``dedupe_key`` stands for the whole delivery and the
+    others carry none; dedupe is still per element (the store judges each one by its position and
+    content when the delivery's key is already stored)."""
 
-    __slots__ = ("payload", "dedupe_key", "serial_key", "element")
+    __slots__ = ("payload", "dedupe_key", "serial_key", "element", "batch")
 
-    def __init__(self, payload=None, dedupe_key=None, serial_key=None, element=None):
+    def __init__(self, payload=None, dedupe_key=None, serial_key=None, element=None, batch=False):
         self.payload = payload
         self.dedupe_key = dedupe_key
         self.serial_key = serial_key
         self.element = element
+        self.batch = batch
 
 
 def element_payload(doc, index):

@@ -190,15 +190,17 @@ class App:
         headers = stored_headers.json(req.headers)
         content_type, body = req.headers.get("Content-Type"), req.body
         rows = []
+        batch = False  # the first event's key stands for the delivery: the others carry none of their own
         for ev in events:
             if not isinstance(ev, NewEvent):
                 ev = NewEvent(ev)
-            key = ev.dedupe_key if ev.dedupe_key is not None else dedupe_key(rule, req)
+            batch = batch or ev.batch
+            key = ev.dedupe_key if batch or ev.dedupe_key is not None else dedupe_key(rule, req)
             rows.append({"dedupe_key": _storable(key), "serial_key": _storable(ev.serial_key),
                          "headers": headers, "content_type": content_type, "body": body,
                          "element": _storable(ev.element),
                          "payload": json.dumps(ev.payload) if ev.payload is not None else None,
-                         "done": done})
+                         "done": done, "batch": ev.batch})
         return rows
 
     def redact(self, text):

@@ -26,6 +26,7 @@ in memory, changed after each commit and re-read from the table now and then (th
 while the daemon runs).
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ import threading
 import time
 
 from . import logs
-from .api import Busy
+from .api import Busy, json_or_none
 
 WAITING = ("queued", "retry", "running")
 STATUSES = ("queued", "running", "done", "retry", "dead", "duplicate")
@@ -771,7 +772,7 @@ def _store_requests(conn, ops):
                                   " status IN ('queued','retry','running')", (route,)).fetchone()[0]
             waiting = queued + added.get(route, 0)
             if waiting + len(rows) > op.limit and added.get(route):
-                waiting = queued + _waiting_so_far(conn, route, events)  # exact, only when about to refuse
+                waiting = queued + _waiting_so_far(conn, route, ops)  # exact, only when about to refuse
             if waiting + len(rows) > op.limit:
                 op.error = Busy("%s has %d events waiting (queue_size %d)" % (route, waiting, op.limit))
                 continue
@@ -798,63 +799,152 @@ def _store_requests(conn, ops):
         before = conn.total_changes
         conn.executemany(_INSERT_NEW, events)
         if conn.total_changes - before < len(events):
-            _mark_duplicates(conn, ops, first_id, first_body, added)
+            _mark_duplicates(conn, ops, events, first_id, first_body, added)
     return added
 
 
-def _waiting_so_far(conn, route, events):
-    """How many of the group's rows for ``route`` so far will wait once stored: not the duplicates that
-    ``INSERT OR IGNORE`` will turn away (a key already stored, or taken by an earlier row of the group).
-    Only asked before refusing a request for its route's queue_size, so the fast path never looks up."""
-    rows = [(e[2], e[5]) for e in events if e[1] == route]
-    wanted = list({key for _, key in rows if key is not None})
-    taken = set()
-    for i in range(0, len(wanted), KEYS_PER_SELECT):
-        part = wanted[i:i + KEYS_PER_SELECT]
-        sql = ("SELECT dedupe_key FROM events WHERE route=? AND dedupe_key IN (%s)"
-               % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
-        taken.update(key for (key,) in conn.execute(sql, [route] + part))
+def _waiting_so_far(conn, route, ops):
+    """How many of the group's rows for ``route`` so far (``ops`` whose rows are placed) will wait once
+    stored: not the duplicates that ``INSERT OR IGNORE`` will turn away (a key already stored, or taken
+    by an earlier row of the group), nor the elements of a redelivered batch that ``_redelivered`` will
+    find. Only asked before refusing a request for its route's queue_size, so the fast path never
+    looks up."""
+    ops = [op for op in ops if op.result is not None and op.route == route]
+    taken = set(_stored_keys(conn, route, {row.get("dedupe_key") for op in ops for row in op.rows}))
+    firsts = {}  # a batch delivery's key -> the group's op stored under it
     waiting = 0
-    for status, key in rows:
-        if key is None or key not in taken:
-            taken.add(key)
-            waiting += status == "queued"
+    for op in ops:
+        head = op.rows[0]
+        batch, key = head.get("batch"), head.get("dedupe_key")
+        pairs = [(row, row.get("dedupe_key")) for row in op.rows]
+        if batch and (key in taken or key in firsts):
+            keys = _element_keys(key, head.get("body"), len(op.rows))
+            taken.update(_stored_elements(conn, route, key, keys))
+            if key in firsts:
+                taken.update(_element_keys(key, firsts[key].rows[0].get("body"), len(firsts[key].rows)))
+            pairs = list(zip(op.rows, keys))
+        elif batch:
+            firsts[key] = op
+        for row, key in pairs:
+            if key is None or key not in taken:
+                taken.add(key)
+                waiting += not row.get("done")
     return waiting
 
 
-def _mark_duplicates(conn, ops, first_id, first_body, added):
+def _mark_duplicates(conn, ops, events, first_id, first_body, added):
     """The rows ``INSERT OR IGNORE`` turned away had a known (route, dedupe_key): store each as a
     'duplicate' row under its id, pointing at the original, tell its request so, and drop the bodies
-    that no stored row needs (a request that brought nothing new keeps none). The originals are looked
-    up KEYS_PER_SELECT keys a statement, so a redelivery of many elements costs a few statements."""
+    that no stored row needs (a request that brought nothing new keeps none). A batch delivery whose
+    key was turned away is sorted element by element (``_redelivered``). ``events`` are the group's rows
+    as ``_INSERT_NEW`` takes them, the first with id ``first_id``."""
     stored = {r[0] for r in conn.execute("SELECT id FROM events WHERE id >= ?", (first_id,))}
     turned = [(op, i, row) for op in ops if op.error is None
               for i, ((event_id, _), row) in enumerate(zip(op.result, op.rows)) if event_id not in stored]
+    batches = [op for op, _, row in turned if row.get("batch")]
+    turned = [t for t in turned if not t[2].get("batch")]
     wanted = {}
     for op, _, row in turned:
         wanted.setdefault(op.route, set()).add(row.get("dedupe_key"))
-    known = {}
-    for route, keys in wanted.items():
-        keys = [k for k in keys if k is not None]
-        for i in range(0, len(keys), KEYS_PER_SELECT):
-            part = keys[i:i + KEYS_PER_SELECT]
-            sql = ("SELECT dedupe_key, id FROM events WHERE route=? AND dedupe_key IN (%s)"
-                   % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
-            for key, event_id in conn.execute(sql, [route] + part):
-                known[(route, key)] = event_id
+    known = {(route, key): event_id for route, keys in wanted.items()
+             for key, event_id in _stored_keys(conn, route, keys).items()}
     duplicates = []
     for op, i, row in turned:
         event_id, original = op.result[i][0], known.get((op.route, row.get("dedupe_key")))
         if original is None:
             raise sqlite3.IntegrityError("event %d was not stored" % event_id)
-        duplicates.append((event_id, op.route, op.now, op.now, original, row.get("headers"),
-                           row.get("content_type"), "duplicate of %d" % original))
+        duplicates.append(_duplicate(op, row, event_id, original))
         op.result[i] = (original, "duplicate")
         if not row.get("done"):
             added[op.route] -= 1
     conn.executemany(_INSERT_DUPLICATE, duplicates)
+    for op in batches:
+        _redelivered(conn, op, events, first_id, added)
     conn.execute("DELETE FROM request_bodies WHERE id >= ? AND id NOT IN"
                  " (SELECT body_id FROM events WHERE id >= ? AND body_id IS NOT NULL)", (first_body, first_id))
+
+
+def _duplicate(op, row, event_id, original):
+    """``_INSERT_DUPLICATE``'s parameters: ``row`` of ``op`` stored as event ``event_id``, a duplicate of
+    ``original``."""
+    return (event_id, op.route, op.now, op.now, original, row.get("headers"), row.get("content_type"),
+            "duplicate of %d" % original)
+
+
+def _redelivered(conn, op, events, first_id, added):
+    """A batch delivery whose key is already stored (a redelivery, or another delivery with the same
+    envelope): each element is looked up by its own key among what is stored of deliveries under that
+    key, and stored as a duplicate of what it matches, or as new under its own key (so a later
+    redelivery finds it). Its elements after the first went in without a key: they are taken out and
+    stored again, as new or as duplicates, under the same ids."""
+    head, ids = op.rows[0], [event_id for event_id, _ in op.result]
+    keys = _element_keys(head["dedupe_key"], head.get("body"), len(ids))
+    known = _stored_elements(conn, op.route, head["dedupe_key"], keys)
+    conn.execute("DELETE FROM events WHERE id > ? AND id <= ?", (ids[0], ids[-1]))
+    new, duplicates = [], []
+    for i, (event_id, row, key) in enumerate(zip(ids, op.rows, keys)):
+        original = known.get(key) if key is not None else None
+        if original is None:
+            placed = events[event_id - first_id]
+            new.append(placed[:5] + (key,) + placed[6:])
+            if key is not None:
+                known[key] = event_id
+        else:
+            duplicates.append(_duplicate(op, row, event_id, original))
+            op.result[i] = (original, "duplicate")
+            if not row.get("done"):
+                added[op.route] -= 1
+    before = conn.total_changes
+    conn.executemany(_INSERT_NEW, new)
+    if conn.total_changes - before < len(new):
+        raise sqlite3.IntegrityError("a redelivered element was not stored")
+    conn.executemany(_INSERT_DUPLICATE, duplicates)
+
+
+def _element_keys(batch_key, body, n=None):
+    """The own key of each element of a batch delivery stored under ``batch_key`` (``events[i]`` of
+    ``body``): that key, the element's position, and a hash of the element (its JSON, keys sorted), so
+    an element is a duplicate only of the same element in the same place. With ``n``: n keys, None
+    for those the body does not hold."""
+    doc = json_or_none(body)
+    events = doc.get("events") if isinstance(doc, dict) else None
+    events = events if isinstance(events, list) else []
+    out = []
+    for i, element in enumerate(events):
+        text = json.dumps(element, sort_keys=True)  # ASCII: a lone surrogate is escaped, not encoded
+        out.append("%s#%d:%s" % (batch_key, i, hashlib.sha256(text.encode("ascii")).hexdigest()[:24]))
+    return out if n is None else (out + [None] * n)[:n]
+
+
+def _stored_elements(conn, route, batch_key, keys):
+    """{element key: event id} of the elements stored under ``batch_key`` (rows that follow the row
+    holding it, one per element, sharing its body) and of those among ``keys`` that earlier redeliveries
+    stored under their own key."""
+    known = {}
+    first = conn.execute("SELECT e.id, e.body_id, b.data FROM events e JOIN request_bodies b ON b.id = e.body_id"
+                         " WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
+    if first is not None:
+        first_id, body_id, data = first
+        theirs = _element_keys(batch_key, data)
+        for element, event_id in conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ?"
+                                              " AND body_id=?", (first_id, first_id + len(theirs), body_id)):
+            if isinstance(element, int) and 0 <= element < len(theirs):
+                known.setdefault(theirs[element], event_id)
+    for key, event_id in _stored_keys(conn, route, keys).items():
+        known.setdefault(key, event_id)
+    return known
+
+
+def _stored_keys(conn, route, keys):
+    """{dedupe key: event id} of those of ``keys`` stored for ``route``, KEYS_PER_SELECT keys a
+    statement (a redelivery of many elements costs a few statements)."""
+    wanted, out = list(set(keys) - {None}), {}
+    for i in range(0, len(wanted), KEYS_PER_SELECT):
+        part = wanted[i:i + KEYS_PER_SELECT]
+        sql = ("SELECT dedupe_key, id FROM events WHERE route=? AND dedupe_key IN (%s)"
+               % ",".join("?" * len(part)))  # placeholders only: no value is ever put in the text
+        out.update(conn.execute(sql, [route] + part))
+    return out
 
 
 def migrate(conn):

@@ -10,6 +10,7 @@ tiny so retried paths finish in well under a second.
 
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -242,6 +243,30 @@ class IntakeTest(PreservicaCase):
         duplicates = [e for e in self.d.events("--status", "duplicate") if e["id"] > original]
         self.assertEqual(len(duplicates), 1)
         self.assertEqual(self.d.event(duplicates[0]["id"])["duplicate_of"], original)
+
+    def test_a_delivery_stores_one_dedupe_key_and_a_later_one_is_judged_by_element(self):
+        """A new delivery of 4 events stores one dedupe key (the delivery's), not one per element; a
+        delivery with the same envelope whose first element is new and whose second was seen stores the
+        first and marks the second a duplicate of the stored one."""
+        stamp = "2026-11-30T10:41:00.456Z"
+        events = [fp.io_event(new_ref()) for _ in range(4)]
+        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope(events, timestamp=stamp))
+        self.assertEqual(status, 202, reply)
+        ids = json.loads(reply.decode("utf-8"))["ids"]
+        db = sqlite3.connect("file:%s?mode=ro" % os.path.join(self.d.state_dir, "hookd.sqlite3"), uri=True)
+        try:
+            keys = [db.execute("SELECT dedupe_key FROM events WHERE id=?", (i,)).fetchone()[0] for i in ids]
+        finally:
+            db.close()
+        self.assertEqual(sum(k is not None for k in keys), 1, keys)
+        fresh = fp.io_event(new_ref())
+        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope([fresh, events[1]], timestamp=stamp))
+        self.assertEqual(status, 202, reply)
+        doc = json.loads(reply.decode("utf-8"))
+        self.assertEqual(doc["ids"][1], ids[1])
+        self.assertNotIn(doc["ids"][0], ids)
+        self.assertEqual(self.d.wait_status(doc["ids"][0], "done")["payload"]["event"]["entityRef"],
+                         fresh["entityRef"])
 
     def test_wrong_shapes_are_refused_and_not_stored(self):
         before = len(self.d.events())
@@ -514,20 +539,6 @@ class CommandAndLegacyTeamsTest(PreservicaCase):
         facts = {f["name"]: f["value"] for f in cards[0][1]["sections"][0]["facts"]}
         self.assertEqual((facts["Reference"], facts["Title"]), (ref, "(unknown)"))
         self.assertEqual(self.fake.logins, 0)
-
-
-class KeyTest(unittest.TestCase):
-    """An element's dedupe key is what earlier versions stored, so a redelivery that arrives across an
-    upgrade is still a duplicate: the envelope part is json.dumps of (subscription, timestamp, trigger)
-    whatever the values, built without a JSON encoder per call when they are strings."""
-
-    def test_envelope_text_is_the_json_of_the_three_fields(self):
-        from handlers.preservica import envelope_text
-        cases = [("4583e1e6d2c72ed96a1151bc7dfd53c2", "2026-11-30T07:44:00.123Z", "FULL_TEXT_INDEXED"),
-                 ("s", "t", None), (None, 1733000000, "MOVED"), ("東京 café", 'quote " back \\ slash\n', "\ud800"),
-                 ("", "\x00\x1f\x7f", ["x"]), (1.5, True, {"a": [1]})]
-        for values in cases:
-            self.assertEqual(envelope_text(*values), json.dumps(list(values)), values)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The store on a real sqlite file: adding, dedupe, claiming, finishing, retrying, replaying, pruning,
 crash recovery, and group commit (many concurrent writers, fewer commits, every caller told the truth)."""
 
+import json
 import os
 import sqlite3
 import tempfile
@@ -14,6 +15,15 @@ from hookd_core.store import WAL_KEEP_BYTES, Store, StoreError, list_events, pro
 def row(key=None, body=b"{}", serial=None):
     return {"dedupe_key": key, "serial_key": serial, "headers": "{}", "content_type": "application/json",
             "body": body, "payload": None}
+
+
+def batch(envelope, elements):
+    """A batch delivery's rows as App.event_rows makes them for Preservica: the delivery's key on the first
+    row, marked ``batch``, no key on the others, one body."""
+    body = json.dumps({"env": envelope, "events": elements}).encode("utf-8")
+    rows = [dict(row(None, body), element=i) for i in range(len(elements))]
+    rows[0].update(dedupe_key="d:" + envelope, batch=True)
+    return rows
 
 
 def due_index_entries(store):
@@ -317,6 +327,71 @@ class StoreTest(unittest.TestCase):
         with self.assertRaisesRegex(Busy, "r has 2 events waiting"):
             ops[2].wait()
         self.assertEqual(self.store.waiting("r"), 2)
+
+    def keys_stored(self, ids):
+        return self.store.read(lambda c: [c.execute("SELECT dedupe_key FROM events WHERE id=?", (i,)).fetchone()[0]
+                                          for i in ids])
+
+    def test_a_batch_stores_one_key_and_a_redelivery_is_sorted_element_by_element(self):
+        """A batch delivery (Preservica's events[]) stores one dedupe key, the delivery's; when that key is
+        stored already each element is judged by its own key: one seen under that delivery key (in the
+        first delivery, or added by a later one) is a duplicate of it, any other is new, wherever it sits."""
+        first = self.store.add_events("r", batch("E", ["x", "y"]))
+        self.assertEqual([st for _, st in first], ["new", "new"])
+        self.assertEqual(self.keys_stored([i for i, _ in first]), ["d:E", None], "one key for the delivery")
+        (x, _), (y, _) = first
+        second = self.store.add_events("r", batch("E", ["x", "z"]))
+        self.assertEqual(second[0], (x, "duplicate"))
+        (z, st) = second[1]
+        self.assertEqual(st, "new")
+        self.assertRegex(self.keys_stored([z])[0], "^d:E#1:", "an element added by a redelivery keeps its own key")
+        third = self.store.add_events("r", batch("E", ["w", "z"]))
+        self.assertEqual(third[0][1], "new", "a new element in the first place")
+        self.assertEqual(third[1], (z, "duplicate"))
+        self.assertEqual(self.store.add_events("r", batch("E", ["x", "y"])), [(x, "duplicate"), (y, "duplicate")])
+        self.assertEqual(self.store.add_events("r", batch("F", ["x"]))[0][1], "new", "another envelope")
+        stored = self.store.read(lambda c: c.execute(
+            "SELECT status, count(*) FROM events GROUP BY status ORDER BY status").fetchall())
+        self.assertEqual(stored, [("duplicate", 4), ("queued", 5)])
+        self.assertEqual(self.store.waiting("r"), 5)
+        bodies = self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0])
+        self.assertEqual(bodies, 4, "the all-duplicate redelivery kept no body")
+        for event_id, element in ((x, "x"), (z, "z"), (third[0][0], "w")):
+            ev = self.store.read(lambda c: row_dict(c, event_id, with_body=True))
+            self.assertEqual(json.loads(ev["body"])["events"][ev["element"]], element)
+
+    def test_redeliveries_of_a_batch_inside_one_group(self):
+        """The same delivery twice and a third one beside it with one element more, all in one group: the
+        first stores its elements, the others are duplicates of them except the one element that is new."""
+        release = self.hold_writes()
+        ops = [self.store.submit_events("r", batch("E", ["x", "y"])),
+               self.store.submit_events("r", batch("E", ["x", "y"])),
+               self.store.submit_events("r", batch("E", ["x", "y", "z"]))]
+        release()
+        first, again, more = [op.wait() for op in ops]
+        self.assertEqual([st for _, st in first], ["new", "new"])
+        self.assertEqual(again, [(first[0][0], "duplicate"), (first[1][0], "duplicate")])
+        self.assertEqual(more[:2], again)
+        self.assertEqual(more[2][1], "new")
+        self.assertEqual(self.store.waiting("r"), 3)
+        self.assertRegex(self.keys_stored([more[2][0]])[0], "^d:E#2:")
+
+    def test_route_limit_does_not_count_a_redelivered_batchs_duplicates(self):
+        """queue_size counts a redelivered batch's elements as they will be stored: none of an unchanged
+        redelivery, so a new request beside it in the same group still fits."""
+        from hookd_core.api import Busy
+        self.store.add_events("r", batch("E", ["x", "y"]))
+        release = self.hold_writes()
+        ops = [self.store.submit_events("r", batch("E", ["x", "y"]), limit=4),
+               self.store.submit_events("r", batch("E", ["x", "z"]), limit=4),
+               self.store.submit_events("r", [row("new")], limit=4),
+               self.store.submit_events("r", [row("newer")], limit=4)]
+        release()
+        self.assertEqual([st for _, st in ops[0].wait()], ["duplicate", "duplicate"])
+        self.assertEqual([st for _, st in ops[1].wait()], ["duplicate", "new"])
+        self.assertEqual(ops[2].wait()[0][1], "new")
+        with self.assertRaisesRegex(Busy, "r has 4 events waiting"):
+            ops[3].wait()
 
     def test_route_limit_is_exact_under_concurrency(self):
         from hookd_core.api import Busy
