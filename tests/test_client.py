@@ -76,6 +76,7 @@ class Upstream:
             except OSError:
                 return  # the client cut us off: what the deadline is for
             finally:
+                conn.close()  # before it counts as ended: a test that waits for that then meets the close
                 self.ended += 1
 
     def close(self):
