@@ -388,8 +388,11 @@ def hmac_scheme(headers, body, secrets, name, prefix="", encoding="hex", algorit
     """HMAC(secret, template) in header ``name``, after ``prefix``; several signatures may be given,
     separated by commas or spaces (adnanh/webhook does the same)."""
     value = _require(headers, name)
+    # One signature (the usual case) without the regex (1.2 µs): every character \s matches but the
+    # space is not printable, so such a value holds no separator.
+    one = value.isprintable() and " " not in value and "," not in value
     given = []
-    for item in _SEPARATORS.split(value)[:MAX_SIGNATURES]:
+    for item in [value] if one else _SEPARATORS.split(value)[:MAX_SIGNATURES]:
         if prefix and not item.startswith(prefix):
             continue
         decoded = _decode(item[len(prefix):], encoding)
