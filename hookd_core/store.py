@@ -105,6 +105,7 @@ NOTHING_TO_DO = "stored; no work or action configured for this route"
 # the index's own term, so every query that finds events by a status other than done says
 # "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
+MAX_BATCH = 1000  # elements of a batch delivery looked at on a redelivery (Preservica's MAX_EVENTS)
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 # A WAL file a burst (one large request) grew past this is cut back to it when the WAL starts over. The
 # WAL normally stays near sqlite's automatic checkpoint (1000 pages, ~4 MB): a limit below that would cut
@@ -818,8 +819,8 @@ def _waiting_so_far(conn, route, ops):
         batch, key = head.get("batch"), head.get("dedupe_key")
         pairs = [(row, row.get("dedupe_key")) for row in op.rows]
         if batch and (key in taken or key in firsts):
-            keys = _element_keys(key, head.get("body"), len(op.rows))
-            taken.update(_stored_elements(conn, route, key, keys))
+            keys, stored = _stored_elements(conn, route, key, head.get("body"), len(op.rows))
+            taken.update(stored)
             if key in firsts:
                 taken.update(_element_keys(key, firsts[key].rows[0].get("body"), len(firsts[key].rows)))
             pairs = list(zip(op.rows, keys))
@@ -878,8 +879,7 @@ def _redelivered(conn, op, events, first_id, added):
     redelivery finds it). Its elements after the first went in without a key: they are taken out and
     stored again, as new or as duplicates, under the same ids."""
     head, ids = op.rows[0], [event_id for event_id, _ in op.result]
-    keys = _element_keys(head["dedupe_key"], head.get("body"), len(ids))
-    known = _stored_elements(conn, op.route, head["dedupe_key"], keys)
+    keys, known = _stored_elements(conn, op.route, head["dedupe_key"], head.get("body"), len(ids))
     conn.execute("DELETE FROM events WHERE id > ? AND id <= ?", (ids[0], ids[-1]))
     new, duplicates = [], []
     for i, (event_id, row, key) in enumerate(zip(ids, op.rows, keys)):
@@ -901,38 +901,46 @@ def _redelivered(conn, op, events, first_id, added):
     conn.executemany(_INSERT_DUPLICATE, duplicates)
 
 
-def _element_keys(batch_key, body, n=None):
-    """The own key of each element of a batch delivery stored under ``batch_key`` (``events[i]`` of
-    ``body``): that key, the element's position, and a hash of the element (its JSON, keys sorted), so
-    an element is a duplicate only of the same element in the same place. With ``n``: n keys, None
-    for those the body does not hold."""
-    doc = json_or_none(body)
-    events = doc.get("events") if isinstance(doc, dict) else None
-    events = events if isinstance(events, list) else []
-    out = []
-    for i, element in enumerate(events):
-        text = json.dumps(element, sort_keys=True)  # ASCII: a lone surrogate is escaped, not encoded
-        out.append("%s#%d:%s" % (batch_key, i, hashlib.sha256(text.encode("ascii")).hexdigest()[:24]))
-    return out if n is None else (out + [None] * n)[:n]
+def _element_keys(batch_key, body, n):
+    """The own keys of the first ``n`` elements of a batch delivery stored under ``batch_key``
+    (``events[i]`` of ``body``): that key, the element's position, and a hash of the element (its JSON,
+    keys sorted), so an element is a duplicate only of the same element in the same place. A body this
+    thread cannot take apart (nested deeper than the writer's stack allows, which the request thread's
+    did) has its elements keyed by position and the hash of the whole body: the same bytes again are
+    still recognised."""
+    try:
+        doc = json_or_none(body)
+        events = doc.get("events") if isinstance(doc, dict) else None
+        if isinstance(events, list) and len(events) >= n:
+            return ["%s#%d:%s" % (batch_key, i, hashlib.sha256(json.dumps(element, sort_keys=True).encode(
+                "ascii")).hexdigest()[:24]) for i, element in enumerate(events[:n])]  # ASCII JSON: \ud800 escaped
+    except RecursionError:
+        pass
+    whole = hashlib.sha256(body or b"").hexdigest()[:24]
+    return ["%s#%d:body:%s" % (batch_key, i, whole) for i in range(n)]
 
 
-def _stored_elements(conn, route, batch_key, keys):
-    """{element key: event id} of the elements stored under ``batch_key`` (rows that follow the row
-    holding it, one per element, sharing its body) and of those among ``keys`` that earlier redeliveries
-    stored under their own key."""
-    known = {}
+def _stored_elements(conn, route, batch_key, body, n):
+    """(the own keys of the ``n`` elements of ``body``, {element key: event id} of what is stored of
+    them): the elements of the delivery stored under ``batch_key`` (rows that follow the row holding
+    it, one per element, sharing its body; an earlier version's rows too, which had a key each) and
+    those that earlier redeliveries stored under their own key. Both bodies are taken apart here, at
+    one stack depth, so a body too deep for it is keyed the same way in both."""
+    keys, known = _element_keys(batch_key, body, n), {}
     first = conn.execute("SELECT e.id, e.body_id, b.data FROM events e JOIN request_bodies b ON b.id = e.body_id"
                          " WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
     if first is not None:
         first_id, body_id, data = first
-        theirs = _element_keys(batch_key, data)
-        for element, event_id in conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ?"
-                                              " AND body_id=?", (first_id, first_id + len(theirs), body_id)):
-            if isinstance(element, int) and 0 <= element < len(theirs):
+        rows = conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ? AND body_id=?",
+                            (first_id, first_id + MAX_BATCH, body_id)).fetchall()
+        elements = {e for e, _ in rows if isinstance(e, int) and 0 <= e < MAX_BATCH}
+        theirs = _element_keys(batch_key, data, max(elements) + 1 if elements else 0)
+        for element, event_id in rows:
+            if element in elements:
                 known.setdefault(theirs[element], event_id)
     for key, event_id in _stored_keys(conn, route, keys).items():
         known.setdefault(key, event_id)
-    return known
+    return keys, known
 
 
 def _stored_keys(conn, route, keys):

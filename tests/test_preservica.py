@@ -37,6 +37,15 @@ def new_ref():
     return str(uuid.uuid4())
 
 
+def read_database(daemon, fn):
+    """``fn(connection)`` on the daemon's database, read-only."""
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(daemon.state_dir, "hookd.sqlite3"), uri=True)
+    try:
+        return fn(db)
+    finally:
+        db.close()
+
+
 def delivery_bytes(body):
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
@@ -245,28 +254,42 @@ class IntakeTest(PreservicaCase):
         self.assertEqual(self.d.event(duplicates[0]["id"])["duplicate_of"], original)
 
     def test_a_delivery_stores_one_dedupe_key_and_a_later_one_is_judged_by_element(self):
-        """A new delivery of 4 events stores one dedupe key (the delivery's), not one per element; a
-        delivery with the same envelope whose first element is new and whose second was seen stores the
-        first and marks the second a duplicate of the stored one."""
+        """A new delivery of 4 events stores one dedupe key (the delivery's), not one per element; the
+        same message again with its second element replaced stores that one and marks the others
+        duplicates of the stored ones."""
         stamp = "2026-11-30T10:41:00.456Z"
         events = [fp.io_event(new_ref()) for _ in range(4)]
         status, _, reply = fp.deliver(self.url, SECRET, fp.envelope(events, timestamp=stamp))
         self.assertEqual(status, 202, reply)
         ids = json.loads(reply.decode("utf-8"))["ids"]
-        db = sqlite3.connect("file:%s?mode=ro" % os.path.join(self.d.state_dir, "hookd.sqlite3"), uri=True)
-        try:
-            keys = [db.execute("SELECT dedupe_key FROM events WHERE id=?", (i,)).fetchone()[0] for i in ids]
-        finally:
-            db.close()
+        keys = read_database(self.d, lambda db: [db.execute("SELECT dedupe_key FROM events WHERE id=?",
+                                                            (i,)).fetchone()[0] for i in ids])
         self.assertEqual(sum(k is not None for k in keys), 1, keys)
         fresh = fp.io_event(new_ref())
-        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope([fresh, events[1]], timestamp=stamp))
+        status, _, reply = fp.deliver(self.url, SECRET, fp.envelope([events[0], fresh] + events[2:], timestamp=stamp))
         self.assertEqual(status, 202, reply)
-        doc = json.loads(reply.decode("utf-8"))
-        self.assertEqual(doc["ids"][1], ids[1])
-        self.assertNotIn(doc["ids"][0], ids)
-        self.assertEqual(self.d.wait_status(doc["ids"][0], "done")["payload"]["event"]["entityRef"],
-                         fresh["entityRef"])
+        again = json.loads(reply.decode("utf-8"))["ids"]
+        self.assertEqual([again[0]] + again[2:], [ids[0]] + ids[2:])
+        self.assertNotIn(again[1], ids)
+        self.assertEqual(self.d.wait_status(again[1], "done")["payload"]["event"]["entityRef"], fresh["entityRef"])
+
+    def test_a_deeply_nested_delivery_sent_again_is_a_duplicate(self):
+        """The writer takes a redelivery apart on a deeper stack than the request thread that accepted it:
+        an element nested as deep as the request thread could parse still makes the same bytes again a
+        duplicate (it was stored again, with no key, when the writer could not parse it)."""
+        accepted = 0
+        for depth in range(940, 1000, 3):
+            deep = '{"a":' * depth + "1" + "}" * depth
+            raw = ('{"subscriptionId": "s", "timestamp": "2026-11-30T11:%02d:00Z", "trigger": "MOVED", "events":'
+                   ' [{"entityRef": "%s", "entityType": "IO", "deep": %s}]}' % (depth % 60, new_ref(), deep)).encode()
+            first = fp.deliver(self.url, SECRET, raw, chunked=False)
+            if first[0] != 202:
+                continue  # deeper than the request thread parses: refused, nothing to redeliver
+            accepted += 1
+            again = fp.deliver(self.url, SECRET, raw, chunked=False)
+            self.assertEqual(json.loads(again[2].decode("utf-8"))["status"], "duplicate", depth)
+            self.assertEqual(json.loads(again[2].decode("utf-8"))["id"], json.loads(first[2].decode("utf-8"))["id"])
+        self.assertGreater(accepted, 0, "no depth was accepted: nothing was tested")
 
     def test_wrong_shapes_are_refused_and_not_stored(self):
         before = len(self.d.events())
@@ -310,6 +333,39 @@ class IntakeTest(PreservicaCase):
             if name.startswith("hookd.sqlite3"):
                 total += os.path.getsize(os.path.join(self.d.state_dir, name))
         return total
+
+
+class UpgradeTest(unittest.TestCase):
+    """A delivery stored by the version before one key per delivery (one key per element) is still
+    recognised when Preservica sends it again after the upgrade."""
+
+    def test_a_delivery_stored_with_a_key_per_element_is_a_duplicate_after_the_upgrade(self):
+        import hashlib
+        from hookd_core.store import Store
+        with tempfile.TemporaryDirectory(prefix="hookd-preservica-") as tmp:
+            state = os.path.join(tmp, "var")
+            events = [fp.io_event(new_ref()) for _ in range(3)]
+            body = fp.envelope(events, timestamp="2026-11-30T09:00:00.000Z")
+            raw = delivery_bytes(body)
+            base = json.dumps([body["subscriptionId"], body["timestamp"], body["trigger"]])  # 6b547b0's recipe
+            keys = ["pv:%s:%s" % (body["timestamp"], hashlib.sha256(("%s\0%d\0%s\0%s\0%s" % (
+                base, i, e.get("entityRef"), e.get("entityType"), e.get("event"))).encode()).hexdigest()[:32])
+                for i, e in enumerate(events)]
+            old = Store(os.path.join(state, "hookd.sqlite3"))
+            try:
+                stored = old.add_events("preservica", [
+                    {"dedupe_key": key, "serial_key": "preservica:" + e["entityRef"], "headers": "{}",
+                     "content_type": "application/json", "body": raw, "element": i, "done": True}
+                    for i, (key, e) in enumerate(zip(keys, events))])
+            finally:
+                old.close()
+            d = Daemon("[preservica]\nsecret.key = %s\n" % SECRET, tmpdir=tmp, state_dir=state).start()
+            try:
+                status, _, reply = fp.deliver(d.url + "/preservica", SECRET, raw)
+                doc = json.loads(reply.decode("utf-8"))
+                self.assertEqual((doc["status"], doc["ids"]), ("duplicate", [i for i, _ in stored]), doc)
+            finally:
+                d.stop()
 
 
 class RejectTest(PreservicaCase):
