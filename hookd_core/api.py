@@ -184,38 +184,49 @@ def stored_payload(payload, body, element):
 
 class Headers:
     """Request headers, indexed once: case-insensitive ``get`` (first value) and ``get_all``, and
-    ``items()`` in arrival order. Built from the stdlib's parsed head (``raw_items``), so a lookup is
-    a dict access rather than a walk over every header."""
+    ``items()`` in arrival order, from (name, value) pairs as the head carried them, so a lookup is a
+    dict access rather than a walk over every header. ``by_name`` is the index itself (lower-case name
+    -> its values in order), for the reader that looks up the framing headers; nobody changes it."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "by_name")
 
     def __init__(self, items):
-        self._items = list(items)
-        self._index = {}
-        for name, value in self._items:
-            self._index.setdefault(name.lower(), []).append(value)
+        self._items = items = list(items)
+        self.by_name = index = {}
+        for name, value in items:
+            low = name.lower()
+            values = index.get(low)
+            if values is None:
+                index[low] = [value]
+            else:
+                values.append(value)
 
     def get(self, name, default=None):
-        values = self._index.get(name.lower())
+        values = self.by_name.get(name.lower())
         return values[0] if values else default
 
     __getitem__ = get
 
     def get_all(self, name, failobj=None):
-        values = self._index.get(name.lower())
+        values = self.by_name.get(name.lower())
         return list(values) if values else failobj
 
     def items(self):
         return list(self._items)
 
     def __contains__(self, name):
-        return name.lower() in self._index
+        return name.lower() in self.by_name
 
 
 class Request:
     """What ``accept`` and ``get`` see. ``headers`` is a ``Headers`` (case-insensitive ``get``,
     ``get_all``, ``items``); ``query`` maps each name to a list of values; ``body`` is the exact bytes received.
-    ``connected()`` is False once the client has hung up (the server sets it; a long poll asks it)."""
+    ``connected()`` is False once the client has hung up (the server sets it; a long poll asks it).
+    ``framing.Reader`` yields one per request head, with what the head says besides: the ``target`` as
+    sent, the ``query_string`` split from it, the HTTP ``version``, ``keep_alive`` (the connection stays
+    open after the answer) and ``expect_continue``; the server then sets ``query``, ``body`` and ``client``."""
+
+    target, query_string, version, keep_alive, expect_continue = None, "", "HTTP/1.1", True, False
 
     def __init__(self, method, path, query, headers, body, client):
         self.method, self.path, self.query = method, path, query

@@ -4,7 +4,7 @@ Strategy (after h11's ``_readers.py`` and gunicorn's ``message.py``; RFC 9112): 
 connection's receive buffer and yields requests in order. It receives with the socket's own
 ``recv_into`` into one buffer per connection (8 KiB: one call usually holds a whole request, head and
 body, and what follows it stays buffered for the next request; a longer body is received straight
-into its own bytes). ``head()`` takes the head from the buffer: a whole head with CRLF
+into its own bytes). ``head()`` takes the head from the buffer (and yields it as an ``api.Request``): a whole head with CRLF
 line ends is checked in one match over the block (request line and every field line; the common case),
 and anything else (a head still arriving, bare LF line ends, leading empty lines, a head that does not
 match) is read and checked line by line, which also says why a head is refused; both ways within
@@ -33,13 +33,15 @@ Every line is read with a length cap, so a client cannot make hookd buffer an en
 
 import re
 
-from .api import BadFraming, BodyTooLarge, Headers, Reject
+from .api import BadFraming, BodyTooLarge, Headers, Reject, Request
 
 MAX_HEADER_LINES = 100
 MAX_CHUNK_LINE = 4096      # size + extensions; h11 allows 20 hex digits, extensions are rarely used at all
 MAX_TRAILER_BYTES = 16384  # trailers are discarded; more than this is abuse (h11 caps a head at 16 KiB)
 RECV_SIZE = 8192           # one receive's buffer per connection; what is buffered is at most this beyond one line
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# A whole chunk line as _chunk_size takes it: the size, any extensions without NUL, CR or LF, CRLF.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n\x00]*)?\r\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
@@ -83,26 +85,6 @@ class LengthRequired(Reject):
 
 class ClientGone(Exception):
     """The connection ended (or read_timeout shut it) before the request was complete."""
-
-
-class Head:
-    """A parsed request head. ``target`` is as sent; ``path`` and ``query`` are split from it (an
-    absolute-form target gives its path); ``headers`` is an ``api.Headers``."""
-
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "keep_alive", "expect_continue")
-
-    def __init__(self, method, target, version, headers):
-        self.method, self.target, self.version, self.headers = method, target, version, headers
-        if target[:1] != "/" and target.startswith(("http://", "https://")):
-            rest = target.split("//", 1)[1]
-            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        path, _, self.query = target.partition("?")
-        self.path = path.partition("#")[0] if "#" in path else path
-        connection = headers.get_all("Connection")
-        tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
-        self.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-        self.expect_continue = version == "HTTP/1.1" and "Expect" in headers and \
-            headers.get("Expect").strip(" \t").lower() == "100-continue"
 
 
 class Reader:
@@ -177,14 +159,33 @@ class Reader:
         return self._parsed(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), items)
 
     def _parsed(self, method, target, version, items):
+        """The head as an ``api.Request`` (the server fills in its query, body and client): the path and
+        query string split from the target (an absolute-form target gives its path), whether the
+        connection stays open, whether the client waits for 100 Continue. The headers that frame the
+        body are looked up here once."""
         headers = Headers(items)
-        hosts = headers.get_all("Host", ())
-        if len(hosts) != 1 and (hosts or version == "HTTP/1.1"):
+        by_name = headers.by_name
+        hosts = by_name.get("host")
+        if (len(hosts) != 1) if hosts else version == "HTTP/1.1":
             raise BadRequest("more than one Host header" if hosts else "HTTP/1.1 request without Host")
-        self._head = Head(method, target, version, headers)
-        lengths = headers.get_all("Content-Length")
-        self.unread = "Transfer-Encoding" in headers or (lengths is not None and lengths != ["0"])
-        return self._head
+        path = target
+        if target[:1] != "/" and target.startswith(("http://", "https://")):
+            rest = target.split("//", 1)[1]
+            path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        path, _, query = path.partition("?")
+        if "#" in path:
+            path = path.partition("#")[0]
+        req = self._head = Request(method, path, None, headers, None, None)
+        req.target, req.query_string, req.version = target, query, version
+        connection = by_name.get("connection")
+        tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
+        req.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+        expect = by_name.get("expect")
+        req.expect_continue = version == "HTTP/1.1" and expect is not None and \
+            expect[0].strip(" \t").lower() == "100-continue"
+        self._te, self._cl = te, cl = by_name.get("transfer-encoding"), by_name.get("content-length")
+        self.unread = te is not None or (cl is not None and cl != ["0"])
+        return req
 
     def _refuse(self, raw, budget):
         """Raise the reason a header line does not match _FIELD (the slow path of ``head``): the end of
@@ -228,16 +229,16 @@ class Reader:
         without either has none). Either way ``unread`` stays true, so the connection is closed after
         the answer and whatever the client sends after the head is never read as a request.
         Raises Reject (the framing), or ClientGone."""
-        head = self._head
-        kind, length = body_framing(head.headers, head.version, max_body)
+        req = self._head
+        kind, length = _framing(self._te, self._cl, req.version, max_body)
         if kind is None:
-            if head.method in _BODY_METHODS:  # a body delimited by closing may follow: never read it as a request
+            if req.method in _BODY_METHODS:  # a body delimited by closing may follow: never read it as a request
                 self.unread = True
                 if unframed_ok:
                     return b""
                 raise LengthRequired("neither Content-Length nor chunked body")
             return b""
-        if head.expect_continue and self.send_continue is not None:
+        if req.expect_continue and self.send_continue is not None:
             self.send_continue()
         if kind == "length":
             data = self._read(length)
@@ -249,12 +250,22 @@ class Reader:
         return data
 
     def _chunked(self, max_body):
-        """Decode a chunked body (RFC 9112 §7.1)."""
-        parts, total = [], 0
+        """Decode a chunked body (RFC 9112 §7.1). A chunk line already in the buffer is taken with one
+        match (what _chunk_size accepts, within MAX_CHUNK_LINE); anything else is read line by line, which
+        also says why a line is refused."""
+        parts, total, chunk_line = [], 0, _CHUNK_LINE.match
         while True:
-            size = _chunk_size(self._chunk_line())
+            m = chunk_line(self._data, self._pos, self._pos + MAX_CHUNK_LINE)
+            if m is not None:
+                self._pos = m.end()
+                size = int(m.group(1), 16)
+            else:
+                size = _chunk_size(self._chunk_line())
             if size == 0:
-                self._skip_trailers()
+                if self._data[self._pos:self._pos + 2] == b"\r\n":  # no trailers (the common case)
+                    self._pos += 2
+                else:
+                    self._skip_trailers()
                 return b"".join(parts)
             total += size
             if total > max_body:
@@ -362,11 +373,17 @@ def _target_ok(method, target):
 def body_framing(headers, request_version, max_body):
     """Decide how the body is framed: ("length", n), ("chunked", None), or (None, 0) when the head
     announces no body. Raises Reject."""
-    te_values = headers.get_all("Transfer-Encoding") or []
-    cl_values = headers.get_all("Content-Length") or []
+    return _framing(headers.get_all("Transfer-Encoding"), headers.get_all("Content-Length"), request_version,
+                    max_body)
+
+
+def _framing(te_values, cl_values, request_version, max_body):
+    """``body_framing`` from the Transfer-Encoding and Content-Length values (None when absent)."""
     if te_values:
         if cl_values:
             raise BadFraming("both Transfer-Encoding and Content-Length")
+        if te_values == ["chunked"] and request_version == "HTTP/1.1":  # the common case, checked below too
+            return "chunked", None
         codings = [c.strip(" \t").lower() for v in te_values for c in v.split(",") if c.strip(" \t")]
         if any(c != "chunked" for c in codings):
             raise UnsupportedCoding("transfer coding %r not supported" % ",".join(codings)[:80])

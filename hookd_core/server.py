@@ -39,7 +39,7 @@ import time
 import urllib.parse
 
 from . import admin, clients, framing, logs
-from .api import Busy, NotFound, Reject, Request, Response
+from .api import Busy, NotFound, Reject, Response
 from .store import StoreError
 
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
@@ -330,7 +330,7 @@ class Handler(socketserver.StreamRequestHandler):
         self.reader = framing.Reader(self.connection.recv_into, self.app.settings.int("max_header_bytes"), self._continue)
         self.peer = self.client = self.client_address[0]
         self.close_connection = self._linger = False
-        self.head, self._route = None, "-"
+        self.req, self._route = None, "-"  # the request being served (an api.Request, from its head on)
         self._answer = None  # an Answer the writer thread still owes this connection
 
     def handle(self):
@@ -346,15 +346,15 @@ class Handler(socketserver.StreamRequestHandler):
             served += 1
 
     def handle_one_request(self):
-        self.head, self._route = None, "-"
+        self.req, self._route = None, "-"
         try:
-            self.head = self.reader.head()
+            self.req = self.reader.head()
         except Reject as e:
             return self._reject(e, close=True)
-        if self.head is None:
+        if self.req is None:
             self.close_connection = True
             return
-        self.client = clients.client_address(self.peer, self.head.headers, self.app.proxies)
+        self.client = clients.client_address(self.peer, self.req.headers, self.app.proxies)
         if self.client == self.peer:
             return self._respond()
         if not self.server.enter(self.client):  # a client behind a trusted proxy, over its limit
@@ -369,9 +369,9 @@ class Handler(socketserver.StreamRequestHandler):
     def _respond(self):
         try:
             if self.server.admin:
-                r = self._admin(self.head)
+                r = self._admin(self.req)
             else:
-                r = self._webhook(self.head)
+                r = self._webhook(self.req)
             if r is not None:  # None: the writer thread answers after the commit
                 self._send(r.status, r.body, r.content_type, r.headers)
         except Reject as e:
@@ -429,29 +429,29 @@ class Handler(socketserver.StreamRequestHandler):
         return body
 
     # -- the webhook port ---------------------------------------------------------------------------
-    def _webhook(self, head):
+    def _webhook(self, req):
         app = self.app
-        integ = app.route_for(head.path)
+        integ = app.route_for(req.path)
         if integ is not None:
             self._route = integ.name
-        if head.method == "POST":
+        if req.method == "POST":
             if integ is None:
-                raise NotFound("no route for %s" % app.redact(head.path[:200]))
-            req = Request("POST", head.path, _query(head.query), head.headers,
-                          self._read_body(integ.bodiless_post), self.client)
+                raise NotFound("no route for %s" % app.redact(req.path[:200]))
+            req.query, req.client = _query(req.query_string), self.client
+            req.body = self._read_body(integ.bodiless_post)
             return self._accept(integ, req)
-        if head.method != "GET":
+        if req.method != "GET":
             raise Reject("method not allowed", status=405, headers=[("Allow", "GET, POST")])
         if integ is not None:
-            r = integ.get(Request("GET", head.path, _query(head.query), head.headers, b"",
-                                  self.client))
+            req.query, req.body, req.client = _query(req.query_string), b"", self.client
+            r = integ.get(req)
             app.metrics.request(integ.name, r.status)
             return r
-        if head.path == "/healthz":
+        if req.path == "/healthz":
             return Response(200, {"status": "ok"})
-        if head.path == "/readyz":
+        if req.path == "/readyz":
             return admin.readyz(app)
-        raise NotFound("no route for %s" % app.redact(head.path[:200]))
+        raise NotFound("no route for %s" % app.redact(req.path[:200]))
 
     def _accept(self, integ, req):
         app = self.app
@@ -467,7 +467,7 @@ class Handler(socketserver.StreamRequestHandler):
         if not isinstance(self.connection, ssl.SSLSocket):
             # The writer thread answers right after the commit (or this one, when the store's writer was
             # idle and this thread committed the events itself); then this thread goes back to reading.
-            close = self.server.stopping or not self.head.keep_alive
+            close = self.server.stopping or not req.keep_alive
             answer = Answer(self, integ.name, rows, close)
             app.store.submit_events(integ.name, rows, limit=integ.queue_size, then=answer)
             self._answer, self.close_connection = answer, close
@@ -489,13 +489,12 @@ class Handler(socketserver.StreamRequestHandler):
             answer.sent.acquire()
 
     # -- the admin listener -------------------------------------------------------------------------
-    def _admin(self, head):
+    def _admin(self, req):
         self._route = "admin"
         if self.app.children is not None and self.app.children.owns_peer(self.connection):
             raise Reject("the admin API does not serve the processes of hookd's own jobs", status=403)
-        req = Request(head.method, head.path, urllib.parse.parse_qs(head.query, keep_blank_values=True),
-                      head.headers, self._read_body(), self.client)
-        req.connected = self._connected
+        req.query = urllib.parse.parse_qs(req.query_string, keep_blank_values=True)
+        req.body, req.client, req.connected = self._read_body(), self.client, self._connected
         return admin.dispatch(self.app, req)
 
     def _connected(self):
@@ -510,7 +509,7 @@ class Handler(socketserver.StreamRequestHandler):
         app = self.app
         if self._deadline[3]:  # the request was cut short by read_timeout: whatever it lacks, that is why
             e = Reject("request not received within read_timeout", status=408)
-        if self.head is None:
+        if self.req is None:
             app.log.warning("%d malformed request from %s: %s", e.status, self.client, e)
         else:
             app.log.warning("%d %s %s: %s", e.status, self._route, self._log_path(), e)
@@ -525,7 +524,7 @@ class Handler(socketserver.StreamRequestHandler):
         if self._route not in ("-", "admin"):
             integ = self.app.integration(self._route)
             return integ.route if integ is not None and integ.route else "(%s route)" % self._route
-        return self.app.redact(self.head.path[:200]) if self.head is not None else "-"
+        return self.app.redact(self.req.path[:200]) if self.req is not None else "-"
 
     def _reply(self, status, obj, headers=(), close=False):
         self._send(status, json.dumps(obj).encode(), "application/json", headers, close)
@@ -536,11 +535,11 @@ class Handler(socketserver.StreamRequestHandler):
         An answer given while a body is still unread closes the connection. The send is bounded by
         write_timeout."""
         self._settle()
-        head = self.head
-        if close or self.server.stopping or self.reader.unread or head is None or not head.keep_alive:
+        req = self.req
+        if close or self.server.stopping or self.reader.unread or req is None or not req.keep_alive:
             self.close_connection = True
             self._linger = status >= 400
-        if head is not None and head.method == "HEAD":
+        if req is not None and req.method == "HEAD":
             data = _answer_bytes(status, b"", content_type, headers, self.close_connection, len(body))
         else:
             data = _answer_bytes(status, body, content_type, headers, self.close_connection)

@@ -105,7 +105,7 @@ class FramingUnitTest(unittest.TestCase):
         def head_and_body(pieces):
             reader = framing.Reader(Trickle(pieces).recv_into, MAX_HEAD)
             head = reader.head()
-            return (head.method, head.target, head.path, head.query, head.version, head.headers.items(),
+            return (head.method, head.target, head.path, head.query_string, head.version, head.headers.items(),
                     head.keep_alive, head.expect_continue, reader.body(MAX_BODY))
         for name, data, _ in fixtures("valid"):
             with self.subTest(fixture=name):
@@ -128,7 +128,7 @@ class FramingUnitTest(unittest.TestCase):
                     head = reader.head()
                     if head is None:
                         break
-                    got.append((head.path, head.query, reader.body(MAX_BODY)))
+                    got.append((head.path, head.query_string, reader.body(MAX_BODY)))
                 self.assertEqual(got, [("/a", "", b"first"), ("/b", "", b"second"), ("/c", "q=1", b""),
                                        ("/a", "", b"first")])
 

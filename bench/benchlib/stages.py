@@ -12,7 +12,6 @@ left out (socket reads and writes, thread switches, the GIL) is the difference t
 CPU per request.
 """
 
-import io
 import json
 import os
 import sys
@@ -25,7 +24,6 @@ sys.path.insert(0, BENCH)
 
 from benchlib import pool  # noqa: E402
 from hookd_core import framing, logs, server  # noqa: E402
-from hookd_core.api import Request  # noqa: E402
 from hookd_core.app import App  # noqa: E402
 
 N = 4000
@@ -57,16 +55,23 @@ def timed(fn, items):
 def run_scheme(app, scheme):
     raws = raw_requests(scheme, N)
 
-    def read(raw):
-        reader = framing.Reader(io.BytesIO(raw).readinto, 16384)  # as a socket's recv_into
-        head = reader.head()
-        return head, reader.body(1 << 20)
+    feed = iter(raws)
+
+    def recv_into(buffer):  # as a keep-alive connection's socket: each receive holds the next whole request
+        raw = next(feed)
+        buffer[:len(raw)] = raw
+        return len(raw)
+    reader = framing.Reader(recv_into, 16384)  # one per connection, as the server has
+
+    def read(_):
+        req = reader.head()
+        return req, reader.body(1 << 20)
     parsed, t_read = timed(read, raws)
 
-    def route(item):
-        head, body = item
-        return app.route_for(head.path), Request("POST", head.path, server._query(head.query), head.headers,
-                                                 body, "127.0.0.1")
+    def route(item):  # as the server does: the request the reader yielded gets its query, body and client
+        req, body = item
+        req.query, req.body, req.client = server._query(req.query_string), body, "127.0.0.1"
+        return app.route_for(req.path), req
     reqs, t_route = timed(route, parsed)
     accepted, t_accept = timed(lambda ir: (ir[0], ir[1], ir[0].accept(ir[1])), reqs)
     rows, t_rows = timed(lambda a: (a[0].name, app.event_rows(*a)), accepted)
