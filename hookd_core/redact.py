@@ -72,23 +72,24 @@ class StoredHeaders:
 
     def __init__(self, secrets, credential_headers):
         self.secrets, self.credential_headers = tuple(secrets), frozenset(credential_headers)
-        self._pairs = {}  # (name, value) of a header kept -> (its stored name, its JSON member)
+        self._pairs = {}  # (name, value) of a header kept -> its JSON member ('"name": "value"')
 
     def json(self, headers):
-        pairs, names, members = self._pairs, [], []
-        for pair in headers.items():
-            known = pairs.get(pair)
-            if known is None:
+        """The JSON text for ``headers`` (an ``api.Headers``)."""
+        items = headers.items()
+        if len(headers.by_name) < len(items):  # a name sent twice: a dict keeps its last value, in its first place
+            return json.dumps(stored_headers(headers, self.secrets, self.credential_headers))
+        pairs, members = self._pairs, []
+        for pair in items:
+            member = pairs.get(pair)
+            if member is None:
                 low = _kept_name(pair[0], pair[1], self.secrets, self.credential_headers)
                 if not low:
                     continue  # not kept (a signature, a credential): not remembered either
-                known = (low, "%s: %s" % (_string(low), _string(pair[1])))
+                member = "%s: %s" % (_string(low), _string(pair[1]))
                 if len(pair[0]) + len(pair[1]) <= _SHORT:
                     if len(pairs) >= self.MAX_PAIRS:
                         pairs.clear()
-                    pairs[pair] = known
-            names.append(known[0])
-            members.append(known[1])
-        if len(set(names)) < len(names):  # a name sent twice: a dict keeps its last value, in its first place
-            return json.dumps(stored_headers(headers, self.secrets, self.credential_headers))
+                    pairs[pair] = member
+            members.append(member)
         return "{" + ", ".join(members) + "}"

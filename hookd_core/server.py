@@ -332,11 +332,17 @@ class Handler(socketserver.StreamRequestHandler):
         self.close_connection = self._linger = False
         self.req, self._route = None, "-"  # the request being served (an api.Request, from its head on)
         self._answer = None  # an Answer the writer thread still owes this connection
+        self._tls = isinstance(self.connection, ssl.SSLSocket)
+        self._settings = None  # the configuration the limits below were read from
 
     def handle(self):
         served = 0
         while not self.close_connection:
-            self.server.reaper.arm(self._deadline, self.app.settings.float("read_timeout"), between=served > 0)
+            settings = self.app.settings
+            if settings is not self._settings:  # read once per configuration (a reload replaces it)
+                self._settings, self._read_timeout, self._max_body, self._queue_limit = \
+                    settings, settings.float("read_timeout"), settings.int("max_body"), settings.int("queue_limit")
+            self.server.reaper.arm(self._deadline, self._read_timeout, between=served > 0)
             try:
                 self.handle_one_request()
             except (ConnectionError, framing.ClientGone) as e:
@@ -354,7 +360,8 @@ class Handler(socketserver.StreamRequestHandler):
         if self.req is None:
             self.close_connection = True
             return
-        self.client = clients.client_address(self.peer, self.req.headers, self.app.proxies)
+        self.client = clients.client_address(self.peer, self.req.headers, self.app.proxies) if self.app.proxies \
+            else self.peer
         if self.client == self.peer:
             return self._respond()
         if not self.server.enter(self.client):  # a client behind a trusted proxy, over its limit
@@ -422,7 +429,7 @@ class Handler(socketserver.StreamRequestHandler):
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self, unframed_ok=False):
-        body = self.reader.body(self.app.settings.int("max_body"), unframed_ok)
+        body = self.reader.body(self._max_body, unframed_ok)
         if self._deadline[3]:
             raise framing.ClientGone("deadline passed")
         self.server.reaper.disarm(self._deadline)
@@ -460,11 +467,11 @@ class Handler(socketserver.StreamRequestHandler):
             app.log.info("%d %s answered without storing", result.status, integ.name)
             app.metrics.request(integ.name, result.status)
             return result
-        if app.store.waiting() >= app.settings.int("queue_limit"):
-            raise Busy("queue_limit %d reached" % app.settings.int("queue_limit"))
+        if app.store.waiting() >= self._queue_limit:
+            raise Busy("queue_limit %d reached" % self._queue_limit)
         rows = app.event_rows(integ, req, result)
         self._settle()
-        if not isinstance(self.connection, ssl.SSLSocket):
+        if not self._tls:
             # The writer thread answers right after the commit (or this one, when the store's writer was
             # idle and this thread committed the events itself); then this thread goes back to reading.
             close = self.server.stopping or not req.keep_alive
@@ -628,6 +635,13 @@ def outcome(app, route, rows, stored, error, client):
         app.log.error("500 %s: fault inside hookd: %r", route, error)
         app.metrics.request(route, 500)
         return 500, b'{"error": "internal error"}', (), True
+    if len(stored) == 1 and stored[0][1] == "new":  # one new event (most deliveries): the same, without the lists
+        event_id, row = stored[0][0], rows[0]
+        if not row.get("done"):
+            app.pool.submit(event_id, route, row.get("serial_key"))
+        logs.info(app.log, "202 %s stored event %d from %s" % (route, event_id, client), event_id)
+        app.metrics.request(route, 202)
+        return 202, b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id), (), False
     fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
     for event_id, row in fresh:
         if not row.get("done"):
