@@ -226,12 +226,16 @@ class Request:
     sent, the ``query_string`` split from it, the HTTP ``version``, ``keep_alive`` (the connection stays
     open after the answer) and ``expect_continue``; the server then sets ``query``, ``body`` and ``client``."""
 
-    target, query_string, version, keep_alive, expect_continue = None, "", "HTTP/1.1", True, False
+    __slots__ = ("method", "path", "query", "headers", "body", "client", "connected", "target", "query_string",
+                 "version", "keep_alive", "expect_continue")
 
-    def __init__(self, method, path, query, headers, body, client):
+    def __init__(self, method, path, query, headers, body, client, target=None, query_string="",
+                 version="HTTP/1.1", keep_alive=True, expect_continue=False):
         self.method, self.path, self.query = method, path, query
         self.headers, self.body, self.client = headers, body, client
         self.connected = _always
+        self.target, self.query_string, self.version = target, query_string, version
+        self.keep_alive, self.expect_continue = keep_alive, expect_continue
 
     def json(self):
         """The body parsed as JSON, or Unparsable (400)."""

@@ -175,17 +175,16 @@ class Reader:
         path, _, query = path.partition("?")
         if "#" in path:
             path = path.partition("#")[0]
-        req = self._head = Request(method, path, None, headers, None, None)
-        req.target, req.query_string, req.version = target, query, version
         connection = by_name.get("connection")
         tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
-        req.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
         expect = by_name.get("expect")
-        req.expect_continue = version == "HTTP/1.1" and expect is not None and \
-            expect[0].strip(" \t").lower() == "100-continue"
+        self._head = Request(method, path, None, headers, None, None, target, query, version,
+                             "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens,
+                             version == "HTTP/1.1" and expect is not None and
+                             expect[0].strip(" \t").lower() == "100-continue")
         self._te, self._cl = te, cl = by_name.get("transfer-encoding"), by_name.get("content-length")
         self.unread = te is not None or (cl is not None and cl != ["0"])
-        return req
+        return self._head
 
     def _refuse(self, raw, budget):
         """Raise the reason a header line does not match _FIELD (the slow path of ``head``): the end of
