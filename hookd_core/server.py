@@ -338,10 +338,8 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self):
         served = 0
         while not self.close_connection:
-            settings = self.app.settings
-            if settings is not self._settings:  # read once per configuration (a reload replaces it)
-                self._settings, self._read_timeout, self._max_body, self._queue_limit = \
-                    settings, settings.float("read_timeout"), settings.int("max_body"), settings.int("queue_limit")
+            if self.app.settings is not self._settings:
+                self._configure()
             self.server.reaper.arm(self._deadline, self._read_timeout, between=served > 0)
             try:
                 self.handle_one_request()
@@ -350,6 +348,14 @@ class Handler(socketserver.StreamRequestHandler):
             finally:
                 self.server.reaper.disarm(self._deadline)
             served += 1
+
+    def _configure(self):
+        """Read the limits a request is held to from the configuration in force, once per configuration
+        (a reload replaces app.settings): before waiting for a head (read_timeout), and again once it
+        came, so a connection kept open across a reload holds its next request to the new limits."""
+        settings = self._settings = self.app.settings
+        self._read_timeout, self._max_body, self._queue_limit = \
+            settings.float("read_timeout"), settings.int("max_body"), settings.int("queue_limit")
 
     def handle_one_request(self):
         self.req, self._route = None, "-"
@@ -360,6 +366,8 @@ class Handler(socketserver.StreamRequestHandler):
         if self.req is None:
             self.close_connection = True
             return
+        if self.app.settings is not self._settings:
+            self._configure()
         self.client = clients.client_address(self.peer, self.req.headers, self.app.proxies) if self.app.proxies \
             else self.peer
         if self.client == self.peer:

@@ -231,6 +231,38 @@ class EdgeTest(unittest.TestCase):
         self.assertEqual(status, 200)
 
 
+class ReloadTest(unittest.TestCase):
+    def test_a_connection_kept_open_across_a_reload_is_held_to_the_new_limits(self):
+        """SIGHUP lowers max_body while a keep-alive connection waits for its next request: that request is
+        held to the new limit (413), as a new connection's is (review R3: the limits were read before the
+        wait, and the first request after the reload still had the old max_body)."""
+        d = Daemon(CONFIG.replace("max_body = 65536", "max_body = 100000")).start()
+        self.addCleanup(d.stop)
+
+        def post(sock, body):
+            sock.sendall(b"POST /hooks/open HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                self.assertTrue(more, "connection closed before an answer: %r" % data)
+                data += more
+            return int(data.split(b" ", 2)[1])
+
+        big = json.dumps({"pad": "x" * 5000}).encode()
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as kept:
+            self.assertEqual(post(kept, big), 202)
+            with open(d.config_path) as f:
+                text = f.read()
+            with open(d.config_path, "w") as f:
+                f.write(text.replace("max_body = 100000", "max_body = 1000"))
+            d.signal(signal.SIGHUP)
+            d.wait_log("configuration reloaded")
+            self.assertEqual(post(kept, big), 413)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as fresh:
+            self.assertEqual(post(fresh, big), 413)
+
+
 class AdminListenerTest(unittest.TestCase):
     def test_unix_socket_is_private_and_serves(self):
         tmp = tempfile.mkdtemp(prefix="hookd-adminsock-")
