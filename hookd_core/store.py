@@ -5,8 +5,8 @@ Strategy: sqlite is the source of truth and only this module touches it. Every w
 batched statement (a worker's claim or finish). All of them go to one writer thread, which takes
 everything waiting, runs it in one ``BEGIN IMMEDIATE`` transaction, in submission order, and commits
 once: N concurrent webhooks cost one fsync, not N. The events of all requests in a group are stored
-with one statement per table (one ``executemany`` into ``request_bodies``, one ``INSERT OR IGNORE``
-``executemany`` into ``events`` that the unique dedupe index makes turn away known keys, with no
+with a few statements per table (multi-row INSERTs, 64 rows and fewer, into ``request_bodies``, and
+``INSERT OR IGNORE`` into ``events``, which the unique dedupe index makes turn away known keys, with no
 look-up first), with ids handed out by the writer, and a group's consecutive claims or
 finishes are one ``executemany`` each, so a group costs a few statements however many requests it
 holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
@@ -33,6 +33,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from itertools import chain
 
 from . import logs
 from .api import Busy, json_or_none
@@ -121,9 +122,14 @@ CLAIM = ("UPDATE events SET status='running', attempts=attempts+1, updated_at=?"
 FINISH = ("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), next_at=?, updated_at=?"
           " WHERE id=? AND status='running'")
 
-_INSERT_NEW = ("INSERT OR IGNORE INTO events(id, route, status, received_at, updated_at, dedupe_key,"
-               " serial_key, headers, content_type, body_id, element, payload, note)"
-               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# A group's rows go in CHUNKS[0] at a time, then one statement per smaller size that is left; 64 rows of
+# 13 values stay under the 999 variables of old sqlite builds. The texts hold placeholders only.
+CHUNKS = (64, 32, 16, 8, 4, 2, 1)
+_INSERT_NEW = {n: "INSERT OR IGNORE INTO events(id, route, status, received_at, updated_at, dedupe_key,"
+                  " serial_key, headers, content_type, body_id, element, payload, note) VALUES "
+                  + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
+_INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
+_LAST_IDS = "SELECT (SELECT max(id) FROM events), (SELECT max(id) FROM request_bodies)"
 _INSERT_DUPLICATE = ("INSERT INTO events(id, route, status, received_at, updated_at, duplicate_of, headers,"
                      " content_type, note) VALUES (?, ?, 'duplicate', ?, ?, ?, ?, ?, ?)")
 
@@ -755,16 +761,17 @@ def held_leases(conn):
 
 
 def _store_requests(conn, ops):
-    """Store the events of every request in ``ops`` with one statement per table; sets each op's result
+    """Store the events of every request in ``ops`` with a few statements per table; sets each op's result
     ([(id, "new" | "duplicate")]) or error (Busy). Returns {route: events now waiting}. Ids are handed
-    out here (one past the largest), so one ``executemany`` stores them all and the ids are known.
-    Every row goes in as new with ``INSERT OR IGNORE``: the unique dedupe index, which sqlite checks on
-    every insert anyway, turns away a known key, so no look-up precedes the insert; only when fewer rows
-    went in than were sent (a redelivery, rare) does ``_mark_duplicates`` find and store the duplicates
-    (measured: 4-event deliveries, 32 a group: 31 -> 23 µs a delivery in this function)."""
-    next_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
-    first_id = next_id
-    first_body = next_body = (conn.execute("SELECT max(id) FROM request_bodies").fetchone()[0] or 0) + 1
+    out here (one past the largest), so the rows go in with their ids known, a multi-row INSERT per
+    table (``_insert_rows``). Every row goes in as new with ``INSERT OR IGNORE``: the unique dedupe index,
+    which sqlite checks on every insert anyway, turns away a known key, so no look-up precedes the insert;
+    only when fewer rows went in than were sent (a redelivery, rare) does ``_mark_duplicates`` find and
+    store the duplicates (measured: 4-event deliveries, 32 a group: 31 -> 23 µs a delivery in this
+    function)."""
+    last_event, last_body = conn.execute(_LAST_IDS).fetchone()
+    next_id = first_id = (last_event or 0) + 1
+    first_body = next_body = (last_body or 0) + 1
     events, bodies, added = [], [], {}
     for op in ops:
         route, rows, now = op.route, op.rows, op.now
@@ -795,13 +802,27 @@ def _store_requests(conn, ops):
             next_id += 1
         op.result = out
     if bodies:
-        conn.executemany("INSERT INTO request_bodies(id, data) VALUES (?, ?)", bodies)
+        _insert_rows(conn, _INSERT_BODIES, bodies)
     if events:
         before = conn.total_changes
-        conn.executemany(_INSERT_NEW, events)
+        _insert_rows(conn, _INSERT_NEW, events)
         if conn.total_changes - before < len(events):
             _mark_duplicates(conn, ops, events, first_id, first_body, added)
     return added
+
+
+def _insert_rows(conn, statements, rows):
+    """Insert ``rows`` (tuples) with ``statements[n]``, the statement that inserts n rows, for n in
+    CHUNKS: a statement per binary digit of len(rows) (below 64), where an ``executemany`` steps once
+    a row. Fewer sqlite calls cost less CPU (writer µs per request, 32 requests a group: Standard
+    Webhooks 16.4 -> 14.7, Preservica 33.0 -> 28.4) and let go of the GIL less often, each time a
+    chance for a request thread to run first. The fixed sizes keep each text in sqlite3's statement
+    cache."""
+    i = 0
+    for n in CHUNKS:
+        while len(rows) - i >= n:
+            conn.execute(statements[n], list(chain.from_iterable(rows[i:i + n])))
+            i += n
 
 
 def _waiting_so_far(conn, route, ops):
@@ -895,7 +916,7 @@ def _redelivered(conn, op, events, first_id, added):
             if not row.get("done"):
                 added[op.route] -= 1
     before = conn.total_changes
-    conn.executemany(_INSERT_NEW, new)
+    _insert_rows(conn, _INSERT_NEW, new)
     if conn.total_changes - before < len(new):
         raise sqlite3.IntegrityError("a redelivered element was not stored")
     conn.executemany(_INSERT_DUPLICATE, duplicates)

@@ -188,6 +188,22 @@ class StoreTest(unittest.TestCase):
         ids = self.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events WHERE route='o' ORDER BY id")])
         self.assertEqual(len(ids), 2)
 
+    def test_a_group_larger_than_a_statement_keeps_every_row_and_duplicate(self):
+        # A group's rows go in a fixed number at a time (64, then fewer): 64 + 32 + 4 + 1 rows here, with
+        # repeated keys on both sides of each chunk's edge.
+        keys = ["k%d" % (i % 90) for i in range(101)]  # rows 90..100 repeat rows 0..10
+        keys[64] = keys[63]  # the first row of the second chunk repeats the last of the first
+        ids = self.store.add_events("c", [row(k, b"%d" % i) for i, k in enumerate(keys)])
+        first = {}
+        for (event_id, status), key in zip(ids, keys):
+            self.assertEqual(status, "duplicate" if key in first else "new", key)
+            self.assertEqual(event_id, first.setdefault(key, event_id))
+        stored = self.store.read(lambda c: c.execute(
+            "SELECT dedupe_key, status FROM events WHERE route='c' ORDER BY id").fetchall())
+        self.assertEqual(len(stored), 101)
+        self.assertEqual(sum(s == "queued" for _, s in stored), len(first))
+        self.assertEqual(sorted(k for k, s in stored if s == "queued"), sorted(first))
+
     def test_a_wal_grown_by_a_burst_is_cut_back(self):
         # One large request makes the WAL file large; once the WAL starts over it is cut back.
         self.store.add_events("b", [row("big", b"z" * (3 * WAL_KEEP_BYTES))])
