@@ -501,7 +501,8 @@ class Store:
         """After a crash: events left 'running' by local workers go back to the queue; those a remote
         worker holds a lease on stay running until it reports or the lease expires. Returns how many."""
         return self.write(lambda conn: conn.execute(
-            "UPDATE events SET status='queued', next_at=0 WHERE status <> 'done' AND status='running' AND id NOT IN"
+            "UPDATE events SET status='queued', next_at=0 WHERE status <> 'done' AND status='running' AND"
+            " id NOT IN"
             " (SELECT event_id FROM leases WHERE ended IS NULL)").rowcount)
 
     def due(self, now, limit=1000):
@@ -513,7 +514,8 @@ class Store:
 
     def next_due(self):
         row = self.read(lambda conn: conn.execute(
-            "SELECT min(next_at) FROM events WHERE status <> 'done' AND status IN ('queued','retry')").fetchone())
+            "SELECT min(next_at) FROM events WHERE status <> 'done' AND status IN ('queued','retry')"
+        ).fetchone())
         return row[0]
 
     def retry(self, event_id=None, all_dead=False, now=None):
@@ -522,7 +524,8 @@ class Store:
 
         def fn(conn):
             if all_dead:
-                ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE status <> 'done' AND status='dead'")]
+                ids = [r[0] for r in conn.execute(
+                    "SELECT id FROM events WHERE status <> 'done' AND status='dead'")]
             else:
                 ids = [r[0] for r in conn.execute(
                     "SELECT id FROM events WHERE id=? AND status IN ('dead','retry')", (event_id,))]
@@ -594,8 +597,8 @@ class Store:
             due = []
             for route in routes:
                 due += conn.execute(
-                    "SELECT next_at, id, serial_key FROM events WHERE status <> 'done' AND status IN ('queued','retry')"
-                    " AND next_at <= ? AND route=? ORDER BY next_at, id LIMIT ?",
+                    "SELECT next_at, id, serial_key FROM events WHERE status <> 'done' AND"
+                    " status IN ('queued','retry') AND next_at <= ? AND route=? ORDER BY next_at, id LIMIT ?",
                     (now, route, max_jobs * 8 + 32)).fetchall()
             busy = {r[0] for r in conn.execute(
                 "SELECT serial_key FROM events WHERE status <> 'done' AND status='running'"
@@ -894,11 +897,11 @@ def _duplicate(op, row, event_id, original):
 
 
 def _redelivered(conn, op, events, first_id, added):
-    """A batch delivery whose key is already stored (a redelivery, or another delivery with the same
-    envelope): each element is looked up by its own key among what is stored of deliveries under that
-    key, and stored as a duplicate of what it matches, or as new under its own key (so a later
-    redelivery finds it). Its elements after the first went in without a key: they are taken out and
-    stored again, as new or as duplicates, under the same ids."""
+    """A batch delivery whose key is already stored (a redelivery; Preservica's key covers the envelope
+    and the first element): each element is looked up by its own key among what is stored of deliveries
+    under that key, and stored as a duplicate of what it matches, or as new under its own key (so a
+    later redelivery finds it). Its elements after the first went in without a key: they are taken out
+    and stored again, as new or as duplicates, under the same ids."""
     head, ids = op.rows[0], [event_id for event_id, _ in op.result]
     keys, known = _stored_elements(conn, op.route, head["dedupe_key"], head.get("body"), len(ids))
     conn.execute("DELETE FROM events WHERE id > ? AND id <= ?", (ids[0], ids[-1]))
@@ -933,8 +936,9 @@ def _element_keys(batch_key, body, n):
         doc = json_or_none(body)
         events = doc.get("events") if isinstance(doc, dict) else None
         if isinstance(events, list) and len(events) >= n:
-            return ["%s#%d:%s" % (batch_key, i, hashlib.sha256(json.dumps(element, sort_keys=True).encode(
-                "ascii")).hexdigest()[:24]) for i, element in enumerate(events[:n])]  # ASCII JSON: \ud800 escaped
+            texts = [json.dumps(element, sort_keys=True) for element in events[:n]]  # ASCII: \ud800 escaped
+            return ["%s#%d:%s" % (batch_key, i, hashlib.sha256(text.encode("ascii")).hexdigest()[:24])
+                    for i, text in enumerate(texts)]
     except RecursionError:
         pass
     whole = hashlib.sha256(body or b"").hexdigest()[:24]
@@ -948,8 +952,8 @@ def _stored_elements(conn, route, batch_key, body, n):
     those that earlier redeliveries stored under their own key. Both bodies are taken apart here, at
     one stack depth, so a body too deep for it is keyed the same way in both."""
     keys, known = _element_keys(batch_key, body, n), {}
-    first = conn.execute("SELECT e.id, e.body_id, b.data FROM events e JOIN request_bodies b ON b.id = e.body_id"
-                         " WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
+    first = conn.execute("SELECT e.id, e.body_id, b.data FROM events e JOIN request_bodies b"
+                         " ON b.id = e.body_id WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
     if first is not None:
         first_id, body_id, data = first
         rows = conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ? AND body_id=?",
