@@ -53,7 +53,8 @@ def command(ctx, integration):
 
 def run_command(text, document, timeout, env, secrets=()):
     """Run the command line ``text`` (split like a shell would, no shell) with ``document`` as JSON on
-    stdin and ``env`` as its whole environment (``proc.child_env``: clean). Exit 0 returns a note; an empty or unsplittable
+    stdin, its stdout on /dev/null (nothing reads it; stderr gives the reason of a failure) and ``env``
+    as its whole environment (``proc.child_env``: clean). Exit 0 returns a note; an empty or unsplittable
     line is Fail; a start failure, a timeout or another exit is Retry (its last stderr line, with the
     ``secrets`` masked, in the reason)."""
     try:
@@ -64,7 +65,7 @@ def run_command(text, document, timeout, env, secrets=()):
         raise Fail("command is empty")
     stdin = json.dumps(document).encode("utf-8")
     try:
-        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env)
+        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env, keep_stdout=False)
     except OSError as e:
         raise Retry("command %s could not start: %s" % (argv[0], e.strerror or e))
     if done.timed_out:

@@ -20,7 +20,6 @@ memory stays flat whatever a program prints; at its timeout the whole tree gets 
 """
 
 import contextlib
-import itertools
 import os
 import secrets as secrets_mod
 import select
@@ -41,6 +40,8 @@ RESERVED_PIDS = 300  # after wrapping at pid_max, the kernel hands out pids from
 NEW_PIDS_READ = 64  # at most this many pids handed out since a child started are read one by one
 
 _local = threading.local()
+_running = {}  # pid -> marker of each child ``run`` started and has not reaped yet
+_zombies = set()  # those of them known to have exited (zombies until ``end`` reaps them)
 
 
 class Finished:
@@ -64,8 +65,10 @@ def child_env(hookd_vars=None, names=(), secrets=(), environ=None):
     """The environment of a child: PATH, LANG, LC_*, TZ, HOME from hookd's own, then the ``names`` a
     section lists (``command.env``) unless forbidden or holding a secret value, then ``hookd_vars``
     (HOOKD_EVENT_ID and the like). Nothing else of hookd's environment is passed."""
-    environ = os.environ if environ is None else environ
-    env = {k: environ[k] for k in environ if k in BASE_NAMES or k.startswith("LC_")}
+    if environ is None:
+        environ, env = os.environ, dict(_base_env())
+    else:
+        env = _base_names(environ)
     for name in names:
         value = environ.get(name)
         if value is None or name in NEVER or any(s and s in value for s in secrets):
@@ -73,6 +76,21 @@ def child_env(hookd_vars=None, names=(), secrets=(), environ=None):
         env[name] = value
     env.update(hookd_vars or {})
     return env
+
+
+def _base_names(environ):
+    return {k: environ[k] for k in environ if k in BASE_NAMES or k.startswith("LC_")}
+
+
+_base = []
+
+
+def _base_env():
+    """PATH, LANG, LC_*, TZ, HOME of hookd's own environment, read at the first child: going through all of
+    os.environ (each name decoded) cost a job ~30 µs, and hookd never changes these."""
+    if not _base:
+        _base.append(_base_names(os.environ))
+    return _base[0]
 
 
 def spawn(argv, env=None, **popen_args):
@@ -102,6 +120,8 @@ def end(child):
     tell the watcher. Returns the exit code."""
     try:
         kill_tree(child)
+        _running.pop(child.pid, None)  # before the reap: a pid in _running is never another process
+        _zombies.discard(child.pid)
         child.popen.wait()
     finally:
         watcher = getattr(_local, "watcher", None)
@@ -123,25 +143,33 @@ def watched_by(watcher):
         _local.watcher = old
 
 
-def run(argv, stdin=b"", timeout=300, env=None, cwd=None):
-    """Run ``argv`` with ``stdin`` and wait at most ``timeout`` seconds for it and its output.
+def run(argv, stdin=b"", timeout=300, env=None, cwd=None, keep_stdout=True):
+    """Run ``argv`` with ``stdin`` and wait at most ``timeout`` seconds for it and its output; without
+    ``keep_stdout`` its stdout is /dev/null (a caller that never looks at it spares a pipe and its reads).
 
     At the timeout the whole tree gets SIGKILL. Raises OSError if the program cannot be started."""
-    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr: raw fds, no file objects
-    ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    out_r, out_w = (-1, _kept_fd("/dev/null", os.O_WRONLY)) if not keep_stdout else os.pipe2(os.O_CLOEXEC)
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)  # raw fds, no file objects
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    ours = [stdin_w, out_r, err_r]
     try:
-        child = spawn(argv, env, cwd=cwd, stdin=pipes[0][0], stdout=pipes[1][1], stderr=pipes[2][1])
+        child = spawn(argv, env, cwd=cwd, stdin=stdin_r, stdout=out_w, stderr=err_w)
     except BaseException:
         for fd in ours:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         raise
     finally:
-        for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
-            os.close(fd)
+        for fd in (stdin_r, out_w if keep_stdout else -1, err_w):
+            if fd >= 0:
+                os.close(fd)
+    _running[child.pid] = child.marker
     deadline = time.monotonic() + timeout
     out, err = _Capped(), _Capped()
     try:
         timed_out = not _collect(child.pid, ours, stdin, out, err, deadline)
+        if not timed_out:
+            _zombies.add(child.pid)
     finally:
         for fd in ours:
             if fd >= 0:
@@ -168,13 +196,13 @@ class _Capped:
 
 
 def _collect(pid, fds, data, out, err, deadline):
-    """Feed ``data`` to the stdin pipe ``fds[0]`` and read stdout ``fds[1]`` into ``out`` and stderr
-    ``fds[2]`` into ``err`` until both end and ``pid`` has exited, or ``deadline``; True unless the
+    """Feed ``data`` to the stdin pipe ``fds[0]`` and read stdout ``fds[1]`` (-1: none) into ``out`` and
+    stderr ``fds[2]`` into ``err`` until both end and ``pid`` has exited, or ``deadline``; True unless the
     deadline came first. One poll set: the pipes and a pidfd (readable once the program has exited), so
     output and exit are waited for together; ``pid`` is left unreaped (a zombie), so ``kill_tree`` can
     still trust its process group by the leader's start time. Each fd in ``fds`` that this closes is set
     to -1. Without pidfds (Linux before 5.3) the exit is polled every 10 ms once the output has ended."""
-    poller, reading = select.poll(), {fds[1]: out, fds[2]: err}
+    poller, reading = select.poll(), {fd: sink for fd, sink in ((fds[1], out), (fds[2], err)) if fd >= 0}
     for fd in reading:
         poller.register(fd, select.POLLIN)
     view = memoryview(data or b"")
@@ -279,20 +307,26 @@ def _stat(pid):
         return None
 
 
-_kept = {}  # path -> fd of a /proc file read again and again (a read at offset 0 makes it anew)
+_kept = {}  # (path, flags) -> fd kept open: a /proc file read again and again (a read at offset 0 makes it
+#             anew), /dev/null for the stdout nobody reads
 _kept_lock = threading.Lock()
+
+
+def _kept_fd(path, flags=os.O_RDONLY):
+    """An fd on ``path`` opened once (close-on-exec, as every fd Python opens) and kept. Raises OSError."""
+    fd = _kept.get((path, flags))
+    if fd is None:
+        with _kept_lock:
+            fd = _kept.get((path, flags))
+            if fd is None:
+                fd = _kept[path, flags] = os.open(path, flags)
+    return fd
 
 
 def _reread(path, size=4096):
     """The start of a /proc file kept open (one system call instead of three), or None."""
-    fd = _kept.get(path)
     try:
-        if fd is None:
-            with _kept_lock:
-                fd = _kept.get(path)
-                if fd is None:
-                    fd = _kept[path] = os.open(path, os.O_RDONLY)
-        return os.pread(fd, size, 0)
+        return os.pread(_kept_fd(path), size, 0)
     except OSError:
         return None
 
@@ -377,7 +411,11 @@ def tree(pgid, start, marker, since=None):
     if new is None:
         procs = _processes()
     else:
-        procs = {pid: info for pid, info in ((p, _stat(p)) for p in itertools.chain((pgid,), new)) if info}
+        procs = {pid: info for pid, info in ((p, _stat(p)) for p in new if not _elsewhere(p, marker)) if info}
+        leader = (os.getpid(), pgid, "Z", start) if pgid in _zombies and _running.get(pgid) == marker \
+            else _stat(pgid)  # a child of ``run`` that exited is a zombie until its ``end``: nothing to read
+        if leader is not None:
+            procs[pgid] = leader
     leader = procs.get(pgid)
     group_ok = leader is not None and leader[3] == start
     found = {pid for pid, (_, g, _, s) in procs.items() if group_ok and g == pgid and s >= start}
@@ -400,6 +438,16 @@ def tree(pgid, start, marker, since=None):
     if new is not None:  # pids read one by one may be threads
         live = {pid: s for pid, s in live.items() if _is_process(pid)}
     return live
+
+
+def _elsewhere(pid, marker):
+    """True when ``pid`` is another child ``run`` started and has not reaped (so the pid is still that
+    child's) whose marker is not nested in ``marker``: it is not in the tree, and reading /proc to learn
+    so costs two files (stat, environ) per such child, for every job that ends while others run. Such a
+    child is in no other child's tree: its parent is hookd, its group its own (a session leader's never
+    changes), its marker its own."""
+    theirs = _running.get(pid)
+    return theirs is not None and theirs != marker and not theirs.startswith(marker + ".")
 
 
 def socket_inodes(pid):

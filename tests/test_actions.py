@@ -103,6 +103,13 @@ class CommandTest(unittest.TestCase):
         self.assertIn("last line mentions ***", msg)
         self.assertNotIn("s3cret-value", msg)
 
+    def test_stdout_is_dev_null_and_stderr_gives_the_reason(self):
+        probe = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1')); sys.exit(4)"
+        ctx, hook = make_ctx(command='%s -c "%s"' % (sys.executable, probe))
+        with self.assertRaises(Retry) as cm:
+            actions.command(ctx, hook)
+        self.assertEqual(str(cm.exception), "command exited 4: /dev/null")
+
     def test_missing_program_is_retry_and_unbalanced_quotes_fail(self):
         ctx, hook = make_ctx(command=os.path.join(self.tmp, "no-such-program"))
         with self.assertRaises(Retry) as cm:

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import threading
 import unittest
 
 from hookd_core import actions, config, proc
@@ -167,15 +168,22 @@ class EnvironmentTest(Base):
 
 class OutputTest(Base):
     def test_400_mb_of_output_leaves_rss_flat(self):
-        head = shutil.which("head")
+        head = shutil.which("head")  # on stderr: a command's stdout is /dev/null, its stderr is read
         d = self.daemon("[hook:job]\nverify = none\nallow_unsigned = true\n"
-                        "command = %s -c 400000000 /dev/zero\ncommand.timeout = 120\n" % head)
+                        "command = /bin/sh -c '%s -c 400000000 /dev/zero >&2'\ncommand.timeout = 120\n" % head)
         event_id = self.accepted(d)
         d.wait_status(event_id, "done", timeout=120)
         peak = rss_peak_kb(d.proc.pid)
         print("\ndaemon VmHWM after a command printed 400 MB: %.1f MB" % (peak / 1024.0), file=sys.stderr)
         self.assertLess(peak, 60 * 1024)
         d.stop()
+
+    def test_output_past_the_cap_is_dropped_and_stdout_nobody_reads_is_dev_null(self):
+        done = proc.run(["/bin/sh", "-c", "head -c 5000000 /dev/zero; head -c 4999999 /dev/zero >&2"], timeout=60)
+        self.assertEqual((done.returncode, len(done.stdout), len(done.stderr)), (0, proc.MAX_OUTPUT, proc.MAX_OUTPUT))
+        probe = "import os, sys; sys.stdout.write('x' * 5000000); sys.stderr.write(os.readlink('/proc/self/fd/1'))"
+        done = proc.run([sys.executable, "-c", probe], timeout=60, keep_stdout=False)
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, b"", b"/dev/null"))
 
 
 class StdinTest(Base):
@@ -221,6 +229,29 @@ class LeftoverTest(Base):
         self.assertEqual((done.returncode, done.timed_out), (0, False))
         escaped = read_pids(pidfile)[0]
         wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+class SiblingTest(Base):
+    """Jobs run side by side: ending one child's tree never touches another's, and still finds its own."""
+
+    def test_an_orphan_without_the_marker_in_the_group_goes_and_a_sibling_lives_on(self):
+        sibling_pid, orphan_pid = os.path.join(self.tmp, "sibling"), os.path.join(self.tmp, "orphan")
+        results = []
+        sibling = threading.Thread(target=lambda: results.append(proc.run(
+            ["/bin/sh", "-c", "echo $$ > %s; sleep 3" % sibling_pid], timeout=60)))
+        sibling.start()
+        self.addCleanup(sibling.join)
+        read_pids(sibling_pid)
+        # exits 0 at once, leaving a sleep in its process group whose environment has no marker (Popen
+        # returns once the sleep runs: only the group can find it)
+        script = "import subprocess, sys; open(sys.argv[1], 'w').write(str(subprocess.Popen(['sleep', '60']," \
+                 " env={}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid))"
+        done = proc.run([sys.executable, "-c", script, orphan_pid], timeout=10)
+        self.assertEqual((done.returncode, done.timed_out), (0, False))
+        orphan = read_pids(orphan_pid)[0]
+        wait_until(lambda: not process_alive(orphan), 5, message="the sleep %d left in the group to be killed" % orphan)
+        sibling.join(30)
+        self.assertEqual([(r.returncode, r.timed_out) for r in results], [(0, False)], "the sibling ran to its end")
 
 
 class RegistryTest(Base):
