@@ -153,8 +153,10 @@ class Registry:
         with self._lock:
             rows, gone = list(self._unsaved.values()), self._gone
             self._unsaved, self._gone, self._flush_queued = {}, [], False
-        record(conn, rows)
-        forget(conn, gone)
+        if rows:  # usually neither: a short child started and ended between two groups
+            record(conn, rows)
+        if gone:
+            forget(conn, gone)
 
     def _not_stored(self, error):
         self.log.warning("could not record a job process: %s", error)

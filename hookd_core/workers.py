@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 
+from . import logs
 from .api import Fail, Integration, JobContext, Retry, iso, stored_payload
 from .logs import EventLog
 
@@ -280,8 +281,9 @@ class Worker:
 
     def _end(self, row, status, error, note, log):
         self._store_outcome(row, status, error, note)
-        if status == "done":
-            log.info("done (%s, attempt %d)%s", row["route"], row["attempts"], ": %s" % note if note else "")
+        if status == "done":  # the line every job ends with, without a LogRecord (~20 µs less)
+            logs.info(log.logger, "done (%s, attempt %d)%s" % (row["route"], row["attempts"],
+                                                              ": %s" % note if note else ""), row["id"])
         else:
             log.error("dead (%s, attempt %d): %s", row["route"], row["attempts"], error)
         return status
