@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.parse
 
+from . import proc
 from .api import Fail, Retry
 
 MAX_REPLY = 64 * 1024 * 1024  # thumbnails and API answers; anything larger is not what we asked for
@@ -105,6 +106,7 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
     watch = _deadlines.watch(conn, timeout)
     try:
         try:
+            _connect(conn)
             conn.request(method, path, body=body, headers=dict(headers or {}))
         except ConnectionError:
             if not kept or watch.cut:
@@ -114,6 +116,7 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
             # here: the upstream may have acted on it, and the caller's retry decides.
             conn.close()
             conn = watch.conn = _connection(place, timeout)
+            _connect(conn)
             conn.request(method, path, body=body, headers=dict(headers or {}))
         resp = conn.getresponse()
         data = resp.read(max_body + 1)
@@ -142,9 +145,20 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
 def _connection(place, timeout):
     scheme, host, port, context = place
     if scheme == "https":
-        return http.client.HTTPSConnection(host, port, timeout=timeout,
-                                           context=context or ssl.create_default_context())
+        with proc.may_open_inheritable():  # OpenSSL reads the CA files with fopen(path, "r")
+            return http.client.HTTPSConnection(host, port, timeout=timeout,
+                                               context=context or ssl.create_default_context())
     return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def _connect(conn):
+    """Open a new https connection inside ``proc.may_open_inheritable``: verifying the upstream's
+    certificate, OpenSSL may open a CA file without close-on-exec, which a child started meanwhile by
+    posix_spawn would keep. A plain or already open connection is left to ``request`` (it connects
+    when needed)."""
+    if conn.sock is None and isinstance(conn, http.client.HTTPSConnection):
+        with proc.may_open_inheritable():
+            conn.connect()
 
 
 

@@ -1,7 +1,8 @@
 """Starting and ending every outside program hookd runs (commands, labelers, ffmpeg, ffprobe, alert commands).
 
-Strategy: ``spawn`` is the one way a child starts: no shell, its own session (so its process group is its
-own), a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_* values and the
+Strategy: ``spawn`` is the one way a child starts (``run`` starts its own through ``os.posix_spawn`` where
+that gives the same child, ``_Spawned``): no shell, its own session (so its process group is its
+own), no fd but its stdin, stdout and stderr, a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_* values and the
 names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable holding
 one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit. ``kill_tree``
 ends a child and everything it started: its process group, every process descended from those by parent
@@ -97,6 +98,12 @@ def spawn(argv, env=None, **popen_args):
     """Start ``argv`` (a list, never a shell string) in its own session with ``env`` (default: the clean
     ``child_env()``) plus its marker (named by this thread's watcher, else random), and report it to the
     watcher. Raises OSError."""
+    return _spawn(env, lambda env: subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True,
+                                                    **popen_args))
+
+
+def _spawn(env, start):
+    """``spawn`` with ``start(env)`` (returns a Popen, or what ``run`` needs of one) doing the fork."""
     watcher = getattr(_local, "watcher", None)
     marker = watcher.marker() if watcher is not None else secrets_mod.token_hex(8)
     env = dict(child_env() if env is None else env, **{MARKER: marker})
@@ -104,7 +111,7 @@ def spawn(argv, env=None, **popen_args):
         watcher.starting(marker)  # durable before the fork: a crash right after it still finds the child
     since = task_counters()
     try:
-        popen = subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, **popen_args)
+        popen = start(env)
     except BaseException:
         if watcher is not None:
             watcher.ended(marker)
@@ -113,6 +120,94 @@ def spawn(argv, env=None, **popen_args):
     if watcher is not None:
         watcher.started(child)
     return child
+
+
+_uncloexec = [0]  # blocks running now that may open a file without close-on-exec (``may_open_inheritable``)
+_uncloexec_lock = threading.Lock()
+_inherited = []  # done once: every fd hookd inherited is close-on-exec
+
+
+@contextlib.contextmanager
+def may_open_inheritable():
+    """Around code that may open a file descriptor without close-on-exec (OpenSSL reads CA files with
+    ``fopen(path, "r")`` while it sets up or verifies a TLS connection): while any such block runs, a
+    child of ``run`` is started by ``subprocess.Popen``, which closes every fd but its three in the child,
+    instead of ``os.posix_spawn``, which would pass that fd on. The count goes up before the block gives
+    up the GIL, and ``_start`` reads it with no GIL release between the read and the fork."""
+    with _uncloexec_lock:
+        _uncloexec[0] += 1
+    try:
+        yield
+    finally:
+        with _uncloexec_lock:
+            _uncloexec[0] -= 1
+
+
+def _start(argv, env, cwd, fds):
+    """A child of ``run`` with ``fds`` as its stdin, stdout and stderr: by ``os.posix_spawn`` (``_Spawned``)
+    when it can start it (glibc, no ``cwd``, a path to the program as Popen would exec it, no fd among
+    0-2 to move) and no ``may_open_inheritable`` block runs; by Popen otherwise."""
+    if POSIX_SPAWN and cwd is None and os.sep in argv[0] and min(fds) > 2:
+        if not _inherited:
+            _close_on_exec_all()
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        if not _uncloexec[0]:
+            return _Spawned(argv, env, actions)
+    return subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, cwd=cwd, stdin=fds[0],
+                            stdout=fds[1], stderr=fds[2])
+
+
+class _Spawned:
+    """What ``run`` needs of a Popen (``pid``, ``wait()``, ``returncode``) for a program started by
+    ``os.posix_spawn``: its own session, ``actions`` giving it its stdin, stdout and stderr, SIGPIPE and SIGXFSZ back
+    to their defaults (Python ignores them; Popen restores them too), and no other fd. posix_spawn keeps
+    the GIL while the kernel starts the program (Popen's fork_exec lets it go and waits to take it back
+    behind the request threads, then waits again on its exec-error pipe: most of a job's time while
+    intake is busy) and costs no pipe. It has no "close every other fd": every fd Python and sqlite open
+    is close-on-exec, the ones hookd inherited are made so before the first child, and while code that
+    may open one without it runs (``may_open_inheritable``) ``run`` uses Popen."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+
+    def __init__(self, argv, env, actions):
+        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=self.SIGNALS)
+        self.returncode = None
+
+    def wait(self):
+        if self.returncode is None:
+            try:
+                status = os.waitpid(self.pid, 0)[1]
+            except ChildProcessError:  # reaped elsewhere: what Popen says then
+                status = 0
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _close_on_exec_all():
+    """Make every fd above stderr close-on-exec (those hookd inherited from whoever started it)."""
+    with _kept_lock:
+        if _inherited:
+            return
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if int(name) > 2 and os.get_inheritable(int(name)):
+                    os.set_inheritable(int(name), False)
+            except OSError:
+                pass  # the listing's own fd, closed by now
+        _inherited.append(True)
+
+
+def _posix_spawn_usable():
+    """glibc 2.26 or later (POSIX_SPAWN_SETSID; exec errors reported): elsewhere Popen starts every child."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return name == "glibc" and tuple(int(p) for p in version.split(".")[:2]) >= (2, 26) \
+            and hasattr(os, "posix_spawn")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+POSIX_SPAWN = _posix_spawn_usable()
 
 
 def end(child):
@@ -151,9 +246,9 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None, keep_stdout=True):
     out_r, out_w = (-1, _kept_fd("/dev/null", os.O_WRONLY)) if not keep_stdout else os.pipe2(os.O_CLOEXEC)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)  # raw fds, no file objects
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    ours = [stdin_w, out_r, err_r]
+    ours, theirs = [stdin_w, out_r, err_r], (stdin_r, out_w, err_w)
     try:
-        child = spawn(argv, env, cwd=cwd, stdin=stdin_r, stdout=out_w, stderr=err_w)
+        child = _spawn(env, lambda env: _start(argv, env, cwd, theirs))
     except BaseException:
         for fd in ours:
             if fd >= 0:

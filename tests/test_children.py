@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -25,6 +27,7 @@ from tests import test_ixon
 from tests.fake_camera import FakeCamera
 from tests.support import Daemon, Worker, process_alive, wait_until
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRETS = {"HOOK_SECRET": "hook-secret-0123456789", "ADMIN_TOKEN": "admin-token-0123456789",
            "CAMERA_PASSWORD": "camera-password-0123456789"}
 
@@ -229,6 +232,44 @@ class LeftoverTest(Base):
         self.assertEqual((done.returncode, done.timed_out), (0, False))
         escaped = read_pids(pidfile)[0]
         wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+
+# A shell (Python would set its own signals) that prints the fds it holds, its pid, group and session, and
+# the mask of the signals it ignores.
+INSPECT = ["/bin/sh", "-c", "ls /proc/$$/fd | tr '\\n' ' '; echo; cut -d' ' -f1,5,6 /proc/$$/stat;"
+           " grep SigIgn /proc/$$/status"]
+
+
+class StartTest(Base):
+    """However ``run`` starts a program: its three pipes and nothing else, its own session and group,
+    SIGPIPE and SIGXFSZ at their defaults (Python ignores both; a pipeline would never end)."""
+
+    def inspect(self, out=None):
+        if out is None:
+            done = proc.run(INSPECT, timeout=30)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            out = done.stdout
+        fds, ids, ignored = out.decode().splitlines()
+        pid, pgid, sid = ids.split()
+        self.assertEqual((fds.split(), pgid, sid), (["0", "1", "2"], pid, pid))
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            self.assertFalse(int(ignored.split()[1], 16) & (1 << (sig - 1)), "signal %d ignored: %s" % (sig, ignored))
+
+    def test_a_program_gets_its_pipes_a_session_and_default_signals(self):
+        self.inspect()
+
+    def test_no_inheritable_fd_reaches_it_even_while_one_may_be_opened(self):
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        os.set_inheritable(fd, True)  # what OpenSSL's fopen of a CA file leaves while a TLS call runs
+        with proc.may_open_inheritable():
+            self.inspect()
+
+    def test_an_fd_hookd_inherited_reaches_no_program(self):
+        # a fresh process that holds an inheritable fd from the start, as one its parent left open
+        code = ("import os, sys; fd = os.open(os.devnull, os.O_RDONLY); os.set_inheritable(fd, True); "
+                "from hookd_core import proc; sys.stdout.buffer.write(proc.run(%r).stdout)" % INSPECT)
+        self.inspect(subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, timeout=60).stdout)
 
 
 class SiblingTest(Base):

@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from hookd_core import actions, client
+from hookd_core import actions, client, proc
 from hookd_core.api import Fail, Retry
 from tests import support
 from tests.support import FakeUpstream
@@ -197,6 +197,26 @@ class KeepAliveTest(unittest.TestCase):
         self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
         self.assertIn("within 2s", str(cm.exception))
         self.assertEqual((up.requests, up.connections), (2, 1))  # the second went on the kept connection
+
+
+class TlsSetupTest(unittest.TestCase):
+    """While an https connection is set up, OpenSSL may open CA files without close-on-exec: the client
+    says so to proc, which then starts children with Popen (every other fd closed in the child)."""
+
+    def test_an_https_connection_being_set_up_is_marked_for_proc(self):
+        listener = socket.socket()  # accepts the TCP connection, never answers the ClientHello
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        errors = []
+        caller = threading.Thread(target=lambda: errors.append(self.assertRaises(
+            client.NetworkError, client.request, "GET", "https://127.0.0.1:%d/" % listener.getsockname()[1],
+            timeout=3)))
+        caller.start()
+        self.addCleanup(caller.join)
+        support.wait_until(lambda: proc._uncloexec[0] == 1, 3, message="the handshake to be under way")
+        caller.join(10)
+        self.assertEqual((len(errors), proc._uncloexec[0]), (1, 0))
 
 
 class StatusMappingTest(unittest.TestCase):
