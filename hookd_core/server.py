@@ -603,17 +603,25 @@ class Answer:
         self.sent.release()
 
     def _send_rest(self, data, close):
+        """Send what the socket did not take at once, waiting with poll (select refuses a descriptor past
+        1023). Whatever ends it early (write_timeout, the client gone, any error) drops the connection, so
+        a cut answer is never followed by the next one."""
         sock = self.handler.connection
         deadline = time.monotonic() + self.handler.app.settings.float("write_timeout")
         try:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
             while data:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([], [sock], [], left)[1]:
+                if left <= 0 or not poller.poll(left * 1000):
                     close = True  # the client does not read its answer: dropped
                     break
                 data = data[sock.send(data, socket.MSG_DONTWAIT):]
         except OSError:
+            close = True  # the client is gone
+        except BaseException:
             close = True
+            raise
         finally:
             if close:
                 _shut_down(sock, socket.SHUT_RDWR)

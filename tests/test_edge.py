@@ -470,6 +470,78 @@ def free_port():
         return s.getsockname()[1]
 
 
+class SlowReaderTest(unittest.TestCase):
+    def test_an_answer_the_socket_takes_in_part_is_finished_on_a_descriptor_past_1023(self):
+        """The writer sends each answer without waiting; what the socket does not take at once is sent by a
+        thread of its own. On a descriptor past 1023 that thread waited with select(), which refuses such
+        descriptors: the rest of the answer was dropped and the next one followed it, a torn answer stream
+        (review R4). The daemon reaches such descriptors with max_connections above ~1000; in the black
+        box that needs ~1,100 connections and ~28,000 pipelined requests before the kernel's send buffer
+        (autotuned up to 4 MB) fills, so this drives the real App, Server, Handler and Answer over a real
+        loopback connection whose descriptor is moved past 1023 and whose send buffer is small."""
+        import resource
+        from hookd_core import server
+        from hookd_core.app import App
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2048 and (hard == resource.RLIM_INFINITY or hard >= 2048):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        elif soft < 2048:
+            self.skipTest("RLIMIT_NOFILE below 2048")
+        tmp = tempfile.mkdtemp(prefix="hookd-slowreader-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        config = os.path.join(tmp, "credentials.properties")
+        with open(config, "w") as f:
+            f.write("[hookd]\nstate_dir = %s\nwrite_timeout = 30\n" % os.path.join(tmp, "var"))
+        os.chmod(config, 0o600)
+        app = App(config)
+        level = app.log.level
+        app.log.setLevel("WARNING")  # 300 lines of "202 h stored event" would go to the test's own stderr
+        self.addCleanup(app.log.setLevel, level)
+        srv = server.Server(("127.0.0.1", 0), app)
+        self.addCleanup(srv.server_close)
+        client = socket.create_connection(srv.server_address)
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        accepted, address = srv.socket.accept()
+        high = socket.socket(fileno=os.dup2(accepted.fileno(), 1500))
+        accepted.close()
+        self.addCleanup(high.close)
+        high.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        handler = server.Handler.__new__(server.Handler)
+        handler.request, handler.client_address, handler.server = high, address, srv
+        handler.setup()
+
+        count, received = 300, []
+
+        def read_late():  # the client reads only after the daemon's sends have filled both buffers
+            time.sleep(1.0)
+            client.settimeout(10)
+            data = b""
+            while data.count(b"HTTP/1.1 ") < count or not data.endswith(b"}"):
+                try:
+                    more = client.recv(65536)
+                except OSError:
+                    break
+                if not more:
+                    break
+                data += more
+            received.append(data)
+        reader = threading.Thread(target=read_late)
+        reader.start()
+        for event_id in range(1, count + 1):
+            answer = server.Answer(handler, "h", [{"done": True}], False)
+            answer([(event_id, "new")], None)
+            answer.sent.acquire()  # as the connection's thread does before its next answer
+        reader.join(30)
+        answers = received[0].split(b"HTTP/1.1 ")[1:]
+        self.assertEqual(len(answers), count)
+        for event_id, answer in enumerate(answers, 1):
+            self.assertTrue(answer.startswith(b"202 Accepted\r\n"), answer[:80])
+            self.assertTrue(answer.endswith(b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id)),
+                            answer[-80:])
+
+
 class ReverseProxyTest(unittest.TestCase):
     """hookd behind a real HAProxy on loopback, the deployment issue 13 is about."""
 
