@@ -108,21 +108,25 @@ def batched():
     """Hold the lines this thread logs inside the block and write them at its end, in as few writes as
     keep every line whole (each write at most PIPE_BUF bytes, cut between lines). The store's writer
     thread logs a whole commit group's answers this way: one write instead of one per request, each of
-    which would give up the GIL."""
+    which would give up the GIL. A write that fails (stderr a pipe whose reader went away) loses the
+    lines and nothing else: the writer thread goes on answering."""
     _batch.lines = []
     try:
         yield
     finally:
         lines, _batch.lines = _batch.lines, None
         chunk, size = [], 0
-        for line in lines:
-            if chunk and size + len(line) > select.PIPE_BUF:
+        try:
+            for line in lines:
+                if chunk and size + len(line) > select.PIPE_BUF:
+                    os.write(2, b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
                 os.write(2, b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            os.write(2, b"".join(chunk))
+        except OSError:
+            pass  # stderr is gone (EPIPE) or failing: the lines are lost, never the block's own work
 
 
 def setup(fmt="text", level=logging.INFO):

@@ -1,15 +1,24 @@
 """Unit tests of hookd_core/logs.py: the line each format writes (text and JSON), control characters
 escaped, and the request path's ``logs.info`` writing exactly what ``log.info`` writes, in both formats,
-to file descriptor 2 (a real temporary file put in its place), alone and inside ``batched()``."""
+to file descriptor 2 (a real temporary file put in its place), alone and inside ``batched()``; and the
+daemon whose stderr's reader went away still answering."""
 
 import json
 import logging
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import unittest
 
 from hookd_core import logs
+from tests.support import HOOKD
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) (.*)$")
 
@@ -110,6 +119,51 @@ class LogLinesTest(unittest.TestCase):
             log.removeHandler(extra)
         self.assertEqual([(r.getMessage(), r.event) for r in extra.records], [("both", 5)])
         self.assertEqual(TEXT_LINE.match(err.lines()[0]).group(2), "event=5 both")
+
+
+
+class StderrGoneTest(unittest.TestCase):
+    def test_the_daemon_answers_and_stops_after_the_reader_of_its_stderr_went_away(self):
+        """hookd's stderr is a pipe whose reader goes away (``hookd ... 2>&1 | tee`` and tee dies): every
+        later log write fails with EPIPE. Each POST is still answered 202, also 16 at once (the writer
+        thread logs a group's lines together), and SIGTERM stops it (review R5: the failed write inside
+        ``batched()`` killed the writer thread; of 16 concurrent POSTs 1 was answered, and SIGTERM hung)."""
+        tmp = tempfile.mkdtemp(prefix="hookd-stderr-gone-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        conf = os.path.join(tmp, "credentials.properties")
+        with open(conf, "w") as f:
+            f.write("[hookd]\nstate_dir = %s\nadmin.listen =\n[hook:h]\nverify = none\nallow_unsigned = true\n"
+                    % os.path.join(tmp, "var"))
+        os.chmod(conf, 0o600)
+        p = subprocess.Popen([sys.executable, HOOKD, "127.0.0.1:0", "--config", conf], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(lambda: p.poll() is None and os.killpg(p.pid, signal.SIGKILL))
+        seen, deadline, port = b"", time.monotonic() + 20, None
+        while port is None and time.monotonic() < deadline:
+            more = os.read(p.stdout.fileno(), 4096)
+            self.assertTrue(more, "hookd ended before it listened: %r" % seen)
+            seen += more
+            m = re.search(rb"listening on https?://[0-9.]+:(\d+)", seen)
+            port = int(m.group(1)) if m else None
+        p.stdout.close()  # the log's reader goes away
+
+        def post(i):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                body = b'{"i": %d}' % i
+                s.sendall(b"POST /hooks/h HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                try:
+                    return s.recv(4096).split(b"\r\n")[0]
+                except socket.timeout:
+                    return b"(no answer in 10 s)"
+        answers = [post(i) for i in range(3)]
+        threads = [threading.Thread(target=lambda i=i: answers.append(post(100 + i))) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(answers, [b"HTTP/1.1 202 Accepted"] * 19)
+        os.killpg(p.pid, signal.SIGTERM)
+        self.assertEqual(p.wait(30), 0)
 
 
 if __name__ == "__main__":
