@@ -11,7 +11,9 @@ look-up first), with ids handed out by the writer, and a group's consecutive cla
 finishes are one ``executemany`` each, so a group costs a few statements however many requests it
 holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
 runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
-waking the request's own thread first. When the writer is idle and nothing is queued, a request's
+waking the request's own thread first. When more is queued by then, the writer first runs the next
+group's statements and hands its COMMIT to a committer thread, and answers while that fsync runs: the
+clients' next requests are read and verified during the fsync instead of before it. When the writer is idle and nothing is queued, a request's
 (or a waiting ``write``'s) own thread commits it as a group of one instead: no thread switch there and
 back (a client that sends one request at a time meets an idle writer every time). If the
 transaction fails (disk full, read-only file) every
@@ -231,6 +233,11 @@ class Store:
         self._conn = self._connect()
         migrate(self._conn)
         self._recount(self._conn)
+        self._commit_go, self._commit_done = threading.Lock(), threading.Lock()  # one-shot gates
+        self._commit_go.acquire()
+        self._commit_done.acquire()
+        self._commit_job = None  # (group, fresh counts) handed to the committer thread
+        threading.Thread(target=self._commit_forever, name="hookd-committer", daemon=True).start()
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
 
@@ -299,21 +306,55 @@ class Store:
     def _write_forever(self):
         while True:
             self._wake.acquire()
-            while True:
-                with self._committing:  # a caller may be running its own group
-                    with self._plock:
-                        group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                        if not group:
-                            self._idle = True
-                            break
-                    self._run_group(group)
+            with self._committing:  # a caller may be running its own group
+                self._drain()
+
+    def _drain(self):
+        """Commit what is queued, group after group, until nothing is; then mark the writer idle.
+        A committed group is answered (settled) while the next one's COMMIT runs on the committer
+        thread: the writer takes what is queued, runs its statements, hands its COMMIT over and only
+        then answers the group before. Each answer lets go of the GIL, and the client's next request
+        wakes its thread at once; answered before the next group's statements, those threads ran ahead
+        of the next fsync and the core idled during it (the 16-connection gap, docs/performance.md).
+        With nothing queued a group is committed here and answered at once (no thread switch)."""
+        committed = None  # the last group committed, not settled yet
+        while True:
+            with self._plock:
+                group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+                if not group and committed is None:
+                    self._idle = True
+                    return
+            staged = self._stage(group) if group else None
+            if committed is None:
+                if staged is not None:
+                    self._commit(group, staged)
+            else:
+                if staged is not None:
+                    self._commit_job = (group, staged)
+                    self._commit_go.release()
+                self._settle(committed)
+                if staged is not None:
+                    self._commit_done.acquire()
+            committed = group or None
+
+    def _commit_forever(self):
+        """The committer thread: runs the COMMIT the writer hands over while the writer answers."""
+        while True:
+            self._commit_go.acquire()
+            try:
+                self._commit(*self._commit_job)
+            finally:
+                self._commit_job = None
+                self._commit_done.release()
 
     def _run_group(self, group):
         """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
-        try:
-            self._commit_group(group)
-        except Exception as e:  # never leave a caller waiting, never let the writer die
-            self._fail_all(group, e)
+        staged = self._stage(group)
+        if staged is not None:
+            self._commit(group, staged)
+        self._settle(group)
+
+    def _settle(self, group):
         with logs.batched():  # the group's answers log one line each, written together
             for op in group:
                 op.settle(self._log_exception)
@@ -322,16 +363,15 @@ class Store:
         if self.log is not None:
             self.log.exception("answering after a commit failed")
 
-    def _commit_group(self, group):
-        """One transaction for the whole group; sets each op's result or error (settled by the caller)."""
+    def _stage(self, group):
+        """Open the group's transaction and run its statements; sets each op's result or error. Returns
+        {route: events now waiting} for ``_commit``, or None when there is nothing to commit (the
+        transaction failed, or a function alone in it raised and was rolled back)."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            return self._fail_all(group, e)
-        isolate = len(group) > 1  # alone in its transaction, a function needs no savepoint
-        batch = []  # consecutive operations of one batched statement, run as one executemany
-        try:
+            isolate = len(group) > 1  # alone in its transaction, a function needs no savepoint
+            batch = []  # consecutive operations of one batched statement, run as one executemany
             for op in group:  # in submission order, except that requests' events go in last
                 if op.stmt is not None:
                     if batch and batch[0].stmt is not op.stmt:
@@ -340,15 +380,19 @@ class Store:
                 elif op.fn is not None:
                     batch = _flush(conn, batch)
                     if not _run_fn(conn, op, isolate):
-                        return  # alone and failed: rolled back, nothing to commit
+                        return None  # alone and failed: rolled back, nothing to commit
             _flush(conn, batch)
             requests = [op for op in group if op.rows is not None]
-            fresh = _store_requests(conn, requests) if requests else {}
-        except sqlite3.Error as e:
-            return self._fail_all(group, e)
+            return _store_requests(conn, requests) if requests else {}
+        except Exception as e:  # never leave a caller waiting, never let the writer die
+            self._fail_all(group, e)
+            return None
+
+    def _commit(self, group, fresh):
+        """COMMIT a staged group, then count what now waits."""
         try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
+            self._conn.execute("COMMIT")
+        except Exception as e:
             return self._fail_all(group, e)
         self.groups += 1
         with self._count_lock:

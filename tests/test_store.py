@@ -204,6 +204,75 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(sum(s == "queued" for _, s in stored), len(first))
         self.assertEqual(sorted(k for k, s in stored if s == "queued"), sorted(first))
 
+    def hold_two_groups(self):
+        """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
+        ``go[0]``; what is submitted meanwhile with ``fn2`` first is group 2, held inside ``fn2`` until
+        ``go[1]``. Returns (the go events, fn2, a function that waits until group 2 is inside fn2)."""
+        inside, go = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+
+        def hold(i):
+            def fn(conn):
+                inside[i].set()
+                self.assertTrue(go[i].wait(30))
+            return fn
+        threading.Thread(target=self.store.write, args=(hold(0),), daemon=True).start()
+        self.assertTrue(inside[0].wait(30))
+        return go, hold(1), lambda: self.assertTrue(inside[1].wait(30))
+
+    def visible(self, route):
+        conn = sqlite3.connect(self.path)  # a fresh connection sees only what is committed
+        try:
+            return conn.execute("SELECT count(*) FROM events WHERE route=?", (route,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    def test_a_group_is_answered_while_the_next_one_commits(self):
+        # Group 2's answers go out after its own commit and after group 3 (queued meanwhile) has run
+        # its statements, while group 3's COMMIT runs on another thread: an answer that waits for group
+        # 3 to be on disk sees it get there (the old writer answered group 2 before it took group 3, so
+        # group 3 never committed while an answer waited). Each caller is answered once.
+        order = []
+
+        def answer_a(result, error):
+            mine = self.visible("a")
+            deadline = time.monotonic() + 10
+            while self.visible("b") == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            order.append(("answer a", result[0][1] if result else error, mine, self.visible("b")))
+        go, fn2, entered = self.hold_two_groups()
+        self.store.write_soon(fn2)
+        self.store.submit_events("a", [row("a")], then=answer_a)
+        go[0].set()
+        entered()
+        self.store.write_soon(lambda conn: order.append("b staged"))
+        self.store.submit_events("b", [row("b")], then=lambda r, e: order.append(
+            ("answer b", r[0][1] if r else e, self.visible("b"))))
+        go[1].set()
+        deadline = time.monotonic() + 30
+        while len(order) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # a second answer would show up here
+        self.assertEqual(order, ["b staged", ("answer a", "new", 1, 1), ("answer b", "new", 1)])
+
+    def test_a_failing_next_group_does_not_touch_the_answers_of_the_committed_one(self):
+        order = []
+        go, fn2, entered = self.hold_two_groups()
+        self.store.write_soon(fn2)
+        self.store.submit_events("a", [row("a")], then=lambda r, e: order.append(("a", r[0][1] if r else e)))
+        go[0].set()
+        entered()
+        pages = self.store.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        self.store.write_soon(lambda c: c.execute("PRAGMA max_page_count=%d" % (pages + 2)))
+        self.store.submit_events("b", [row("b", b"x" * 200000)], then=lambda r, e: order.append(("b", r or e)))
+        go[1].set()
+        deadline = time.monotonic() + 30
+        while len(order) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.assertEqual(order[0], ("a", "new"))
+        self.assertIsInstance(order[1][1], StoreError)
+        self.assertEqual((self.visible("a"), self.visible("b")), (1, 0))
+        self.store.write(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
+
     def test_a_wal_grown_by_a_burst_is_cut_back(self):
         # One large request makes the WAL file large; once the WAL starts over it is cut back.
         self.store.add_events("b", [row("big", b"z" * (3 * WAL_KEEP_BYTES))])
