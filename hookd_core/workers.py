@@ -22,6 +22,7 @@ import traceback
 from . import logs
 from .api import Fail, Integration, JobContext, Retry, iso, stored_payload
 from .logs import EventLog
+from .store import StoreError
 
 
 class Pool:
@@ -108,6 +109,8 @@ class Pool:
                 if time.time() - last_prune > 86400:
                     self.app.prune_daily()
                     last_prune = time.time()
+            except StoreError as e:  # the database refuses writes (disk full): one line, tried again next round
+                self.app.log.error("scheduler iteration failed: %s; tried again next round", e)
             except Exception:
                 self.app.log.exception("scheduler iteration failed")
             with self._wake:
