@@ -98,7 +98,7 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.status(eid), "queued")
 
     def test_prune_keeps_dead_and_recent(self):
-        ids = [self.store.add_events("r", [row()])[0][0] for _ in range(3)]
+        ids = [self.store.add_events("r", [row()], now=5.0)[0][0] for _ in range(3)]
         for eid, end in zip(ids, ("done", "dead", "done")):
             self.store.claim(eid, now=10.0)
             self.store.finish(eid, "r", end, now=10.0 if eid != ids[2] else 1e12)
@@ -106,8 +106,77 @@ class StoreTest(unittest.TestCase):
         left = {r["id"] for r in self.store.read(lambda c: list_events(c))}
         self.assertEqual(left, {ids[1], ids[2]})
 
+    def fill_for_prune(self, cutoff):
+        """Events of every kind around ``cutoff``, in id order as they would arrive, each with a real history."""
+        day, t0 = 86400.0, cutoff - 30 * 86400.0
+        add = lambda key, at, **kw: self.store.add_events("r", [dict(row(key), **kw)], now=at)[0][0]
+
+        def run(eid, *outcomes):
+            for status, at in outcomes:
+                self.store.claim(eid, now=at)
+                self.store.finish(eid, "r", status, next_at=at + 1 if status == "retry" else 0.0, now=at)
+            return eid
+
+        old = run(add("a", t0), ("done", t0 + 1))                    # done long ago
+        run(add("b", t0 + 2), ("dead", t0 + 3))                      # dead: kept whatever its age
+        self.store.add_events("r", [row("a")], now=t0 + 4)           # an old duplicate of a
+        run(add("c", t0 + 5), ("retry", t0 + 6), ("done", cutoff + day))  # retried, done after the cutoff
+        add("d", t0 + 7)                                             # still queued
+        add("e", t0 + 8, done=True)                                  # stored done (nothing to do)
+        run(self.store.replay(old, now=t0 + 9), ("done", t0 + 10))   # a replay, sharing a's body
+        run(add("f", t0 + 11), ("done", cutoff + 2 * day))           # old id, changed after later ids
+        run(add("g", cutoff - 10), ("done", cutoff - 5))             # just before the cutoff
+        run(add("h", cutoff - 20), ("done", cutoff - 15))            # stored out of order
+        for n in range(10):                                          # just after
+            run(add("i%d" % n, cutoff + 10 + n), ("done", cutoff + 20))
+        run(add("j", cutoff - 600), ("done", cutoff - 500))          # the clock stepped back 10 min
+        self.store.add_events("r", [row("g")], now=cutoff - 1)       # duplicates either side of the cutoff
+        self.store.add_events("r", [row("g")], now=cutoff + 1)
+        for n in range(40):                                          # the recent rows a prune must not read
+            run(add("recent%d" % n, cutoff + day + n), ("done", cutoff + day + n))
+        self.store.replay(old, now=cutoff + 3 * day)                  # keeps a's body when a goes
+        self.store.add_events("r", [row("late")], now=cutoff + 3 * day)
+
+    def test_prune_deletes_what_the_unbounded_statement_deleted(self):
+        """prune bounds its DELETE by id; on rows of every kind and history (duplicates, replays, an
+        event retried and done after later ids, rows stored a little out of order) it deletes exactly
+        the rows the plain statement on status and updated_at deletes."""
+        now, days = 2e9, 30
+        cutoff = now - days * 86400.0
+        self.fill_for_prune(cutoff)
+        plain = sqlite3.connect(os.path.join(self.tmp.name, "plain.sqlite3"))
+        self.addCleanup(plain.close)
+        self.store.read(lambda c: c.backup(plain))
+        expected = plain.execute("DELETE FROM events WHERE status IN ('done','duplicate') AND updated_at < ?",
+                                 (cutoff,)).rowcount
+        kept = {r[0] for r in plain.execute("SELECT id FROM events")}
+        self.assertEqual(self.store.prune(days=days, now=now), expected)
+        self.assertEqual({r["id"] for r in self.store.read(lambda c: list_events(c, limit=1000))}, kept)
+        self.assertEqual(expected, 8)
+        lost = self.store.read(lambda c: c.execute(
+            "SELECT count(*) FROM events e WHERE body_id IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM request_bodies b WHERE b.id = e.body_id)").fetchone()[0])
+        self.assertEqual(lost, 0, "an event kept lost its body")
+
+    def test_prune_finds_what_it_deletes_through_the_primary_key(self):
+        """Done rows have no index entry (events_due leaves them out, and another index would cost every
+        request): the statements prune runs on events, the DELETE and the look-ups that bound it by id,
+        all search the primary key; none scans the table (the plain statement on status and updated_at
+        did)."""
+        now = 2e9
+        self.fill_for_prune(now - 86400.0)
+        seen = []
+        self.store._conn.set_trace_callback(seen.append)
+        self.store.prune(days=1, now=now)
+        self.store._conn.set_trace_callback(None)
+        on_events = [sql for sql in seen if " FROM events" in sql.split("(SELECT", 1)[0]]
+        self.assertTrue([sql for sql in on_events if sql.startswith("DELETE FROM events")], seen)
+        for sql in on_events:
+            plan = self.store.read(lambda c: [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql)])
+            self.assertFalse([p for p in plan if p.startswith("SCAN")], (sql, plan))
+
     def test_products_are_kept_per_event_replaced_on_a_rerun_and_pruned_with_their_event(self):
-        first, second = [self.store.add_events("r", [row("p%d" % i)])[0][0] for i in range(2)]
+        first, second = [self.store.add_events("r", [row("p%d" % i)], now=5.0)[0][0] for i in range(2)]
         self.store.add_product(first, "clip", path="/v/a.mp4")
         self.store.add_product(first, "clip", path="/v/a.mp4")  # the job ran again: one record
         self.store.add_product(first, "labels", data={"t": {"night": {"probability": 1.0}}})
@@ -295,7 +364,7 @@ class StoreTest(unittest.TestCase):
 
     def test_a_body_shared_by_many_events_is_stored_once(self):
         body = b'{"events": ["%s"]}' % (b"x" * 5000)
-        ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)])
+        ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)], now=0.5)
         self.assertEqual(len(ids), 3)
         n = self.store.read(lambda c: c.execute("SELECT count(*), sum(length(data)) FROM request_bodies").fetchone())
         self.assertEqual(n, (1, len(body)))
