@@ -4,7 +4,11 @@ Strategy: everything logs through the ``hookd`` logger. A record may carry ``eve
 ``extra=`` or through ``EventLog`` (a LoggerAdapter the workers hand to jobs), and both formats show it.
 Secrets never reach this module: callers log reasons, routes and ids, never headers or bodies. A message
 may quote bytes a client sent (a path, a reason): every control character in it (C0, DEL, C1, newlines
-included) is written escaped as ``\\xNN``, so no request can forge a log line or reach a terminal raw.
+included) is written escaped as ``\\xNN``, and the Unicode line and paragraph separators (U+2028, U+2029)
+as ``\\u2028``, so no request can forge a log line or reach a terminal raw: every line ``str.splitlines``
+or a viewer could break at is escaped. A traceback keeps its own lines, the text of each exception in it
+escaped to one line the same way; in JSON the ``exc`` field is written with those separators as JSON
+escapes, so every record is one line.
 """
 
 import contextlib
@@ -15,24 +19,46 @@ import re
 import select
 import threading
 import time
+import traceback
 
 from .api import iso
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # every character str.splitlines breaks at, too
+_SEPARATORS_IN_JSON = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # json.dumps leaves them raw
 
 
 def escaped(text):
-    """``text`` with every control character written as ``\\xNN``."""
-    if text.isprintable():  # no control character is printable: nothing to escape (the usual case)
+    """``text`` with every control character written as ``\\xNN``, U+2028 and U+2029 as ``\\u2028``."""
+    if text.isprintable():  # no control character or separator is printable: nothing to escape (the usual case)
         return text
-    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match):
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def _traceback(formatted, error):
+    """A formatted exception (``formatted``, of ``error``) whose own lines stay lines, while the text of
+    each exception in its chain (which may quote a request) is one escaped line, like a message."""
+    chain, seen = [error], set()
+    while chain:
+        exc = chain.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        text = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+        formatted = formatted.replace(text, escaped(text))
+        chain += [exc.__cause__, exc.__context__]
+    return "\n".join(escaped(line) for line in formatted.split("\n"))
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record):
         line = self.line(record.created, record.levelname, getattr(record, "event", None), record.getMessage())
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _traceback(self.formatException(record.exc_info), record.exc_info[1])
         return line
 
     @staticmethod
@@ -46,7 +72,8 @@ class JsonFormatter(logging.Formatter):
         out = self.fields(record.created, record.levelname, getattr(record, "event", None), record.getMessage())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        line = json.dumps(out, ensure_ascii=False)
+        return line if line.isprintable() else line.translate(_SEPARATORS_IN_JSON)
 
     def line(self, created, level, event, message):
         return json.dumps(self.fields(created, level, event, message), ensure_ascii=False)

@@ -39,7 +39,7 @@ class Stderr:
         self.file.close()
 
     def lines(self):
-        """The lines written so far (split at "\\n" only: the JSON format keeps U+2028 raw)."""
+        """The lines written so far (split at "\\n" only, so a line a viewer would break elsewhere shows)."""
         if not self.file.closed:
             self.file.seek(0)
             self.written = self.file.read().decode("utf-8").split("\n")[:-1]
@@ -87,9 +87,40 @@ class LogLinesTest(unittest.TestCase):
             old, new = json.loads(old), json.loads(new)
             self.assertEqual(sorted(old), sorted(new))
             self.assertEqual(sorted(old), ["event", "level", "msg", "ts"] if event else ["level", "msg", "ts"])
-            self.assertEqual(old["msg"], "202 hook:t stored event 12 from \\x00\u2028")
+            self.assertEqual(old["msg"], "202 hook:t stored event 12 from \\x00\\u2028")
             self.assertEqual((new["level"], new["msg"], new.get("event")), ("INFO", old["msg"], event))
             self.assertRegex(new["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+    def test_no_line_breaks_where_a_viewer_would(self):
+        """Every character str.splitlines breaks at (U+2028 and U+2029 as well as the C0/C1 ones), in a
+        message or in an exception's text, is escaped: a record is one line in text (a traceback its own
+        lines only) and one line of valid JSON."""
+        breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+        self.assertEqual(len(("a%sb" % "b".join(breaks)).splitlines()), len(breaks) + 1)  # the list is whole
+        hostile = "422 hook:t bad signature: %s" % "forged".join(breaks)
+        for fmt in ("text", "json"):
+            log = logs.setup(fmt)
+            with Stderr() as err:
+                logs.info(log, hostile, 3)
+                log.warning("%s", hostile)
+                try:
+                    raise ValueError(hostile) from RuntimeError(hostile)
+                except ValueError:
+                    log.exception("refused")
+                lines = err.lines()
+            for line in lines:
+                self.assertEqual(line.splitlines(), [line] if line else [], (fmt, line))
+            if fmt == "json":
+                self.assertEqual(len(lines), 3, lines)
+                records = [json.loads(line) for line in lines]
+                self.assertEqual([r["msg"] for r in records[:2]], [logs.escaped(hostile)] * 2)
+                self.assertIn(hostile, records[2]["exc"])
+            else:
+                self.assertEqual([TEXT_LINE.match(x).group(2) for x in lines[:2]],
+                                 ["event=3 " + logs.escaped(hostile), logs.escaped(hostile)])
+                for kind in ("RuntimeError", "ValueError"):  # the cause's text too
+                    self.assertIn("%s: %s" % (kind, logs.escaped(hostile)), lines)
+        self.assertEqual(logs.escaped("\u2028\u2029\x85\n"), "\\u2028\\u2029\\x85\\x0a")
 
     def test_batched_lines_are_held_until_the_block_ends(self):
         log = logs.setup("text")
