@@ -10,7 +10,10 @@ stateless: the cookie is ``expiry.auth.nonce.mac``, signed with a key drawn when
 With ``admin.token`` set a request needs the bearer header or a session that logged in with the token
 (the login form, shown with a 401); without it the admin listener's own rule is the gate. Files are
 served only through the ``products`` records jobs wrote, and only from under a directory the
-configuration names (``state_dir``, ``*.dir`` keys).
+configuration names (``state_dir``, ``*.dir`` keys). The event list is a LIKE over payloads and bodies
+that no index helps, so what one listing may cost is bounded (``_bounded``): at most ``MAX_SEARCH``
+characters of text, and sqlite stops the query after ``SEARCH_STEPS`` virtual-machine steps or
+``SEARCH_SECONDS``, whichever comes first; the page then says so instead of listing.
 """
 
 import hashlib
@@ -20,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import string
 import time
 import urllib.parse
@@ -34,7 +38,11 @@ PREFIX = "/ui/"
 COOKIE = "hookd_session"
 SESSION_SECONDS = 12 * 3600
 PAGE_SIZE = 50
-MAX_SEARCH = 200          # characters of free text searched for
+MAX_SEARCH = 200          # characters of free text searched for; a longer text is refused
+SEARCH_STEPS = 20_000_000  # sqlite VM steps one event listing may take ...
+SEARCH_SECONDS = 2.0      # ... and seconds (a LIKE over a large body is one step)
+STEPS_PER_EVENT = 16      # sqlite VM steps a text search takes per event it looks at (measured, no match)
+CHECK_EVERY = 1000        # steps between two looks at those bounds
 MAX_SHOWN = 256 << 10     # characters of a payload shown on an event's page
 MAX_CHUNK = 4 << 20       # bytes in one answer to a Range request (a <video> asks for ranges)
 MAX_WHOLE = 256 << 20     # bytes of a file served whole; bigger files only in ranges
@@ -355,10 +363,20 @@ def events(ctx):
     app, q = ctx.app, ctx.req.query1
     route = (q("route") or "").strip()[:200] or None
     status = q("status") if q("status") in STATUSES else None
-    text = (q("q") or "")[:MAX_SEARCH] or None
+    text = q("q") or None
     page_no = min(max(_int(q("page"), 1), 1), 100000)
-    rows = app.store.read(lambda c: list_events(c, status, route, PAGE_SIZE + 1, text,
-                                                (page_no - 1) * PAGE_SIZE))
+    answer, rows, refusal = 200, [], None
+    if text and len(text) > MAX_SEARCH:
+        answer, refusal = 400, "The search text is longer than %d characters; search for a shorter part." % (
+            MAX_SEARCH)
+    else:
+        rows = app.store.read(_bounded(lambda c: list_events(c, status, route, PAGE_SIZE + 1, text,
+                                                            (page_no - 1) * PAGE_SIZE)))
+        if rows is None:
+            rows, refusal = [], (
+                "The listing stopped before its end: one listing may look through about {:,} events or take"
+                " {:g} seconds. Narrow it by route or status.".format(SEARCH_STEPS // STEPS_PER_EVENT,
+                                                                      SEARCH_SECONDS))
     more, rows = len(rows) > PAGE_SIZE, rows[:PAGE_SIZE]
     routes = sorted({r for r, _, _ in app.store.read(counts)} | {i.name for i in app.integrations})
     option = lambda value, chosen: '<option%s>%s</option>' % (  # noqa: E731
@@ -371,7 +389,10 @@ def events(ctx):
            '<label>text in payload <input type="search" name="q" value="%s" maxlength="%d"></label>' % (
                e(text), MAX_SEARCH),
            '<button>Filter</button></form>']
-    out.append(event_table(rows, time.time()) if rows else '<p class="quiet">No events match.</p>')
+    if refusal:
+        out.append('<p class="error">%s</p>' % e(refusal))
+    else:
+        out.append(event_table(rows, time.time()) if rows else '<p class="quiet">No events match.</p>')
     keep = [(k, v) for k, v in (("route", route), ("status", status), ("q", text)) if v]
     links = []
     if page_no > 1:
@@ -382,7 +403,31 @@ def events(ctx):
             keep + [("page", page_no + 1)])))
     if links:
         out.append('<p class="paging">page %d · %s</p>' % (page_no, " · ".join(links)))
-    return page(ctx, 200, "Events", "\n".join(out))
+    return page(ctx, answer, "Events", "\n".join(out))
+
+
+def _bounded(query):
+    """``query(conn)`` as a read function that sqlite stops after SEARCH_STEPS steps or SEARCH_SECONDS:
+    its result, or None when it was stopped."""
+    def read(conn):
+        deadline, checks, stopped = time.monotonic() + SEARCH_SECONDS, [0], []
+
+        def check():
+            checks[0] += 1
+            if checks[0] * CHECK_EVERY > SEARCH_STEPS or time.monotonic() >= deadline:
+                stopped.append(True)
+                return 1  # sqlite interrupts the statement
+            return 0
+        conn.set_progress_handler(check, CHECK_EVERY)
+        try:
+            return query(conn)
+        except sqlite3.OperationalError:
+            if stopped:
+                return None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
+    return read
 
 
 def _int(text, default):

@@ -220,6 +220,38 @@ class PagesTest(ConsoleCase):
         found = self.app.store.read(lambda c: list_events(c, text="Zürich"))
         self.assertEqual([r["id"] for r in found], [event_id])
 
+    def test_a_search_text_over_the_bound_is_refused_not_cut(self):
+        """A text longer than MAX_SEARCH was cut to its first MAX_SEARCH characters and searched for, so
+        the list answered a question nobody asked: it is a 400 that says why."""
+        wanted = "y" * console.MAX_SEARCH
+        event_id = self.add(body=json.dumps({"k": wanted}).encode())
+        self.assertIn('href="/ui/events/%d"' % event_id, self.page("/ui/events?q=" + wanted))
+        html = self.page("/ui/events?q=" + wanted + "z", status=400)
+        self.assertIn("longer than %d characters" % console.MAX_SEARCH, html)
+        self.assertNotIn('href="/ui/events/%d"' % event_id, html)
+
+    def test_a_listing_that_would_cost_more_than_the_bound_stops_and_says_so(self):
+        """sqlite stops a listing after SEARCH_STEPS steps or SEARCH_SECONDS (both lowered here, on a
+        few hundred events, so the bound is reached without millions of rows); the page says so, the
+        read connection keeps no handler, and a listing within the bound still answers."""
+        self.app.store.add_events("hook:demo", [row(json.dumps({"i": i}).encode()) for i in range(400)])
+        limits = (console.SEARCH_STEPS, console.SEARCH_SECONDS)
+        self.addCleanup(lambda: (setattr(console, "SEARCH_STEPS", limits[0]),
+                                 setattr(console, "SEARCH_SECONDS", limits[1])))
+        stopped = "The listing stopped before its end"
+        for steps, seconds in ((3000, limits[1]), (limits[0], 0.0)):  # 400 events searched: ~6,400 steps
+            console.SEARCH_STEPS, console.SEARCH_SECONDS = steps, seconds
+            html = self.page("/ui/events?q=nowhere")
+            self.assertIn(stopped, html)
+            self.assertNotIn("No events match", html)
+        console.SEARCH_STEPS = 3000
+        self.assertEqual(len(re.findall(r'<tr><td><a href="/ui/events/', self.page("/ui/events"))),
+                         console.PAGE_SIZE, "the first page (~800 steps) costs less than the bound")
+        self.assertEqual(self.app.store.read(lambda c: list_events(c, text="nowhere", limit=10)), [],
+                         "the read connection's handler was removed")
+        console.SEARCH_STEPS, console.SEARCH_SECONDS = limits
+        self.assertIn("No events match", self.page("/ui/events?q=nowhere"))
+
     def test_static_files_are_served_from_a_fixed_list(self):
         css = self.get("/ui/static/console.css")
         self.assertEqual((css.status, css.content_type), (200, "text/css; charset=utf-8"))
