@@ -102,6 +102,10 @@ CREATE TABLE IF NOT EXISTS lease_workers (
 """
 
 NOTHING_TO_DO = "stored; no work or action configured for this route"
+# SQL NULL as the multi-row INSERTs bind it: a NaN, which sqlite stores as NULL (sqlite3VdbeMemSetDouble).
+# A float is bound directly, where None goes through sqlite3's adapter look-up first (a registry probe and
+# two attribute look-ups): 0.04 against 0.38 µs a value, and a Preservica delivery's rows bind 7 NULLs.
+NULL = float("nan")
 # events_due holds only rows that are not done: done rows are most of the table and no query looks them
 # up by status, and a route with no action stores every row done, each of which cost an index entry (a
 # page more per commit at 1 connection). sqlite uses a partial index only when the query's WHERE holds
@@ -867,9 +871,14 @@ def _store_requests(conn, ops):
                 bodies.append((next_body, body))
                 next_body += 1
             done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
-            events.append((next_id, route, "done" if done else "queued", now, now, row.get("dedupe_key"),
-                           row.get("serial_key"), row.get("headers"), row.get("content_type"), body_id,
-                           row.get("element"), row.get("payload"), NOTHING_TO_DO if done else None))
+            key, serial, headers, content_type, element, payload = (
+                row.get("dedupe_key"), row.get("serial_key"), row.get("headers"), row.get("content_type"),
+                row.get("element"), row.get("payload"))
+            events.append((next_id, route, "done" if done else "queued", now, now,
+                           NULL if key is None else key, NULL if serial is None else serial,
+                           NULL if headers is None else headers, NULL if content_type is None else content_type,
+                           body_id, NULL if element is None else element, NULL if payload is None else payload,
+                           NOTHING_TO_DO if done else NULL))
             if not done:
                 added[route] = added.get(route, 0) + 1
             out.append((next_id, "new"))

@@ -362,6 +362,24 @@ class StoreTest(unittest.TestCase):
         [(eid, st)] = self.store.add_events("r", [row()])
         self.assertEqual(st, "new")
 
+    def test_columns_a_row_leaves_empty_are_stored_as_null(self):
+        """The multi-row INSERTs bind an empty column as a NaN (cheaper to bind than None), which sqlite
+        must store as NULL: no key in the dedupe index, NULL to every reader."""
+        rows = [dict(row(), headers=None, content_type=None), dict(row("k"), element=0, payload='{"a": 1}')]
+        (plain, _), (full, _) = self.store.add_events("r", rows)
+        [(done, _)] = self.store.add_events("r", [dict(row(), done=True)])
+        columns = ("dedupe_key", "serial_key", "headers", "content_type", "element", "payload", "note")
+        kinds = self.store.read(lambda c: {i: c.execute("SELECT " + ", ".join("typeof(%s)" % n for n in columns)
+                                                        + " FROM events WHERE id=?", (i,)).fetchone()
+                                          for i in (plain, full, done)})
+        self.assertEqual(kinds[plain], ("null",) * 7)
+        self.assertEqual(kinds[full], ("text", "null", "text", "text", "integer", "text", "null"))
+        self.assertEqual(kinds[done], ("null", "null", "text", "text", "null", "null", "text"))
+        self.assertEqual(self.store.read(lambda c: c.execute(
+            "SELECT count(*) FROM events INDEXED BY events_dedupe WHERE dedupe_key IS NOT NULL").fetchone()[0]), 1)
+        for i in (plain, full):
+            self.assertIsNone(self.store.read(lambda c: row_dict(c, i))["serial_key"])
+
     def test_a_body_shared_by_many_events_is_stored_once(self):
         body = b'{"events": ["%s"]}' % (b"x" * 5000)
         ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)], now=0.5)
