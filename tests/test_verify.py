@@ -290,6 +290,25 @@ class HmacRecipeTest(unittest.TestCase):
                         self.assertEqual(verify._mac(secret, message, algorithm),
                                          hmac.new(secret, message, new).digest())
 
+    def test_every_template_signs_its_whole_message(self):
+        # Literal text then the body (Preservica's) has that text hashed into the key's prepared state; every
+        # other template builds the message. Either way the signature is the HMAC of the whole message,
+        # and the same secret with another template, or another literal text, does not match.
+        body = b"\xff{\"events\": []}"
+        for template, message in (("preservica-webhook-auth{body}", b"preservica-webhook-auth" + body),
+                                  ("{body}", body), ("caf\xe9{body}", "caf\xe9".encode() + body),
+                                  ("a{unknown}{body}", b"a{unknown}" + body), ("{body}.", body + b"."),
+                                  ("{header:X-A}.{body}", b"1." + body), ("{body}{body}", body + body)):
+            for secret in ("s3cret", "x" * 100):
+                headers = {"X-Sig": hmac.new(secret.encode(), message, hashlib.sha256).hexdigest(), "x-a": "1"}
+                with self.subTest(template=template, secret=len(secret)):
+                    verify.hmac_scheme(headers, body, ["wrong", secret], "X-Sig", template=template)
+                    verify.hmac_scheme(headers, body, [secret], "X-Sig", template=template)
+                    for other in ("{body}", "preservica-webhook-auth{body}", "b{body}"):
+                        if other != template:
+                            with self.assertRaises(BadSignature):
+                                verify.hmac_scheme(headers, body, [secret], "X-Sig", template=other)
+
 
 class TokenTest(unittest.TestCase):
     def test_bare_bearer_and_basic_forms(self):
