@@ -400,5 +400,26 @@ class UnsignedTest(unittest.TestCase):
         self.assertIn("filter 'action is opened'", out)
 
 
+class RequestJsonTest(unittest.TestCase):
+    def test_the_body_parses_as_json_loads_parses_it(self):
+        """Request.json reads a body that is one value end to end with the decoder's scanner and leaves
+        everything else to json.loads: the same value, or a 400, for every kind of body."""
+        from hookd_core.api import Headers, Request, Unparsable
+        bodies = [b'{"a": [1, 2.5, "\\u00e9", null, true]}', b"[]", b"1", b'"x"', b" {}", b"{} ", b"\n[1]\r\n",
+                  b"\xef\xbb\xbf{}", "{\"\u00e9\": 1}".encode(), b"{} {}", b"{}x", b"", b" ", b"{", b'{"a": }',
+                  b"nul", b"-Infinity", b"\xff", b"[" * 100000 + b"]" * 100000, b'{"a": 1, "a": 2}']
+        for body in bodies:
+            req = Request("POST", "/hooks/w", {}, Headers([]), body, ("127.0.0.1", 1))
+            try:
+                expected = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                expected = Unparsable
+            with self.subTest(body=body[:20]):
+                if expected is Unparsable:
+                    self.assertRaises(Unparsable, req.json)
+                else:
+                    self.assertEqual(req.json(), expected)
+
+
 if __name__ == "__main__":
     unittest.main()
