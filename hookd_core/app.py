@@ -196,10 +196,15 @@ class App:
                 ev = NewEvent(ev)
             batch = batch or ev.batch
             key = ev.dedupe_key if batch or ev.dedupe_key is not None else dedupe_key(rule, req)
-            rows.append({"dedupe_key": _storable(key), "serial_key": _storable(ev.serial_key),
+            serial, element, payload = ev.serial_key, ev.element, ev.payload
+            # _storable only for what is not None, an int or ASCII text (what rows hold): a call less a value
+            rows.append({"dedupe_key": key if key is None or (key.__class__ is str and key.isascii())
+                         else _storable(key),
+                         "serial_key": serial if serial is None or (serial.__class__ is str and serial.isascii())
+                         else _storable(serial),
                          "headers": headers, "content_type": content_type, "body": body,
-                         "element": _storable(ev.element),
-                         "payload": json.dumps(ev.payload) if ev.payload is not None else None,
+                         "element": element if element is None or element.__class__ is int else _storable(element),
+                         "payload": None if payload is None else json.dumps(payload),
                          "done": done, "batch": ev.batch})
         return rows
 
