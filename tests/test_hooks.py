@@ -407,7 +407,7 @@ class RequestJsonTest(unittest.TestCase):
         from hookd_core.api import Headers, Request, Unparsable
         bodies = [b'{"a": [1, 2.5, "\\u00e9", null, true]}', b"[]", b"1", b'"x"', b" {}", b"{} ", b"\n[1]\r\n",
                   b"\xef\xbb\xbf{}", "{\"\u00e9\": 1}".encode(), b"{} {}", b"{}x", b"", b" ", b"{", b'{"a": }',
-                  b"nul", b"-Infinity", b"\xff", b"[" * 100000 + b"]" * 100000, b'{"a": 1, "a": 2}']
+                  b"nul", b"-Infinity", b"\xff", b"{}\x0b", b"{}\xc2\xa0", b"1\t\n\r ", b"[" * 100000 + b"]" * 100000, b'{"a": 1, "a": 2}']
         for body in bodies:
             req = Request("POST", "/hooks/w", {}, Headers([]), body, ("127.0.0.1", 1))
             try:
