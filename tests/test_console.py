@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import unittest
 import urllib.parse
 
@@ -251,6 +252,35 @@ class PagesTest(ConsoleCase):
                          "the read connection's handler was removed")
         console.SEARCH_STEPS, console.SEARCH_SECONDS = limits
         self.assertIn("No events match", self.page("/ui/events?q=nowhere"))
+
+    def test_a_listing_of_slow_bodies_stops_within_the_seconds_and_one_event(self):
+        """One LIKE over one body is one sqlite step, and '%...%' costs the body's length times the text's:
+        bodies of 'a' searched for 199 'a' and a 'b' (review R3) took ~0.26 s an event at 1 MB, and sqlite
+        looked at the bounds only every CHECK_EVERY steps (~60 events), so a 2 s listing ran 31.6 s. The
+        listing is interrupted at SEARCH_SECONDS (lowered here) after the event it is on: it stops within
+        the bound plus about one event's search (measured here on this machine, so a busy machine has
+        its own yardstick), with a second of slack."""
+        body = b'{"x": "' + b"a" * ((256 << 10) - 10) + b'"}'
+        self.app.store.add_events("hook:demo", [row(body + b" " * (i % 7)) for i in range(40)])
+        text = "a" * (console.MAX_SEARCH - 1) + "b"
+        seconds = console.SEARCH_SECONDS
+        self.addCleanup(setattr, console, "SEARCH_SECONDS", seconds)
+        console.SEARCH_SECONDS = 0.3
+
+        def one_event(conn):
+            started = time.monotonic()
+            conn.execute("SELECT CAST(data AS TEXT) LIKE ? FROM request_bodies WHERE id=1",
+                         ("%" + text + "%",)).fetchall()
+            return time.monotonic() - started
+        per_event = max(self.app.store.read(one_event) for _ in range(3))
+        started = time.monotonic()
+        html = self.page("/ui/events?q=" + text)
+        took = time.monotonic() - started
+        self.assertIn("The listing stopped before its end", html)
+        self.assertLess(took, console.SEARCH_SECONDS + 2 * per_event + 1.0,
+                        "one event's search: %.3f s; the 40 events' search: ~%.1f s" % (per_event, 40 * per_event))
+        self.assertEqual(self.app.store.read(lambda c: list_events(c, text="a" * 10, limit=2))[0]["id"], 40,
+                         "the read connection is not left interrupted")
 
     def test_static_files_are_served_from_a_fixed_list(self):
         css = self.get("/ui/static/console.css")
