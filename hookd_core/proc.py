@@ -57,8 +57,9 @@ class Child:
     ticks since boot, from /proc), ``marker`` (the HOOKD_JOB value its descendants inherit), ``since``
     (``task_counters()`` read just before its fork)."""
 
-    def __init__(self, popen, marker, since=None):
+    def __init__(self, popen, marker, since=None, watcher=None):
         self.popen, self.marker, self.pid, self.since = popen, marker, popen.pid, since
+        self.watcher = watcher  # told when it ends, whichever thread ends it
         self.start = start_time(popen.pid)
 
 
@@ -98,25 +99,32 @@ def spawn(argv, env=None, **popen_args):
     """Start ``argv`` (a list, never a shell string) in its own session with ``env`` (default: the clean
     ``child_env()``) plus its marker (named by this thread's watcher, else random), and report it to the
     watcher. Raises OSError."""
-    return _spawn(env, lambda env: subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True,
-                                                    **popen_args))
-
-
-def _spawn(env, start):
-    """``spawn`` with ``start(env)`` (returns a Popen, or what ``run`` needs of one) doing the fork."""
     watcher = getattr(_local, "watcher", None)
+    popen, marker, since = _fork(watcher, env, lambda env: subprocess.Popen(
+        argv, env=env, start_new_session=True, close_fds=True, **popen_args))
+    return _started(popen, marker, since, watcher)
+
+
+def _fork(watcher, env, start, since=None):
+    """(what ``start(env)`` returns: a Popen, or what ``run`` needs of one, marker, ``since``): the fork
+    of ``spawn``, with ``env`` plus the marker ``watcher`` names; ``since`` is ``task_counters()``, read
+    here unless given (read before the first of several forks, it bounds the pids of them all)."""
     marker = watcher.marker() if watcher is not None else secrets_mod.token_hex(8)
     env = dict(child_env() if env is None else env, **{MARKER: marker})
     if watcher is not None:
         watcher.starting(marker)  # durable before the fork: a crash right after it still finds the child
-    since = task_counters()
+    since = task_counters() if since is None else since
     try:
-        popen = start(env)
+        return start(env), marker, since
     except BaseException:
         if watcher is not None:
             watcher.ended(marker)
         raise
-    child = Child(popen, marker, since)
+
+
+def _started(popen, marker, since, watcher):
+    """The Child of a fork that worked, reported to ``watcher``."""
+    child = Child(popen, marker, since, watcher)
     if watcher is not None:
         watcher.started(child)
     return child
@@ -212,16 +220,15 @@ POSIX_SPAWN = _posix_spawn_usable()
 
 def end(child):
     """The child is finished with (exited, or given up on): kill what is left of its tree, reap it, and
-    tell the watcher. Returns the exit code."""
+    tell the watcher it was started under. Returns the exit code."""
     try:
         kill_tree(child)
         _running.pop(child.pid, None)  # before the reap: a pid in _running is never another process
         _zombies.discard(child.pid)
         child.popen.wait()
     finally:
-        watcher = getattr(_local, "watcher", None)
-        if watcher is not None:
-            watcher.ended(child.marker)
+        if child.watcher is not None:
+            child.watcher.ended(child.marker)
     return child.popen.returncode
 
 
@@ -243,36 +250,191 @@ def run(argv, stdin=b"", timeout=300, env=None, cwd=None, keep_stdout=True):
     ``keep_stdout`` its stdout is /dev/null (a caller that never looks at it spares a pipe and its reads).
 
     At the timeout the whole tree gets SIGKILL. Raises OSError if the program cannot be started."""
+    running = start(argv, stdin, timeout, env, cwd, keep_stdout)
+    wait([running])
+    if running.error is not None:
+        raise running.error
+    return running.finished
+
+
+def start(argv, stdin=b"", timeout=300, env=None, cwd=None, keep_stdout=True):
+    """``run`` in two halves: this one makes the program's pipes (stdin holding what of ``stdin`` fits
+    already) under this thread's watcher; ``wait`` starts it, with others back to back, and does the
+    rest. Raises OSError when there is no pipe to be had."""
     out_r, out_w = (-1, _kept_fd("/dev/null", os.O_WRONLY)) if not keep_stdout else os.pipe2(os.O_CLOEXEC)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)  # raw fds, no file objects
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    ours, theirs = [stdin_w, out_r, err_r], (stdin_r, out_w, err_w)
     try:
-        child = _spawn(env, lambda env: _start(argv, env, cwd, theirs))
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
     except BaseException:
-        for fd in ours:
+        for fd in (stdin_r, stdin_w, out_r, out_w if keep_stdout else -1):
             if fd >= 0:
                 os.close(fd)
         raise
-    finally:
-        for fd in (stdin_r, out_w if keep_stdout else -1, err_w):
-            if fd >= 0:
-                os.close(fd)
-    _running[child.pid] = child.marker
-    deadline = time.monotonic() + timeout
-    out, err = _Capped(), _Capped()
+    return Running(argv, env, cwd, [stdin_w, out_r, err_r], [stdin_r, out_w if keep_stdout else -1, err_w],
+                   out_w, stdin, timeout)
+
+
+def drive(steps):
+    """Run ``steps`` (a generator that yields programs ``start`` made, ``Running``) alone: wait for each
+    program it yields to be done before sending it on; returns what it returns."""
     try:
-        timed_out = not _collect(child.pid, ours, stdin, out, err, deadline)
+        running = next(steps)
+        while True:
+            wait([running])
+            running = steps.send(None)
+    except StopIteration as e:
+        return e.value
+
+
+class Running:
+    """A program of ``start``: its pipes (ours: stdin ``fds[0]``, stdout ``fds[1]`` or -1, stderr
+    ``fds[2]``; the program's ends in ``theirs``; -1 once closed), the part of stdin not yet written, its
+    output so far, its pidfd (None where the kernel has none) and deadline once started; ``error`` (the
+    OSError) when it could not be started, else ``finished`` (a Finished) once ``wait`` has ended it."""
+
+    def __init__(self, argv, env, cwd, fds, theirs, stdout, data, timeout):
+        self.argv, self.env, self.cwd, self.fds, self.theirs, self.stdout = argv, env, cwd, fds, theirs, stdout
+        self.timeout, self.deadline, self.child, self.pidfd = timeout, None, None, None
+        self.watcher = getattr(_local, "watcher", None)
+        self.out, self.err, self.exited, self.finished, self.error = _Capped(), _Capped(), False, None, None
+        self.view = memoryview(data or b"")
+        try:  # a document that fits in the pipe is there before the program starts: no wait for it
+            if self.view:
+                os.set_blocking(fds[0], False)
+                self.view = _write(fds[0], self.view)
+            if not self.view:
+                self._close(0)
+        except BaseException:
+            self._close_all()
+            raise
+
+    def fork(self, since):
+        """Start the program (``_fork``; posix_spawn keeps the GIL: no other thread runs before the next
+        release, so programs forked back to back cost their thread one wait for the GIL, not one each).
+        Returns the fork's (popen, marker, since), or None with ``error`` set and the pipes closed."""
+        try:
+            return _fork(self.watcher, self.env, lambda env: _start(
+                self.argv, env, self.cwd, (self.theirs[0], self.stdout, self.theirs[2])), since)
+        except OSError as e:
+            self.error = e
+            self._close_all()
+            return None
+
+    def started(self, forked):
+        """After the fork: the Child (its start time read, reported to the watcher), the program's ends of
+        the pipes closed, the pidfd opened, the deadline set."""
+        try:
+            self.child = _started(*forked, self.watcher)
+            _running[self.child.pid] = self.child.marker
+        finally:
+            for i, fd in enumerate(self.theirs):
+                if fd >= 0:
+                    os.close(fd)
+                    self.theirs[i] = -1
+        self.deadline = time.monotonic() + self.timeout
+        self.pidfd = _pidfd(self.child.pid)
+
+    def _close(self, i):
+        os.close(self.fds[i])
+        self.fds[i] = -1
+
+    def _close_all(self):
+        for fds in (self.fds, self.theirs):
+            for i, fd in enumerate(fds):
+                if fd >= 0:
+                    os.close(fd)
+                    fds[i] = -1
+
+    def polled(self):
+        """(fd, events) to poll for: stdin while there is more to write, the output pipes, the pidfd."""
+        wanted = [(self.fds[0], select.POLLOUT)] if self.fds[0] >= 0 else []
+        wanted += [(fd, select.POLLIN) for fd in self.fds[1:] if fd >= 0]
+        if self.pidfd is not None and not self.exited:
+            wanted.append((self.pidfd, select.POLLIN))
+        return wanted
+
+    def ready(self, fd):
+        """``fd`` (one of ``polled``) is ready: write, read or note the exit."""
+        if fd == self.pidfd:
+            self.exited = True
+        elif fd == self.fds[0]:
+            self.view = _write(fd, self.view)
+            if not self.view:
+                self._close(0)
+        else:
+            chunk = os.read(fd, READ_CHUNK)
+            if chunk:
+                (self.out if fd == self.fds[1] else self.err).add(chunk)
+            else:
+                self._close(self.fds.index(fd))
+
+    def piped(self):
+        """True while a pipe is still open (stdin to write, output to read)."""
+        return any(fd >= 0 for fd in self.fds)
+
+    def done(self):
+        """True once its pipes have ended and it has exited (it stays a zombie until ``end``: ``kill_tree``
+        can still trust its process group by the leader's start time)."""
+        if self.piped():
+            return False
+        if self.pidfd is None and not self.exited:  # no pidfd: looked at each time ``wait`` wakes up
+            self.exited = os.waitid(os.P_PID, self.child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return self.exited
+
+    def end(self, timed_out):
+        """Close what is left, kill what is left of its tree and reap it (``end``); sets ``finished``."""
+        self._close_all()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
         if not timed_out:
-            _zombies.add(child.pid)
-    finally:
-        for fd in ours:
-            if fd >= 0:
-                os.close(fd)
-        code = end(child)
-    if timed_out:
-        return Finished(None if code is None or code < 0 else code, out.data(), err.data(), True)
-    return Finished(code, out.data(), err.data(), False)
+            _zombies.add(self.child.pid)
+        code = end(self.child)
+        if timed_out:
+            code = None if code is None or code < 0 else code
+        self.finished = Finished(code, self.out.data(), self.err.data(), timed_out)
+
+
+def wait(runnings):
+    """Start each of ``runnings`` not started yet, back to back, then feed each its stdin and read its
+    stdout and stderr as they come, until one of them (or more) is done: it has exited with its pipes
+    ended, or its deadline passed (then its whole tree gets SIGKILL), or it could not be started. What is
+    done is ended (``Running.end``; ``finished`` or ``error`` set), the others run on for the next call.
+    One poll set for all of them: their pipes and pidfds, so a thread waits once for several programs.
+    Without pidfds (Linux before 5.3) an exit is looked at every 10 ms once a program's output has ended."""
+    new = [r for r in runnings if r.child is None and r.error is None]
+    since = task_counters() if new else None
+    forked = [(r, r.fork(since)) for r in new]  # nothing between the forks gives up the GIL
+    live = [r for r in runnings if r.child is not None]
+    try:
+        for r, fork in forked:
+            if fork is not None:
+                live.append(r)
+                r.started(fork)
+        while live:
+            now = time.monotonic()
+            for r in list(live):
+                done = r.done()
+                if done or r.deadline <= now:
+                    live.remove(r)
+                    r.end(timed_out=not done)
+            if len(live) < len(runnings):
+                return
+            left = min(r.deadline for r in live) - now
+            if any(r.pidfd is None and not r.piped() for r in live):
+                left = min(left, 0.01)
+            poller, owners = select.poll(), {}
+            for r in live:
+                for fd, events in r.polled():
+                    poller.register(fd, events)
+                    owners[fd] = r
+            for fd, _ in poller.poll(left * 1000 + 1):
+                owners[fd].ready(fd)
+    except BaseException:
+        for r in live:
+            if r.child is not None and r.finished is None:
+                r.end(timed_out=True)
+        raise
 
 
 class _Capped:
@@ -290,72 +452,12 @@ class _Capped:
         return bytes(self.buf)
 
 
-def _collect(pid, fds, data, out, err, deadline):
-    """Feed ``data`` to the stdin pipe ``fds[0]`` and read stdout ``fds[1]`` (-1: none) into ``out`` and
-    stderr ``fds[2]`` into ``err`` until both end and ``pid`` has exited, or ``deadline``; True unless the
-    deadline came first. One poll set: the pipes and a pidfd (readable once the program has exited), so
-    output and exit are waited for together; ``pid`` is left unreaped (a zombie), so ``kill_tree`` can
-    still trust its process group by the leader's start time. Each fd in ``fds`` that this closes is set
-    to -1. Without pidfds (Linux before 5.3) the exit is polled every 10 ms once the output has ended."""
-    poller, reading = select.poll(), {fd: sink for fd, sink in ((fds[1], out), (fds[2], err)) if fd >= 0}
-    for fd in reading:
-        poller.register(fd, select.POLLIN)
-    view = memoryview(data or b"")
-    if view:
-        os.set_blocking(fds[0], False)
-        view = _write(fds[0], view)  # a document that fits in the pipe is written without a wait
-    if view:
-        poller.register(fds[0], select.POLLOUT)
-    else:
-        os.close(fds[0])
-        fds[0] = -1
-    pidfd = _pidfd(pid)
-    if pidfd is not None:
-        poller.register(pidfd, select.POLLIN)
-    exited = False
-    try:
-        while reading or fds[0] >= 0 or (pidfd is not None and not exited):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            for fd, _ in poller.poll(left * 1000 + 1):
-                if fd == pidfd:
-                    exited = True
-                    poller.unregister(fd)
-                elif fd == fds[0]:
-                    view = _write(fd, view)
-                    if not view:
-                        poller.unregister(fd)
-                        os.close(fd)
-                        fds[0] = -1
-                else:
-                    chunk = os.read(fd, READ_CHUNK)
-                    if chunk:
-                        reading[fd].add(chunk)
-                    else:
-                        poller.unregister(fd)
-                        del reading[fd]
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    return exited or _exited(pid, deadline)
-
-
 def _pidfd(pid):
     """A pidfd for ``pid``, or None where the kernel or Python has none."""
     try:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
-
-
-def _exited(pid, deadline):
-    """Poll every 10 ms until ``pid`` exits (True) or ``deadline`` (False), leaving it unreaped."""
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _write(fd, view):

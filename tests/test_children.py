@@ -295,6 +295,33 @@ class SiblingTest(Base):
         self.assertEqual([(r.returncode, r.timed_out) for r in results], [(0, False)], "the sibling ran to its end")
 
 
+class WaitTogetherTest(Base):
+    """``proc.wait`` with several programs (a worker's batch of command jobs): each is fed, read and ended
+    on its own, as soon as it is done; one past its deadline is killed, tree and all, and the others
+    finish with their output."""
+
+    def test_one_past_its_deadline_goes_and_the_others_finish_first(self):
+        pidfile = os.path.join(self.tmp, "pid")
+        stuck = proc.start(["/bin/sh", "-c", "setsid sleep 60 & echo $! > %s; wait" % pidfile], timeout=3)
+        echo = proc.start(["/bin/cat"], stdin=b"y" * (3 * 1024 * 1024), timeout=60)  # more than a pipe holds
+        failing = proc.start(["/bin/sh", "-c", "echo why >&2; exit 3"], timeout=60)
+        runnings = [stuck, echo, failing]
+        rounds = []
+        while any(r.finished is None for r in runnings):
+            proc.wait([r for r in runnings if r.finished is None])
+            rounds.append([r.finished is not None for r in runnings])
+        self.assertEqual(rounds[-1], [True] * 3)
+        self.assertFalse(rounds[0][0], "the others are handed back before the stuck one's deadline")
+        self.assertTrue(stuck.finished.timed_out)
+        escaped = read_pids(pidfile)[0]
+        wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+        self.assertEqual((echo.finished.returncode, echo.finished.timed_out), (0, False))
+        self.assertEqual(echo.finished.stdout, b"y" * (3 * 1024 * 1024))
+        self.assertEqual((failing.finished.returncode, failing.finished.stderr), (3, b"why\n"))
+        for r in (stuck, echo, failing):
+            self.assertFalse(process_alive(r.child.pid), "the program %d was reaped" % r.child.pid)
+
+
 class RegistryTest(Base):
     """The store's record of a job's processes, as the next start reads it after a crash."""
 
