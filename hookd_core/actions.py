@@ -46,9 +46,16 @@ def event_document(ctx):
 
 def command(ctx, integration):
     """Run ``command`` with the event JSON on stdin; exit 0 is done, anything else a Retry."""
+    return proc.drive(command_steps(ctx, integration))
+
+
+def command_steps(ctx, integration):
+    """``command`` as steps: a generator that yields the started program (``proc.Running``) for its
+    caller to ``proc.wait`` on, alone or beside other jobs' programs, and returns the note."""
     conf = ctx.conf
-    return run_command(conf.get("command") or "", event_document(ctx), conf.float("command.timeout"),
-                       job_env(ctx, integration), _secret_values(integration))
+    return (yield from command_program(conf.get("command") or "", event_document(ctx),
+                                       conf.float("command.timeout"), job_env(ctx, integration),
+                                       _secret_values(integration)))
 
 
 def run_command(text, document, timeout, env, secrets=()):
@@ -57,6 +64,11 @@ def run_command(text, document, timeout, env, secrets=()):
     as its whole environment (``proc.child_env``: clean). Exit 0 returns a note; an empty or unsplittable
     line is Fail; a start failure, a timeout or another exit is Retry (its last stderr line, with the
     ``secrets`` masked, in the reason)."""
+    return proc.drive(command_program(text, document, timeout, env, secrets))
+
+
+def command_program(text, document, timeout, env, secrets=()):
+    """``run_command`` as steps (see ``command_steps``)."""
     try:
         argv = list(_split(text))
     except ValueError as e:
@@ -65,9 +77,13 @@ def run_command(text, document, timeout, env, secrets=()):
         raise Fail("command is empty")
     stdin = json.dumps(document).encode("utf-8")
     try:
-        done = proc.run(argv, stdin=stdin, timeout=timeout, env=env, keep_stdout=False)
+        running = proc.start(argv, stdin=stdin, timeout=timeout, env=env, keep_stdout=False)
     except OSError as e:
-        raise Retry("command %s could not start: %s" % (argv[0], e.strerror or e))
+        raise _not_started(argv, e)
+    yield running
+    if running.error is not None:
+        raise _not_started(argv, running.error)
+    done = running.finished
     if done.timed_out:
         raise Retry("command timed out after %gs; its process group was killed" % timeout)
     if done.returncode != 0:
@@ -76,6 +92,10 @@ def run_command(text, document, timeout, env, secrets=()):
         detail = _last_line(done.stderr, secrets)
         raise Retry("command %s%s" % (how, ": " + detail if detail else ""))
     return "command exited 0"
+
+
+def _not_started(argv, error):
+    return Retry("command %s could not start: %s" % (argv[0], error.strerror or error))
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,6 +210,7 @@ def teams(ctx, integration):
 
 
 ACTIONS = {"command": command, "forward": forward, "teams": teams}
+STEPS = {"command": command_steps}  # actions that can hand their program to the caller to wait on
 
 
 def check(conf):
@@ -203,6 +224,11 @@ def check(conf):
     for name in conf.list("command.env"):
         if name in proc.NEVER or not ENV_NAME.match(name):
             problems.append("command.env: %s cannot be passed to a program" % name)
+    try:
+        if int(conf.get("command.batch") or 1) < 1:
+            problems.append("command.batch must be 1 or more")
+    except ValueError:
+        problems.append("command.batch must be a whole number")
     for key in ("command.timeout", "forward.timeout"):
         try:
             if float(conf.get(key) or 1) <= 0:

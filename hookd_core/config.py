@@ -45,6 +45,7 @@ HOOKD_KEYS = {
 ACTION_KEYS = {
     "command": "",
     "command.timeout": "300",
+    "command.batch": "4",
     "command.env": "",
     "forward": "",
     "forward.timeout": "30",

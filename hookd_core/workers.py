@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 
-from . import logs
+from . import actions, logs, proc
 from .api import Fail, Integration, JobContext, Retry, iso, stored_payload
 from .logs import EventLog
 from .store import StoreError
@@ -163,6 +163,19 @@ class Pool:
             self._running[route] = self._running.get(route, 0) + 1
             return True
 
+    def take_more(self, route, n):
+        """Of the next ``n`` jobs at the front of the queue, those allowed to start now (``try_start``; one
+        that is not waits in ``_deferred`` as usual); stops at a job of another route."""
+        taken = []
+        for _ in range(n):
+            with self.queue.mutex:  # look and take in one step: other workers take from the same queue
+                if not self.queue.queue or self.queue.queue[0][1] != route:
+                    break
+                item = self.queue.queue.popleft()
+            if self.try_start(item):
+                taken.append(item)
+        return taken
+
     def release(self, item, forget=True):
         event_id, route, key = item
         with self._lock:
@@ -211,63 +224,130 @@ class Worker:
     def __init__(self, pool, index):
         self.pool, self.index = pool, index
         self.busy_since, self.busy_timeout = None, 0
-        self.outcome_sent = False  # this iteration handed its outcome to the store
 
     def run_forever(self):
         while not self.pool.app.stopping.is_set():
             self.loop(timeout=0.5)
 
     def loop(self, timeout=0.5, now=None):
-        """Take one job from the queue (waiting up to ``timeout``) and run it. Returns its outcome."""
+        """Take one job from the queue (waiting up to ``timeout``) and run it. Returns its outcome.
+
+        When the job's route runs a ``command`` and has no work of its own (``batch``), up to
+        ``command.batch`` - 1 more of its jobs waiting right behind it in the queue are taken too: all are
+        claimed and their pipes made, then their programs are started back to back and waited for
+        together (``proc.wait``). While intake keeps the core busy, the first GIL release after a fork
+        costs the thread a long wait behind the request threads (the program runs meanwhile); with no
+        release between the forks that wait comes once per batch instead of once per job. The outcomes,
+        in queue order, are then returned as a list."""
         try:
             item = self.pool.queue.get(timeout=timeout)
         except queue.Empty:
             return None
         if not self.pool.try_start(item):
             return "deferred"
-        self.outcome_sent = False
+        items = [item]
+        batch = self.batch(item[1])
+        if batch > 1:
+            items += self.pool.take_more(item[1], batch - 1)
+        attempts = [Attempt(self, item, now) for item in items]
+        self.busy_timeout = 0
         try:
-            return self._run(item, now)
-        except Exception:
-            self.pool.app.log.exception("worker failed on event %s", item[0])
-            return "error"
+            self._drive(attempts)
         finally:
             self.busy_since = None
             self.pool.last_progress = time.monotonic()
             # the next job may start now; the event stays in flight until its outcome is committed
-            self.pool.release(item, forget=not self.outcome_sent)
+            for a in attempts:
+                self.pool.release(a.item, forget=not a.outcome_sent)
+        outcomes = [a.outcome for a in attempts]
+        return outcomes[0] if len(outcomes) == 1 else outcomes
 
-    def _run(self, item, now):
-        app = self.pool.app
-        event_id, route = item[0], item[1]
-        row = app.store.claim(event_id, now)
+    def batch(self, route):
+        """How many of ``route``'s jobs one iteration may take: its ``command.batch`` when the jobs are
+        only generic actions, one of them ``command``; else 1."""
+        integ = self.pool.app.integration(route)
+        if integ is None or type(integ).run is not Integration.run or "command" not in integ.actions():
+            return 1
+        return integ.conf.int("command.batch")
+
+    def _drive(self, attempts):
+        """Advance every attempt to its next program (or its end), wait for those programs together,
+        advance each attempt whose program is done, and so on, until each has its outcome (a job whose
+        program ends first is stored first, whatever its neighbours do). Each advance runs inside its
+        job's ``children.job``, so the programs it starts are recorded as that job's."""
+        steps = {a: a.steps() for a in attempts}
+        waiting = {}  # attempt -> the program it waits for
+        for a in attempts:
+            waiting[a] = self._advance(a, steps[a].send, None)
+        while any(waiting.values()):
+            try:
+                proc.wait([r for r in waiting.values() if r is not None])
+                error = None
+            except Exception as e:  # each job whose program it was raises it (a retry)
+                error = e
+            for a in attempts:
+                r = waiting[a]
+                if r is not None and (error or r.finished is not None or r.error is not None):
+                    waiting[a] = self._advance(a, steps[a].throw if error else steps[a].send, error)
+
+    def _advance(self, attempt, send, value):
+        """``send(value)`` into an attempt's steps: the program it yields next, or None once it ended."""
+        try:
+            with self.pool.app.children.job("event %d" % attempt.item[0]):
+                return send(value)
+        except StopIteration:
+            return None
+        except Exception:
+            self.pool.app.log.exception("worker failed on event %s", attempt.item[0])
+            attempt.outcome = "error"
+            return None
+
+
+class Attempt:
+    """One attempt at one job: ``steps()`` claims it, runs it up to each program it starts (yielded, for
+    the worker to wait on) and stores its outcome (``outcome``: done, retry, dead, gone)."""
+
+    def __init__(self, worker, item, now):
+        self.worker, self.item, self.now = worker, item, now
+        self.outcome = None
+        self.outcome_sent = False  # its outcome was handed to the store
+
+    def steps(self):
+        worker, app = self.worker, self.worker.pool.app
+        event_id, route = self.item[0], self.item[1]
+        row = app.store.claim(event_id, self.now)
         if row is None:
-            return "gone"
+            self.outcome = "gone"
+            return
         integ = app.integration(route)
         log = EventLog(app.log, {"event": event_id})
         started = time.monotonic()
-        self.busy_since, self.busy_timeout = started, (integ.job_timeout if integ else 60) + 30
+        if worker.busy_since is None:
+            worker.busy_since = started
+        worker.busy_timeout = max(worker.busy_timeout, (integ.job_timeout if integ else 60) + 30)
         try:
             if integ is None:
                 raise Fail("route %s is no longer configured" % route)
             progress = json.loads(row["progress"]) if row["progress"] else {}
-            with app.children.job("event %d" % event_id):  # its processes are recorded, and never outlive hookd
-                note = run_steps(make_context(app, integ, row, log), integ, progress,
-                                 lambda p: app.store.save_progress(event_id, p))
+            note = yield from job_steps(make_context(app, integ, row, log), integ, progress,
+                                        lambda p: app.store.save_progress(event_id, p))
         except Retry as e:
-            return self._retry(row, str(e), e.after, log)
+            self.outcome = self._retry(row, str(e), e.after, log)
+            return
         except Fail as e:
-            return self._end(row, "dead", str(e) or e.__class__.__name__, None, log)
+            self.outcome = self._end(row, "dead", str(e) or e.__class__.__name__, None, log)
+            return
         except Exception as e:
             log.error("job raised %s: %s", e.__class__.__name__, e)
             app.log.debug("%s", traceback.format_exc())
-            return self._retry(row, "%s: %s" % (e.__class__.__name__, e), None, log)
+            self.outcome = self._retry(row, "%s: %s" % (e.__class__.__name__, e), None, log)
+            return
         finally:
             app.metrics.job(time.monotonic() - started)
-        return self._end(row, "done", None, note, log)
+        self.outcome = self._end(row, "done", None, note, log)
 
     def _retry(self, row, reason, after, log):
-        status, error, next_at = after_failure(self.pool.app.settings, row["attempts"], reason, after)
+        status, error, next_at = after_failure(self.worker.pool.app.settings, row["attempts"], reason, after)
         if status == "dead":
             return self._end(row, "dead", error, None, log)
         delay = next_at - time.time()
@@ -278,8 +358,9 @@ class Worker:
     def _store_outcome(self, row, status, error, note, next_at=0.0):
         """Hand the outcome to the store without waiting for its commit (the worker takes its next job
         meanwhile); ``Pool.stored`` takes the event out of flight once it is committed."""
-        self.pool.app.store.finish(row["id"], row["route"], status, error=error, note=note, next_at=next_at,
-                                   then=self.pool.stored(row["id"], next_at if status == "retry" else None))
+        pool = self.worker.pool
+        pool.app.store.finish(row["id"], row["route"], status, error=error, note=note, next_at=next_at,
+                              then=pool.stored(row["id"], next_at if status == "retry" else None))
         self.outcome_sent = True
 
     def _end(self, row, status, error, note, log):
@@ -296,17 +377,25 @@ def run_steps(ctx, integ, progress, save_progress):
     """The integration's own work, then each action; steps already in ``progress`` are skipped, and
     ``progress`` is saved (``save_progress(progress)``) before a step when an earlier one must not run
     twice. The same code runs a local job and a job leased by a remote worker. Returns the note."""
+    return proc.drive(job_steps(ctx, integ, progress, save_progress))
+
+
+def job_steps(ctx, integ, progress, save_progress):
+    """``run_steps`` as steps: a generator that yields each program an action hands over to be waited
+    for (``actions.STEPS``: ``command``), so a worker can wait for several jobs' programs at once."""
     if not progress.get("main"):
         note = integ.run(ctx)
         progress.clear()
         progress.update(main=True, note=note, input=ctx.action_input, skip=ctx.skip_actions, actions=[])
     ctx.action_input, ctx.skip_actions = progress.get("input"), progress.get("skip")
     names = [] if ctx.skip_actions else [n for n in integ.actions() if n not in progress["actions"]]
-    from . import actions
     for i, name in enumerate(names):
         if i > 0 or type(integ).run is not Integration.run:  # remember what must not run twice
             save_progress(progress)
-        actions.ACTIONS[name](ctx, integ)
+        if name in actions.STEPS:
+            yield from actions.STEPS[name](ctx, integ)
+        else:
+            actions.ACTIONS[name](ctx, integ)
         progress["actions"].append(name)
     return progress.get("note")
 

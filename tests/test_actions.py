@@ -246,6 +246,13 @@ class TeamsTest(unittest.TestCase):
 class CheckTest(unittest.TestCase):
     def test_problems_with_action_keys(self):
         ctx, _ = make_ctx(**{"command": "/bin/x 'open", "command.timeout": "0", "forward": "ftp://x",
+                             "teams.url": "https://t", "teams.format": "html", "forward.timeout": "x",
+                             "command.batch": "0"})
+        problems = "\n".join(actions.check(ctx.conf))
+        self.assertIn("command.batch must be 1 or more", problems)
+        ctx, _ = make_ctx(**{"command": "/bin/true", "command.batch": "two"})
+        self.assertIn("command.batch must be a whole number", "\n".join(actions.check(ctx.conf)))
+        ctx, _ = make_ctx(**{"command": "/bin/x 'open", "command.timeout": "0", "forward": "ftp://x",
                              "teams.url": "https://t", "teams.format": "html", "forward.timeout": "x"})
         problems = "\n".join(actions.check(ctx.conf))
         for expected in ("cannot be split", "command.timeout must be more than 0",

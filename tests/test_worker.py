@@ -100,5 +100,95 @@ class WorkerTest(unittest.TestCase):
         self.assertTrue(self.pool.healthy(now=4.0))
 
 
+# Each job's program writes a file named after its event into a directory and waits (at most 30 s) until
+# as many files as the directory's ".want" file says are there: it gets past only beside the others.
+# Then it exits with its payload's "exit".
+MEET = """import json, os, sys, time
+doc, where = json.load(sys.stdin), sys.argv[1]
+open(os.path.join(where, str(doc["id"])), "w").close()
+want, deadline = int(open(where + ".want").read()), time.time() + 30
+while len(os.listdir(where)) < want and time.time() < deadline:
+    time.sleep(0.01)
+sys.exit(doc["payload"]["exit"] if len(os.listdir(where)) >= want else 7)
+"""
+
+
+class BatchTest(unittest.TestCase):
+    """A worker takes the command jobs of one route waiting at the front of the queue together (up to
+    ``command.batch``, 4 by default), runs their programs side by side and waits for them at once; each
+    job keeps its own outcome."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.where = os.path.join(self.tmp.name, "met")
+        os.mkdir(self.where)
+        script = os.path.join(self.tmp.name, "meet.py")
+        with open(script, "w") as f:
+            f.write(MEET)
+        hook = "verify = none\nallow_unsigned = true\ndedupe = none\ncommand = %s %s %s\n" % (
+            sys.executable, script, self.where)
+        self.app = app_from(self.tmp.name, "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\n[hook:w]\n%s"
+                            "[hook:v]\n%scommand.batch = 1\n" % (self.tmp.name, hook, hook))
+        self.assertEqual(self.app.problems, [])
+        self.app.open_store()
+        self.pool = Pool(self.app, 1)
+        self.worker = self.pool.workers[0]
+
+    def tearDown(self):
+        self.app.store.close()
+        self.tmp.cleanup()
+
+    def meet(self, n):
+        with open(self.where + ".want", "w") as f:
+            f.write(str(n))
+
+    def add(self, route="hook:w", serial=None, exit=0):
+        row = {"dedupe_key": None, "serial_key": serial, "headers": "{}", "content_type": "application/json",
+               "body": json.dumps({"exit": exit}).encode(), "payload": None}
+        [(eid, _)] = self.app.store.add_events(route, [row])
+        self.pool.submit(eid, route, serial)
+        return eid
+
+    def status(self, eid):
+        self.app.store.write(lambda c: None)  # writes commit in order: every outcome so far is stored
+        return self.app.store.read(lambda c: c.execute("SELECT status, attempts FROM events WHERE id=?",
+                                                       (eid,)).fetchone())
+
+    def test_queued_command_jobs_run_side_by_side_each_with_its_own_outcome(self):
+        self.meet(3)
+        ids = [self.add(exit=0), self.add(exit=4), self.add(exit=0)]
+        self.assertEqual(self.worker.loop(timeout=0), ["done", "retry", "done"])
+        self.assertEqual([self.status(e) for e in ids], [("done", 1), ("retry", 1), ("done", 1)])
+        self.assertEqual(self.pool._running, {"hook:w": 0}, "every job of the batch was released")
+
+    def test_a_batch_stops_at_another_route_and_at_batch_size(self):
+        self.meet(1)  # every program gets past at once
+        w = [self.add() for _ in range(5)]
+        v = self.add("hook:v")
+        last = self.add()
+        self.assertEqual(self.worker.loop(timeout=0), ["done"] * 4)
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.status(w[-1])[0], "done")
+        self.assertEqual(self.status(v)[0], "queued")
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.status(v)[0], "done")
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.status(last)[0], "done")
+
+    def test_command_batch_1_runs_one_job_an_iteration(self):
+        self.meet(1)
+        first, second = self.add("hook:v"), self.add("hook:v")
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual([self.status(e)[0] for e in (first, second)], ["done", "queued"])
+
+    def test_a_job_whose_serial_key_is_busy_is_not_taken_into_the_batch(self):
+        self.meet(1)
+        first, same_key, other = self.add(serial="cam1"), self.add(serial="cam1"), self.add(serial="cam2")
+        self.assertEqual(self.worker.loop(timeout=0), ["done", "done"])
+        self.assertEqual([self.status(e)[0] for e in (first, same_key, other)], ["done", "queued", "done"])
+        self.assertEqual(self.worker.loop(timeout=0), "done")
+        self.assertEqual(self.status(same_key)[0], "done")
+
+
 if __name__ == "__main__":
     unittest.main()
