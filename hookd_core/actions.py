@@ -81,8 +81,8 @@ def command_program(text, document, timeout, env, secrets=()):
     except OSError as e:
         raise _not_started(argv, e)
     yield running
-    if running.error is not None:
-        raise _not_started(argv, running.error)
+    if running.error is not None:  # not started, or the wait for it failed
+        raise _not_started(argv, running.error) if running.child is None else running.error
     done = running.finished
     if done.timed_out:
         raise Retry("command timed out after %gs; its process group was killed" % timeout)

@@ -290,7 +290,8 @@ class Running:
     """A program of ``start``: its pipes (ours: stdin ``fds[0]``, stdout ``fds[1]`` or -1, stderr
     ``fds[2]``; the program's ends in ``theirs``; -1 once closed), the part of stdin not yet written, its
     output so far, its pidfd (None where the kernel has none) and deadline once started; ``error`` (the
-    OSError) when it could not be started, else ``finished`` (a Finished) once ``wait`` has ended it."""
+    OSError) when it could not be started (``child`` None) or what ``wait`` raised before it was done,
+    else ``finished`` (a Finished) once ``wait`` has ended it."""
 
     def __init__(self, argv, env, cwd, fds, theirs, stdout, data, timeout):
         self.argv, self.env, self.cwd, self.fds, self.theirs, self.stdout = argv, env, cwd, fds, theirs, stdout
@@ -430,11 +431,26 @@ def wait(runnings):
                     owners[fd] = r
             for fd, _ in poller.poll(left * 1000 + 1):
                 owners[fd].ready(fd)
-    except BaseException:
-        for r in live:
-            if r.child is not None and r.finished is None:
-                r.end(timed_out=True)
+    except BaseException as e:  # every program not seen to its end is ended, and carries ``e``
+        for r, fork in forked:
+            if r.child is None and fork is not None:  # forked but not yet started: it still has to go
+                _quietly(r.started, fork)
+        for r in runnings:
+            if r.finished is None and r.error is None:
+                if r.child is not None:
+                    _quietly(r.end, True)
+                else:
+                    r._close_all()
+                r.error = e
         raise
+
+
+def _quietly(fn, *args):
+    """``fn(*args)``, whatever it raises ignored: cleaning up after an error that is raised anyway."""
+    try:
+        fn(*args)
+    except BaseException:
+        pass
 
 
 class _Capped:

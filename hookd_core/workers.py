@@ -278,23 +278,22 @@ class Worker:
         steps = {a: a.steps() for a in attempts}
         waiting = {}  # attempt -> the program it waits for
         for a in attempts:
-            waiting[a] = self._advance(a, steps[a].send, None)
+            waiting[a] = self._advance(a, steps[a])
         while any(waiting.values()):
             try:
                 proc.wait([r for r in waiting.values() if r is not None])
-                error = None
-            except Exception as e:  # each job whose program it was raises it (a retry)
-                error = e
+            except Exception:  # each program it did not see to its end carries it (error): a retry
+                pass
             for a in attempts:
                 r = waiting[a]
-                if r is not None and (error or r.finished is not None or r.error is not None):
-                    waiting[a] = self._advance(a, steps[a].throw if error else steps[a].send, error)
+                if r is not None and (r.finished is not None or r.error is not None):
+                    waiting[a] = self._advance(a, steps[a])
 
-    def _advance(self, attempt, send, value):
-        """``send(value)`` into an attempt's steps: the program it yields next, or None once it ended."""
+    def _advance(self, attempt, steps):
+        """Run an attempt's ``steps`` on: the program it yields next, or None once it has ended."""
         try:
             with self.pool.app.children.job("event %d" % attempt.item[0]):
-                return send(value)
+                return steps.send(None)
         except StopIteration:
             return None
         except Exception:
