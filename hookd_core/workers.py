@@ -232,7 +232,7 @@ class Worker:
     def loop(self, timeout=0.5, now=None):
         """Take one job from the queue (waiting up to ``timeout``) and run it. Returns its outcome.
 
-        When the job's route runs a ``command`` and has no work of its own (``batch``), up to
+        When the job's only work is its route's ``command`` (``batch``), up to
         ``command.batch`` - 1 more of its jobs waiting right behind it in the queue are taken too: all are
         claimed and their pipes made, then their programs are started back to back and waited for
         together (``proc.wait``). While intake keeps the core busy, the first GIL release after a fork
@@ -263,10 +263,11 @@ class Worker:
         return outcomes[0] if len(outcomes) == 1 else outcomes
 
     def batch(self, route):
-        """How many of ``route``'s jobs one iteration may take: its ``command.batch`` when the jobs are
-        only generic actions, one of them ``command``; else 1."""
+        """How many of ``route``'s jobs one iteration may take: its ``command.batch`` when a job's only
+        work is its ``command`` action; else 1 (a forward or Teams post after the command would run one
+        after the other on this thread while the batch's other programs wait unread)."""
         integ = self.pool.app.integration(route)
-        if integ is None or type(integ).run is not Integration.run or "command" not in integ.actions():
+        if integ is None or type(integ).run is not Integration.run or integ.actions() != ["command"]:
             return 1
         return integ.conf.int("command.batch")
 

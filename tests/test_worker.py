@@ -6,6 +6,7 @@ outcomes (done, retry with backoff, dead, deferral by serial key or max_parallel
 
 import json
 import os
+import socket
 import sys
 import tempfile
 import unittest
@@ -113,6 +114,13 @@ sys.exit(doc["payload"]["exit"] if len(os.listdir(where)) >= want else 7)
 """
 
 
+def closed_port():
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class BatchTest(unittest.TestCase):
     """A worker takes the command jobs of one route waiting at the front of the queue together (up to
     ``command.batch``, 4 by default), runs their programs side by side and waits for them at once; each
@@ -128,7 +136,8 @@ class BatchTest(unittest.TestCase):
         hook = "verify = none\nallow_unsigned = true\ndedupe = none\ncommand = %s %s %s\n" % (
             sys.executable, script, self.where)
         self.app = app_from(self.tmp.name, "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\n[hook:w]\n%s"
-                            "[hook:v]\n%scommand.batch = 1\n" % (self.tmp.name, hook, hook))
+                            "[hook:v]\n%scommand.batch = 1\n[hook:f]\n%sforward = http://127.0.0.1:%d/\n"
+                            % (self.tmp.name, hook, hook, hook, closed_port()))
         self.assertEqual(self.app.problems, [])
         self.app.open_store()
         self.pool = Pool(self.app, 1)
@@ -174,6 +183,12 @@ class BatchTest(unittest.TestCase):
         self.assertEqual(self.status(v)[0], "done")
         self.assertEqual(self.worker.loop(timeout=0), "done")
         self.assertEqual(self.status(last)[0], "done")
+
+    def test_a_section_that_also_forwards_runs_one_job_an_iteration(self):
+        self.meet(1)
+        first, second = self.add("hook:f"), self.add("hook:f")
+        self.assertEqual(self.worker.loop(timeout=0), "retry")  # nothing listens on the forward's port
+        self.assertEqual([self.status(e)[0] for e in (first, second)], ["retry", "queued"])
 
     def test_command_batch_1_runs_one_job_an_iteration(self):
         self.meet(1)
