@@ -6,6 +6,9 @@ Fresh events are put on the queue by the intake right after their commit; a sche
 retries and anything the CLI queued by polling the table. ``Worker.loop()`` is one iteration: get an id,
 wait its turn if its serial key or its route's ``max_parallel`` is busy, claim it (queued -> running,
 exclusive in the process), run it, and store done / retry (exponential backoff with jitter) / dead.
+A job is a generator of its steps (``job_steps``) that yields each program its ``command`` starts, so an
+iteration can take up to ``command.batch`` jobs of a section whose only work is that command, start their
+programs back to back and wait for them together (``proc.wait``), each job stored as its program ends.
 Neither the claim nor the outcome waits for its commit (a worker would otherwise wait two group commits
 per job while intake is busy); the event stays in flight, so nothing runs it again, until its outcome
 is committed, and an outcome the database refused is requeued once it takes writes. Steps already done (the integration's own work, each action) are saved in ``progress``
