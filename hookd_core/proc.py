@@ -17,7 +17,9 @@ handed out since, and only those are read when the bound is small. A thread that
 watcher (``watched_by``): it names each child's marker and hears when each starts and ends, which is how
 the store records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout
 and stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of each and discarding the rest, so
-memory stays flat whatever a program prints; at its timeout the whole tree gets SIGKILL.
+memory stays flat whatever a program prints; at its timeout the whole tree gets SIGKILL. ``run`` is
+``start`` (the pipes) and ``wait``, which takes several programs: it forks them back to back (no GIL
+release in between) and polls them together, so one thread can run a batch of jobs' commands.
 """
 
 import contextlib
