@@ -95,7 +95,7 @@ def command_program(text, document, timeout, env, secrets=()):
 
 
 def _not_started(argv, error):
-    return Retry("command %s could not start: %s" % (argv[0], error.strerror or error))
+    return Retry("command %s could not start: %s" % (argv[0], getattr(error, "strerror", None) or error))
 
 
 @functools.lru_cache(maxsize=64)

@@ -314,11 +314,12 @@ class Running:
     def fork(self, since):
         """Start the program (``_fork``; posix_spawn keeps the GIL: no other thread runs before the next
         release, so programs forked back to back cost their thread one wait for the GIL, not one each).
-        Returns the fork's (popen, marker, since), or None with ``error`` set and the pipes closed."""
+        Returns the fork's (popen, marker, since), or None with ``error`` set and the pipes closed (an
+        OSError, or a ValueError for an argument or environment value holding a NUL)."""
         try:
             return _fork(self.watcher, self.env, lambda env: _start(
                 self.argv, env, self.cwd, (self.theirs[0], self.stdout, self.theirs[2])), since)
-        except OSError as e:
+        except Exception as e:
             self.error = e
             self._close_all()
             return None
@@ -407,9 +408,10 @@ def wait(runnings):
     Without pidfds (Linux before 5.3) an exit is looked at every 10 ms once a program's output has ended."""
     new = [r for r in runnings if r.child is None and r.error is None]
     since = task_counters() if new else None
-    forked = [(r, r.fork(since)) for r in new]  # nothing between the forks gives up the GIL
-    live = [r for r in runnings if r.child is not None]
+    forked, live = [], [r for r in runnings if r.child is not None]
     try:
+        for r in new:  # nothing between the forks gives up the GIL
+            forked.append((r, r.fork(since)))
         for r, fork in forked:
             if fork is not None:
                 live.append(r)

@@ -321,6 +321,20 @@ class WaitTogetherTest(Base):
         for r in (stuck, echo, failing):
             self.assertFalse(process_alive(r.child.pid), "the program %d was reaped" % r.child.pid)
 
+    def test_one_that_cannot_be_started_carries_its_error_and_the_others_run(self):
+        before = proc.start(["/bin/sh", "-c", "echo before"], timeout=60)
+        nul = proc.start(["/bin/echo", "a\0b"], timeout=60)  # posix_spawn: ValueError
+        missing = proc.start([os.path.join(self.tmp, "nothing-here")], timeout=60)
+        after = proc.start(["/bin/sh", "-c", "echo after"], timeout=60)
+        runnings = [before, nul, missing, after]
+        while any(r.finished is None and r.error is None for r in runnings):
+            proc.wait([r for r in runnings if r.finished is None and r.error is None])
+        self.assertIsInstance(nul.error, ValueError)
+        self.assertIsInstance(missing.error, FileNotFoundError)
+        self.assertEqual([before.finished.stdout, after.finished.stdout], [b"before\n", b"after\n"])
+        with self.assertRaises(ValueError):
+            proc.run(["/bin/echo", "a\0b"], timeout=60)
+
 
 class RegistryTest(Base):
     """The store's record of a job's processes, as the next start reads it after a crash."""
