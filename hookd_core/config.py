@@ -45,7 +45,7 @@ HOOKD_KEYS = {
 ACTION_KEYS = {
     "command": "",
     "command.timeout": "300",
-    "command.batch": "4",
+    "command.batch": "1",
     "command.env": "",
     "forward": "",
     "forward.timeout": "30",

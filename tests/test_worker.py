@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import unittest
 
 from tests.support import app_from
@@ -123,7 +124,7 @@ def closed_port():
 
 class BatchTest(unittest.TestCase):
     """A worker takes the command jobs of one route waiting at the front of the queue together (up to
-    ``command.batch``, 4 by default), runs their programs side by side and waits for them at once; each
+    ``command.batch``; 1 by default), runs their programs side by side and waits for them at once; each
     job keeps its own outcome."""
 
     def setUp(self):
@@ -136,7 +137,9 @@ class BatchTest(unittest.TestCase):
         hook = "verify = none\nallow_unsigned = true\ndedupe = none\ncommand = %s %s %s\n" % (
             sys.executable, script, self.where)
         self.app = app_from(self.tmp.name, "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\n[hook:w]\n%s"
-                            "[hook:v]\n%scommand.batch = 1\n[hook:f]\n%sforward = http://127.0.0.1:%d/\n"
+                            "command.batch = 4\n[hook:v]\n%s[hook:f]\n%scommand.batch = 4\nforward = "
+                            "http://127.0.0.1:%d/\n[hook:nul]\nverify = none\nallow_unsigned = true\n"
+                            "command = /bin/echo a\x00b\ncommand.batch = 4\n"
                             % (self.tmp.name, hook, hook, hook, closed_port()))
         self.assertEqual(self.app.problems, [])
         self.app.open_store()
@@ -190,7 +193,18 @@ class BatchTest(unittest.TestCase):
         self.assertEqual(self.worker.loop(timeout=0), "retry")  # nothing listens on the forward's port
         self.assertEqual([self.status(e)[0] for e in (first, second)], ["retry", "queued"])
 
-    def test_command_batch_1_runs_one_job_an_iteration(self):
+    def test_a_program_that_cannot_be_started_is_a_retry_of_its_own_job(self):
+        # posix_spawn refuses an argument holding a NUL with a ValueError (check-config lets it through)
+        ids = [self.add("hook:nul") for _ in range(2)]
+        outcomes = []
+        loop = threading.Thread(target=lambda: outcomes.append(self.worker.loop(timeout=0)), daemon=True)
+        loop.start()
+        loop.join(30)
+        self.assertFalse(loop.is_alive(), "the iteration ends")
+        self.assertEqual(outcomes, [["retry", "retry"]])
+        self.assertEqual([self.status(e) for e in ids], [("retry", 1)] * 2)
+
+    def test_command_batch_1_by_default_runs_one_job_an_iteration(self):
         self.meet(1)
         first, second = self.add("hook:v"), self.add("hook:v")
         self.assertEqual(self.worker.loop(timeout=0), "done")

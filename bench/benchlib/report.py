@@ -296,7 +296,8 @@ def _processing_md(doc):
         out.append("| %s | %.0f | %.0f | %.0f%% | %s | %s | %.1f | %s | %s | %s |" % (
             r["action"], r["intake_rps"], r["during_eps"], 100.0 * r["during_eps"] / max(r["intake_rps"], 1e-9),
             drain, _fmt(r["oldest_end_of_intake_s"], 1),
-            r["drain_window_s"], r["left"], _fmt(r["rss_kb"] / 1024.0, 1), "; ".join(r["flags"])))
+            r["drain_window_s"], r["left"], _fmt(r["rss_kb"] / 1024.0, 1),
+            "; ".join([r["config"]] * ("config" in r) + r["flags"])))
     return out + [""]
 
 
