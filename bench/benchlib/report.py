@@ -297,7 +297,7 @@ def _processing_md(doc):
             r["action"], r["intake_rps"], r["during_eps"], 100.0 * r["during_eps"] / max(r["intake_rps"], 1e-9),
             drain, _fmt(r["oldest_end_of_intake_s"], 1),
             r["drain_window_s"], r["left"], _fmt(r["rss_kb"] / 1024.0, 1),
-            "; ".join([r["config"]] * ("config" in r) + r["flags"])))
+            "; ".join(([r["config"]] if "config" in r else []) + r["flags"])))
     return out + [""]
 
 
