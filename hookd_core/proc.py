@@ -16,8 +16,10 @@ hit. Reading all of /proc after every child would cost a job about as much CPU a
 handed out since, and only those are read when the bound is small. A thread that runs a job registers a
 watcher (``watched_by``): it names each child's marker and hears when each starts and ends, which is how
 the store records a job's process groups (hookd_core/children.py). ``run`` writes stdin and reads stdout
-and stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of each and discarding the rest, so
-memory stays flat whatever a program prints; at its timeout the whole tree gets SIGKILL. ``run`` is
+and stderr as they arrive, keeping the first ``MAX_OUTPUT`` bytes of stdout (the program's answer) and the
+last ``STDERR_TAIL`` bytes of stderr (its last words: where it says why it failed, the only part any
+caller reads), and discarding the rest, so memory stays flat whatever a program prints; at its timeout
+the whole tree gets SIGKILL. ``run`` is
 ``start`` (the pipes) and ``wait``, which takes several programs: it forks them back to back (no GIL
 release in between) and polls them together, so one thread can run a batch of jobs' commands.
 """
@@ -31,7 +33,8 @@ import subprocess
 import threading
 import time
 
-MAX_OUTPUT = 4 * 1024 * 1024  # bytes kept of stdout and of stderr each; the rest is read and dropped
+MAX_OUTPUT = 4 * 1024 * 1024  # bytes kept of stdout, the first ones; the rest is read and dropped
+STDERR_TAIL = 64 * 1024  # bytes kept of stderr, the last ones (each program waited for at once keeps its own)
 READ_CHUNK = 65536
 WRITE_CHUNK = 65536
 BASE_NAMES = ("PATH", "LANG", "TZ", "HOME")  # and every LC_*
@@ -48,7 +51,8 @@ _zombies = set()  # those of them known to have exited (zombies until ``end`` re
 
 
 class Finished:
-    """returncode (None after a timeout), stdout/stderr (bytes, capped), timed_out (bool)."""
+    """returncode (None after a timeout), stdout (bytes, its first MAX_OUTPUT), stderr (bytes, its last
+    STDERR_TAIL), timed_out (bool)."""
 
     def __init__(self, returncode, stdout, stderr, timed_out):
         self.returncode, self.stdout, self.stderr, self.timed_out = returncode, stdout, stderr, timed_out
@@ -299,7 +303,8 @@ class Running:
         self.argv, self.env, self.cwd, self.fds, self.theirs, self.stdout = argv, env, cwd, fds, theirs, stdout
         self.timeout, self.deadline, self.child, self.pidfd = timeout, None, None, None
         self.watcher = getattr(_local, "watcher", None)
-        self.out, self.err, self.exited, self.finished, self.error = _Capped(), _Capped(), False, None, None
+        self.out, self.err = _Kept(MAX_OUTPUT), _Kept(STDERR_TAIL, tail=True)
+        self.exited, self.finished, self.error = False, None, None
         self.view = memoryview(data or b"")
         try:  # a document that fits in the pipe is there before the program starts: no wait for it
             if self.view:
@@ -457,16 +462,21 @@ def _quietly(fn, *args):
         pass
 
 
-class _Capped:
-    """The first MAX_OUTPUT bytes of a stream; later bytes are dropped."""
+class _Kept:
+    """What is kept of a stream: its first ``size`` bytes, later ones dropped; or with ``tail`` its last
+    ``size`` bytes, earlier ones dropped as later ones come (deleting from the front of a bytearray moves
+    its start, no copy)."""
 
-    def __init__(self):
-        self.buf = bytearray()
+    def __init__(self, size, tail=False):
+        self.buf, self.size, self.tail = bytearray(), size, tail
 
     def add(self, chunk):
-        room = MAX_OUTPUT - len(self.buf)
-        if room > 0:
-            self.buf += chunk[:room]
+        if self.tail:
+            self.buf += chunk
+            if len(self.buf) > self.size:
+                del self.buf[:-self.size]
+        elif len(self.buf) < self.size:
+            self.buf += chunk[:self.size - len(self.buf)]
 
     def data(self):
         return bytes(self.buf)

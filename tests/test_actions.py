@@ -110,6 +110,18 @@ class CommandTest(unittest.TestCase):
             actions.command(ctx, hook)
         self.assertEqual(str(cm.exception), "command exited 4: /dev/null")
 
+    def test_the_reason_is_the_last_line_of_stderr_however_much_came_before(self):
+        """20 MB of stderr, then the line that says why: last_error gets that line (it got the last line
+        of the first 4 MB, a run of "e", when the first MAX_OUTPUT bytes of stderr were kept)."""
+        probe = os.path.join(self.tmp, "noisy.py")
+        with open(probe, "w") as f:
+            f.write("import sys\nw = sys.stderr.buffer.write\nfor _ in range(320):\n    w(b'e' * 65535 + b'\\n')\n"
+                    "w(b'out of disk writing /srv/clip.mp4 (s3cret-value)\\n\\n')\nsys.exit(5)\n")
+        ctx, hook = make_ctx(command="%s %s" % (sys.executable, probe))
+        with self.assertRaises(Retry) as cm:
+            actions.command(ctx, hook)
+        self.assertEqual(str(cm.exception), "command exited 5: out of disk writing /srv/clip.mp4 (***)")
+
     def test_missing_program_is_retry_and_unbalanced_quotes_fail(self):
         ctx, hook = make_ctx(command=os.path.join(self.tmp, "no-such-program"))
         with self.assertRaises(Retry) as cm:

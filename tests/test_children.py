@@ -18,6 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import tracemalloc
 import unittest
 
 from hookd_core import actions, config, proc
@@ -183,10 +184,28 @@ class OutputTest(Base):
 
     def test_output_past_the_cap_is_dropped_and_stdout_nobody_reads_is_dev_null(self):
         done = proc.run(["/bin/sh", "-c", "head -c 5000000 /dev/zero; head -c 4999999 /dev/zero >&2"], timeout=60)
-        self.assertEqual((done.returncode, len(done.stdout), len(done.stderr)), (0, proc.MAX_OUTPUT, proc.MAX_OUTPUT))
+        self.assertEqual((done.returncode, len(done.stdout), len(done.stderr)), (0, proc.MAX_OUTPUT, proc.STDERR_TAIL))
         probe = "import os, sys; sys.stdout.write('x' * 5000000); sys.stderr.write(os.readlink('/proc/self/fd/1'))"
         done = proc.run([sys.executable, "-c", probe], timeout=60, keep_stdout=False)
         self.assertEqual((done.returncode, done.stdout, done.stderr), (0, b"", b"/dev/null"))
+
+
+    def test_stderr_keeps_its_last_words_in_bounded_memory(self):
+        """stderr is where a program says why it failed, at its end: of 20 MB it keeps the last
+        STDERR_TAIL bytes, and what the run holds at any time stays far below the 4 MB (the first
+        MAX_OUTPUT bytes) it kept of each program before (review R6 addendum: 16 programs at once, 64 MB)."""
+        probe = ("import sys\nw = sys.stderr.buffer.write\nfor _ in range(320):\n    w(b'e' * 65535 + b'\\n')\n"
+                 "w(b'the real last line\\n')\nsys.exit(3)\n")
+        tracemalloc.start()
+        try:
+            done = proc.run([sys.executable, "-c", probe], timeout=120, keep_stdout=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1 << 20, "bytes held at the peak of a run whose program wrote 20 MB of stderr")
+        self.assertEqual(done.returncode, 3)
+        self.assertTrue(done.stderr.endswith(b"e\nthe real last line\n"), done.stderr[-100:])
+        self.assertEqual(len(done.stderr), proc.STDERR_TAIL)
 
 
 class StdinTest(Base):
