@@ -119,8 +119,9 @@ KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable 
 # and regrow the file every time, and an fsync that grows a file costs more than one that overwrites it.
 WAL_KEEP_BYTES = 8 << 20
 CLOCK_SLACK = 3600.0  # seconds a row may be received out of order and still be pruned on time (``prune``)
-ORPHANS_PER_READ = 20000  # bodies no event needs that prune finds in one read (its memory)
-BODIES_PER_DELETE = 500  # ... and deletes in one write: ~3 ms of the writer for 1.2 KB bodies,
+IDS_PER_READ = 20000  # events to delete, or bodies no event needs, that prune finds in one read (its memory)
+EVENTS_PER_DELETE = 1000  # ... events it deletes in one write (with their ended leases and products),
+BODIES_PER_DELETE = 500  # ... bodies it deletes in one write: ~3 ms of the writer for 1.2 KB bodies,
 BODY_BYTES_PER_DELETE = 4 << 20  # or fewer of large ones (~1 ms each per MB: sqlite reads the overflow pages)
 WRITER_CACHE_KIB = 1024  # sqlite's page cache per connection (its default is 2000 KiB each)
 READER_CACHE_KIB = 256
@@ -617,49 +618,58 @@ class Store:
                          (event_id, kind, path, text, now))
         self.write(fn)
 
-    def prune(self, days, now=None):
+    def prune(self, days, now=None, stopping=None):
         """Delete done and duplicate events last changed more than ``days`` ago, then the bodies, ended
-        leases and products no event needs any more; returns the count of events deleted.
+        leases and products no event needs any more; returns the count of events deleted. With
+        ``stopping`` (a threading.Event), it stops after the write it is on once that is set (the daemon
+        shutting down); what is left waits for the next prune.
 
-        Nothing prune runs on the writer scans a table: the writer's transaction is the one every
-        webhook's answer waits for. No index holds done rows (``events_due`` leaves them out, and one
-        more index would cost every request), so the DELETE is bounded by id instead: a row is changed
-        no earlier than it was received, and ids are handed out in the order rows are received, so
-        every row last changed before the cutoff has an id at or below the last one received before it
-        (``_received_before``, a binary search on the primary key, with ``CLOCK_SLACK`` for requests
-        stored a little out of order). The WHERE keeps the whole old condition, so the bound can only
-        leave a row for a later prune, never delete one more: a row stored while the clock was set back
-        by more than the slack waits until the cutoff passes its neighbours. The leases and products of
-        the deleted events go in the same transaction, found through their event_id indexes under the
-        same bound (an event id freed at the top could be handed out again). Which bodies no event
-        needs, no index tells either (events.body_id has none, for the same reason): a read connection
-        finds them (``_orphan_bodies``) and the writer deletes just those ids, BODIES_PER_DELETE (and
-        about BODY_BYTES_PER_DELETE) a write. Review R2 measured the old sweep on the writer at ~1.3 s a
-        day per million stored rows, no webhook answered meanwhile."""
+        Nothing prune runs on the writer scans a table, and no write of it holds the writer long: the
+        writer's transaction is the one every webhook's answer waits for. A read connection finds what to
+        delete, the writer deletes just those ids, a bounded number a write. No index holds done rows
+        (``events_due`` leaves them out, and one more index would cost every request), so the events are
+        found by id: a row is changed no earlier than it was received, and ids are handed out in the
+        order rows are received, so every row last changed before the cutoff has an id at or below the
+        last one received before it (``_received_before``, a binary search on the primary key, with
+        ``CLOCK_SLACK`` for requests stored a little out of order). The read lists the rows under that
+        bound that are done or duplicate and last changed before the cutoff (``_old_events``, IDS_PER_READ
+        at a time, a range of the primary key), and the writer deletes them by id, EVENTS_PER_DELETE a
+        write, each under the same condition again, so a row retried since the read stays (review R8:
+        500,000 rows in one DELETE held the writer 0.44 s, and the WAL grew by all of them). The bound
+        can only leave a row for a later prune, never delete one more: a row stored while the clock was
+        set back by more than the slack waits until the cutoff passes its neighbours. The leases and
+        products of the deleted events go in the same transaction as their events (an event id freed
+        at the top could be handed out again). Which bodies no event needs, no index tells either
+        (events.body_id has none, for the same reason): the read connection finds them
+        (``_orphan_bodies``) and the writer deletes just those ids, BODIES_PER_DELETE (and about
+        BODY_BYTES_PER_DELETE) a write. Review R2 measured the old sweep on the writer at ~1.3 s a day
+        per million stored rows, no webhook answered meanwhile."""
         cutoff = (time.time() if now is None else now) - days * 86400.0
-
-        def fn(conn):
-            last = _received_before(conn, cutoff + CLOCK_SLACK)
-            n = conn.execute("DELETE FROM events WHERE id <= ? AND status IN ('done','duplicate')"
-                             " AND updated_at < ?", (last, cutoff)).rowcount
-            conn.execute("DELETE FROM leases WHERE event_id <= ? AND ended IS NOT NULL"
-                         " AND event_id NOT IN (SELECT id FROM events)", (last,))
-            conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,))
-            conn.execute("DELETE FROM products WHERE event_id <= ? AND event_id NOT IN (SELECT id FROM events)",
-                         (last,))
-            return n
-        n = self.write(fn)
+        last = self.read(lambda conn: _received_before(conn, cutoff + CLOCK_SLACK))
+        self.write(lambda conn: conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,)))
+        n, after = 0, 0
+        while True:
+            old = self.read(lambda conn: _old_events(conn, after, last, cutoff, IDS_PER_READ))
+            for i in range(0, len(old), EVENTS_PER_DELETE):
+                if stopping is not None and stopping.is_set():
+                    return n
+                n += self.write(lambda conn, part=old[i:i + EVENTS_PER_DELETE]: _delete_events(conn, part, cutoff))
+            if len(old) < IDS_PER_READ:
+                break
+            after = old[-1][0]
         after = 0
         while True:
-            orphans = self.read(lambda conn: _orphan_bodies(conn, after, ORPHANS_PER_READ))
+            orphans = self.read(lambda conn: _orphan_bodies(conn, after, IDS_PER_READ))
             chunk, size = [], 0
             for i, (body_id, length) in enumerate(orphans, 1):
                 chunk.append((body_id,))
                 size += length
                 if len(chunk) >= BODIES_PER_DELETE or size >= BODY_BYTES_PER_DELETE or i == len(orphans):
+                    if stopping is not None and stopping.is_set():
+                        return n
                     self.write(lambda conn: conn.executemany("DELETE FROM request_bodies WHERE id=?", chunk))
                     chunk, size = [], 0
-            if len(orphans) < ORPHANS_PER_READ:
+            if len(orphans) < IDS_PER_READ:
                 return n
             after = orphans[-1][0]
 
@@ -859,6 +869,26 @@ def _received_before(conn, moment):
         else:
             high = probe - 1
     return found
+
+
+def _old_events(conn, after, last, cutoff, limit):
+    """Up to ``limit`` ids ([(id,)], in order) of events above ``after`` and at most ``last`` that are done
+    or duplicate and last changed before ``cutoff``: on a read connection (``prune``), a range of the
+    primary key."""
+    return conn.execute("SELECT id FROM events WHERE id > ? AND id <= ? AND status IN ('done','duplicate')"
+                        " AND updated_at < ? ORDER BY id LIMIT ?", (after, last, cutoff, limit)).fetchall()
+
+
+def _delete_events(conn, ids, cutoff):
+    """Delete the events ``ids`` ([(id,)]) that are still done or duplicate and last changed before
+    ``cutoff``, with the ended leases and the products of those deleted, through the primary key and the
+    event_id indexes (``prune``, on the writer); returns how many events went."""
+    n = conn.executemany("DELETE FROM events WHERE id=? AND status IN ('done','duplicate') AND updated_at < ?",
+                         [(event_id, cutoff) for event_id, in ids]).rowcount
+    conn.executemany("DELETE FROM leases WHERE event_id=? AND ended IS NOT NULL"
+                     " AND event_id NOT IN (SELECT id FROM events)", ids)
+    conn.executemany("DELETE FROM products WHERE event_id=? AND event_id NOT IN (SELECT id FROM events)", ids)
+    return n
 
 
 def _orphan_bodies(conn, after, limit):
