@@ -270,9 +270,11 @@ class App:
         return self.store
 
     def prune_daily(self):
+        """The daily prune (the pool runs it on a thread of its own): old events, alerts, files. A
+        shutdown stops it after the write it is on."""
         days = self.settings.float("retention.days")
         self.store.write(lambda c: alerts.prune(c, time.time() - days * 86400))
-        n = self.store.prune(days)
+        n = self.store.prune(days, stopping=self.stopping)
         if n:
             self.log.info("pruned %d finished events older than %s days", n, self.settings.get("retention.days"))
         for line in self.prune_files():

@@ -3,7 +3,8 @@
 Strategy (after huey's consumer, with at-least-once instead of its delete-on-dequeue): the
 ``queue.Queue`` carries only (id, route, serial key) and is just a wake-up; sqlite says what is true.
 Fresh events are put on the queue by the intake right after their commit; a scheduler thread finds due
-retries and anything the CLI queued by polling the table. ``Worker.loop()`` is one iteration: get an id,
+retries and anything the CLI queued by polling the table, and starts the daily prune on a thread of its
+own (``prune_when_due``). ``Worker.loop()`` is one iteration: get an id,
 wait its turn if its serial key or its route's ``max_parallel`` is busy, claim it (queued -> running,
 exclusive in the process), run it, and store done / retry (exponential backoff with jitter) / dead.
 A job is a generator of its steps (``job_steps``) that yields each program its ``command`` starts, so an
@@ -28,6 +29,10 @@ from .logs import EventLog
 from .store import StoreError
 
 
+PRUNE_EVERY = 86400  # seconds from the start of one daily prune to the next
+PRUNE_AGAIN = 600  # ... or from one that failed
+
+
 class Pool:
     """The worker threads, the scheduler thread, and the bookkeeping that keeps jobs apart."""
 
@@ -42,6 +47,7 @@ class Pool:
         self._running = {}  # route -> jobs running now
         self._wake = threading.Condition()
         self._wake_at = None
+        self._pruning, self._prune_at = None, 0.0  # the daily prune's thread; when the next one is due
         self.threads = []
         self.workers = [Worker(self, i) for i in range(size)]
         self.last_progress = time.monotonic()
@@ -100,7 +106,7 @@ class Pool:
 
     def _scheduler(self):
         from . import leases  # leases builds on this module
-        poll, last_recount, last_prune = 1.0, time.monotonic(), 0.0
+        poll, last_recount = 1.0, time.monotonic()
         while not self.app.stopping.is_set():
             try:
                 self.requeue_stuck()
@@ -109,9 +115,7 @@ class Pool:
                 if time.monotonic() - last_recount > 30:
                     self.app.store.recount()
                     last_recount = time.monotonic()
-                if time.time() - last_prune > 86400:
-                    self.app.prune_daily()
-                    last_prune = time.time()
+                self.prune_when_due()
             except StoreError as e:  # the database refuses writes (disk full): one line, tried again next round
                 self.app.log.error("scheduler iteration failed: %s; tried again next round", e)
             except Exception:
@@ -122,6 +126,27 @@ class Pool:
                     timeout = max(0.0, min(poll, self._wake_at - time.time()))
                 self._wake.wait(timeout)
                 self._wake_at = None
+
+    def prune_when_due(self):
+        """Start the daily prune (``App.prune_daily``) on a thread of its own when it is due (at start, then
+        a day after the last one started; PRUNE_AGAIN after one that failed) and none is running. On a
+        large store it reads for seconds to minutes (review R8: 9 s for a million events), and the
+        scheduler meanwhile goes on waking due retries, requeueing stuck outcomes and sweeping leases."""
+        if self._pruning is not None and self._pruning.is_alive() or time.time() < self._prune_at:
+            return
+        self._prune_at = time.time() + PRUNE_EVERY
+        self._pruning = threading.Thread(target=self._prune, name="hookd-prune", daemon=True)
+        self._pruning.start()
+
+    def _prune(self):
+        try:
+            self.app.prune_daily()
+        except StoreError as e:  # the database refuses writes (disk full): one line
+            self._prune_at = time.time() + PRUNE_AGAIN
+            self.app.log.error("daily prune failed: %s; tried again in %d minutes", e, PRUNE_AGAIN // 60)
+        except Exception:
+            self._prune_at = time.time() + PRUNE_AGAIN
+            self.app.log.exception("daily prune failed; tried again in %d minutes", PRUNE_AGAIN // 60)
 
     def stored(self, event_id, retry_at=None):
         """The callback for one attempt's outcome (run by the store's writer after the commit): the
@@ -206,7 +231,7 @@ class Pool:
         with self._wake:
             self._wake.notify_all()
         self.work_changed()  # lease calls waiting for work answer now (they see app.stopping)
-        for t in self.threads:
+        for t in self.threads + ([self._pruning] if self._pruning is not None else []):  # a prune stops at its write
             t.join(max(0.0, deadline - time.monotonic()))
         return sum(1 for w in self.workers if w.busy_since is not None)
 

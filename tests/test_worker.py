@@ -6,13 +6,15 @@ outcomes (done, retry with backoff, dead, deferral by serial key or max_parallel
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
-from tests.support import app_from
+from tests.support import app_from, wait_until
 from hookd_core.workers import Pool, backoff
 
 EXIT_WITH = "import sys; sys.exit(int(open(sys.argv[1]).read()))"
@@ -221,3 +223,53 @@ class BatchTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PruneTest(unittest.TestCase):
+    """The daily prune runs on a thread of its own that the scheduler starts (at start, then once a day):
+    on a large store it reads and deletes for seconds to minutes (review R8: 9 s for a million events),
+    and the scheduler goes on meanwhile. These tests start the pool's threads."""
+
+    KEPT, OLD = 100000, 20000  # events within retention, events past it (each with its own body)
+
+    def test_a_retry_that_comes_due_runs_while_a_large_prune_goes_on(self):
+        """A store of 120,000 events, 20,000 of them past retention; the bodies no event needs are looked
+        for 20 at a time (IDS_PER_READ, lowered: each look reads all the events still kept, as on a big
+        store). A retry that comes due once the prune has started runs while the prune still has bodies
+        to delete; with the prune on the scheduler's thread it ran only after the prune's end."""
+        from hookd_core import store as store_mod
+        saved = vars(store_mod).get("IDS_PER_READ")
+        self.addCleanup(setattr, store_mod, "IDS_PER_READ", saved)
+        store_mod.IDS_PER_READ = 20
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        app = app_from(tmp.name, "[hookd]\nstate_dir = %s\nworkers = 1\nretention.days = 30\n[hook:w]\n"
+                       "verify = none\nallow_unsigned = true\ndedupe = none\ncommand = %s\n"
+                       % (tmp.name, shutil.which("true")))
+        store = app.open_store()
+        self.addCleanup(store.close)
+        row = {"dedupe_key": None, "serial_key": None, "headers": "{}", "content_type": "application/json",
+               "payload": None, "done": True}
+        old = time.time() - 40 * 86400
+        for first in range(0, self.OLD, 1000):
+            store.add_events("hook:w", [dict(row, body=b'{"n": %d}' % n) for n in range(first, first + 1000)],
+                             now=old)
+        for first in range(0, self.KEPT, 1000):  # a request's body is stored once, however many events
+            store.add_events("hook:w", [dict(row, body=b'{"batch": %d}' % first)] * 1000)
+        [(retrying, _)] = store.add_events("hook:w", [dict(row, body=b"{}", done=False)])
+        store.claim(retrying)
+        store.finish(retrying, "hook:w", "retry", next_at=time.time() + 86400)
+        count = lambda sql: store.read(lambda c: c.execute(sql).fetchone()[0])  # noqa: E731
+        bodies = count("SELECT count(*) FROM request_bodies")
+        app.pool = pool = Pool(app, 1)
+        self.addCleanup(pool.join, 30)
+        self.addCleanup(app.stopping.set)  # cleanups run last first: stop, join the threads, close the store
+        pool.start()
+        wait_until(lambda: count("SELECT count(*) FROM events") <= self.KEPT + self.OLD, 60,
+                   interval=0.005, message="the prune to delete its first events")
+        self.assertEqual(store.retry(retrying), [retrying])  # due now, as `hookd.py retry` makes it
+        wait_until(lambda: count("SELECT status FROM events WHERE id=%d" % retrying) == "done", 60,
+                   message="the retry to run")
+        left = count("SELECT count(*) FROM request_bodies")
+        self.assertGreater(left, bodies - self.OLD // 2, "the retry ran only once the prune had deleted %d of"
+                           " the %d bodies no event needs" % (bodies - left, self.OLD))
