@@ -273,3 +273,20 @@ class PruneTest(unittest.TestCase):
         left = count("SELECT count(*) FROM request_bodies")
         self.assertGreater(left, bodies - self.OLD // 2, "the retry ran only once the prune had deleted %d of"
                            " the %d bodies no event needs" % (bodies - left, self.OLD))
+
+    def test_a_prune_that_fails_is_one_line_and_the_next_waits(self):
+        """A prune whose write is refused (a StoreError, as on a full disk; here the store is closed, as
+        when a shutdown overtakes it) is one ERROR line without a traceback, and the next one is due
+        PRUNE_AGAIN later, not at the scheduler's next round (once a second, each with its line)."""
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        app = app_from(tmp.name, "[hookd]\nstate_dir = %s\n" % tmp.name)
+        app.open_store().close()
+        pool = Pool(app, 1)
+        with self.assertLogs("hookd", "ERROR") as logged:
+            pool.prune_when_due()
+            self.assertEqual(pool.join(10), 0)
+            pool.prune_when_due()
+            self.assertEqual(pool.join(10), 0)
+        self.assertEqual(logged.output, ["ERROR:hookd:daily prune failed: store is closed; tried again in 10 minutes"])
+        self.assertIsNone(logged.records[0].exc_info)
