@@ -857,10 +857,15 @@ def held_leases(conn):
 
 def _received_before(conn, moment):
     """The largest event id received before ``moment`` (0 if none), by a binary search on the primary key
-    (about 25 look-ups for 30 million rows): ids grow with received_at (``prune``)."""
-    low, high = conn.execute("SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)").fetchone()
-    found = 0
-    while low is not None and low <= high:
+    (about 25 look-ups for 30 million rows): ids grow with received_at (``prune``). The newest event is
+    never below it: the writer hands out ids one past the largest stored, and that event's id may have
+    been named downstream (X-Hookd-Event-Id, log lines, Teams cards), so after a quiet spell longer than
+    the retention the next request must not get it again."""
+    low, newest = conn.execute("SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)").fetchone()
+    if low is None:
+        return 0
+    found, high = 0, newest - 1
+    while low <= high:
         probe = (low + high) // 2
         at, received_at = conn.execute("SELECT id, received_at FROM events WHERE id >= ? ORDER BY id LIMIT 1",
                                        (probe,)).fetchone()
@@ -868,7 +873,7 @@ def _received_before(conn, moment):
             found, low = at, at + 1
         else:
             high = probe - 1
-    return found
+    return min(found, newest - 1)
 
 
 def _old_events(conn, after, last, cutoff, limit):

@@ -106,6 +106,20 @@ class StoreTest(unittest.TestCase):
         left = {r["id"] for r in self.store.read(lambda c: list_events(c))}
         self.assertEqual(left, {ids[1], ids[2]})
 
+    def test_an_event_id_is_never_handed_out_twice_after_a_prune(self):
+        """Ids are handed out one past the largest stored, and X-Hookd-Event-Id, log lines and Teams cards
+        have named them downstream: a prune that took every event, newest included (a quiet spell longer
+        than the retention), must not let the next request get an id an earlier event had."""
+        ids = [self.store.add_events("r", [row(str(n))], now=5.0)[0][0] for n in range(3)]
+        for eid in ids:
+            self.store.claim(eid, now=10.0)
+            self.store.finish(eid, "r", "done", now=10.0)
+        self.assertEqual(self.store.prune(days=1, now=10.0 + 2 * 86400), 2)
+        fresh = self.store.add_events("r", [row("new")], now=10.0 + 2 * 86400)[0][0]
+        self.assertGreater(fresh, max(ids))
+        self.assertEqual(self.store.prune(days=1, now=10.0 + 4 * 86400), 1)  # the old newest goes now
+        self.assertGreater(self.store.add_events("r", [row("newer")])[0][0], fresh)
+
     def fill_for_prune(self, cutoff):
         """Events of every kind around ``cutoff``, in id order as they would arrive, each with a real history."""
         day, t0 = 86400.0, cutoff - 30 * 86400.0
