@@ -2,7 +2,9 @@
 
 Strategy: each action is ``fn(ctx, integration) -> note or None`` and ends like a job does: return when
 done, raise ``Retry`` (backoff, then dead) or ``Fail`` (dead at once). The core calls
-``ACTIONS[name](ctx, integration)`` for each name in ``integration.actions()``. ``command`` runs a program
+``ACTIONS[name](ctx, integration)`` for each name in ``integration.actions()``, or for ``command``
+``STEPS[name]``, the same as a generator that hands its started program to the worker to wait on (beside
+other jobs' programs: ``proc.wait``) and returns the note. ``command`` runs a program
 through ``proc.run`` (no shell, its whole tree killed on timeout, output capped as it arrives) with the
 event JSON on stdin and a clean environment (``job_env``: the HOOKD_* values and ``command.env`` names);
 ``forward`` POSTs the original bytes through ``client.request`` (one deadline for the whole call, never
@@ -44,14 +46,10 @@ def event_document(ctx):
             "body": text, "body_encoding": encoding}
 
 
-def command(ctx, integration):
-    """Run ``command`` with the event JSON on stdin; exit 0 is done, anything else a Retry."""
-    return proc.drive(command_steps(ctx, integration))
-
-
 def command_steps(ctx, integration):
-    """``command`` as steps: a generator that yields the started program (``proc.Running``) for its
-    caller to ``proc.wait`` on, alone or beside other jobs' programs, and returns the note."""
+    """Run ``command`` with the event JSON on stdin; exit 0 is done, anything else a Retry. A generator
+    (``STEPS``): it yields the started program (``proc.Running``) for its caller to ``proc.wait`` on,
+    alone (``proc.drive``) or beside other jobs' programs, and returns the note."""
     conf = ctx.conf
     return (yield from command_program(conf.get("command") or "", event_document(ctx),
                                        conf.float("command.timeout"), job_env(ctx, integration),
@@ -209,8 +207,8 @@ def teams(ctx, integration):
     return post_teams(conf.get("teams.url"), fmt, integration.card(ctx))
 
 
-ACTIONS = {"command": command, "forward": forward, "teams": teams}
-STEPS = {"command": command_steps}  # actions that can hand their program to the caller to wait on
+ACTIONS = {"forward": forward, "teams": teams}  # run to their end on the caller's thread
+STEPS = {"command": command_steps}  # hand their program to the caller to wait on
 
 
 def check(conf):

@@ -12,7 +12,7 @@ import textwrap
 import threading
 import unittest
 
-from hookd_core import actions, config
+from hookd_core import actions, config, proc
 from hookd_core.api import Fail, JobContext, Retry
 from handlers.hook import Handler
 from tests.fake_teams import FakeTeams
@@ -55,6 +55,11 @@ def make_ctx(body=BODY, **conf_values):
     return ctx, Handler("hook:t", conf, None)
 
 
+def run_command_action(ctx, hook):
+    """The ``command`` action run alone, as a worker with a batch of one runs it."""
+    return proc.drive(actions.STEPS["command"](ctx, hook))
+
+
 class CommandTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="hookd-actions-")
@@ -70,7 +75,7 @@ class CommandTest(unittest.TestCase):
 
     def test_exit_0_is_done_with_event_json_on_stdin_and_env(self):
         ctx, hook = make_ctx(command=self.command(0))
-        self.assertEqual(actions.ACTIONS["command"](ctx, hook), "command exited 0")
+        self.assertEqual(run_command_action(ctx, hook), "command exited 0")
         with open(self.out + ".stdin", "rb") as f:
             doc = json.loads(f.read())
         self.assertEqual((doc["id"], doc["route"], doc["attempt"]), (7, "hook:t", 2))
@@ -85,19 +90,19 @@ class CommandTest(unittest.TestCase):
 
     def test_non_utf8_body_is_base64_and_action_input_replaces_the_event(self):
         ctx, hook = make_ctx(body=b"\xff\x00raw", command=self.command(0))
-        actions.command(ctx, hook)
+        run_command_action(ctx, hook)
         with open(self.out + ".stdin", "rb") as f:
             doc = json.loads(f.read())
         self.assertEqual((doc["body"], doc["body_encoding"], doc["payload"]), ("/wByYXc=", "base64", None))
         ctx.action_input = {"summary": "thumbnail written"}
-        actions.command(ctx, hook)
+        run_command_action(ctx, hook)
         with open(self.out + ".stdin", "rb") as f:
             self.assertEqual(json.loads(f.read()), {"summary": "thumbnail written"})
 
     def test_other_exit_is_retry_with_code_and_last_stderr_line_without_secret(self):
         ctx, hook = make_ctx(command=self.command(3))
         with self.assertRaises(Retry) as cm:
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
         msg = str(cm.exception)
         self.assertIn("exited 3", msg)
         self.assertIn("last line mentions ***", msg)
@@ -107,7 +112,7 @@ class CommandTest(unittest.TestCase):
         probe = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1')); sys.exit(4)"
         ctx, hook = make_ctx(command='%s -c "%s"' % (sys.executable, probe))
         with self.assertRaises(Retry) as cm:
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
         self.assertEqual(str(cm.exception), "command exited 4: /dev/null")
 
     def test_the_reason_is_the_last_line_of_stderr_however_much_came_before(self):
@@ -119,17 +124,17 @@ class CommandTest(unittest.TestCase):
                     "w(b'out of disk writing /srv/clip.mp4 (s3cret-value)\\n\\n')\nsys.exit(5)\n")
         ctx, hook = make_ctx(command="%s %s" % (sys.executable, probe))
         with self.assertRaises(Retry) as cm:
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
         self.assertEqual(str(cm.exception), "command exited 5: out of disk writing /srv/clip.mp4 (***)")
 
     def test_missing_program_is_retry_and_unbalanced_quotes_fail(self):
         ctx, hook = make_ctx(command=os.path.join(self.tmp, "no-such-program"))
         with self.assertRaises(Retry) as cm:
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
         self.assertIn("could not start", str(cm.exception))
         ctx, hook = make_ctx(command="/bin/echo 'unbalanced")
         with self.assertRaises(Fail):
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
 
     def test_timeout_kills_the_whole_process_group(self):
         spawner = os.path.join(self.tmp, "spawner.py")
@@ -139,7 +144,7 @@ class CommandTest(unittest.TestCase):
         ctx, hook = make_ctx(**{"command": "%s %s %s" % (sys.executable, spawner, pidfile),
                                 "command.timeout": "1.5"})
         with self.assertRaises(Retry) as cm:
-            actions.command(ctx, hook)
+            run_command_action(ctx, hook)
         self.assertIn("timed out", str(cm.exception))
         with open(pidfile) as f:
             child = int(f.read())
