@@ -5,10 +5,12 @@ Strategy: everything logs through the ``hookd`` logger. A record may carry ``eve
 Secrets never reach this module: callers log reasons, routes and ids, never headers or bodies. A message
 may quote bytes a client sent (a path, a reason): every control character in it (C0, DEL, C1, newlines
 included) is written escaped as ``\\xNN``, and the Unicode line and paragraph separators (U+2028, U+2029)
-as ``\\u2028``, so no request can forge a log line or reach a terminal raw: every line ``str.splitlines``
-or a viewer could break at is escaped. A traceback keeps its own lines, the text of each exception in it
-escaped to one line the same way; in JSON the ``exc`` field is written with those separators as JSON
-escapes, so every record is one line.
+and direction controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C) as ``\\u2028``, so no
+request can forge a log line, reach a terminal raw, or make a line read differently from what it says
+(a right-to-left override in a path, "Trojan Source"): every line ``str.splitlines`` or a viewer could
+break at is escaped. A traceback keeps its own lines, the text of each exception in it escaped to one line
+the same way; in JSON the ``exc`` field is written with those characters as JSON escapes, so every record
+is one line and decodes to what was said.
 """
 
 import contextlib
@@ -23,20 +25,27 @@ import traceback
 
 from .api import iso
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # every character str.splitlines breaks at, too
-_SEPARATORS_IN_JSON = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # json.dumps leaves them raw
+# every control character (every character str.splitlines breaks at among them), the line and paragraph
+# separators, and the bidirectional controls that reorder what a viewer shows
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-def escaped(text):
-    """``text`` with every control character written as ``\\xNN``, U+2028 and U+2029 as ``\\u2028``."""
-    if text.isprintable():  # no control character or separator is printable: nothing to escape (the usual case)
+def escaped(text, json_line=False):
+    """``text`` with every ``_UNSAFE`` character escaped: as ``\\xNN`` (below U+0100) or ``\\u2028`` for a
+    text line, or as a JSON escape (``\\u0085``, ``\\u202e``) when ``text`` is a whole JSON line
+    (``json_line``: json.dumps escaped C0 already, and leaves the others raw with ensure_ascii=False)."""
+    if text.isprintable():  # no character to escape is printable: nothing to do (the usual case)
         return text
-    return _CONTROL.sub(_escape, text)
+    return _UNSAFE.sub(_escape_json if json_line else _escape, text)
 
 
 def _escape(match):
     code = ord(match.group())
     return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def _escape_json(match):
+    return "\\u%04x" % ord(match.group())
 
 
 def _traceback(formatted, error):
@@ -72,8 +81,7 @@ class JsonFormatter(logging.Formatter):
         out = self.fields(record.created, record.levelname, getattr(record, "event", None), record.getMessage())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        line = json.dumps(out, ensure_ascii=False)
-        return line if line.isprintable() else line.translate(_SEPARATORS_IN_JSON)
+        return escaped(json.dumps(out, ensure_ascii=False), json_line=True)
 
     def line(self, created, level, event, message):
         return json.dumps(self.fields(created, level, event, message), ensure_ascii=False)

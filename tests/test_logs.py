@@ -91,13 +91,16 @@ class LogLinesTest(unittest.TestCase):
             self.assertEqual((new["level"], new["msg"], new.get("event")), ("INFO", old["msg"], event))
             self.assertRegex(new["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
-    def test_no_line_breaks_where_a_viewer_would(self):
+    def test_no_line_breaks_or_direction_controls_where_a_viewer_would_see_them(self):
         """Every character str.splitlines breaks at (U+2028 and U+2029 as well as the C0/C1 ones), in a
         message or in an exception's text, is escaped: a record is one line in text (a traceback its own
-        lines only) and one line of valid JSON."""
+        lines only) and one line of valid JSON. So is every Unicode direction control ("Trojan Source":
+        U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which would make a line read differently
+        from what it says; in JSON as JSON escapes, so the ``exc`` field still decodes to the text."""
         breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
         self.assertEqual(len(("a%sb" % "b".join(breaks)).splitlines()), len(breaks) + 1)  # the list is whole
-        hostile = "422 hook:t bad signature: %s" % "forged".join(breaks)
+        controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+        hostile = "422 hook:t bad signature: %s" % "forged".join(breaks + controls)
         for fmt in ("text", "json"):
             log = logs.setup(fmt)
             with Stderr() as err:
@@ -110,6 +113,7 @@ class LogLinesTest(unittest.TestCase):
                 lines = err.lines()
             for line in lines:
                 self.assertEqual(line.splitlines(), [line] if line else [], (fmt, line))
+                self.assertEqual([c for c in controls if c in line], [], (fmt, line))
             if fmt == "json":
                 self.assertEqual(len(lines), 3, lines)
                 records = [json.loads(line) for line in lines]
@@ -121,6 +125,7 @@ class LogLinesTest(unittest.TestCase):
                 for kind in ("RuntimeError", "ValueError"):  # the cause's text too
                     self.assertIn("%s: %s" % (kind, logs.escaped(hostile)), lines)
         self.assertEqual(logs.escaped("\u2028\u2029\x85\n"), "\\u2028\\u2029\\x85\\x0a")
+        self.assertEqual(logs.escaped("a\u202eb\u2066c\u061c"), "a\\u202eb\\u2066c\\u061c")
 
     def test_batched_lines_are_held_until_the_block_ends(self):
         log = logs.setup("text")
