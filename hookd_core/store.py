@@ -215,6 +215,10 @@ class StoreError(Exception):
     """The database could not take a write (disk full, read-only, locked too long)."""
 
 
+class PruneStopped(Exception):
+    """``Store.prune`` stopped by a shutdown before its end; its text says how far it got."""
+
+
 class Store:
     """``write(fn)``, ``add_events``/``submit_events``, ``read(fn)``, ``waiting(route)``, plus the event
     operations the core needs."""
@@ -622,7 +626,8 @@ class Store:
         """Delete done and duplicate events last changed more than ``days`` ago, then the bodies, ended
         leases and products no event needs any more; returns the count of events deleted. With
         ``stopping`` (a threading.Event), it stops after the write it is on once that is set (the daemon
-        shutting down); what is left waits for the next prune.
+        shutting down) and raises PruneStopped, which says how far it got; what is left waits for the
+        next prune.
 
         Nothing prune runs on the writer scans a table, and no write of it holds the writer long: the
         writer's transaction is the one every webhook's answer waits for. A read connection finds what to
@@ -645,19 +650,24 @@ class Store:
         BODY_BYTES_PER_DELETE) a write. Review R2 measured the old sweep on the writer at ~1.3 s a day
         per million stored rows, no webhook answered meanwhile."""
         cutoff = (time.time() if now is None else now) - days * 86400.0
+        stage, events, bodies = "old events", 0, 0
+
+        def write(fn):
+            """``self.write(fn)``; PruneStopped instead once ``stopping`` is set."""
+            if stopping is not None and stopping.is_set():
+                raise PruneStopped("while deleting %s, after %d events and %d bodies" % (stage, events, bodies))
+            return self.write(fn)
         last = self.read(lambda conn: _received_before(conn, cutoff + CLOCK_SLACK))
-        self.write(lambda conn: conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,)))
-        n, after = 0, 0
+        write(lambda conn: conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,)))
+        after = 0
         while True:
             old = self.read(lambda conn: _old_events(conn, after, last, cutoff, IDS_PER_READ))
             for i in range(0, len(old), EVENTS_PER_DELETE):
-                if stopping is not None and stopping.is_set():
-                    return n
-                n += self.write(lambda conn, part=old[i:i + EVENTS_PER_DELETE]: _delete_events(conn, part, cutoff))
+                events += write(lambda conn, part=old[i:i + EVENTS_PER_DELETE]: _delete_events(conn, part, cutoff))
             if len(old) < IDS_PER_READ:
                 break
             after = old[-1][0]
-        after = 0
+        stage, after = "the bodies no event needs", 0
         while True:
             orphans = self.read(lambda conn: _orphan_bodies(conn, after, IDS_PER_READ))
             chunk, size = [], 0
@@ -665,12 +675,11 @@ class Store:
                 chunk.append((body_id,))
                 size += length
                 if len(chunk) >= BODIES_PER_DELETE or size >= BODY_BYTES_PER_DELETE or i == len(orphans):
-                    if stopping is not None and stopping.is_set():
-                        return n
-                    self.write(lambda conn: conn.executemany("DELETE FROM request_bodies WHERE id=?", chunk))
+                    write(lambda conn: conn.executemany("DELETE FROM request_bodies WHERE id=?", chunk))
+                    bodies += len(chunk)
                     chunk, size = [], 0
             if len(orphans) < IDS_PER_READ:
-                return n
+                return events
             after = orphans[-1][0]
 
     # -- leases (remote workers, docs/scaling.md) -----------------------------------------------------------

@@ -26,7 +26,7 @@ import traceback
 from . import actions, logs, proc
 from .api import Fail, Integration, JobContext, Retry, iso, stored_payload
 from .logs import EventLog
-from .store import StoreError
+from .store import PruneStopped, StoreError
 
 
 PRUNE_EVERY = 86400  # seconds from the start of one daily prune to the next
@@ -139,9 +139,16 @@ class Pool:
         self._pruning.start()
 
     def _prune(self):
+        """Run the daily prune; one line if it fails, or if a shutdown stopped it (INFO: not a failure)."""
         try:
             self.app.prune_daily()
-        except StoreError as e:  # the database refuses writes (disk full): one line
+        except PruneStopped as e:
+            self.app.log.info("daily prune stopped at shutdown %s; the rest waits for the next prune", e)
+        except StoreError as e:
+            if self.app.stopping.is_set():  # the store closed at shutdown under its next write
+                self.app.log.info("daily prune stopped at shutdown: %s", e)
+                return
+            # the database refuses writes (disk full): one line
             self._prune_at = time.time() + PRUNE_AGAIN
             self.app.log.error("daily prune failed: %s; tried again in %d minutes", e, PRUNE_AGAIN // 60)
         except Exception:
