@@ -11,9 +11,10 @@ look-up first), with ids handed out by the writer, and a group's consecutive cla
 finishes are one ``executemany`` each, so a group costs a few statements however many requests it
 holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
 runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
-waking the request's own thread first. When more is queued by then, the writer first runs the next
-group's statements and hands its COMMIT to a committer thread, and answers while that fsync runs: the
-clients' next requests are read and verified during the fsync instead of before it. When the writer is idle and nothing is queued, a request's
+waking the request's own thread first. Before it takes the next group the writer waits, as long as
+requests keep coming, until as many are queued as the group before answered (their clients usually send
+again at once): one group of all the clients, one COMMIT, instead of groups that split them into halves,
+each paying a COMMIT. When the writer is idle and nothing is queued, a request's
 (or a waiting ``write``'s) own thread commits it as a group of one instead: no thread switch there and
 back (a client that sends one request at a time meets an idle writer every time). If the
 transaction fails (disk full, read-only file) every
@@ -112,6 +113,7 @@ NULL = float("nan")
 # the index's own term, so every query that finds events by a status other than done says
 # "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
+GATHER_GAP = 0.0003  # the writer stops waiting for the clients of the group before when none sent for this long
 MAX_BATCH = 1000  # elements of a batch delivery looked at on a redelivery (Preservica's MAX_EVENTS)
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 # A WAL file a burst (one large request) grew past this is cut back to it when the WAL starts over. The
@@ -246,11 +248,10 @@ class Store:
         self._conn = self._connect()
         migrate(self._conn)
         self._recount(self._conn)
-        self._commit_go, self._commit_done = threading.Lock(), threading.Lock()  # one-shot gates
-        self._commit_go.acquire()
-        self._commit_done.acquire()
-        self._commit_job = None  # (group, fresh counts) handed to the committer thread
-        threading.Thread(target=self._commit_forever, name="hookd-committer", daemon=True).start()
+        self._requests = 0  # requests' operations in _pending
+        self._want = 0  # the writer waits (in _gather) until this many requests are queued
+        self._full = threading.Lock()  # released by the submitter that queues the request _want waits for
+        self._full.acquire()
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
 
@@ -304,9 +305,14 @@ class Store:
             if self._closed:
                 raise StoreError("store is closed")
             lead = lead and self._idle and not self._pending and self._committing.acquire(False)
+            full = False
             if not lead:
                 self._pending.append(op)
                 wake, self._idle = self._idle, False
+                if op.rows is not None:
+                    self._requests += 1
+                    if self._want and self._requests >= self._want:
+                        self._want, full = 0, True
         if lead:
             try:
                 self._run_group([op])
@@ -314,6 +320,8 @@ class Store:
                 self._committing.release()
         elif wake:
             self._wake.release()
+        elif full:
+            self._full.release()
         return op
 
     def _write_forever(self):
@@ -324,41 +332,41 @@ class Store:
 
     def _drain(self):
         """Commit what is queued, group after group, until nothing is; then mark the writer idle.
-        A committed group is answered (settled) while the next one's COMMIT runs on the committer
-        thread: the writer takes what is queued, runs its statements, hands its COMMIT over and only
-        then answers the group before. Each answer lets go of the GIL, and the client's next request
-        wakes its thread at once; answered before the next group's statements, those threads ran ahead
-        of the next fsync and the core idled during it (the 16-connection gap, docs/performance.md).
-        With nothing queued a group is committed here and answered at once (no thread switch)."""
-        committed = None  # the last group committed, not settled yet
+        Before taking a group the writer waits, while requests keep coming (GATHER_GAP), until as many requests are queued
+        as the group before answered: their clients usually send again as soon as they have their
+        answer, and a group that closed while half of them were still being read would split the
+        clients into smaller groups, each paying a COMMIT (docs/performance.md, the 16-connection gap)."""
+        answered = 0
         while True:
+            if answered > 1:
+                self._gather(answered)
             with self._plock:
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-                if not group and committed is None:
+                if not group:
                     self._idle = True
                     return
-            staged = self._stage(group) if group else None
-            if committed is None:
-                if staged is not None:
-                    self._commit(group, staged)
-            else:
-                if staged is not None:
-                    self._commit_job = (group, staged)
-                    self._commit_go.release()
-                self._settle(committed)
-                if staged is not None:
-                    self._commit_done.acquire()
-            committed = group or None
+                answered = sum([1 for op in group if op.rows is not None])
+                self._requests -= answered
+            self._run_group(group)
 
-    def _commit_forever(self):
-        """The committer thread: runs the COMMIT the writer hands over while the writer answers."""
-        while True:
-            self._commit_go.acquire()
-            try:
-                self._commit(*self._commit_job)
-            finally:
-                self._commit_job = None
-                self._commit_done.release()
+    def _gather(self, n):
+        """Wait until ``n`` requests are queued, or until none came for GATHER_GAP seconds."""
+        with self._plock:
+            seen = self._requests
+            if seen >= n:
+                return
+            self._want = n
+        while not self._full.acquire(timeout=GATHER_GAP):
+            with self._plock:
+                if not self._want:
+                    break  # released after the timeout: take it back below
+                if self._requests == seen:
+                    self._want = 0  # nobody released it: it stays held
+                    return
+                seen = self._requests
+        else:
+            return
+        self._full.acquire()
 
     def _run_group(self, group):
         """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
@@ -461,6 +469,9 @@ class Store:
             if self._closed:
                 return
             self._closed = True
+            gathering, self._want = self._want, 0
+        if gathering:  # nothing more will come: the writer stops waiting
+            self._full.release()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with self._plock:

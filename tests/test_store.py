@@ -9,6 +9,7 @@ import threading
 import time
 import unittest
 
+from hookd_core import store as store_module
 from hookd_core.store import WAL_KEEP_BYTES, Store, StoreError, list_events, product_path, products, row_dict
 
 
@@ -398,33 +399,50 @@ class StoreTest(unittest.TestCase):
         finally:
             conn.close()
 
-    def test_a_group_is_answered_while_the_next_one_commits(self):
-        # Group 2's answers go out after its own commit and after group 3 (queued meanwhile) has run
-        # its statements, while group 3's COMMIT runs on another thread: an answer that waits for group
-        # 3 to be on disk sees it get there (the old writer answered group 2 before it took group 3, so
-        # group 3 never committed while an answer waited). Each caller is answered once.
-        order = []
-
-        def answer_a(result, error):
-            mine = self.visible("a")
-            deadline = time.monotonic() + 10
-            while self.visible("b") == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            order.append(("answer a", result[0][1] if result else error, mine, self.visible("b")))
-        go, fn2, entered = self.hold_two_groups()
-        self.store.write_soon(fn2)
-        self.store.submit_events("a", [row("a")], then=answer_a)
+    def answered_group(self, route, n):
+        """Commit ``n`` requests of ``route`` as one group on the writer thread (queued while a write held
+        the connection); returns {name: the commit count its answer saw}, filled as answers run."""
+        seen = {}
+        go = self.hold_two_groups()[0]
+        for i in range(n):
+            self.store.submit_events(route, [row("%s%d" % (route, i))],
+                                     then=lambda r, e, i=i: seen.setdefault("%s%d" % (route, i), self.store.groups))
         go[0].set()
-        entered()
-        self.store.write_soon(lambda conn: order.append("b staged"))
-        self.store.submit_events("b", [row("b")], then=lambda r, e: order.append(
-            ("answer b", r[0][1] if r else e, self.visible("b"))))
-        go[1].set()
-        deadline = time.monotonic() + 30
-        while len(order) < 3 and time.monotonic() < deadline:
+        self.wait_for(lambda: len(seen) == n)
+        return seen
+
+    def wait_for(self, cond, seconds=30):
+        deadline = time.monotonic() + seconds
+        while not cond() and time.monotonic() < deadline:
             time.sleep(0.005)
-        time.sleep(0.05)  # a second answer would show up here
-        self.assertEqual(order, ["b staged", ("answer a", "new", 1, 1), ("answer b", "new", 1)])
+        return cond()
+
+    def test_the_next_group_waits_for_the_clients_answered_by_the_one_before(self):
+        # Three requests answered in one group: their clients usually send again at once, so the writer
+        # waits for three requests before it commits again (GATHER_GAP set long here: it waits as long as
+        # they keep coming). The old writer committed the first one that came alone.
+        store_module.GATHER_GAP, gap = 30.0, store_module.GATHER_GAP
+        self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
+        first = self.answered_group("a", 3)
+        self.assertEqual(len(set(first.values())), 1, first)
+        seen = {}
+        self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.setdefault("b0", self.store.groups))
+        self.assertFalse(self.wait_for(lambda: seen, 0.3), "b0 was committed before the others came")
+        for i in (1, 2):
+            self.store.submit_events("b", [row("b%d" % i)],
+                                     then=lambda r, e, i=i: seen.setdefault("b%d" % i, self.store.groups))
+        self.assertTrue(self.wait_for(lambda: len(seen) == 3))
+        self.assertEqual(set(seen.values()), {set(first.values()).pop() + 1}, seen)
+        self.assertEqual(self.visible("b"), 3)
+
+    def test_a_client_that_does_not_send_again_does_not_hold_the_others(self):
+        # Only one of the three clients comes back: the writer stops waiting once nothing came for
+        # GATHER_GAP and commits it.
+        self.answered_group("a", 3)
+        seen = []
+        self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.append(r[0][1] if r else e))
+        self.assertTrue(self.wait_for(lambda: seen))
+        self.assertEqual((seen, self.visible("b")), (["new"], 1))
 
     def test_a_failing_next_group_does_not_touch_the_answers_of_the_committed_one(self):
         order = []
