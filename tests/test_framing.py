@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import tracemalloc
 import unittest
 
 from hookd_core import framing
@@ -163,6 +164,23 @@ class FramingUnitTest(unittest.TestCase):
             reader.head()
             self.assertEqual(reader.body(len(body)), body)
             self.assertIsNone(reader.head())
+
+    def test_many_small_chunks_take_memory_like_the_body_not_per_chunk(self):
+        # review R1: a body of 1-byte chunks kept one object per chunk until the last (~160 bytes a body
+        # byte: 1 MiB of max_body took ~170 MB) before any signature check; now what the reader holds
+        # grows with the body, not with the number of chunks
+        n = 64 * 1024
+        data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * n + b"0\r\n\r\n"
+        reader = framing.Reader(Trickle([data[i:i + 4096] for i in range(0, len(data), 4096)]).recv_into, MAX_HEAD)
+        reader.head()
+        tracemalloc.start()
+        try:
+            body = reader.body(n)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(body, b"x" * n)
+        self.assertLess(peak, 4 * n + 64 * 1024)
 
     def test_truncated_chunked_body_is_client_gone_not_a_body(self):
         data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
