@@ -31,6 +31,8 @@ from .store import PruneStopped, StoreError
 
 PRUNE_EVERY = 86400  # seconds from the start of one daily prune to the next
 PRUNE_AGAIN = 600  # ... or from one that failed
+RECOUNT_EVERY = 30  # seconds between two re-reads of the waiting counts (the CLI may change rows)
+REFUSED_REMINDER = 60  # seconds between two lines saying the database still refuses the scheduler's writes
 
 
 class Pool:
@@ -48,6 +50,8 @@ class Pool:
         self._wake = threading.Condition()
         self._wake_at = None
         self._pruning, self._prune_at = None, 0.0  # the daily prune's thread; when the next one is due
+        self._recounted = time.monotonic()  # when the scheduler last re-read the waiting counts
+        self._refused = None  # while the scheduler's writes are refused: (error text, since, last line said)
         self.threads = []
         self.workers = [Worker(self, i) for i in range(size)]
         self.last_progress = time.monotonic()
@@ -105,27 +109,50 @@ class Pool:
         return n
 
     def _scheduler(self):
-        from . import leases  # leases builds on this module
-        poll, last_recount = 1.0, time.monotonic()
+        poll = 1.0
         while not self.app.stopping.is_set():
-            try:
-                self.requeue_stuck()
-                self.schedule_once()
-                leases.sweep(self.app)
-                if time.monotonic() - last_recount > 30:
-                    self.app.store.recount()
-                    last_recount = time.monotonic()
-                self.prune_when_due()
-            except StoreError as e:  # the database refuses writes (disk full): one line, tried again next round
-                self.app.log.error("scheduler iteration failed: %s; tried again next round", e)
-            except Exception:
-                self.app.log.exception("scheduler iteration failed")
+            self.schedule_round()
             with self._wake:
                 timeout = poll
                 if self._wake_at is not None:
                     timeout = max(0.0, min(poll, self._wake_at - time.time()))
                 self._wake.wait(timeout)
                 self._wake_at = None
+
+    def schedule_round(self):
+        """One round of the scheduler thread (about once a second); never raises. It requeues outcomes the
+        store refused, queues due events, ends overdue leases, re-reads the waiting counts every
+        RECOUNT_EVERY seconds and starts the daily prune when due. While the database refuses writes
+        (disk full) every round fails: one ERROR line when they start failing (and when the error
+        changes), a reminder every REFUSED_REMINDER seconds while it lasts, and one INFO line from the
+        first round that works again (it was a line every round). Returns the StoreError, or None."""
+        from . import leases  # leases builds on this module
+        try:
+            self.requeue_stuck()
+            self.schedule_once()
+            leases.sweep(self.app)
+            if time.monotonic() - self._recounted > RECOUNT_EVERY:
+                self.app.store.recount()
+                self._recounted = time.monotonic()
+            self.prune_when_due()
+        except StoreError as e:  # the database refuses writes (disk full): tried again next round
+            now, refused = time.monotonic(), self._refused
+            if refused is None or refused[0] != str(e):
+                self.app.log.error("scheduler: the database refuses writes: %s; tried again every round", e)
+                self._refused = (str(e), now, now)
+            elif now - refused[2] >= REFUSED_REMINDER:
+                self.app.log.error("scheduler: the database still refuses writes (for %.0f s): %s",
+                                   now - refused[1], e)
+                self._refused = (refused[0], refused[1], now)
+            return e
+        except Exception:
+            self.app.log.exception("scheduler iteration failed")
+            return None
+        if self._refused is not None:
+            self.app.log.info("scheduler: the database takes writes again (refused for %.0f s)",
+                              time.monotonic() - self._refused[1])
+            self._refused = None
+        return None
 
     def prune_when_due(self):
         """Start the daily prune (``App.prune_daily``) on a thread of its own when it is due (at start, then

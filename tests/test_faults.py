@@ -416,13 +416,14 @@ class WritesRefusedTest(CommitFaultMixin, FaultCase):
         answers = self.post_during_fault("limit", 20, 100)
         refused = sum(1 for s, _, _ in answers if s == 503)
         self.assertEqual(refused, len(answers), "a 2xx while no write can succeed")
-        # the scheduler's writes (lease sweep) fail too: one clear line each round, never a traceback
+        # the scheduler's writes (requeueing the outcomes refused meanwhile) fail too: one clear line, never a traceback
         self.d.wait_log(r"ERROR scheduler", timeout=30)
         log = self.d.log()
         self.assertRegex(log, r"ERROR scheduler[^\n]*: database write failed: ", log[-3000:])
         self.assertNotIn("Traceback", log)
         resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
         restored.append(True)
+        self.d.wait_log(r"INFO scheduler: the database takes writes again", timeout=30)  # and says so
         support.wait_until(lambda: self.post_work("after-limit")[0] == 202, 30, interval=0.3,
                            message="a 202 once writes work again")
         acked = [i for _, i in before]

@@ -7,6 +7,7 @@ outcomes (done, retry with backoff, dead, deferral by serial key or max_parallel
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ import unittest
 
 from tests.support import Daemon, app_from, wait_until
 from hookd_core.store import Store
+from hookd_core import workers
 from hookd_core.workers import Pool, backoff
 
 EXIT_WITH = "import sys; sys.exit(int(open(sys.argv[1]).read()))"
@@ -346,3 +348,46 @@ class PruneTest(unittest.TestCase):
         self.assertIsNotNone(m, lines[0])
         self.assertEqual((int(m.group(2)), int(m.group(3))),
                          (total - events_left, bodies - count("SELECT count(*) FROM request_bodies")))
+
+
+class SchedulerRefusedWritesTest(unittest.TestCase):
+    """The scheduler's rounds (``Pool.schedule_round``, called here as its thread does once a second) on a
+    store that refuses every write: a real EFBIG from RLIMIT_FSIZE of 1 byte on this process (Python
+    ignores SIGXFSZ), as WritesRefusedTest does to the daemon. The write that fails every round is the
+    end of an overdue lease (a remote worker that went away)."""
+
+    def test_refused_writes_are_one_error_line_then_one_info_line_once_they_work(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        app = app_from(tmp.name, "[hookd]\nstate_dir = %s\n[hook:r]\nverify = none\nallow_unsigned = true\n"
+                       "remote = true\n" % tmp.name)
+        store = app.open_store()
+        self.addCleanup(store.close)
+        app.pool = pool = Pool(app, 1)
+        row = {"dedupe_key": None, "serial_key": None, "headers": "{}", "content_type": "application/json",
+               "body": b"{}", "payload": None}
+        [(event_id, _)] = store.add_events("hook:r", [row])
+        self.assertEqual(len(store.lease(["hook:r"], 1, 1, "gone", now=time.time() - 100)), 1)  # overdue
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_FSIZE, limit)
+        self.addCleanup(setattr, workers, "REFUSED_REMINDER", workers.REFUSED_REMINDER)
+        with self.assertLogs("hookd", "INFO") as logged:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1, limit[1]))
+            refused = [pool.schedule_round() for _ in range(5)]
+            lines_while_refused = list(logged.output)
+            workers.REFUSED_REMINDER = 0  # a minute has passed
+            refused.append(pool.schedule_round())
+            workers.REFUSED_REMINDER = 60
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            self.assertIsNone(pool.schedule_round())
+            self.assertIsNone(pool.schedule_round())
+        self.assertTrue(all(refused), refused)  # every round met the full disk
+        self.assertEqual(lines_while_refused, ["ERROR:hookd:scheduler: the database refuses writes: %s;"
+                                               " tried again every round" % refused[0]])
+        self.assertRegex(logged.output[1], r"^ERROR:hookd:scheduler: the database still refuses writes \(for \d+ s\):")
+        self.assertEqual(len(logged.output), 4, logged.output)
+        self.assertIn("lease of worker gone expired", logged.output[2])  # the round that worked
+        self.assertRegex(logged.output[3], r"^INFO:hookd:scheduler: the database takes writes again \(refused for \d+ s\)$")
+        self.assertEqual(store.read(lambda c: c.execute("SELECT status FROM events WHERE id=?",
+                                                        (event_id,)).fetchone()[0]), "retry")  # back in the queue
+
