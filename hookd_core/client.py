@@ -164,7 +164,9 @@ def _connect(conn):
 
 class _Idle:
     """Kept-alive connections not in use, per (scheme, host, port, TLS context): at most MAX_IDLE of
-    each, none idle longer than IDLE_SECONDS (upstreams drop idle connections after a few seconds)."""
+    each, none idle longer than IDLE_SECONDS (upstreams drop idle connections after a few seconds): the
+    deadlines thread closes those that have been (``close_stale``), also to a place nobody calls again
+    (a URL a reload removed), whose connections ``take`` never sees."""
 
     MAX_IDLE = 8
     IDLE_SECONDS = 2.0
@@ -200,6 +202,18 @@ class _Idle:
                 return
         conn.close()
 
+    def close_stale(self):
+        """Close every connection idle for IDLE_SECONDS or longer, and forget places with none left."""
+        now, stale = time.monotonic(), []
+        with self._lock:
+            for place, kept in list(self._conns.items()):
+                while kept and now - kept[0][1] >= self.IDLE_SECONDS:  # oldest first: put appends
+                    stale.append(kept.pop(0)[0])
+                if not kept:
+                    del self._conns[place]
+        for conn in stale:
+            conn.close()
+
 
 def _quiet(sock):
     """Nothing to read on an idle connection: no EOF, no stray bytes (TLS: none decrypted and waiting)."""
@@ -227,7 +241,8 @@ class _Watch:
 
 class _Deadlines:
     """One thread, started with the first request, that cuts off every request whose deadline has passed,
-    looking ten times a second (a timer thread per request cost a worker ~1.3 ms per forward)."""
+    looking ten times a second (a timer thread per request cost a worker ~1.3 ms per forward), and closes
+    the kept connections idle too long (``_Idle.close_stale``)."""
 
     RESOLUTION = 0.1  # seconds; a request's timeout holds to within this
 
@@ -257,6 +272,7 @@ class _Deadlines:
                     del self._watches[id(w)]
             for w in due:
                 _cut_off(w)
+            _idle.close_stale()
 
 
 _deadlines = _Deadlines()

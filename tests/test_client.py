@@ -157,6 +157,18 @@ class KeepAliveTest(unittest.TestCase):
             support.wait_until(lambda: up.ended == n, message="the upstream closing its connection")
         self.assertEqual((up.requests, up.connections), (3, 3))  # each request reached the upstream once
 
+    def test_a_kept_connection_never_used_again_is_closed_once_idle_too_long(self):
+        """A forward to a URL nobody calls again (a reload removed it): its kept connection is closed
+        within IDLE_SECONDS (2 s) and a tick of the deadlines thread, not kept open for ever. Old code
+        closed it only when the next call to the same place found it stale: here the upstream's own 5 s
+        read timeout was the first to end it."""
+        up = self.upstream([OK, OK])
+        started = time.monotonic()
+        self.assertEqual(client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep_alive=True).status, 200)
+        support.wait_until(lambda: up.ended == 1, 4.5, message="the idle connection to be closed")
+        self.assertGreaterEqual(time.monotonic() - started, client._Idle.IDLE_SECONDS)
+        self.assertEqual([c for kept in client._idle._conns.values() for c, _ in kept if c.port == up.port], [])
+
     def test_bytes_sent_after_an_answer_are_never_read_as_the_next_answer(self):
         """An upstream that writes an answer nobody asked for on an idle kept connection: the next
         forward gets its own answer on a fresh connection, never the stray one."""
