@@ -332,14 +332,16 @@ class Store:
 
     def _drain(self):
         """Commit what is queued, group after group, until nothing is; then mark the writer idle.
-        Before taking a group the writer waits, while requests keep coming (GATHER_GAP), until as many requests are queued
-        as the group before answered: their clients usually send again as soon as they have their
-        answer, and a group that closed while half of them were still being read would split the
-        clients into smaller groups, each paying a COMMIT (docs/performance.md, the 16-connection gap)."""
-        answered = 0
+        Before taking a group the writer waits, while requests keep coming (GATHER_GAP), until as many
+        requests are queued as the group before answered: their clients usually send again as soon as
+        they have their answer, and a group that closed while half of them were still being read would
+        split the clients into smaller groups, each paying a COMMIT (docs/performance.md, the
+        16-connection gap). It waits at most as long as the group before took to commit and answer, so
+        a request waits at most about one group's time more, however steadily others arrive."""
+        answered, took = 0, 0.0
         while True:
             if answered > 1:
-                self._gather(answered)
+                self._gather(answered, took)
             with self._plock:
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
                 if not group:
@@ -347,25 +349,30 @@ class Store:
                     return
                 answered = sum([1 for op in group if op.rows is not None])
                 self._requests -= answered
+            start = time.monotonic()
             self._run_group(group)
+            took = time.monotonic() - start
 
-    def _gather(self, n):
-        """Wait until ``n`` requests are queued, or until none came for GATHER_GAP seconds."""
+    def _gather(self, n, most):
+        """Wait until ``n`` requests are queued, or until none came for GATHER_GAP seconds, and never
+        longer than ``most`` seconds in all (steady arrivals from many senders never pause)."""
+        deadline = time.monotonic() + most
         with self._plock:
             seen = self._requests
             if seen >= n:
                 return
             self._want = n
-        while not self._full.acquire(timeout=GATHER_GAP):
+        while True:
+            wait = min(GATHER_GAP, deadline - time.monotonic())
+            if wait > 0 and self._full.acquire(timeout=wait):
+                return
             with self._plock:
                 if not self._want:
                     break  # released after the timeout: take it back below
-                if self._requests == seen:
+                if self._requests == seen or time.monotonic() >= deadline:
                     self._want = 0  # nobody released it: it stays held
                     return
                 seen = self._requests
-        else:
-            return
         self._full.acquire()
 
     def _run_group(self, group):

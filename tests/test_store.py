@@ -399,14 +399,20 @@ class StoreTest(unittest.TestCase):
         finally:
             conn.close()
 
-    def answered_group(self, route, n):
+    def answered_group(self, route, n, hold=0.0):
         """Commit ``n`` requests of ``route`` as one group on the writer thread (queued while a write held
-        the connection); returns {name: the commit count its answer saw}, filled as answers run."""
+        the connection), its answers taking ``hold`` seconds; returns {name: the commit count its answer
+        saw}, filled as answers run."""
         seen = {}
         go = self.hold_two_groups()[0]
+
+        def then(i):
+            def answer(result, error):
+                time.sleep(hold if i == 0 else 0)
+                seen.setdefault("%s%d" % (route, i), self.store.groups)
+            return answer
         for i in range(n):
-            self.store.submit_events(route, [row("%s%d" % (route, i))],
-                                     then=lambda r, e, i=i: seen.setdefault("%s%d" % (route, i), self.store.groups))
+            self.store.submit_events(route, [row("%s%d" % (route, i))], then=then(i))
         go[0].set()
         self.wait_for(lambda: len(seen) == n)
         return seen
@@ -420,10 +426,11 @@ class StoreTest(unittest.TestCase):
     def test_the_next_group_waits_for_the_clients_answered_by_the_one_before(self):
         # Three requests answered in one group: their clients usually send again at once, so the writer
         # waits for three requests before it commits again (GATHER_GAP set long here: it waits as long as
-        # they keep coming). The old writer committed the first one that came alone.
+        # they keep coming, and at most as long as the group before took: 5 s of answers here). The old
+        # writer committed the first one that came alone.
         store_module.GATHER_GAP, gap = 30.0, store_module.GATHER_GAP
         self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
-        first = self.answered_group("a", 3)
+        first = self.answered_group("a", 3, hold=5.0)
         self.assertEqual(len(set(first.values())), 1, first)
         seen = {}
         self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.setdefault("b0", self.store.groups))
@@ -434,6 +441,18 @@ class StoreTest(unittest.TestCase):
         self.assertTrue(self.wait_for(lambda: len(seen) == 3))
         self.assertEqual(set(seen.values()), {set(first.values()).pop() + 1}, seen)
         self.assertEqual(self.visible("b"), 3)
+
+    def test_the_wait_for_the_next_group_is_bounded_even_while_requests_keep_coming(self):
+        # Senders that never pause (here: a gap longer than the test, so every arrival counts as "still
+        # coming") must not hold a request until the group before's size is reached: the writer waits
+        # at most about as long as that group took. The old writer waited as long as requests came.
+        store_module.GATHER_GAP, gap = 60.0, store_module.GATHER_GAP
+        self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
+        self.answered_group("a", 3)
+        seen = []
+        self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.append(r[0][1] if r else e))
+        self.assertTrue(self.wait_for(lambda: seen, 20), "b0 waited for requests that did not come")
+        self.assertEqual((seen, self.visible("b")), (["new"], 1))
 
     def test_a_client_that_does_not_send_again_does_not_hold_the_others(self):
         # Only one of the three clients comes back: the writer stops waiting once nothing came for
