@@ -202,7 +202,9 @@ class OutputTest(Base):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        self.assertLess(peak, 1 << 20, "bytes held at the peak of a run whose program wrote 20 MB of stderr")
+        # 2 MiB: the tail, a read or two in flight and whatever other threads allocate meanwhile (a peak
+        # of 1.13 MB was seen once in a whole-suite run), and still half of the first 4 MiB kept before
+        self.assertLess(peak, 2 << 20, "bytes held at the peak of a run whose program wrote 20 MB of stderr")
         self.assertEqual(done.returncode, 3)
         self.assertTrue(done.stderr.endswith(b"e\nthe real last line\n"), done.stderr[-100:])
         self.assertEqual(len(done.stderr), proc.STDERR_TAIL)
