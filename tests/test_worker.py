@@ -25,15 +25,12 @@ from hookd_core.workers import Pool, backoff
 EXIT_WITH = "import sys; sys.exit(int(open(sys.argv[1]).read()))"
 
 
-class WorkerTest(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.code = os.path.join(self.tmp.name, "code")
-        self.set_exit(0)
-        self.app = app_from(self.tmp.name,
-                            "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
-                            "retry.max_delay = 100\n[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
-                            "command = %s -c \"%s\" %s\n" % (self.tmp.name, sys.executable, EXIT_WITH, self.code))
+class OneWorkerCase(unittest.TestCase):
+    """A real App, store and pool of one worker over a configuration, each test's own; ``stored`` puts
+    one event in the store and submits it, as intake does."""
+
+    def open_pool(self, conf):
+        self.app = app_from(self.tmp.name, conf)
         self.assertEqual(self.app.problems, [])
         self.app.open_store()
         self.pool = Pool(self.app, 1)
@@ -43,16 +40,29 @@ class WorkerTest(unittest.TestCase):
         self.app.store.close()
         self.tmp.cleanup()
 
+    def stored(self, route, body, serial=None):
+        row = {"dedupe_key": None, "serial_key": serial, "headers": "{}", "content_type": "application/json",
+               "body": body, "payload": None}
+        [(eid, _)] = self.app.store.add_events(route, [row])
+        self.pool.submit(eid, route, serial)
+        return eid
+
+
+class WorkerTest(OneWorkerCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.code = os.path.join(self.tmp.name, "code")
+        self.set_exit(0)
+        self.open_pool("[hookd]\nstate_dir = %s\nretry.max_attempts = 3\nretry.base_delay = 10\n"
+                       "retry.max_delay = 100\n[hook:w]\nverify = none\nallow_unsigned = true\ndedupe = none\n"
+                       "command = %s -c \"%s\" %s\n" % (self.tmp.name, sys.executable, EXIT_WITH, self.code))
+
     def set_exit(self, code):
         with open(self.code, "w") as f:
             f.write(str(code))
 
     def add(self, serial=None):
-        row = {"dedupe_key": None, "serial_key": serial, "headers": "{}", "content_type": "application/json",
-               "body": b'{"x": 1}', "payload": None}
-        [(eid, _)] = self.app.store.add_events("hook:w", [row])
-        self.pool.submit(eid, "hook:w", serial)
-        return eid
+        return self.stored("hook:w", b'{"x": 1}', serial)
 
     def event(self, eid):
         self.app.store.write(lambda c: None)  # writes commit in order: every outcome so far is stored
@@ -129,7 +139,7 @@ def closed_port():
         return s.getsockname()[1]
 
 
-class BatchTest(unittest.TestCase):
+class BatchTest(OneWorkerCase):
     """A worker takes the command jobs of one route waiting at the front of the queue together (up to
     ``command.batch``; 1 by default), runs their programs side by side and waits for them at once; each
     job keeps its own outcome."""
@@ -143,30 +153,18 @@ class BatchTest(unittest.TestCase):
             f.write(MEET)
         hook = "verify = none\nallow_unsigned = true\ndedupe = none\ncommand = %s %s %s\n" % (
             sys.executable, script, self.where)
-        self.app = app_from(self.tmp.name, "[hookd]\nstate_dir = %s\nretry.max_attempts = 3\n[hook:w]\n%s"
-                            "command.batch = 4\n[hook:v]\n%s[hook:f]\n%scommand.batch = 4\nforward = "
-                            "http://127.0.0.1:%d/\n[hook:nul]\nverify = none\nallow_unsigned = true\n"
-                            "command = /bin/echo a\x00b\ncommand.batch = 4\n"
-                            % (self.tmp.name, hook, hook, hook, closed_port()))
-        self.assertEqual(self.app.problems, [])
-        self.app.open_store()
-        self.pool = Pool(self.app, 1)
-        self.worker = self.pool.workers[0]
-
-    def tearDown(self):
-        self.app.store.close()
-        self.tmp.cleanup()
+        self.open_pool("[hookd]\nstate_dir = %s\nretry.max_attempts = 3\n[hook:w]\n%s"
+                       "command.batch = 4\n[hook:v]\n%s[hook:f]\n%scommand.batch = 4\nforward = "
+                       "http://127.0.0.1:%d/\n[hook:nul]\nverify = none\nallow_unsigned = true\n"
+                       "command = /bin/echo a\x00b\ncommand.batch = 4\n"
+                       % (self.tmp.name, hook, hook, hook, closed_port()))
 
     def meet(self, n):
         with open(self.where + ".want", "w") as f:
             f.write(str(n))
 
     def add(self, route="hook:w", serial=None, exit=0):
-        row = {"dedupe_key": None, "serial_key": serial, "headers": "{}", "content_type": "application/json",
-               "body": json.dumps({"exit": exit}).encode(), "payload": None}
-        [(eid, _)] = self.app.store.add_events(route, [row])
-        self.pool.submit(eid, route, serial)
-        return eid
+        return self.stored(route, json.dumps({"exit": exit}).encode(), serial)
 
     def status(self, eid):
         self.app.store.write(lambda c: None)  # writes commit in order: every outcome so far is stored
