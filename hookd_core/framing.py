@@ -164,8 +164,18 @@ class Reader:
         connection stays open, whether the client waits for 100 Continue. The headers that frame the
         body are looked up here once."""
         headers = Headers(items)
-        by_name = headers.by_name
-        hosts = by_name.get("host")
+        first = headers.first
+        if headers.repeated:  # a name came twice: the framing headers are judged by all their values
+            by_name = headers.by_name
+            hosts, connection = by_name.get("host"), by_name.get("connection")
+            te, cl = by_name.get("transfer-encoding"), by_name.get("content-length")
+        else:  # each name once (nearly every request): one value each, no index of lists built
+            hosts, connection, te, cl = (first.get("host"), first.get("connection"), first.get("transfer-encoding"),
+                                         first.get("content-length"))
+            hosts = hosts if hosts is None else [hosts]
+            connection = connection if connection is None else [connection]
+            te = te if te is None else [te]
+            cl = cl if cl is None else [cl]
         if (len(hosts) != 1) if hosts else version == "HTTP/1.1":
             raise BadRequest("more than one Host header" if hosts else "HTTP/1.1 request without Host")
         path = target
@@ -175,14 +185,13 @@ class Reader:
         path, _, query = path.partition("?")
         if "#" in path:
             path = path.partition("#")[0]
-        connection = by_name.get("connection")
         tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
-        expect = by_name.get("expect")
+        expect = first.get("expect")
         self._head = Request(method, path, None, headers, None, None, target, query, version,
                              "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens,
                              version == "HTTP/1.1" and expect is not None and
-                             expect[0].strip(" \t").lower() == "100-continue")
-        self._te, self._cl = te, cl = by_name.get("transfer-encoding"), by_name.get("content-length")
+                             expect.strip(" \t").lower() == "100-continue")
+        self._te, self._cl = te, cl
         self.unread = te is not None or (cl is not None and cl != ["0"])
         return self._head
 

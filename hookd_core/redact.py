@@ -52,7 +52,10 @@ def _kept_name(name, value, secrets, credential_headers):
             if len(_NAMES) >= _MAX_NAMES:
                 _NAMES.clear()
             _NAMES[name] = low
-    if not low or low in credential_headers or _CREDENTIAL_VALUE.match(value):
+    # _CREDENTIAL_VALUE needs whitespace after the scheme, and every character \s matches but the space
+    # is not printable: a printable value without a space is no credential, and skips the regex
+    if not low or low in credential_headers or \
+            not (value.isprintable() and " " not in value) and _CREDENTIAL_VALUE.match(value):
         return ""
     for secret in secrets:
         if secret in value:
@@ -63,33 +66,41 @@ def _kept_name(name, value, secrets, credential_headers):
 class StoredHeaders:
     """``stored_headers`` of one route's requests as the JSON text stored with their events (exactly
     ``json.dumps(stored_headers(...))``), for a configuration's secrets and credential headers. Most
-    headers come again and again with the same value (Host, Content-Type, User-Agent), so each
-    (name, value) seen keeps its verdict and its JSON; the pairs are the client's choice, so only short
-    ones are kept (a value of up to max_header_bytes would cost ~6 times that as JSON), at most
-    ``MAX_PAIRS``, and the lot is forgotten rather than grown past that."""
+    headers come again and again with the same value (Host, Content-Type, User-Agent), and the others
+    change with every request (a delivery id): so each name keeps the last value it came with and that
+    pair's verdict and JSON, which the next request with the same pair reuses and one with a new value
+    replaces, where a cache of every pair seen filled up with delivery ids and was emptied every ~250
+    requests. A header dropped for its name alone (a signature) is skipped before any of that; a pair
+    dropped for its value (a credential, a secret) is never remembered. Names and values are the
+    client's choice, so only short pairs are kept, for at most ``MAX_PAIRS`` names, and the lot is
+    forgotten rather than grown past that."""
 
     MAX_PAIRS = 256
 
     def __init__(self, secrets, credential_headers):
         self.secrets, self.credential_headers = tuple(secrets), frozenset(credential_headers)
-        self._pairs = {}  # (name, value) of a header kept -> its JSON member ('"name": "value"')
+        self._pairs = {}  # header name as sent -> (its last value, the pair's JSON member '"name": "value"')
 
     def json(self, headers):
         """The JSON text for ``headers`` (an ``api.Headers``)."""
         items = headers.items()
-        if len(headers.by_name) < len(items):  # a name sent twice: a dict keeps its last value, in its first place
+        if headers.repeated:  # a name sent twice: a dict keeps its last value, in its first place
             return json.dumps(stored_headers(headers, self.secrets, self.credential_headers))
-        pairs, members = self._pairs, []
-        for pair in items:
-            member = pairs.get(pair)
-            if member is None:
-                low = _kept_name(pair[0], pair[1], self.secrets, self.credential_headers)
-                if not low:
-                    continue  # not kept (a signature, a credential): not remembered either
-                member = "%s: %s" % (_string(low), _string(pair[1]))
-                if len(pair[0]) + len(pair[1]) <= _SHORT:
-                    if len(pairs) >= self.MAX_PAIRS:
-                        pairs.clear()
-                    pairs[pair] = member
+        pairs, members, names = self._pairs, [], _NAMES
+        for name, value in items:
+            if names.get(name) == "":
+                continue  # a credential by its name (a signature): never kept, whatever the value
+            last = pairs.get(name)
+            if last is not None and last[0] == value:
+                members.append(last[1])
+                continue
+            low = _kept_name(name, value, self.secrets, self.credential_headers)
+            if not low:
+                continue  # not kept (a credential value, a secret): not remembered either
+            member = "%s: %s" % (_string(low), _string(value))
+            if len(name) + len(value) <= _SHORT:
+                if len(pairs) >= self.MAX_PAIRS:
+                    pairs.clear()
+                pairs[name] = (value, member)
             members.append(member)
         return "{" + ", ".join(members) + "}"

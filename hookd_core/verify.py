@@ -19,9 +19,10 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import sys
 import time
 
-from .api import BadSignature
+from .api import BadSignature, Headers
 
 SCHEMES = ("standard-webhooks", "github", "stripe", "shopify", "hmac", "token", "none")
 ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
@@ -125,13 +126,24 @@ def _key(secret, algorithm, lead=b""):
 
 
 def _decode(text, encoding):
-    """Signature text to bytes, or None when it is not valid ``encoding``."""
+    """Signature text to bytes, or None when it is not valid ``encoding``. Base64 in its strict form (only
+    the alphabet, padding only at the end: what senders send) is decoded in one C call; anything else
+    goes through ``b64decode(validate=True)``, which decides as before (what strict mode takes, it takes
+    too, with the same bytes)."""
     try:
         if encoding == "hex":
             return bytes.fromhex(text)
+        if _STRICT_BASE64:
+            try:
+                return binascii.a2b_base64(text, strict_mode=True)
+            except binascii.Error:
+                pass
         return base64.b64decode(text, validate=True)
     except (ValueError, binascii.Error):
         return None
+
+
+_STRICT_BASE64 = sys.version_info >= (3, 11)  # binascii's strict_mode came in 3.11; before it, b64decode alone
 
 
 def _check_timestamp(value, tolerance, now):
@@ -170,23 +182,46 @@ def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
     """``webhook-signature: v1,<base64> [v1,<base64> ...]`` = HMAC-SHA256(key, id.timestamp.body)
     (https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md); the
     svix-* names are accepted too. ``v1a,<base64>`` entries (ed25519) are checked against ``whpk_`` secrets."""
+    return _standard(headers, body, _standard_keys(tuple(secrets)), tolerance, now)
+
+
+@functools.lru_cache(maxsize=64)
+def _standard_keys(secrets):
+    """Each configured secret as the check uses it, in order: (its prepared HMAC ``_Key``, None) for a
+    ``whsec_`` secret, (None, the secret) for a ``whpk_`` one; a secret that is neither matches nothing
+    (check() reports it) and is left out."""
+    keys = []
+    for secret in secrets:
+        if secret.startswith("whpk_"):
+            keys.append((None, secret))
+            continue
+        key = _whsec_or_none(secret)
+        if key is not None:
+            keys.append((_key(key, "sha256"), None))
+    return tuple(keys)
+
+
+def _standard(headers, body, keys, tolerance, now):
+    """``standard_webhooks`` with the secrets already prepared (``_standard_keys``; a handler's checker
+    prepares them once)."""
     msg_id, stamp, entries = standard_headers(headers)
     _check_timestamp(stamp, tolerance, now)
-    message = _utf8("%s.%s." % (msg_id, stamp)) + body
+    message = ("%s.%s." % (msg_id, stamp)).encode("utf-8") + body
     v1, v1a = [], []
     for entry in entries.split():
         if entry.startswith("v1,"):
-            v1.append(_decode(entry[3:], "base64"))
+            signature = _decode(entry[3:], "base64")
+            if signature:
+                v1.append(signature)
         elif entry.startswith("v1a,"):
-            v1a.append(_decode(entry[4:], "base64"))
-    v1, v1a = [s for s in v1 if s], [s for s in v1a if s]
-    for secret in secrets:
-        if secret.startswith("whpk_"):
-            if _ed25519_any(secret, message, v1a):
+            signature = _decode(entry[4:], "base64")
+            if signature:
+                v1a.append(signature)
+    for key, public in keys:
+        if key is not None:
+            if _any_equal(key.digest(message), v1):
                 return
-            continue
-        key = _whsec_or_none(secret)
-        if key is not None and _any_equal(_mac(key, message), v1):  # a bad secret matches nothing
+        elif _ed25519_any(public, message, v1a):
             return
     raise BadSignature("no webhook-signature entry matches")
 
@@ -194,12 +229,25 @@ def standard_webhooks(headers, body, secrets, tolerance=300, now=None):
 def standard_headers(headers):
     """(id, timestamp, signature) from the webhook-* headers, or else from the svix-* ones (whichever
     set is complete; never a mix), or BadSignature naming what is missing."""
-    for id_name, stamp_name, signature_name in STANDARD_HEADERS:
-        msg_id, stamp, signature = header(headers, id_name), header(headers, stamp_name), \
-            header(headers, signature_name)
-        if msg_id and stamp and signature:
-            return msg_id, stamp, signature
+    for names in STANDARD_HEADERS:
+        values = _headers3(headers, names)
+        if values is not None:
+            return values
     return [_require(headers, name) for name in STANDARD_HEADERS[0]]
+
+
+def _headers3(headers, names):
+    """``header`` of each of three names, or None unless all three are there (and not blank). An
+    ``api.Headers`` is looked up in its index of first values directly (names here are lower-case)."""
+    if headers.__class__ is Headers:
+        get = headers.first.get
+        values = get(names[0]), get(names[1]), get(names[2])
+        if not (values[0] and values[1] and values[2]):
+            return None
+        values = values[0].strip(), values[1].strip(), values[2].strip()
+    else:
+        values = header(headers, names[0]), header(headers, names[1]), header(headers, names[2])
+    return values if values[0] and values[1] and values[2] else None
 
 
 def _ed25519_any(secret, message, signatures):
@@ -516,9 +564,12 @@ def checker(conf):
         return lambda headers, body, now=None: None
     if not secrets:
         return _refusal("no secret configured")
-    if scheme in ("standard-webhooks", "stripe"):
-        timestamped, tolerance = standard_webhooks if scheme == "standard-webhooks" else stripe, _tolerance(conf)
-        return lambda headers, body, now=None: timestamped(headers, body, secrets, tolerance, now)
+    if scheme == "standard-webhooks":
+        keys, tolerance = _standard_keys(tuple(secrets)), _tolerance(conf)
+        return lambda headers, body, now=None: _standard(headers, body, keys, tolerance, now)
+    if scheme == "stripe":
+        tolerance = _tolerance(conf)
+        return lambda headers, body, now=None: stripe(headers, body, secrets, tolerance, now)
     if scheme in ("github", "shopify"):
         plain = github if scheme == "github" else shopify
         return lambda headers, body, now=None: plain(headers, body, secrets)

@@ -85,7 +85,7 @@ class StoredHeadersTest(unittest.TestCase):
         for n in range(300):
             items = [("X-Big", "\xff" * 16000 + str(n)), ("X-%d-%s" % (n, "n" * 8000), "v")]
             self.assertEqual(stored.json(Headers(items)), json.dumps(stored_headers(Headers(items), [], ())))
-        remembered = sum(len(name) + len(value) + len(member) for (name, value), member in stored._pairs.items())
+        remembered = sum(len(name) + len(value) + len(member) for name, (value, member) in stored._pairs.items())
         remembered += sum(len(name) + len(low) for name, low in redact._NAMES.items())
         self.assertLess(remembered, 1 << 20)
 

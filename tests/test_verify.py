@@ -2,12 +2,13 @@
 valid, wrong-secret, rotated-secret, expired-timestamp and malformed-header cases, and check()."""
 
 import base64
+import binascii
 import hashlib
 import hmac
 import unittest
 
 from hookd_core import config, verify
-from hookd_core.api import BadSignature
+from hookd_core.api import BadSignature, Headers
 from handlers.hook import Handler
 
 # Standard Webhooks spec / reference-library example (peers.md §2).
@@ -114,6 +115,31 @@ class StandardWebhooksTest(unittest.TestCase):
             self.check(dict(svix, **{"svix-id": "msg_other"}))
         with self.assertRaises(BadSignature):  # a triple is taken whole, never mixed
             self.check({"svix-id": SW_ID, "webhook-timestamp": SW_TS, "svix-signature": SW_SIG})
+
+    def test_the_readers_headers_and_every_base64_form_get_the_general_paths_verdicts(self):
+        # An api.Headers (what the reader yields) is looked up in its own index, and base64 in its strict
+        # form is decoded in one C call: both must decide as the general path (a dict, b64decode) does.
+        body = SW_SIG[3:]
+        for text in (body, body.rstrip("="), body + "=", body + "==", " " + body, "=" + body, body[:-1] + "A",
+                     "", "QUJD==", "QUJD=", "QQ", "QQ=", "QQ==", "QQ===", "Q", "QU=J", "QQ==QQ==", "Q\nQ=="):
+            with self.subTest(text=text):
+                try:
+                    expected = base64.b64decode(text, validate=True)
+                except (ValueError, binascii.Error):
+                    expected = None
+                self.assertEqual(verify._decode(text, "base64"), expected)
+        svix = {"svix-id": SW_ID, "svix-timestamp": SW_TS, "svix-signature": SW_SIG}
+        for headers in (sw_headers(SW_ID, SW_TS, SW_SIG), svix, sw_headers(SW_ID, SW_TS, " %s\xa0" % SW_SIG),
+                        sw_headers("\xa0", SW_TS, SW_SIG), sw_headers(SW_ID, SW_TS, ""), dict(svix, **{"webhook-id": SW_ID}),
+                        sw_headers(SW_ID, SW_TS, SW_SIG + "=="), sw_headers(SW_ID, SW_TS, SW_SIG[:-1])):
+            with self.subTest(headers=headers):
+                verdicts = []
+                for given in (headers, Headers(list(headers.items()))):
+                    try:
+                        verdicts.append(self.check(given))
+                    except BadSignature as e:
+                        verdicts.append(str(e))
+                self.assertEqual(verdicts[0], verdicts[1])
 
     def test_malformed_headers_are_401_not_exceptions(self):
         cases = [
