@@ -336,6 +336,30 @@ class HmacRecipeTest(unittest.TestCase):
                                 verify.hmac_scheme(headers, body, [secret], "X-Sig", template=other)
 
 
+    def test_hex_hmac_decides_every_header_as_hmac_scheme_does(self):
+        # Preservica's check takes a shorter path for one signature of 64 hex digits; any header value gives
+        # the same outcome, and a refusal the same reason, as the general recipe.
+        body = b'{"events": [{"entityRef": "caf\xc3\xa9"}]}'
+        template = "preservica-webhook-auth{body}"
+        mac = hmac.new(b"s3cret", b"preservica-webhook-auth" + body, hashlib.sha256).hexdigest()
+        other = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()  # the body alone: no lead
+        values = [mac, mac.upper(), " %s " % mac, "%s,%s" % (other, mac), "%s %s" % (mac, other), other, mac[:-1],
+                  mac + "0", mac[:-1] + "g", mac[:32] + " " + mac[33:], "%s\t" % mac[:63], "", "zz" * 32, None]
+        for value in values:
+            for secrets in (["s3cret"], ["wrong"], ["wrong", "s3cret"], []):
+                headers = {} if value is None else {"Preservica-Signature": value}
+                outcomes = []
+                for check in (verify.hmac_scheme, verify.hex_hmac):
+                    try:
+                        check(headers, body, secrets, "Preservica-Signature", template=template)
+                        outcomes.append("ok")
+                    except BadSignature as e:
+                        outcomes.append(str(e))
+                with self.subTest(value=value, secrets=secrets):
+                    self.assertEqual(outcomes[1], outcomes[0])
+                    self.assertEqual(outcomes[0] == "ok", "s3cret" in secrets and value in values[:5], outcomes)
+
+
 class TokenTest(unittest.TestCase):
     def test_bare_bearer_and_basic_forms(self):
         conf = section(verify="token", secret="old-token tok3n")
