@@ -504,14 +504,26 @@ def _write(fd, view):
 # -- the process tree in /proc ------------------------------------------------------------------------
 
 def _read(path, size=4096):
-    """The start of a /proc file, or None when it cannot be read (three system calls, no file object:
-    a tree walk reads hundreds of these)."""
+    """The start of a /proc file, at most ``size`` bytes, or None when it cannot be read (three system
+    calls for a small file, no file object: a tree walk reads hundreds of these). It asks for READ_CHUNK
+    at a time: a read allocates what it asks for, and an environment of a few KB read against its 1 MiB
+    limit held 1 MiB each time."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        return os.read(fd, size)
+        data = os.read(fd, min(size, READ_CHUNK))
+        if len(data) < READ_CHUNK:  # less than was asked (or all that was asked): nothing more to read
+            return data
+        parts, got = [data], len(data)
+        while got < size:
+            part = os.read(fd, min(size - got, READ_CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
     except OSError:
         return None
     finally:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import tracemalloc
 import unittest
 
 from hookd_core import actions, config, proc
@@ -196,7 +197,8 @@ class OutputTest(Base):
         probe = ("import sys\nw = sys.stderr.buffer.write\nfor _ in range(320):\n    w(b'e' * 65535 + b'\\n')\n"
                  "w(b'the real last line\\n')\nsys.exit(3)\n")
         # measured in a process of its own: tracemalloc counts every thread's allocations, and in this one
-        # other tests' threads may be allocating meanwhile (a whole-suite run once saw 1.13 MB here)
+        # other tests' threads may be allocating meanwhile (the 1.13 MB once seen here on a busy machine
+        # was the tree walk's buffer for each environment it read: LeftoverTest)
         measure = ("import json, sys, tracemalloc\nfrom hookd_core import proc\ntracemalloc.start()\n"
                    "done = proc.run([sys.executable, '-c', sys.argv[1]], timeout=120, keep_stdout=False)\n"
                    "peak = tracemalloc.get_traced_memory()[1]\n"
@@ -253,6 +255,23 @@ class LeftoverTest(Base):
         self.assertEqual((done.returncode, done.timed_out), (0, False))
         escaped = read_pids(pidfile)[0]
         wait_until(lambda: not process_alive(escaped), 5, message="setsid sleep %d to be killed" % escaped)
+
+    def test_a_walk_of_every_process_reads_each_environment_in_bounded_memory(self):
+        """When more pids were handed out while a program ran than ``new_pids`` reads one by one (a busy
+        host), ending it walks every process in /proc and reads each one's environment (up to 1 MiB) for
+        its marker. What one such read holds is the environment's size in steps of READ_CHUNK, not a buffer
+        of the 1 MiB limit for a few KB of text: that buffer, once a program, was the 1.13 MB peak that
+        the stderr test above saw on a busy machine."""
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            carries = proc._carries(os.getpid(), "no-such-marker")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertFalse(carries)
+        self.assertLess(peak, 2 * proc.READ_CHUNK + 4 * len(b"\0".join(
+            b"%s=%s" % (k, v) for k, v in os.environb.items())))
 
 
 # A shell (Python would set its own signals) that prints the fds it holds (one a line), its pid, group and
