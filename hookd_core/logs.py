@@ -121,21 +121,34 @@ class LineHandler(logging.Handler):
             held.append(line)
 
 
-def info(log, message, event=None):
+def info(log, message, event=None, text=None):
     """``log.info("%s", message, extra={"event": event})`` for the request path: when ``log`` is as
     ``setup`` left it (one LineHandler, nothing filtered), the same line in the same format goes to the
     same place without building a LogRecord (the writer thread logs every answer; a record costs ~6 µs).
-    Any other logger or set-up goes through ``logging`` as usual."""
+    Any other logger or set-up goes through ``logging`` as usual. ``text``: the line ``rendered`` made
+    of the same message earlier, written as it is."""
+    if text is None:
+        text = rendered(log, message, event)
+    if text is not None:
+        return LineHandler.write(text)
+    if log.isEnabledFor(logging.INFO):  # not as ``setup`` left it, or the formatter failed: logging reports it
+        log.info("%s", message, extra={"event": event} if event is not None else None)
+
+
+def rendered(log, message, event=None):
+    """The line ``info`` writes for ``message``, formatted now (its time is now); None when ``log`` is
+    not enabled for INFO or not as ``setup`` left it. Formatting has no side effect, so the store's
+    writer has a group's lines made while its COMMIT waits for the disk, and writes them after it."""
     if not log.isEnabledFor(logging.INFO):
-        return
+        return None
     handlers = log.handlers
     if len(handlers) == 1 and type(handlers[0]) is LineHandler and not log.filters and not handlers[0].filters \
             and handlers[0].level <= logging.INFO:
         try:
-            return handlers[0].write(handlers[0].formatter.line(time.time(), "INFO", event, message))
+            return handlers[0].formatter.line(time.time(), "INFO", event, message)
         except Exception:
-            pass  # logging's own path reports it (handleError), as for any other line
-    log.info("%s", message, extra={"event": event} if event is not None else None)
+            return None
+    return None
 
 
 @contextlib.contextmanager

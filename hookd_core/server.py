@@ -570,21 +570,38 @@ class Answer:
     is the store's ``then``). The send never blocks the writer: what the socket does not take at once
     (a client that stops reading) is sent by a thread of its own within write_timeout, or the client
     is dropped. ``sent`` opens once the whole answer is out; the connection's thread waits on it before
-    it writes anything else or closes."""
+    it writes anything else or closes. ``prepare`` (the store calls it while the COMMIT waits for the
+    disk) makes the usual answer's bytes and log line beforehand; nothing of it is sent, logged or
+    counted unless the commit succeeds with that result."""
 
-    __slots__ = ("handler", "client", "route", "rows", "close", "sent")
+    __slots__ = ("handler", "client", "route", "rows", "close", "sent", "ready")
 
     def __init__(self, handler, route, rows, close):
         self.handler, self.route, self.rows, self.close = handler, route, rows, close
         self.client = handler.client  # the handler may be reading the next request when this is sent
         self.sent = threading.Lock()
         self.sent.acquire()
+        self.ready = None
+
+    def prepare(self, stored):
+        """Before the commit is known to have succeeded, on the store's preparing thread: for one new
+        event (most requests), its answer's bytes and log line, kept as (stored, bytes, message, line)."""
+        if len(stored) == 1 and stored[0][1] == "new":
+            event_id = stored[0][0]
+            body, message = _one_new(self.route, event_id, self.client)
+            self.ready = (stored, _answer_bytes(202, body, "application/json", (), self.close), message,
+                          logs.rendered(self.handler.app.log, message, event_id))
 
     def __call__(self, stored, error):
         handler = self.handler
         try:
-            status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
-            data = _answer_bytes(status, body, "application/json", headers, close or self.close)
+            ready = self.ready
+            if ready is not None and error is None and ready[0] is stored:  # committed as prepared
+                _stored_one(handler.app, self.route, self.rows[0], stored[0][0], ready[2], ready[3])
+                data, close = ready[1], False
+            else:
+                status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
+                data = _answer_bytes(status, body, "application/json", headers, close or self.close)
             sock = handler.connection
             try:
                 sent = sock.send(data, socket.MSG_DONTWAIT)
@@ -652,12 +669,10 @@ def outcome(app, route, rows, stored, error, client):
         app.metrics.request(route, 500)
         return 500, b'{"error": "internal error"}', (), True
     if len(stored) == 1 and stored[0][1] == "new":  # one new event (most deliveries): the same, without the lists
-        event_id, row = stored[0][0], rows[0]
-        if not row.get("done"):
-            app.pool.submit(event_id, route, row.get("serial_key"))
-        logs.info(app.log, "202 %s stored event %d from %s" % (route, event_id, client), event_id)
-        app.metrics.request(route, 202)
-        return 202, b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id), (), False
+        event_id = stored[0][0]
+        body, message = _one_new(route, event_id, client)
+        _stored_one(app, route, rows[0], event_id, message)
+        return 202, body, (), False
     fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
     for event_id, row in fresh:
         if not row.get("done"):
@@ -672,6 +687,21 @@ def outcome(app, route, rows, stored, error, client):
     logs.info(app.log, "200 %s duplicate of event %s" % (route, first if stored else "-"))
     app.metrics.request(route, 200)
     return 200, json.dumps({"id": first, "ids": [i for i, _ in stored], "status": "duplicate"}).encode(), (), False
+
+
+def _one_new(route, event_id, client):
+    """The body and log message of the answer to a request stored as one new event."""
+    return (b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id),
+            "202 %s stored event %d from %s" % (route, event_id, client))
+
+
+def _stored_one(app, route, row, event_id, message, line=None):
+    """After the commit, for a request stored as one new event: queue it for a worker (unless it is done),
+    log its line (``line``: made beforehand by ``logs.rendered``), count its 202."""
+    if not row.get("done"):
+        app.pool.submit(event_id, route, row.get("serial_key"))
+    logs.info(app.log, message, event_id, line)
+    app.metrics.request(route, 202)
 
 
 def _answer_bytes(status, body, content_type, headers, close, length=None):

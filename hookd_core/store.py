@@ -114,6 +114,7 @@ NULL = float("nan")
 # "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 GATHER_GAP = 0.0003  # the writer stops waiting for the clients of the group before when none sent for this long
+PREPARE_AT = 4  # answers in a group from which they are prepared on a thread of their own during the COMMIT
 MAX_BATCH = 1000  # elements of a batch delivery looked at on a redelivery (Preservica's MAX_EVENTS)
 KEYS_PER_SELECT = 400  # dedupe keys looked up per statement (sqlite's variable limit is 999 on old builds)
 # A WAL file a burst (one large request) grew past this is cut back to it when the WAL starts over. The
@@ -252,6 +253,8 @@ class Store:
         self._want = 0  # the writer waits (in _gather) until this many requests are queued
         self._full = threading.Lock()  # released by the submitter that queues the request _want waits for
         self._full.acquire()
+        self._preparer = None  # the thread that prepares a group's answers during its COMMIT (``_prepare``)
+        self._to_prepare = None
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
 
@@ -379,8 +382,46 @@ class Store:
         """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
         staged = self._stage(group)
         if staged is not None:
+            preparing = self._prepare(group)
             self._commit(group, staged)
+            if preparing:
+                self._prepared.acquire()
         self._settle(group)
+
+    def _prepare(self, group):
+        """Have the group's answers prepared (``then.prepare(result)``: their bytes and log lines, nothing
+        sent or logged) by a thread of its own while the COMMIT waits for the disk with the GIL released:
+        at 16 connections the core has nothing else to do then, every client waiting for its answer, and
+        what is left after the COMMIT is the sends. Only for PREPARE_AT answers or more (waking the
+        thread costs about two answers' work). True when the caller must wait for ``_prepared``."""
+        todo = [(op.then.prepare, op.result) for op in group
+                if op.rows is not None and op.error is None and getattr(op.then, "prepare", None) is not None]
+        if len(todo) < PREPARE_AT:
+            return False
+        if self._preparer is None:
+            self._go_prepare, self._prepared = threading.Lock(), threading.Lock()
+            self._go_prepare.acquire()
+            self._prepared.acquire()
+            self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
+            self._preparer.start()
+        self._to_prepare = todo
+        self._go_prepare.release()
+        return True
+
+    def _prepare_forever(self):
+        try:  # run only when the core would idle (the COMMIT's wait), never ahead of the writer's own work
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        while True:
+            self._go_prepare.acquire()
+            todo, self._to_prepare = self._to_prepare, None
+            for prepare, result in todo:
+                try:
+                    prepare(result)
+                except Exception:  # the answer is then made after the commit, as without preparing
+                    self._log_exception()
+            self._prepared.release()
 
     def _settle(self, group):
         with logs.batched():  # the group's answers log one line each, written together

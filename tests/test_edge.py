@@ -470,6 +470,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def in_process_app(test, settings=""):
+    """A real App in this process over a configuration of its own (``settings``: more [hookd] lines),
+    removed after ``test``."""
+    from hookd_core.app import App
+    tmp = tempfile.mkdtemp(prefix="hookd-app-")
+    test.addCleanup(shutil.rmtree, tmp, True)
+    config = os.path.join(tmp, "credentials.properties")
+    with open(config, "w") as f:
+        f.write("[hookd]\nstate_dir = %s\n%s" % (os.path.join(tmp, "var"), settings))
+    os.chmod(config, 0o600)
+    return App(config)
+
+
 class SlowReaderTest(unittest.TestCase):
     def test_an_answer_the_socket_takes_in_part_is_finished_on_a_descriptor_past_1023(self):
         """The writer sends each answer without waiting; what the socket does not take at once is sent by a
@@ -481,20 +494,13 @@ class SlowReaderTest(unittest.TestCase):
         loopback connection whose descriptor is moved past 1023 and whose send buffer is small."""
         import resource
         from hookd_core import server
-        from hookd_core.app import App
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < 2048 and (hard == resource.RLIM_INFINITY or hard >= 2048):
             resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
             self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         elif soft < 2048:
             self.skipTest("RLIMIT_NOFILE below 2048")
-        tmp = tempfile.mkdtemp(prefix="hookd-slowreader-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        config = os.path.join(tmp, "credentials.properties")
-        with open(config, "w") as f:
-            f.write("[hookd]\nstate_dir = %s\nwrite_timeout = 30\n" % os.path.join(tmp, "var"))
-        os.chmod(config, 0o600)
-        app = App(config)
+        app = in_process_app(self, "write_timeout = 30\n")
         level = app.log.level
         app.log.setLevel("WARNING")  # 300 lines of "202 h stored event" would go to the test's own stderr
         self.addCleanup(app.log.setLevel, level)
@@ -540,6 +546,63 @@ class SlowReaderTest(unittest.TestCase):
             self.assertTrue(answer.startswith(b"202 Accepted\r\n"), answer[:80])
             self.assertTrue(answer.endswith(b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id)),
                             answer[-80:])
+
+
+class PreparedAnswerTest(unittest.TestCase):
+    """An answer the store prepared while its COMMIT ran (bytes and log line made beforehand) goes out,
+    is logged and is counted only when the commit succeeded with the result it was prepared for; any
+    other outcome is answered as without preparing. The real App, Server, Handler and Answer over a real
+    loopback connection."""
+
+    def setUp(self):
+        from hookd_core import server
+        self.app = in_process_app(self)
+        srv = server.Server(("127.0.0.1", 0), self.app)
+        self.addCleanup(srv.server_close)
+        self.client = socket.create_connection(srv.server_address)
+        self.addCleanup(self.client.close)
+        self.client.settimeout(10)
+        accepted, address = srv.socket.accept()
+        self.addCleanup(accepted.close)
+        handler = server.Handler.__new__(server.Handler)
+        handler.request, handler.client_address, handler.server = accepted, address, srv
+        handler.setup()
+        self.answer = server.Answer(handler, "h", [{"done": True}], False)
+
+    def answered(self, prepared, stored, error):
+        """(the answer the client got, the lines logged) when the answer prepared for ``prepared`` runs
+        with this outcome."""
+        from tests.test_logs import Stderr
+        self.answer.prepare(prepared)
+        with Stderr() as err:
+            self.answer(stored, error)
+            lines = err.lines()
+        self.assertTrue(self.answer.sent.acquire(timeout=10))
+        data = b""
+        while not data.endswith(b"}"):
+            data += self.client.recv(65536)
+        return data, [line.split(" ", 2)[2] for line in lines]
+
+    def test_committed_as_prepared(self):
+        stored = [(5, "new")]
+        data, lines = self.answered(stored, stored, None)
+        self.assertTrue(data.startswith(b"HTTP/1.1 202 Accepted\r\n"), data)
+        self.assertTrue(data.endswith(b'{"id": 5, "ids": [5], "status": "queued"}'), data)
+        self.assertEqual(lines, ["event=5 202 h stored event 5 from %s" % self.answer.client])
+        self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
+
+    def test_a_failed_commit_is_answered_as_failed(self):
+        from hookd_core.store import StoreError
+        data, lines = self.answered([(5, "new")], None, StoreError("disk full"))
+        self.assertTrue(data.startswith(b"HTTP/1.1 503 "), data)
+        self.assertEqual([line for line in lines if "202" in line], [])
+        self.assertEqual(self.app.metrics.requests, {("h", 503): 1})
+
+    def test_another_result_is_answered_as_it_is(self):
+        data, lines = self.answered([(5, "new")], [(6, "new")], None)
+        self.assertTrue(data.endswith(b'{"id": 6, "ids": [6], "status": "queued"}'), data)
+        self.assertEqual(lines, ["event=6 202 h stored event 6 from %s" % self.answer.client])
+        self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
 
 
 class ReverseProxyTest(unittest.TestCase):

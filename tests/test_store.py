@@ -377,6 +377,34 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(sum(s == "queued" for _, s in stored), len(first))
         self.assertEqual(sorted(k for k, s in stored if s == "queued"), sorted(first))
 
+    def test_a_groups_answers_are_prepared_on_a_thread_of_their_own_before_they_run(self):
+        # While the writer's COMMIT waits for the disk, another thread makes the group's answers
+        # (``then.prepare(result)``), so that after the COMMIT only their sends are left. Each answer is
+        # prepared once, with the very result it then gets, before it runs.
+        go = self.hold_two_groups()[0]
+        seen, n = [], 16  # a group of 16 requests, as 16 connections make (PREPARE_AT or more)
+
+        class Then:
+            def __init__(self):
+                self.prepared = []
+
+            def prepare(self, result):
+                self.prepared.append((result, threading.current_thread().name))
+
+            def __call__(self, result, error):
+                seen.append((self, result, error, list(self.prepared), threading.current_thread().name))
+        for i in range(n):
+            self.store.submit_events("p", [row("p%d" % i)], then=Then())
+        go[0].set()
+        self.wait_for(lambda: len(seen) == n)
+        for then, result, error, prepared, thread in seen:
+            self.assertIsNone(error)
+            self.assertEqual(thread, "hookd-writer")
+            self.assertEqual(len(prepared), 1)
+            self.assertIs(prepared[0][0], result)
+            self.assertEqual(prepared[0][1], "hookd-prepare")
+        self.assertEqual(self.visible("p"), n)
+
     def hold_two_groups(self):
         """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
         ``go[0]``; what is submitted meanwhile with ``fn2`` first is group 2, held inside ``fn2`` until
