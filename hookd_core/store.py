@@ -32,10 +32,12 @@ while the daemon runs).
 import hashlib
 import json
 import os
+import queue
 import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from itertools import chain
 
 from . import logs
@@ -183,6 +185,15 @@ class _Op:
             self.then(self.result, self.error)
         except Exception:  # a failing answer must not stop the writer
             log_error()
+
+
+def _set_policy(policy):
+    """This thread's scheduling policy (Linux); False when the system refuses it."""
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        return True
+    except OSError:
+        return False
 
 
 def _run_fn(conn, op, isolate):
@@ -384,8 +395,7 @@ class Store:
         if staged is not None:
             preparing = self._prepare(group)
             self._commit(group, staged)
-            if preparing:
-                self._prepared.acquire()
+            preparing.clear()  # what the preparing thread has not begun, its answer makes itself
         self._settle(group)
 
     def _prepare(self, group):
@@ -393,36 +403,39 @@ class Store:
         sent or logged) by a thread of its own while the COMMIT waits for the disk with the GIL released:
         at 16 connections the core has nothing else to do then, every client waiting for its answer, and
         what is left after the COMMIT is the sends. Only for PREPARE_AT answers or more (waking the
-        thread costs about two answers' work). True when the caller must wait for ``_prepared``."""
-        todo = [(op.then.prepare, op.result) for op in group
-                if op.rows is not None and op.error is None and getattr(op.then, "prepare", None) is not None]
+        thread costs about two answers' work). Returns the queue of what is left to prepare."""
+        todo = deque([(op.then.prepare, op.result) for op in group
+                      if op.rows is not None and op.error is None and getattr(op.then, "prepare", None) is not None])
         if len(todo) < PREPARE_AT:
-            return False
+            return todo
         if self._preparer is None:
-            self._go_prepare, self._prepared = threading.Lock(), threading.Lock()
-            self._go_prepare.acquire()
-            self._prepared.acquire()
+            self._to_prepare = queue.SimpleQueue()
             self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
             self._preparer.start()
-        self._to_prepare = todo
-        self._go_prepare.release()
-        return True
+        self._to_prepare.put(todo)
+        return todo
 
     def _prepare_forever(self):
-        try:  # run only when the core would idle (the COMMIT's wait), never ahead of the writer's own work
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
+        """Prepare answers while the core would idle. The thread waits for work as SCHED_IDLE, so it runs
+        only once the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which
+        would only delay the COMMIT), and prepares as a normal thread: it holds the GIL then, and a
+        SCHED_IDLE thread holding it could be starved by any busy process on the core."""
+        idle = _set_policy(os.SCHED_IDLE) if hasattr(os, "SCHED_IDLE") else False
         while True:
-            self._go_prepare.acquire()
-            todo, self._to_prepare = self._to_prepare, None
-            for prepare, result in todo:
+            todo = self._to_prepare.get()
+            if idle:
+                _set_policy(os.SCHED_OTHER)
+            while True:
+                try:
+                    prepare, result = todo.popleft()
+                except IndexError:
+                    break
                 try:
                     prepare(result)
                 except Exception:  # the answer is then made after the commit, as without preparing
                     self._log_exception()
-            self._prepared.release()
-
+            if idle:
+                _set_policy(os.SCHED_IDLE)
     def _settle(self, group):
         with logs.batched():  # the group's answers log one line each, written together
             for op in group:
