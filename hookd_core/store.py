@@ -423,6 +423,8 @@ class Store:
         idle = _set_policy(os.SCHED_IDLE) if hasattr(os, "SCHED_IDLE") else False
         while True:
             todo = self._to_prepare.get()
+            if todo is None:
+                return  # the store is closed
             if idle:
                 _set_policy(os.SCHED_OTHER)
             while True:
@@ -541,6 +543,8 @@ class Store:
             time.sleep(0.01)
         with self._committing, self._plock:  # the writer is asleep, no caller commits: nothing uses it
             self._conn.close()
+            if self._preparer is not None:
+                self._to_prepare.put(None)  # the preparing thread ends
 
     # -- event operations ---------------------------------------------------------------------------
     def claim(self, event_id, now=None):

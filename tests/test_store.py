@@ -388,7 +388,7 @@ class StoreTest(unittest.TestCase):
 
         class Then:
             def prepare(self, result):
-                prepared.append((self, result, threading.current_thread().name))
+                prepared.append((self, result, threading.current_thread().name, threading.get_ident()))
 
             def __call__(self, result, error):
                 seen.append((self, result, error, threading.current_thread().name))
@@ -403,11 +403,16 @@ class StoreTest(unittest.TestCase):
         self.assertTrue(prepared, "no answer of %d groups was prepared" % groups)
         self.assertEqual({(error, thread) for _, _, error, thread in seen}, {(None, "hookd-writer")})
         results = {then: result for then, result, _, _ in seen}
-        for then, result, thread in prepared:
+        for then, result, thread, _ in prepared:
             self.assertEqual(thread, "hookd-prepare")
             self.assertIs(result, results[then])
-        self.assertEqual(len({then for then, _, _ in prepared}), len(prepared))
+        self.assertEqual(len({then for then, _, _, _ in prepared}), len(prepared))
         self.assertEqual(self.visible("p"), n * groups)
+        preparing = [t for t in threading.enumerate() if t.name == "hookd-prepare" and t.ident == prepared[0][3]]
+        self.assertEqual(len(preparing), 1)
+        self.store.close()  # and the thread ends with its store
+        preparing[0].join(30)
+        self.assertFalse(preparing[0].is_alive())
 
     def hold_two_groups(self):
         """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
