@@ -5,9 +5,8 @@ Strategy: sqlite is the source of truth and only this module touches it. Every w
 batched statement (a worker's claim or finish). All of them go to one writer thread, which takes
 everything waiting, runs it in one ``BEGIN IMMEDIATE`` transaction, in submission order, and commits
 once: N concurrent webhooks cost one fsync, not N. The events of all requests in a group are stored
-with a few statements per table (multi-row INSERTs, 64 rows and fewer, into ``request_bodies``, and
-``INSERT OR IGNORE`` into ``events``, which the unique dedupe index makes turn away known keys, with no
-look-up first), with ids handed out by the writer, and a group's consecutive claims or
+with a few statements (multi-row ``INSERT OR IGNORE``s into ``events``, 64 rows and fewer, which the
+unique dedupe index makes turn away known keys, with no look-up first), with ids handed out by the writer, and a group's consecutive claims or
 finishes are one ``executemany`` each, so a group costs a few statements however many requests it
 holds. Only after the COMMIT does a caller learn its result: a blocked caller is woken, or its ``then``
 runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
@@ -19,8 +18,9 @@ each paying a COMMIT. When the writer is idle and nothing is queued, a request's
 back (a client that sends one request at a time meets an idle writer every time). If the
 transaction fails (disk full, read-only file) every
 caller of that group gets a StoreError and nothing of the group is stored; a ``write`` function that
-raises is rolled back alone (a savepoint) and the others commit. A request's body is stored once in
-``request_bodies`` (append-only rowid keys, no random-key B-tree), however many events it becomes; an
+raises is rolled back alone (a savepoint) and the others commit. A request's body is stored once,
+however many events it becomes: in its first event row, which the others name (``body_row``), or, over
+ROW_BODY_BYTES, in ``request_bodies`` (append-only rowid keys, no random-key B-tree); an
 event of a batch delivery (Preservica's ``events[]``) keeps only its index in that array (``element``),
 never a copy of the envelope. Workers' claims do not wait for their commit: ``_claimed`` makes a claim
 exclusive in the process (against leases too) until the attempt's finish has committed. Reads use a
@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
   payload TEXT,
   progress TEXT,
   body_id INTEGER,
-  element INTEGER
+  element INTEGER,
+  body BLOB,
+  body_row INTEGER
 );
 CREATE TABLE IF NOT EXISTS request_bodies (
   id INTEGER PRIMARY KEY,
@@ -142,10 +144,19 @@ FINISH = ("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), nex
 # 13 values stay under the 999 variables of old sqlite builds. The texts hold placeholders only.
 CHUNKS = (64, 32, 16, 8, 4, 2, 1)
 _INSERT_NEW = {n: "INSERT OR IGNORE INTO events(id, route, status, received_at, updated_at, dedupe_key,"
-                  " serial_key, headers, content_type, body_id, element, payload, note) VALUES "
-                  + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
+                  " serial_key, headers, content_type, body, body_row, body_id, element, payload, note) VALUES "
+                  + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
+BODY, BODY_ROW = 9, 10  # where a row of _INSERT_NEW has its body and body_row
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
-_LAST_IDS = "SELECT (SELECT max(id) FROM events), (SELECT max(id) FROM request_bodies)"
+# A body up to this size is kept in its request's first event row (``_store_requests``): the record stays
+# within a 4 KiB page (no overflow page), so a worker's status change rewrites one leaf, not the body.
+# A larger body goes to request_bodies, where no status change touches it.
+ROW_BODY_BYTES = 2048
+# A row's body, whichever way it is stored: in the row, in the row holding its request's body (h), or in
+# request_bodies (b, rows written before bodies moved into rows, and bodies over ROW_BODY_BYTES).
+_BODY_JOINS = (" LEFT JOIN events h ON h.id = e.body_row AND e.body IS NULL"
+               " LEFT JOIN request_bodies b ON b.id = e.body_id")
+_BODY = "coalesce(e.body, h.body, b.data)"
 _INSERT_DUPLICATE = ("INSERT INTO events(id, route, status, received_at, updated_at, duplicate_of, headers,"
                      " content_type, note) VALUES (?, ?, 'duplicate', ?, ?, ?, ?, ?, ?)")
 
@@ -669,17 +680,21 @@ class Store:
         return self.write(fn)
 
     def replay(self, event_id, now=None):
-        """Store a copy of an event as a new queued event (no dedupe); returns the new id or None."""
+        """Store a copy of an event as a new queued event (no dedupe); returns the new id or None. A body
+        in request_bodies is shared (its ``body_id``); one kept in an event row is copied into the new
+        row, which then holds its own: no row far from a request's names its body row (``prune``)."""
         now = time.time() if now is None else now
 
         def fn(conn):
-            row = conn.execute("SELECT route, serial_key, headers, content_type, body_id, element, payload"
-                               " FROM events WHERE id=?", (event_id,)).fetchone()
+            row = conn.execute("SELECT e.route, e.serial_key, e.headers, e.content_type, e.body_id,"
+                               " CASE WHEN e.body_id IS NULL THEN coalesce(e.body, h.body) END, e.element,"
+                               " e.payload FROM events e" + _BODY_JOINS + " WHERE e.id=?",  # constant text
+                               (event_id,)).fetchone()
             if row is None:
                 return None
             cur = conn.execute(
                 "INSERT INTO events(route, status, received_at, updated_at, serial_key, headers, content_type,"
-                " body_id, element, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " body_id, body, element, payload, note) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row[:1] + (now, now) + row[1:] + ("replay of %d" % event_id,))
             return cur.lastrowid
         return self.write(fn)
@@ -720,7 +735,11 @@ class Store:
         can only leave a row for a later prune, never delete one more: a row stored while the clock was
         set back by more than the slack waits until the cutoff passes its neighbours. The leases and
         products of the deleted events go in the same transaction as their events, and the newest event
-        always stays (``_received_before``), so no id is handed out twice. Which bodies no event needs, no index tells either
+        always stays (``_received_before``), so no id is handed out twice. A row that holds its request's
+        body for the request's other rows stays as long as one of them does (``_delete_events``): the
+        rows are deleted newest first, and a row whose request goes on past the ids one read found waits
+        until after the last read, so a request whose rows are all old goes whole. Which bodies
+        in request_bodies no event needs, no index tells either
         (events.body_id has none, for the same reason): the read connection finds them
         (``_orphan_bodies``) and the writer deletes just those ids, BODIES_PER_DELETE (and about
         BODY_BYTES_PER_DELETE) a write. Review R2 measured the old sweep on the writer at ~1.3 s a day
@@ -735,14 +754,19 @@ class Store:
             return self.write(fn)
         last = self.read(lambda conn: _received_before(conn, cutoff + CLOCK_SLACK))
         write(lambda conn: conn.execute("DELETE FROM lease_workers WHERE last_seen < ?", (cutoff,)))
-        after = 0
+        after, later = 0, []
         while True:
             old = self.read(lambda conn: _old_events(conn, after, last, cutoff, IDS_PER_READ))
-            for i in range(0, len(old), EVENTS_PER_DELETE):
-                events += write(lambda conn, part=old[i:i + EVENTS_PER_DELETE]: _delete_events(conn, part, cutoff))
-            if len(old) < IDS_PER_READ:
+            more = len(old) == IDS_PER_READ
+            end = old[-1][0] if old else 0
+            ready = [(event_id,) for event_id, bound in old if not more or bound is None or bound <= end]
+            later += [(event_id,) for event_id, bound in old if more and bound is not None and bound > end]
+            for part in (ready,) if more else (ready, later):
+                for i in reversed(range(0, len(part), EVENTS_PER_DELETE)):  # newest first: see _delete_events
+                    events += write(lambda conn, ids=part[i:i + EVENTS_PER_DELETE]: _delete_events(conn, ids, cutoff))
+            if not more:
                 break
-            after = old[-1][0]
+            after = end
         stage, after = "the bodies no event needs", 0
         while True:
             orphans = self.read(lambda conn: _orphan_bodies(conn, after, IDS_PER_READ))
@@ -962,19 +986,25 @@ def _received_before(conn, moment):
 
 
 def _old_events(conn, after, last, cutoff, limit):
-    """Up to ``limit`` ids ([(id,)], in order) of events above ``after`` and at most ``last`` that are done
-    or duplicate and last changed before ``cutoff``: on a read connection (``prune``), a range of the
-    primary key."""
-    return conn.execute("SELECT id FROM events WHERE id > ? AND id <= ? AND status IN ('done','duplicate')"
+    """Up to ``limit`` events ([(id, body_row)], in id order) above ``after`` and at most ``last`` that are
+    done or duplicate and last changed before ``cutoff``: on a read connection (``prune``), a range of the
+    primary key. ``body_row`` past the last id read is a row holding its request's body for rows a later
+    read finds: ``prune`` deletes it after those."""
+    return conn.execute("SELECT id, body_row FROM events WHERE id > ? AND id <= ? AND status IN ('done','duplicate')"
                         " AND updated_at < ? ORDER BY id LIMIT ?", (after, last, cutoff, limit)).fetchall()
 
 
 def _delete_events(conn, ids, cutoff):
-    """Delete the events ``ids`` ([(id,)]) that are still done or duplicate and last changed before
-    ``cutoff``, with the ended leases and the products of those deleted, through the primary key and the
-    event_id indexes (``prune``, on the writer); returns how many events went."""
-    n = conn.executemany("DELETE FROM events WHERE id=? AND status IN ('done','duplicate') AND updated_at < ?",
-                         [(event_id, cutoff) for event_id, in ids]).rowcount
+    """Delete the events ``ids`` ([(id,)], in id order) that are still done or duplicate and last changed
+    before ``cutoff``, with the ended leases and the products of those deleted, through the primary key
+    and the event_id indexes (``prune``, on the writer); returns how many events went. A row holding its
+    request's body stays while a row of its request that names it in ``body_row`` is left: those follow
+    it, up to the id its own ``body_row`` gives, so that check is a range of the primary key. The ids go
+    newest first, so such rows are gone before the one holding their body is looked at."""
+    n = conn.executemany("DELETE FROM events WHERE id=? AND status IN ('done','duplicate') AND updated_at < ?"
+                         " AND NOT EXISTS (SELECT 1 FROM events r WHERE r.id > events.id"
+                         " AND r.id <= events.body_row AND r.body_row = events.id)",
+                         [(event_id, cutoff) for event_id, in reversed(ids)]).rowcount
     conn.executemany("DELETE FROM leases WHERE event_id=? AND ended IS NOT NULL"
                      " AND event_id NOT IN (SELECT id FROM events)", ids)
     conn.executemany("DELETE FROM products WHERE event_id=? AND event_id NOT IN (SELECT id FROM events)", ids)
@@ -1003,10 +1033,14 @@ def _store_requests(conn, ops):
     which sqlite checks on every insert anyway, turns away a known key, so no look-up precedes the insert;
     only when fewer rows went in than were sent (a redelivery, rare) does ``_mark_duplicates`` find and
     store the duplicates (measured: 4-event deliveries, 32 a group: 31 -> 23 µs a delivery in this
-    function)."""
-    last_event, last_body = conn.execute(_LAST_IDS).fetchone()
-    next_id = first_id = (last_event or 0) + 1
-    first_body = next_body = (last_body or 0) + 1
+    function).
+
+    A request's body goes into its first row (``body``), whose ``body_row`` is the request's last id;
+    its other rows hold no copy, only that first row's id in ``body_row`` (a Preservica delivery's 4
+    rows share one body). One table less a commit than a row in request_bodies: a B-tree page less to
+    the WAL, a statement less. A body over ROW_BODY_BYTES still goes to request_bodies (``body_id``)."""
+    next_id = first_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
+    first_body = next_body = None  # request_bodies' next id, read only for a body over ROW_BODY_BYTES
     events, bodies, added = [], [], {}
     for op in ops:
         route, rows, now = op.route, op.rows, op.now
@@ -1019,14 +1053,21 @@ def _store_requests(conn, ops):
             if waiting + len(rows) > op.limit:
                 op.error = Busy("%s has %d events waiting (queue_size %d)" % (route, waiting, op.limit))
                 continue
-        out, body_ids = [], {}
+        out, shared, last = [], {}, next_id + len(rows) - 1
         for row in rows:
             body = row.get("body") or b""
-            body_id = body_ids.get(id(body))
-            if body_id is None:
-                body_id = body_ids[id(body)] = next_body
-                bodies.append((next_body, body))
-                next_body += 1
+            where = shared.get(id(body))  # (body, body_row, body_id) of a body an earlier row brought
+            if where is None:
+                if len(body) <= ROW_BODY_BYTES:
+                    where = (body, NULL if last == next_id else last, NULL)
+                    shared[id(body)] = (NULL, next_id, NULL)
+                else:
+                    if next_body is None:
+                        first_body = next_body = (conn.execute("SELECT max(id) FROM request_bodies")
+                                                  .fetchone()[0] or 0) + 1
+                    where = shared[id(body)] = (NULL, NULL, next_body)
+                    bodies.append((next_body, body))
+                    next_body += 1
             done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
             key, serial, headers, content_type, element, payload = (
                 row.get("dedupe_key"), row.get("serial_key"), row.get("headers"), row.get("content_type"),
@@ -1034,8 +1075,8 @@ def _store_requests(conn, ops):
             events.append((next_id, route, "done" if done else "queued", now, now,
                            NULL if key is None else key, NULL if serial is None else serial,
                            NULL if headers is None else headers, NULL if content_type is None else content_type,
-                           body_id, NULL if element is None else element, NULL if payload is None else payload,
-                           NOTHING_TO_DO if done else NULL))
+                           where[0], where[1], where[2], NULL if element is None else element,
+                           NULL if payload is None else payload, NOTHING_TO_DO if done else NULL))
             if not done:
                 added[route] = added.get(route, 0) + 1
             out.append((next_id, "new"))
@@ -1096,10 +1137,12 @@ def _waiting_so_far(conn, route, ops):
 
 def _mark_duplicates(conn, ops, events, first_id, first_body, added):
     """The rows ``INSERT OR IGNORE`` turned away had a known (route, dedupe_key): store each as a
-    'duplicate' row under its id, pointing at the original, tell its request so, and drop the bodies
-    that no stored row needs (a request that brought nothing new keeps none). A batch delivery whose
-    key was turned away is sorted element by element (``_redelivered``). ``events`` are the group's rows
-    as ``_INSERT_NEW`` takes them, the first with id ``first_id``."""
+    'duplicate' row under its id, pointing at the original, tell its request so, move a body whose row
+    became a duplicate to the request's first new row (``_rehome_bodies``) and drop the bodies in
+    request_bodies (from ``first_body`` on, None when the group added none) that no stored row needs: a
+    request that brought nothing new keeps no body. A batch delivery whose key was turned away is
+    sorted element by element (``_redelivered``). ``events`` are the group's rows as ``_INSERT_NEW``
+    takes them, the first with id ``first_id``."""
     stored = {r[0] for r in conn.execute("SELECT id FROM events WHERE id >= ?", (first_id,))}
     turned = [(op, i, row) for op in ops if op.error is None
               for i, ((event_id, _), row) in enumerate(zip(op.result, op.rows)) if event_id not in stored]
@@ -1122,8 +1165,24 @@ def _mark_duplicates(conn, ops, events, first_id, first_body, added):
     conn.executemany(_INSERT_DUPLICATE, duplicates)
     for op in batches:
         _redelivered(conn, op, events, first_id, added)
-    conn.execute("DELETE FROM request_bodies WHERE id >= ? AND id NOT IN"
-                 " (SELECT body_id FROM events WHERE id >= ? AND body_id IS NOT NULL)", (first_body, first_id))
+    _rehome_bodies(conn, events, first_id)
+    if first_body is not None:
+        conn.execute("DELETE FROM request_bodies WHERE id >= ? AND id NOT IN"
+                     " (SELECT body_id FROM events WHERE id >= ? AND body_id IS NOT NULL)", (first_body, first_id))
+
+
+def _rehome_bodies(conn, events, first_id):
+    """A row of the group that names a body row holding none (it became a duplicate row, which keeps no
+    body): the first such row of the request takes the body and the old holder's bound, and the rows
+    after it that named the old holder name it instead. ``events`` as in ``_mark_duplicates``."""
+    lost = conn.execute("SELECT e.body_row, min(e.id) FROM events e JOIN events h ON h.id = e.body_row"
+                        " WHERE e.id >= ? AND e.body IS NULL AND h.body IS NULL GROUP BY e.body_row",
+                        (first_id,)).fetchall()
+    for old, new in lost:
+        placed = events[old - first_id]
+        conn.execute("UPDATE events SET body=?, body_row=? WHERE id=?", (placed[BODY], placed[BODY_ROW], new))
+        conn.execute("UPDATE events SET body_row=? WHERE id > ? AND id <= ? AND body_row=?",
+                     (new, new, placed[BODY_ROW], old))
 
 
 def _duplicate(op, row, event_id, original):
@@ -1184,17 +1243,20 @@ def _element_keys(batch_key, body, n):
 
 def _stored_elements(conn, route, batch_key, body, n):
     """(the own keys of the ``n`` elements of ``body``, {element key: event id} of what is stored of
-    them): the elements of the delivery stored under ``batch_key`` (rows that follow the row holding
-    it, one per element, sharing its body; an earlier version's rows too, which had a key each) and
+    them): the elements of the delivery stored under ``batch_key`` (the row holding it, which holds
+    the delivery's body, and the rows after it that name it in ``body_row``, one per element; or,
+    stored before bodies moved into rows or over ROW_BODY_BYTES, the rows after it that share its
+    ``body_id``; an earlier version's rows too, which had a key each) and
     those that earlier redeliveries stored under their own key. Both bodies are taken apart here, at
     one stack depth, so a body too deep for it is keyed the same way in both."""
     keys, known = _element_keys(batch_key, body, n), {}
-    first = conn.execute("SELECT e.id, e.body_id, b.data FROM events e JOIN request_bodies b"
-                         " ON b.id = e.body_id WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
+    first = conn.execute("SELECT e.id, e.body_id, " + _BODY + " FROM events e" + _BODY_JOINS +  # constants
+                         " WHERE e.route=? AND e.dedupe_key=?", (route, batch_key)).fetchone()
     if first is not None:
         first_id, body_id, data = first
-        rows = conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ? AND body_id=?",
-                            (first_id, first_id + MAX_BATCH, body_id)).fetchall()
+        rows = conn.execute("SELECT element, id FROM events WHERE id >= ? AND id < ? AND"
+                            " (id = ? OR body_row = ? OR body_id = ?)",
+                            (first_id, first_id + MAX_BATCH, first_id, first_id, body_id)).fetchall()
         elements = {e for e, _ in rows if isinstance(e, int) and 0 <= e < MAX_BATCH}
         theirs = _element_keys(batch_key, data, max(elements) + 1 if elements else 0)
         for element, event_id in rows:
@@ -1219,16 +1281,18 @@ def _stored_keys(conn, route, keys):
 
 def migrate(conn):
     """Bring a database of any earlier schema up to this one, in one transaction: create what is
-    missing, add the ``body_id``/``element`` columns to an old ``events``, rebuild an ``events_due``
-    index that still holds done rows as the partial one, and move the bodies of the old sha256-keyed
-    ``bodies`` table into ``request_bodies``."""
+    missing, add the ``body_id``/``element``/``body``/``body_row`` columns to an old ``events``, rebuild
+    an ``events_due`` index that still holds done rows as the partial one, and move the bodies of the
+    old sha256-keyed ``bodies`` table into ``request_bodies``. Bodies already in ``request_bodies`` stay
+    there: every reader takes a body from either place."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
         if columns:
-            for name in ("body_id", "element"):
+            for name, kind in (("body_id", "INTEGER"), ("element", "INTEGER"), ("body", "BLOB"),
+                               ("body_row", "INTEGER")):
                 if name not in columns:
-                    conn.execute("ALTER TABLE events ADD COLUMN %s INTEGER" % name)  # constant names
+                    conn.execute("ALTER TABLE events ADD COLUMN %s %s" % (name, kind))  # constant names
         if not conn.execute("SELECT 1 FROM pragma_index_list('events') WHERE name='events_due' AND partial=1"
                             ).fetchone():
             conn.execute("DROP INDEX IF EXISTS events_due")  # whole-table index of before; made again below
@@ -1263,7 +1327,7 @@ COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "ne
 
 
 _ROW_SQL = ("SELECT " + ", ".join("e." + c for c in COLUMNS) +  # constant text only
-            ", b.data FROM events e LEFT JOIN request_bodies b ON b.id = e.body_id WHERE e.id=?")
+            ", " + _BODY + " FROM events e" + _BODY_JOINS + " WHERE e.id=?")
 
 
 def row_dict(conn, event_id, with_body=False):
@@ -1289,8 +1353,8 @@ def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
     sql = ("SELECT e.id, e.route, e.status, e.attempts, e.received_at, e.updated_at, e.next_at, e.last_error,"
            " e.note FROM events e")
     if text:  # the payload column holds JSON (non-ASCII escaped); the body holds the bytes as received
-        sql += " LEFT JOIN request_bodies b ON b.id = e.body_id"
-        where.append("(e.payload LIKE ? ESCAPE '\\' OR CAST(b.data AS TEXT) LIKE ? ESCAPE '\\')")
+        sql += _BODY_JOINS
+        where.append("(e.payload LIKE ? ESCAPE '\\' OR CAST(" + _BODY + " AS TEXT) LIKE ? ESCAPE '\\')")
         args += [_like(json.dumps(text)[1:-1]), _like(text)]
     if where:
         sql += " WHERE " + " AND ".join(where)

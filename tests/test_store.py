@@ -27,6 +27,14 @@ def batch(envelope, elements):
     return rows
 
 
+def bodies_stored(conn):
+    """Every body the database holds, each once: those in request_bodies (by id), then those in the event
+    rows that hold their request's (by id)."""
+    return [r[0] for r in conn.execute("SELECT data FROM (SELECT data FROM request_bodies ORDER BY id)"
+                                       " UNION ALL SELECT body FROM (SELECT body FROM events WHERE body IS NOT NULL"
+                                       " ORDER BY id)")]
+
+
 def due_index_entries(store):
     """Entries in the events_due index now (every page's cells: an index keeps entries in its inner
     pages too)."""
@@ -122,8 +130,10 @@ class StoreTest(unittest.TestCase):
         self.assertGreater(self.store.add_events("r", [row("newer")])[0][0], fresh)
 
     def fill_for_prune(self, cutoff):
-        """Events of every kind around ``cutoff``, in id order as they would arrive, each with a real history."""
+        """Events of every kind around ``cutoff``, in id order as they would arrive, each with a real history.
+        Bodies of both kinds: in their event row, and over ROW_BODY_BYTES in request_bodies."""
         day, t0 = 86400.0, cutoff - 30 * 86400.0
+        big = lambda name: b'{"%s": "%s"}' % (name, b"x" * store_module.ROW_BODY_BYTES)  # noqa: E731
         add = lambda key, at, **kw: self.store.add_events("r", [dict(row(key), **kw)], now=at)[0][0]
 
         def run(eid, *outcomes):
@@ -132,7 +142,7 @@ class StoreTest(unittest.TestCase):
                 self.store.finish(eid, "r", status, next_at=at + 1 if status == "retry" else 0.0, now=at)
             return eid
 
-        old = run(add("a", t0), ("done", t0 + 1))                    # done long ago
+        old = run(add("a", t0, body=big(b"a")), ("done", t0 + 1))    # done long ago
         run(add("b", t0 + 2), ("dead", t0 + 3))                      # dead: kept whatever its age
         self.store.add_events("r", [row("a")], now=t0 + 4)           # an old duplicate of a
         run(add("c", t0 + 5), ("retry", t0 + 6), ("done", cutoff + day))  # retried, done after the cutoff
@@ -140,7 +150,9 @@ class StoreTest(unittest.TestCase):
         add("e", t0 + 8, done=True)                                  # stored done (nothing to do)
         run(self.store.replay(old, now=t0 + 9), ("done", t0 + 10))   # a replay, sharing a's body
         run(add("f", t0 + 11), ("done", cutoff + 2 * day))           # old id, changed after later ids
-        run(add("g", cutoff - 10), ("done", cutoff - 5))             # just before the cutoff
+        run(add("g", cutoff - 10, body=big(b"g")), ("done", cutoff - 5))  # just before the cutoff
+        for event_id, _ in self.store.add_events("r", batch("B", ["x", "y", "z"]), now=cutoff - 9):
+            run(event_id, ("done", cutoff - 4))                      # a batch delivery, all of it old
         run(add("h", cutoff - 20), ("done", cutoff - 15))            # stored out of order
         for n in range(10):                                          # just after
             run(add("i%d" % n, cutoff + 10 + n), ("done", cutoff + 20))
@@ -150,7 +162,7 @@ class StoreTest(unittest.TestCase):
         for n in range(40):                                          # the recent rows a prune must not read
             run(add("recent%d" % n, cutoff + day + n), ("done", cutoff + day + n))
         self.store.replay(old, now=cutoff + 3 * day)                  # keeps a's body when a goes
-        self.store.add_events("r", [row("late")], now=cutoff + 3 * day)
+        self.store.add_events("r", [row("late", big(b"late"))], now=cutoff + 3 * day)
         lease = ("INSERT INTO leases(lease_id, event_id, route, worker, attempt, leased_at, lease_until, ended,"
                  " ended_at) VALUES (?, ?, 'r', 'w', 1, ?, ?, ?, ?)")
         for event_id in (old, old + 1, old + 7, old + 9):  # a (pruned), b (dead), g (pruned), i0 (kept)
@@ -175,16 +187,17 @@ class StoreTest(unittest.TestCase):
         plain.execute("DELETE FROM leases WHERE ended IS NOT NULL AND event_id NOT IN (SELECT id FROM events)")
         plain.execute("DELETE FROM products WHERE event_id NOT IN (SELECT id FROM events)")
         left = lambda c: [sorted(r[0] for r in c.execute(sql)) for sql in (  # noqa: E731
-            "SELECT id FROM events", "SELECT id FROM request_bodies", "SELECT lease_id FROM leases",
-            "SELECT event_id FROM products")]
+            "SELECT id FROM events", "SELECT id FROM request_bodies", "SELECT id FROM events WHERE body IS NOT NULL",
+            "SELECT lease_id FROM leases", "SELECT event_id FROM products")]
         kept = left(plain)
         self.assertEqual(self.store.prune(days=days, now=now), expected)
         self.assertEqual(self.store.read(left), kept)
-        self.assertEqual(expected, 8)
-        self.assertEqual([len(ids) for ids in kept], [57, 56, 3, 2])
+        self.assertEqual(expected, 11)
+        self.assertEqual([len(ids) for ids in kept], [57, 2, 54, 3, 2])
         lost = self.store.read(lambda c: c.execute(
             "SELECT count(*) FROM events e WHERE body_id IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM request_bodies b WHERE b.id = e.body_id)").fetchone()[0])
+            " (SELECT 1 FROM request_bodies b WHERE b.id = e.body_id) OR body IS NULL AND body_row IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM events h WHERE h.id = e.body_row AND h.body IS NOT NULL)").fetchone()[0])
         self.assertEqual(lost, 0, "an event kept lost its body")
 
     def test_prune_finds_what_it_deletes_through_the_primary_key(self):
@@ -230,22 +243,23 @@ class StoreTest(unittest.TestCase):
         just that many ids, and the body an event still needs stays."""
         from hookd_core import store as store_mod
         limits = (store_mod.IDS_PER_READ, store_mod.BODIES_PER_DELETE)
+        big = b"x" * store_mod.ROW_BODY_BYTES  # over the bound: in request_bodies, as every body was before
         self.addCleanup(lambda: (setattr(store_mod, "IDS_PER_READ", limits[0]),
                                  setattr(store_mod, "BODIES_PER_DELETE", limits[1])))
         store_mod.IDS_PER_READ, store_mod.BODIES_PER_DELETE = 7, 3
-        self.store.add_events("r", [dict(row("k%d" % i, b"%d" % i), done=True) for i in range(30)], now=5.0)
-        [(kept, _)] = self.store.add_events("r", [row("kept", b"kept")], now=5.0)
+        self.store.add_events("r", [dict(row("k%d" % i, b"%d" % i + big), done=True) for i in range(30)], now=5.0)
+        [(kept, _)] = self.store.add_events("r", [row("kept", b"kept" + big)], now=5.0)
         seen = []
         self.store._conn.set_trace_callback(seen.append)
         self.assertEqual(self.store.prune(days=1, now=3 * 86400), 30)
         self.store._conn.set_trace_callback(None)
         self.assertEqual(self.store.read(lambda c: [r[0] for r in c.execute("SELECT data FROM request_bodies")]),
-                         [b"kept"])
+                         [b"kept" + big])
         per_transaction = [sum(sql.startswith("DELETE FROM request_bodies WHERE id") for sql in part.split("\n"))
                            for part in "\n".join(seen).split("BEGIN IMMEDIATE")]
         self.assertEqual(sum(per_transaction), 30, seen)
         self.assertLessEqual(max(per_transaction), 3, per_transaction)
-        self.assertEqual(self.store.read(lambda c: row_dict(c, kept, with_body=True))["body"], b"kept")
+        self.assertEqual(self.store.read(lambda c: row_dict(c, kept, with_body=True))["body"], b"kept" + big)
 
     def test_prune_deletes_old_events_a_bounded_part_at_a_time(self):
         """The events to delete are found IDS_PER_READ at a time and deleted in writes of at most
@@ -557,6 +571,54 @@ class StoreTest(unittest.TestCase):
         for i in (plain, full):
             self.assertIsNone(self.store.read(lambda c: row_dict(c, i))["serial_key"])
 
+    def test_a_requests_body_is_kept_in_its_first_event_row(self):
+        """A request's body goes into its first event row, which the request's other rows name: one table
+        (and one B-tree page to the WAL) less a commit than a row in request_bodies, where every body went
+        before. Every reader takes it from there: the row, a claim, a replay, a search."""
+        ids = [i for i, _ in self.store.add_events("r", batch("E", ["x", "y", "z"]))]
+        [(alone, _)] = self.store.add_events("r", [row("k", b'{"alone": 1}')])
+        self.assertEqual(self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0]), 0)
+        held = self.store.read(lambda c: c.execute(
+            "SELECT id, body IS NOT NULL, body_row FROM events ORDER BY id").fetchall())
+        self.assertEqual(held, [(ids[0], 1, ids[2]), (ids[1], 0, ids[0]), (ids[2], 0, ids[0]), (alone, 1, None)])
+        body = batch("E", ["x", "y", "z"])[0]["body"]
+        for event_id in ids:
+            self.assertEqual(self.store.read(lambda c: row_dict(c, event_id, with_body=True))["body"], body)
+        self.assertEqual(self.store.claim(ids[2], now=1.0)["body"], body)
+        copy = self.store.replay(ids[1])
+        self.assertEqual(self.store.read(lambda c: row_dict(c, copy, with_body=True))["body"], body)
+        self.assertEqual([e["id"] for e in self.store.read(lambda c: list_events(c, text='"z"'))], [copy] + ids[::-1])
+        self.assertEqual([e["id"] for e in self.store.read(lambda c: list_events(c, text="alone"))], [alone])
+
+    def test_prune_keeps_the_row_holding_a_body_while_a_row_of_its_request_needs_it(self):
+        """A batch delivery's first row holds the body of its other rows: prune takes the done ones but
+        keeps that row, done and old, while one of the others still waits (its job needs the body), and
+        takes it once they are all gone. A request whose rows span several of prune's reads
+        (IDS_PER_READ, EVENTS_PER_DELETE lowered) still goes whole in one prune."""
+        saved = (store_module.IDS_PER_READ, store_module.EVENTS_PER_DELETE)
+        self.addCleanup(lambda: (setattr(store_module, "IDS_PER_READ", saved[0]),
+                                 setattr(store_module, "EVENTS_PER_DELETE", saved[1])))
+        store_module.IDS_PER_READ, store_module.EVENTS_PER_DELETE = 2, 1
+        ids = [i for i, _ in self.store.add_events("r", batch("E", ["a", "b", "c", "d"]), now=5.0)]
+        body = batch("E", ["a", "b", "c", "d"])[0]["body"]
+        for event_id in ids[:2] + ids[3:]:
+            self.store.claim(event_id, now=6.0)
+            self.store.finish(event_id, "r", "done", now=6.0)
+        self.store.add_events("r", [row("newest")], now=5 * 86400)
+        self.assertEqual(self.store.prune(days=1, now=3 * 86400), 2)
+        left = self.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")])
+        self.assertEqual(left[:2], [ids[0], ids[2]], "the first row stays while the third waits")
+        self.assertEqual(self.store.claim(ids[2], now=7.0)["body"], body)
+        self.store.finish(ids[2], "r", "done", now=7.0)
+        self.assertEqual(self.store.prune(days=1, now=3 * 86400), 2)
+        self.assertEqual(self.store.read(bodies_stored), [b"{}"], "only the newest request's body is left")
+        many = [i for i, _ in self.store.add_events("r", batch("F", list("abcde")), now=6 * 86400)]
+        for event_id in many:
+            self.store.claim(event_id, now=6 * 86400)
+            self.store.finish(event_id, "r", "done", now=6 * 86400)
+        self.store.add_events("r", [row("newer")], now=9 * 86400)
+        self.assertEqual(self.store.prune(days=1, now=9 * 86400), 5, "the five rows, in one prune")
+
     def test_a_body_shared_by_many_events_is_stored_once(self):
         body = b'{"events": ["%s"]}' % (b"x" * 5000)
         ids = self.store.add_events("r", [row("a", body), row("b", body), row("c", body)], now=0.5)
@@ -572,9 +634,10 @@ class StoreTest(unittest.TestCase):
         stored = lambda: self.store.read(lambda c: [r[0] for r in c.execute("SELECT data FROM request_bodies")])  # noqa: E731
         self.assertEqual(stored(), [body], "the newest body stays while it is the newest: the next body"
                                            " would get its id, and a prune deleting it then would lose it")
-        self.store.add_events("r", [row("d", b"later")], now=3 * 86400)
+        later = b"later" * store_module.ROW_BODY_BYTES  # over the bound too: request_bodies' newest
+        self.store.add_events("r", [row("d", later)], now=3 * 86400)
         self.store.prune(days=1, now=3 * 86400)
-        self.assertEqual(stored(), [b"later"])
+        self.assertEqual(stored(), [later])
 
     def test_done_rows_cost_no_entry_in_the_due_index(self):
         """A route with nothing to do stores its rows done; they are never looked up by status, so
@@ -662,8 +725,10 @@ class StoreTest(unittest.TestCase):
                                   ("duplicate", a, None), ("queued", None, "b"), ("duplicate", old, None),
                                   ("duplicate", b, None), ("queued", None, None), ("queued", None, "c")])
         self.assertEqual(self.store.waiting("r"), 5)
-        bodies = self.store.read(lambda c: [r[0] for r in c.execute("SELECT data FROM request_bodies ORDER BY id")])
-        self.assertEqual(bodies, [b"{}", b"1", b"2", b"4"], "the all-duplicate request stored no body")
+        self.assertEqual(self.store.read(bodies_stored), [b"{}", b"1", b"2", b"4"],
+                         "the all-duplicate request stored no body")
+        for event_id, body in ((a, b"1"), (b, b"2"), (results[3][1][0], b"4")):
+            self.assertEqual(self.store.read(lambda c: row_dict(c, event_id, with_body=True))["body"], body)
 
     def test_route_limit_does_not_count_a_redeliverys_duplicates(self):
         """queue_size counts what will wait: a redelivery committed in the same group as a new request adds
@@ -708,8 +773,7 @@ class StoreTest(unittest.TestCase):
             "SELECT status, count(*) FROM events GROUP BY status ORDER BY status").fetchall())
         self.assertEqual(stored, [("duplicate", 4), ("queued", 5)])
         self.assertEqual(self.store.waiting("r"), 5)
-        bodies = self.store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0])
-        self.assertEqual(bodies, 4, "the all-duplicate redelivery kept no body")
+        self.assertEqual(len(self.store.read(bodies_stored)), 4, "the all-duplicate redelivery kept no body")
         for event_id, element in ((x, "x"), (z, "z"), (third[0][0], "w")):
             ev = self.store.read(lambda c: row_dict(c, event_id, with_body=True))
             self.assertEqual(json.loads(ev["body"])["events"][ev["element"]], element)
@@ -791,8 +855,61 @@ CREATE INDEX events_due ON events(status, next_at);
 """
 
 
+# events as every database written before bodies moved into event rows has it (a806c22 and earlier, back
+# to request_bodies): no body or body_row column; every body in request_bodies.
+BODY_ID_SCHEMA = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL,
+  next_at REAL NOT NULL DEFAULT 0, last_error TEXT, note TEXT, dedupe_key TEXT, duplicate_of INTEGER,
+  serial_key TEXT, headers TEXT, content_type TEXT, body_hash TEXT, payload TEXT, progress TEXT,
+  body_id INTEGER, element INTEGER);
+CREATE TABLE request_bodies (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE UNIQUE INDEX events_dedupe ON events(route, dedupe_key) WHERE dedupe_key IS NOT NULL;
+CREATE INDEX events_due ON events(status, next_at) WHERE status <> 'done';
+"""
+
+
 class MigrationTest(unittest.TestCase):
     """A database written by the previous schema opens, keeps every event and body, and takes new ones."""
+
+    def test_bodies_stored_in_request_bodies_are_read_replayed_deduped_and_pruned(self):
+        """A database of the schema before bodies moved into event rows: migrate adds the columns and moves
+        nothing. Its bodies still read (a row, a claim, a search); a redelivery of its batch is sorted
+        element by element against its rows; a replay of its row shares the old body; prune deletes its
+        old rows and the bodies no row needs any more, and keeps the one the replay needs."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "old.sqlite3")
+            old = sqlite3.connect(path)
+            old.executescript(BODY_ID_SCHEMA)
+            delivery = batch("E", ["x", "y"])
+            stored = [(1, delivery[0]["body"]), (2, b'{"alone": true}'), (3, b'{"newest": true}')]
+            old.executemany("INSERT INTO request_bodies(id, data) VALUES (?, ?)", stored)
+            for eid, key, body_id, element, status in ((1, "d:E", 1, 0, "done"), (2, None, 1, 1, "done"),
+                                                       (3, "k", 2, None, "done"), (4, "n", 3, None, "queued")):
+                old.execute("INSERT INTO events(id, route, status, received_at, updated_at, dedupe_key, headers,"
+                            " content_type, body_id, element) VALUES (?, 'r', ?, 1.0, 1.0, ?, '{}',"
+                            " 'application/json', ?, ?)", (eid, status, key, body_id, element))
+            old.commit()
+            old.close()
+            store = Store(path)
+            try:
+                for eid, body in ((1, stored[0][1]), (2, stored[0][1]), (3, stored[1][1])):
+                    self.assertEqual(store.read(lambda c: row_dict(c, eid, with_body=True))["body"], body)
+                self.assertEqual(store.claim(4)["body"], stored[2][1])
+                self.assertEqual([e["id"] for e in store.read(lambda c: list_events(c, text="alone"))], [3])
+                again = store.add_events("r", batch("E", ["x", "y", "z"]), now=2.0)
+                self.assertEqual(again[:2], [(1, "duplicate"), (2, "duplicate")])
+                self.assertEqual(again[2][1], "new")
+                copy = store.replay(3, now=2.0)
+                self.assertEqual(store.read(lambda c: row_dict(c, copy, with_body=True))["body"], stored[1][1])
+                self.assertEqual(store.prune(days=1, now=5 * 86400), 5, "the old done rows and the two duplicates")
+                self.assertEqual(store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM request_bodies")]),
+                                 [2, 3], "the old delivery's body went; the replay's and a waiting row's stay")
+                self.assertEqual(store.read(lambda c: row_dict(c, copy, with_body=True))["body"], stored[1][1])
+                self.assertEqual(store.read(lambda c: row_dict(c, again[2][0], with_body=True))["body"],
+                                 batch("E", ["x", "y", "z"])[0]["body"])
+            finally:
+                store.close()
 
     def test_old_database_opens_and_keeps_everything(self):
         import hashlib
@@ -822,8 +939,8 @@ class MigrationTest(unittest.TestCase):
                 tables = {r[0] for r in store.read(lambda c: c.execute(
                     "SELECT name FROM sqlite_master WHERE type='table'").fetchall())}
                 self.assertNotIn("bodies", tables)
-                n = store.read(lambda c: c.execute("SELECT count(*) FROM request_bodies").fetchone()[0])
-                self.assertEqual(n, 3, "two old bodies (one shared by two events) and one new")
+                self.assertEqual(store.read(bodies_stored), [shared, alone, b'{"new": 1}'],
+                                 "two old bodies (one shared by two events) and one new")
                 not_done = store.read(lambda c: c.execute(
                     "SELECT count(*) FROM events WHERE status <> 'done'").fetchone()[0])
                 self.assertEqual((not_done, due_index_entries(store)), (4, 4), "the old done row left the index")

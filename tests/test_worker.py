@@ -233,7 +233,7 @@ class PruneTest(unittest.TestCase):
     on a large store it reads and deletes for seconds to minutes (review R8: 9 s for a million events),
     and the scheduler goes on meanwhile. These tests start the pool's threads."""
 
-    KEPT, OLD = 100000, 20000  # events within retention, events past it (each with its own body)
+    KEPT, OLD = 100000, 20000  # events within retention, events past it (each with its own body, over ROW_BODY_BYTES)
 
     def test_a_retry_that_comes_due_runs_while_a_large_prune_goes_on(self):
         """A store of 120,000 events, 20,000 of them past retention; the bodies no event needs are looked
@@ -253,9 +253,9 @@ class PruneTest(unittest.TestCase):
         self.addCleanup(store.close)
         row = {"dedupe_key": None, "serial_key": None, "headers": "{}", "content_type": "application/json",
                "payload": None, "done": True}
-        old = time.time() - 40 * 86400
+        old, pad = time.time() - 40 * 86400, b" " * store_mod.ROW_BODY_BYTES  # in request_bodies, not in the rows
         for first in range(0, self.OLD, 1000):
-            store.add_events("hook:w", [dict(row, body=b'{"n": %d}' % n) for n in range(first, first + 1000)],
+            store.add_events("hook:w", [dict(row, body=b'{"n": %d}' % n + pad) for n in range(first, first + 1000)],
                              now=old)
         for first in range(0, self.KEPT, 1000):  # a request's body is stored once, however many events
             store.add_events("hook:w", [dict(row, body=b'{"batch": %d}' % first)] * 1000)
