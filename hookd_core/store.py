@@ -207,6 +207,21 @@ def _set_policy(policy):
         return False
 
 
+def _idle_reversible():
+    """True when a thread of this process can take SCHED_IDLE and then SCHED_OTHER back: root,
+    CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more. An unprivileged process (hookd's unit: DynamicUser, no
+    capabilities, RLIMIT_NICE 0) can take it but never leave it (sched(7)). Tried on a thread of its own,
+    which then ends with whatever policy it was left."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    answer = []
+    probe = threading.Thread(target=lambda: answer.append(_set_policy(os.SCHED_IDLE) and _set_policy(os.SCHED_OTHER)),
+                             name="hookd-probe")
+    probe.start()
+    probe.join()
+    return answer == [True]
+
+
 def _run_fn(conn, op, isolate):
     """Run a function operation; inside a savepoint when others share the transaction, so that one
     that raises is rolled back alone. False when it failed alone (the transaction is rolled back)."""
@@ -275,7 +290,8 @@ class Store:
         self._want = 0  # the writer waits (in _gather) until this many requests are queued
         self._full = threading.Lock()  # released by the submitter that queues the request _want waits for
         self._full.acquire()
-        self._preparer = None  # the thread that prepares a group's answers during its COMMIT (``_prepare``)
+        self._preparer = None  # the thread that prepares a group's answers during its COMMIT (``_prepare``);
+        #                        False where none may (``_idle_reversible``)
         self._to_prepare = None
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
@@ -417,9 +433,12 @@ class Store:
         thread costs about two answers' work). Returns the queue of what is left to prepare."""
         todo = deque([(op.then.prepare, op.result) for op in group
                       if op.rows is not None and op.error is None and getattr(op.then, "prepare", None) is not None])
-        if len(todo) < PREPARE_AT:
+        if len(todo) < PREPARE_AT or self._preparer is False:
             return todo
         if self._preparer is None:
+            if not _idle_reversible():  # asked once, at the first group this size: then never prepared
+                self._preparer = False
+                return todo
             self._to_prepare = queue.SimpleQueue()
             self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
             self._preparer.start()
@@ -430,14 +449,17 @@ class Store:
         """Prepare answers while the core would idle. The thread waits for work as SCHED_IDLE, so it runs
         only once the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which
         would only delay the COMMIT), and prepares as a normal thread: it holds the GIL then, and a
-        SCHED_IDLE thread holding it could be starved by any busy process on the core."""
-        idle = _set_policy(os.SCHED_IDLE) if hasattr(os, "SCHED_IDLE") else False
+        SCHED_IDLE thread holding it could be starved by any busy process on the core. Started only where
+        a thread can leave SCHED_IDLE (``_idle_reversible``); should that stop (RLIMIT_NICE lowered while
+        hookd runs), the thread ends and answers are made after the COMMIT again."""
+        idle = _set_policy(os.SCHED_IDLE)
         while True:
             todo = self._to_prepare.get()
             if todo is None:
                 return  # the store is closed
-            if idle:
-                _set_policy(os.SCHED_OTHER)
+            if idle and not _set_policy(os.SCHED_OTHER):
+                self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
+                return
             while True:
                 try:
                     prepare, result = todo.popleft()
@@ -554,7 +576,7 @@ class Store:
             time.sleep(0.01)
         with self._committing, self._plock:  # the writer is asleep, no caller commits: nothing uses it
             self._conn.close()
-            if self._preparer is not None:
+            if self._preparer:
                 self._to_prepare.put(None)  # the preparing thread ends
 
     # -- event operations ---------------------------------------------------------------------------

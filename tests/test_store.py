@@ -4,13 +4,18 @@ crash recovery, and group commit (many concurrent writers, fewer commits, every 
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
 
 from hookd_core import store as store_module
 from hookd_core.store import WAL_KEEP_BYTES, Store, StoreError, list_events, product_path, products, row_dict
+
+from tests.support import ROOT
 
 
 def row(key=None, body=b"{}", serial=None):
@@ -391,6 +396,8 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(sum(s == "queued" for _, s in stored), len(first))
         self.assertEqual(sorted(k for k, s in stored if s == "queued"), sorted(first))
 
+    @unittest.skipUnless(store_module._idle_reversible(), "this process could not leave SCHED_IDLE (unprivileged):"
+                         " answers are never prepared here (the test below)")
     def test_a_groups_answers_are_prepared_on_a_thread_of_their_own(self):
         # While the writer's COMMIT waits for the disk, another thread makes the group's answers
         # (``then.prepare(result)``), so that after the COMMIT only their sends are left. That thread runs
@@ -427,6 +434,53 @@ class StoreTest(unittest.TestCase):
         self.store.close()  # and the thread ends with its store
         preparing[0].join(30)
         self.assertFalse(preparing[0].is_alive())
+
+    def test_a_process_that_cannot_leave_sched_idle_never_takes_it(self):
+        # An unprivileged process (hookd's unit: DynamicUser, no capabilities, RLIMIT_NICE 0) may take
+        # SCHED_IDLE but not leave it (sched(7)). A preparing thread stuck there would hold the GIL at idle
+        # priority whenever it prepares, and any busy process on the core (an ffmpeg job) could starve every
+        # thread of hookd. There the answers are made after the COMMIT as before, and no thread of the store
+        # takes SCHED_IDLE. Run in a process of its own, unprivileged: RLIMIT_NICE 0, and not root.
+        code = textwrap.dedent("""
+            import json, os, resource, tempfile, threading, time
+            from hookd_core.store import Store
+            resource.setrlimit(resource.RLIMIT_NICE, (0, resource.getrlimit(resource.RLIMIT_NICE)[1]))
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            store = Store(os.path.join(tempfile.mkdtemp(), "events.db"))
+            answered = []
+            class Then:
+                def prepare(self, result):
+                    pass
+                def __call__(self, result, error):
+                    answered.append(error)
+            def policies():
+                seen = set()
+                for t in threading.enumerate():
+                    try:
+                        seen.add(os.sched_getscheduler(t.native_id or 0))
+                    except ProcessLookupError:  # ended meanwhile
+                        pass
+                return seen
+            taken = set()
+            for group in range(5):  # each: the writer held, 16 requests queued behind it, one group of 16
+                store.write_soon(lambda conn: time.sleep(0.05))
+                for i in range(16):
+                    store.submit_events("p", [{"dedupe_key": "k%d.%d" % (group, i), "body": b"{}"}], then=Then())
+                deadline = time.monotonic() + 30
+                while len(answered) < 16 * (group + 1) and time.monotonic() < deadline:
+                    taken |= policies()
+                    time.sleep(0.001)
+            taken |= policies()
+            store.close()
+            print(json.dumps([len(answered), sorted({repr(e) for e in answered}), sorted(taken)]))
+            """)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        answered, errors, policies = json.loads(out.stdout)
+        self.assertEqual((answered, errors), (80, ["None"]))
+        self.assertNotIn(os.SCHED_IDLE, policies)
 
     def hold_two_groups(self):
         """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
