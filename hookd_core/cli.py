@@ -17,7 +17,7 @@ from . import subscriptions
 from .api import Fail, Retry
 from .app import App
 from .admin import public_event
-from .store import list_events, row_dict, STATUSES
+from .store import STATUSES, StoreError, list_events, row_dict
 
 USAGE = """usage: hookd.py [HOST:PORT] [--config FILE]
        hookd.py check-config [--config FILE]
@@ -76,6 +76,9 @@ def main(argv=None):
     except Usage as e:
         print("hookd: %s\n%s" % (e, USAGE), file=sys.stderr)
         return 2
+    except StoreError as e:  # the database cannot be opened (one written by a newer hookd)
+        print("hookd: %s" % e, file=sys.stderr)
+        return 1
 
 
 def _integration_commands(app):

@@ -116,6 +116,10 @@ NULL = float("nan")
 # page more per commit at 1 connection). sqlite uses a partial index only when the query's WHERE holds
 # the index's own term, so every query that finds events by a status other than done says
 # "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
+# The schema's version, kept in the database (``PRAGMA user_version``) by ``migrate``: 1 since a request's
+# body may live in its first event row, which hookd before that (user_version 0) reads as an empty body.
+# A database stamped with a newer version than this is refused: a rollback fails at start, loudly.
+SCHEMA_VERSION = 1
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 GATHER_GAP = 0.0003  # the writer stops waiting for the clients of the group before when none sent for this long
 PREPARE_AT = 4  # answers in a group from which they are prepared on a thread of their own during the COMMIT
@@ -284,7 +288,11 @@ class Store:
         # (a worker's last attempt, a remote worker's dead, an expired last lease): the App queues its alert
         self.on_dead = None
         self._conn = self._connect()
-        migrate(self._conn)
+        try:
+            migrate(self._conn)
+        except StoreError as e:
+            self._conn.close()
+            raise StoreError("%s: %s" % (path, e))
         self._recount(self._conn)
         self._requests = 0  # requests' operations in _pending
         self._want = 0  # the writer waits (in _gather) until this many requests are queued
@@ -1306,9 +1314,14 @@ def migrate(conn):
     missing, add the ``body_id``/``element``/``body``/``body_row`` columns to an old ``events``, rebuild
     an ``events_due`` index that still holds done rows as the partial one, and move the bodies of the
     old sha256-keyed ``bodies`` table into ``request_bodies``. Bodies already in ``request_bodies`` stay
-    there: every reader takes a body from either place."""
+    there: every reader takes a body from either place. Stamps SCHEMA_VERSION; raises StoreError for a
+    database of a newer one."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError("the database was written by a newer hookd (schema %d; this one knows %d): run"
+                             " that version, or restore the copy taken before the upgrade" % (version, SCHEMA_VERSION))
         columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
         if columns:
             for name, kind in (("body_id", "INTEGER"), ("element", "INTEGER"), ("body", "BLOB"),
@@ -1323,6 +1336,8 @@ def migrate(conn):
                 conn.execute(stmt)
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='bodies'").fetchone():
             _move_old_bodies(conn)
+        if version < SCHEMA_VERSION:
+            conn.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)  # a constant
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
