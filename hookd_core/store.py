@@ -444,12 +444,19 @@ class Store:
         if len(todo) < PREPARE_AT or self._preparer is False:
             return todo
         if self._preparer is None:
-            if not _idle_reversible():  # asked once, at the first group this size: then never prepared
+            try:  # asked once, at the first group this size: then never prepared
+                if not _idle_reversible():
+                    self._preparer = False
+                    return todo
+                self._to_prepare = queue.SimpleQueue()
+                preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
+                preparer.start()
+            except RuntimeError as e:  # no thread can start now (TasksMax, RLIMIT_NPROC): answered as ever
                 self._preparer = False
+                if self.log is not None:
+                    self.log.warning("answers are made after each commit: no thread to prepare them (%s)", e)
                 return todo
-            self._to_prepare = queue.SimpleQueue()
-            self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
-            self._preparer.start()
+            self._preparer = preparer
         self._to_prepare.put(todo)
         return todo
 

@@ -18,6 +18,35 @@ from hookd_core.store import WAL_KEEP_BYTES, Store, StoreError, list_events, pro
 from tests.support import ROOT
 
 
+# The start of a program the tests below run in a process of their own, unprivileged as hookd's unit runs it
+# (RLIMIT_NICE 0; as root it becomes uid 65534): a store, and a ``then`` for its requests that keeps each
+# one's error in ``answered``.
+UNPRIVILEGED_STORE = """
+import json, os, resource, tempfile, threading, time
+from hookd_core.store import Store
+resource.setrlimit(resource.RLIMIT_NICE, (0, resource.getrlimit(resource.RLIMIT_NICE)[1]))
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+store = Store(os.path.join(tempfile.mkdtemp(), "events.db"))
+answered = []
+class Then:
+    def prepare(self, result):
+        pass
+    def __call__(self, result, error):
+        answered.append(error)
+"""
+
+
+def run_unprivileged(code):
+    """Run UNPRIVILEGED_STORE and then ``code``, which prints one JSON value: that value."""
+    out = subprocess.run([sys.executable, "-c", UNPRIVILEGED_STORE + textwrap.dedent(code)], cwd=ROOT,
+                         capture_output=True, timeout=120)
+    if out.returncode != 0:
+        raise AssertionError(out.stderr[-2000:].decode(errors="replace"))
+    return json.loads(out.stdout)
+
+
 def row(key=None, body=b"{}", serial=None):
     return {"dedupe_key": key, "serial_key": serial, "headers": "{}", "content_type": "application/json",
             "body": body, "payload": None}
@@ -441,20 +470,7 @@ class StoreTest(unittest.TestCase):
         # priority whenever it prepares, and any busy process on the core (an ffmpeg job) could starve every
         # thread of hookd. There the answers are made after the COMMIT as before, and no thread of the store
         # takes SCHED_IDLE. Run in a process of its own, unprivileged: RLIMIT_NICE 0, and not root.
-        code = textwrap.dedent("""
-            import json, os, resource, tempfile, threading, time
-            from hookd_core.store import Store
-            resource.setrlimit(resource.RLIMIT_NICE, (0, resource.getrlimit(resource.RLIMIT_NICE)[1]))
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            store = Store(os.path.join(tempfile.mkdtemp(), "events.db"))
-            answered = []
-            class Then:
-                def prepare(self, result):
-                    pass
-                def __call__(self, result, error):
-                    answered.append(error)
+        answered, errors, policies = run_unprivileged("""
             def policies():
                 seen = set()
                 for t in threading.enumerate():
@@ -476,11 +492,51 @@ class StoreTest(unittest.TestCase):
             store.close()
             print(json.dumps([len(answered), sorted({repr(e) for e in answered}), sorted(taken)]))
             """)
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
-        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
-        answered, errors, policies = json.loads(out.stdout)
         self.assertEqual((answered, errors), (80, ["None"]))
         self.assertNotIn(os.SCHED_IDLE, policies)
+
+    def test_a_thread_that_cannot_start_leaves_the_answers_to_the_writer(self):
+        # Review R2: the first group of PREPARE_AT answers starts a thread (the SCHED_IDLE probe, then the
+        # preparing thread). When none can start (the unit's TasksMax reached by a command that forks,
+        # RLIMIT_NPROC, memory) the writer must not die with its transaction open: that group and every
+        # later request are answered, after the COMMIT as without preparing. Unprivileged (root ignores
+        # RLIMIT_NPROC), with RLIMIT_NPROC at the tasks its user has, then lifted.
+        blocked, answered, errors, died = run_unprivileged("""
+            died = []
+            threading.excepthook = lambda args: died.append("%s in %s" % (args.exc_type.__name__, args.thread.name))
+            def tasks_of(uid):
+                n = 0
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        for tid in os.listdir("/proc/%s/task" % pid):
+                            with open("/proc/%s/task/%s/status" % (pid, tid)) as f:
+                                n += any(line.split()[:2] == ["Uid:", str(uid)] for line in f)
+                    except OSError:
+                        pass
+                return n
+            soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+            resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of(os.getuid()), hard))
+            try:
+                threading.Thread(target=lambda: None).start()
+                blocked = False
+            except RuntimeError:
+                blocked = True
+            store.write_soon(lambda conn: time.sleep(0.05))  # the writer held: 16 requests queue behind it
+            for i in range(16):
+                store.submit_events("p", [{"dedupe_key": "k%d" % i, "body": b"{}"}], then=Then())
+            deadline = time.monotonic() + 10
+            while len(answered) < 16 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+            store.submit_events("p", [{"dedupe_key": "after", "body": b"{}"}], then=Then())
+            deadline = time.monotonic() + 10
+            while len(answered) < 17 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print(json.dumps([blocked, len(answered), sorted({repr(e) for e in answered}), died]))
+            os._exit(0)
+            """)
+        self.assertTrue(blocked, "a thread could still start under RLIMIT_NPROC: nothing tested")
+        self.assertEqual((answered, errors, died), (17, ["None"], []))
 
     def hold_two_groups(self):
         """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
