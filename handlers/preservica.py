@@ -216,19 +216,19 @@ class Handler(Integration):
         scattered over all of it (measured: 47 KB of WAL per 4-event delivery with hash-first keys, 11
         KB with timestamp-first ones)."""
         stamp = body.get("timestamp")
-        first = body["events"][0]
-        ref, kind, event = first.get("entityRef"), first.get("entityType"), first.get("event")
         if stamp:
             subscription, trigger = body.get("subscriptionId"), body.get("trigger")
             if stamp.__class__ is str and subscription.__class__ is str and trigger.__class__ is str:
-                material = "[%s, %s, %s]\0%d\0%s\0%s\0%s" % (_json_string(subscription), _json_string(stamp),
-                                                            _json_string(trigger), 0, ref, kind, event)
+                # json.dumps([subscription, stamp, trigger]) without building an encoder (~1 µs)
+                base = "[%s, %s, %s]" % (_json_string(subscription), _json_string(stamp), _json_string(trigger))
             else:
-                material = "%s\0%d\0%s\0%s\0%s" % (json.dumps([subscription, stamp, trigger]), 0, ref, kind, event)
+                base = json.dumps([subscription, stamp, trigger])
             prefix = "pv:%s:" % str(stamp)[:MAX_KEY_STAMP]
         else:
-            material = "body:%s\0%d\0%s\0%s\0%s" % (hashlib.sha256(raw).hexdigest(), 0, ref, kind, event)
-            prefix = "pv:"
+            base, prefix = "body:" + hashlib.sha256(raw).hexdigest(), "pv:"
+        first = body["events"][0]
+        material = "%s\0%d\0%s\0%s\0%s" % (base, 0, first.get("entityRef"), first.get("entityType"),
+                                           first.get("event"))
         return prefix + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     # -- worker thread -------------------------------------------------------------------------------
