@@ -42,6 +42,8 @@ RECV_SIZE = 8192           # one receive's buffer per connection; what is buffer
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # A whole chunk line as _chunk_size takes it: the size, any extensions without NUL, CR or LF, CRLF.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n\x00]*)?\r\n")
+# The CRLF that ends a chunk's data and the next chunk line, in one match.
+_CHUNK_END_AND_LINE = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})(?:;[^\r\n\x00]*)?\r\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
@@ -261,7 +263,11 @@ class Reader:
         """Decode a chunked body (RFC 9112 §7.1). A chunk line already in the buffer is taken with one
         match (what _chunk_size accepts, within MAX_CHUNK_LINE); anything else is read line by line, which
         also says why a line is refused. The chunks are copied into one buffer as they come: a list of
-        parts held an object per chunk, ~160 bytes a body byte for 1-byte chunks (review R1)."""
+        parts held an object per chunk, ~160 bytes a body byte for 1-byte chunks (review R1). A body that
+        is in the buffer whole (the usual case) is taken by ``_buffered_chunks`` first."""
+        body = self._buffered_chunks(max_body)
+        if body is not None:
+            return body
         body, total, chunk_line = bytearray(), 0, _CHUNK_LINE.match
         while True:
             m = chunk_line(self._data, self._pos, self._pos + MAX_CHUNK_LINE)
@@ -292,6 +298,35 @@ class Reader:
             if crlf != b"\r\n":
                 raise BadFraming("chunk data not followed by CRLF")
             body += data
+
+    def _buffered_chunks(self, max_body):
+        """The chunked body when all of it, to its last chunk and the empty line after it (no trailers),
+        is in the buffer already; else None, with nothing taken, and ``_chunked`` reads it and says why it
+        refuses it. One match a chunk: the CRLF after a chunk's data is checked with the next chunk line
+        (what ``_chunked`` checks with a match, a slice and a comparison), and a plain ``0`` last chunk
+        with no trailers after the CRLF is one comparison."""
+        data, pos = self._data, self._pos
+        m = _CHUNK_LINE.match(data, pos, pos + MAX_CHUNK_LINE)
+        body, total, end_and_line = bytearray(), 0, _CHUNK_END_AND_LINE.match
+        while m is not None:
+            size, start = int(m[1], 16), m.end()
+            if size == 0:
+                if data.startswith(b"\r\n", start):
+                    self._pos = start + 2
+                    return bytes(body)
+                return None  # trailers
+            total += size
+            if total > max_body:
+                return None
+            end = start + size
+            if data.startswith(b"\r\n0\r\n\r\n", end):
+                body += data[start:end]
+                self._pos = end + 7
+                return bytes(body)
+            m = end_and_line(data, end, end + 2 + MAX_CHUNK_LINE)
+            if m is not None:
+                body += data[start:end]
+        return None
 
     def _chunk_line(self):
         """One CRLF-terminated line without its CRLF; an over-long line or a bare LF is an error."""
