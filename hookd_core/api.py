@@ -195,9 +195,17 @@ class Headers:
 
     __slots__ = ("_items", "first", "repeated", "_by_name")
 
-    def __init__(self, items):
-        self._items = items = list(items)
-        self.first = first = {name.lower(): value for name, value in reversed(items)}  # the first one wins
+    def __init__(self, items, before=None):
+        """``before``: (a list of the pairs that came before ``items``, their ``first`` index), indexed
+        already (the first lines of a head that a connection's heads share); ``items`` is then a list."""
+        if before is None:
+            self._items = items = list(items)
+            self.first = first = {name.lower(): value for name, value in reversed(items)}  # the first one wins
+        else:
+            first = {name.lower(): value for name, value in reversed(items)}
+            first.update(before[1])  # the first one wins: those before
+            self._items = items = before[0] + items
+            self.first = first
         self.repeated = len(first) < len(items)
         self._by_name = None
 

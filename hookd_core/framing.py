@@ -8,7 +8,10 @@ into its own bytes). ``head()`` takes the head from the buffer (and yields it as
 line ends is checked in one match over the block (request line and every field line; the common case),
 and anything else (a head still arriving, bare LF line ends, leading empty lines, a head that does not
 match) is read and checked line by line, which also says why a head is refused; both ways within
-``max_header_bytes`` (and 100 header lines; 431 beyond). ``body()`` decides the framing once from the
+``max_header_bytes`` (and 100 header lines; 431 beyond). A sender's heads on one connection mostly begin
+with the same lines (request line, Host, Content-Type): once two heads read whole began with the same lines,
+a head that begins with those bytes has only its other lines matched (each line is judged alone, so the
+same bytes get the same verdict). ``body()`` decides the framing once from the
 head, says ``100 Continue`` when the client waits for it, and reads exactly that body. ``unread`` tells
 whether a body is still on the wire: the server closes the connection after any answer given while
 ``unread`` is true, so an unread body is never parsed as the next request. Anything ambiguous is
@@ -38,6 +41,8 @@ from .api import BadFraming, BodyTooLarge, Headers, Reject, Request
 MAX_HEADER_LINES = 100
 MAX_CHUNK_LINE = 4096      # size + extensions; h11 allows 20 hex digits, extensions are rarely used at all
 MAX_TRAILER_BYTES = 16384  # trailers are discarded; more than this is abuse (h11 caps a head at 16 KiB)
+LEARNS = 4                 # see Reader._learn
+LEARN_BYTES = 4096         # a head longer than this is not remembered between requests (Reader._learn)
 RECV_SIZE = 8192           # one receive's buffer per connection; what is buffered is at most this beyond one line
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # A whole chunk line as _chunk_size takes it: the size, any extensions without NUL, CR or LF, CRLF.
@@ -100,6 +105,11 @@ class Reader:
         self._head = None
         self._data, self._pos = bytearray(), 0  # received, and how much of it is used
         self._receive = bytearray(RECV_SIZE)  # reused by every receive, so none allocates
+        # The first lines this connection's heads begin with, checked once (``_learn``): (their bytes,
+        # method, target, version, (their fields, their Headers index), (path, query string)), or None;
+        # the last head read whole, as text; how many times more a head that does not begin with them
+        # may be compared with the last one.
+        self._known, self._last, self._learns = None, None, LEARNS
 
     def head(self):
         """The next request's head, or None at a clean end of stream (or a read_timeout cut) before
@@ -112,6 +122,13 @@ class Reader:
             data, pos = self._data, 0
         end = data.find(b"\r\n\r\n", pos, pos + self.max_header_bytes)
         if end >= 0:  # the whole head is here: the common case in two matches
+            known = self._known
+            if known is not None and data.startswith(known[0], pos):  # the connection's usual first lines
+                text = data[pos + len(known[0]) - 1:end + 2].decode("latin-1")  # from their last LF on
+                items = _FIELD_LINE.findall(text, 1)
+                if len(items) == text.count("\n", 1) and len(items) + len(known[4][0]) <= MAX_HEADER_LINES:
+                    self._pos, self._learns = end + 4, LEARNS
+                    return self._parsed(known[1], known[2], known[3], Headers(items, known[4]), known[5])
             text = data[pos:end + 2].decode("latin-1")
             m = _REQUEST_LINE.match(text)
             if m is not None:
@@ -121,8 +138,31 @@ class Reader:
                 if len(items) == text.count("\n", fields) and len(items) <= MAX_HEADER_LINES \
                         and _target_ok(method, target):
                     self._pos = end + 4
-                    return self._parsed(method, target, version, items)
+                    if self._learns and len(text) <= LEARN_BYTES:
+                        self._learn(text, method, target, version, items)
+                    return self._parsed(method, target, version, Headers(items), _split_target(target))
         return self._head_by_lines()
+
+    def _learn(self, text, method, target, version, items):
+        """After a head read whole (``text``, every line checked): the lines it begins with that the last
+        such head began with too, the request line first, become ``_known``, and a later head that begins
+        with their bytes has only its other lines checked: they are the same bytes, and each line is
+        judged alone. Comparing costs about what a head that begins with them saves, so a connection
+        whose heads keep differing compares only LEARNS times more after its last such head."""
+        last, self._last = self._last, text
+        if last is None:
+            return
+        self._learns -= 1
+        same = 0
+        while True:
+            eol = text.find("\n", same) + 1
+            if not eol or text[same:eol] != last[same:eol]:
+                break
+            same = eol
+        if same:
+            before = Headers(items[:text.count("\n", 0, same) - 1])
+            self._known = (text[:same].encode("latin-1"), method, target, version, (before.items(), before.first),
+                           _split_target(target))
 
     def _head_by_lines(self):
         """``head`` one line at a time: a head still arriving, or one that is not plain."""
@@ -158,14 +198,14 @@ class Reader:
                 raise HeadTooLarge("more than %d header lines" % MAX_HEADER_LINES)
             name, value = m.group(1, 2)
             items.append((name.decode("ascii"), value.decode("latin-1") if value else ""))
-        return self._parsed(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), items)
+        target = target.decode("ascii")
+        return self._parsed(method.decode("ascii"), target, version.decode("ascii"), Headers(items),
+                            _split_target(target))
 
-    def _parsed(self, method, target, version, items):
-        """The head as an ``api.Request`` (the server fills in its query, body and client): the path and
-        query string split from the target (an absolute-form target gives its path), whether the
-        connection stays open, whether the client waits for 100 Continue. The headers that frame the
-        body are looked up here once."""
-        headers = Headers(items)
+    def _parsed(self, method, target, version, headers, path_and_query):
+        """The head as an ``api.Request`` (the server fills in its query, body and client): with the path
+        and query string split from the target, whether the connection stays open, whether the client
+        waits for 100 Continue. The headers that frame the body are looked up here once."""
         first = headers.first
         if headers.repeated:  # a name came twice: the framing headers are judged by all their values
             by_name = headers.by_name
@@ -180,13 +220,7 @@ class Reader:
             cl = cl if cl is None else [cl]
         if (len(hosts) != 1) if hosts else version == "HTTP/1.1":
             raise BadRequest("more than one Host header" if hosts else "HTTP/1.1 request without Host")
-        path = target
-        if target[:1] != "/" and target.startswith(("http://", "https://")):
-            rest = target.split("//", 1)[1]
-            path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        path, _, query = path.partition("?")
-        if "#" in path:
-            path = path.partition("#")[0]
+        path, query = path_and_query
         tokens = {t.strip(" \t").lower() for v in connection for t in v.split(",")} if connection else ()
         expect = first.get("expect")
         self._head = Request(method, path, None, headers, None, None, target, query, version,
@@ -412,6 +446,18 @@ class Reader:
 def _target_ok(method, target):
     """origin-form, absolute-form with http(s), or ``*`` for OPTIONS (RFC 9112 §3.2)."""
     return target[:1] == "/" or target.startswith(("http://", "https://")) or (target == "*" and method == "OPTIONS")
+
+
+def _split_target(target):
+    """(path, query string) of a request target; an absolute-form target gives its path."""
+    path = target
+    if target[:1] != "/" and target.startswith(("http://", "https://")):
+        rest = target.split("//", 1)[1]
+        path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+    path, _, query = path.partition("?")
+    if "#" in path:
+        path = path.partition("#")[0]
+    return path, query
 
 
 def body_framing(headers, request_version, max_body):

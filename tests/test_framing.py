@@ -133,6 +133,47 @@ class FramingUnitTest(unittest.TestCase):
                 self.assertEqual(got, [("/a", "", b"first"), ("/b", "", b"second"), ("/c", "q=1", b""),
                                        ("/a", "", b"first")])
 
+    def test_a_head_after_known_first_lines_reads_as_it_does_alone(self):
+        """Once two heads on a connection began with the same lines, a head that begins with those bytes
+        has only its other lines matched: for every fixture and every run of its first lines, a head read
+        after two heads of those lines (the warm-ups, no body, differing in one line after them) gives what
+        a reader of its own gives, the same request or the same refusal."""
+        def read(reader):
+            try:
+                head = reader.head()
+                return ("head", head.method, head.target, head.path, head.query_string, head.version,
+                        head.headers.items(), head.headers.first, head.keep_alive, head.expect_continue,
+                        reader.body(MAX_BODY))
+            except Reject as e:
+                return ("refused", e.__class__.__name__, e.status)
+
+        def plain_head(data):  # a head a reader of its own takes, that announces no body
+            reader = framing.Reader(Trickle([data]).recv_into, MAX_HEAD)
+            try:
+                return reader.head() is not None and not reader.unread and reader.body(MAX_BODY) == b""
+            except Reject:
+                return False
+        learnt = 0
+        for kind in ("valid", "invalid"):
+            for name, data, _ in fixtures(kind):
+                head = data.split(b"\r\n\r\n", 1)[0]
+                lines = re.split(rb"(?<=\n)", head)
+                for k in range(1, len(lines)):
+                    first = b"".join(lines[:k])
+                    for more in (b"", b"Host: w\r\n", b"Content-Length: 0\r\n", b"Host: w\r\nContent-Length: 0\r\n"):
+                        warm = [first + b"X-Warm: %d\r\n%s\r\n" % (i, more) for i in (1, 2)]
+                        if plain_head(warm[0]) and plain_head(warm[1]):
+                            break
+                    else:
+                        continue
+                    with self.subTest(fixture=name, first_lines=k):
+                        reader = framing.Reader(Trickle([warm[0] + warm[1] + data]).recv_into, MAX_HEAD)
+                        self.assertEqual(read(reader)[0], "head")
+                        self.assertEqual(read(reader)[0], "head")
+                        learnt += reader._known is not None and reader._known[0] == first
+                        self.assertEqual(read(reader), read(framing.Reader(Trickle([data]).recv_into, MAX_HEAD)))
+        self.assertGreater(learnt, 100)  # the path under test was taken
+
     def test_an_endless_head_is_refused_within_bounded_reads(self):
         """A client that never ends its head (one endless line, or endless lines) is refused with 431
         after at most max_header_bytes plus one receive: nothing it sends is buffered beyond that."""
