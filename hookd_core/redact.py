@@ -52,15 +52,19 @@ def _kept_name(name, value, secrets, credential_headers):
             if len(_NAMES) >= _MAX_NAMES:
                 _NAMES.clear()
             _NAMES[name] = low
+    return low if low and low not in credential_headers and _value_kept(value, secrets) else ""
+
+
+def _value_kept(value, secrets):
+    """False when a header's value is an HTTP credential or holds a secret, whatever its name."""
     # _CREDENTIAL_VALUE needs whitespace after the scheme, and every character \s matches but the space
     # is not printable: a printable value without a space is no credential, and skips the regex
-    if not low or low in credential_headers or \
-            not (value.isprintable() and " " not in value) and _CREDENTIAL_VALUE.match(value):
-        return ""
+    if not (value.isprintable() and " " not in value) and _CREDENTIAL_VALUE.match(value):
+        return False
     for secret in secrets:
         if secret in value:
-            return ""
-    return low
+            return False
+    return True
 
 
 class StoredHeaders:
@@ -70,7 +74,8 @@ class StoredHeaders:
     change with every request (a delivery id): so each name keeps the last value it came with and that
     pair's verdict and JSON, which the next request with the same pair reuses and one with a new value
     replaces, where a cache of every pair seen filled up with delivery ids and was emptied every ~250
-    requests. A header dropped for its name alone (a signature) is skipped before any of that; a pair
+    requests; a new value of a remembered name has only the value judged, and the name's JSON is
+    reused. A header dropped for its name alone (a signature) is skipped before any of that; a pair
     dropped for its value (a credential, a secret) is never remembered. Names and values are the
     client's choice, so only short pairs are kept, for at most ``MAX_PAIRS`` names, and the lot is
     forgotten rather than grown past that."""
@@ -79,7 +84,8 @@ class StoredHeaders:
 
     def __init__(self, secrets, credential_headers):
         self.secrets, self.credential_headers = tuple(secrets), frozenset(credential_headers)
-        self._pairs = {}  # header name as sent -> (its last value, the pair's JSON member '"name": "value"')
+        # header name as sent -> (its last value, the pair's JSON member '"name": "value"', the name's '"name": ')
+        self._pairs = {}
 
     def json(self, headers):
         """The JSON text for ``headers`` (an ``api.Headers``)."""
@@ -91,16 +97,22 @@ class StoredHeaders:
             if names.get(name) == "":
                 continue  # a credential by its name (a signature): never kept, whatever the value
             last = pairs.get(name)
-            if last is not None and last[0] == value:
-                members.append(last[1])
-                continue
-            low = _kept_name(name, value, self.secrets, self.credential_headers)
-            if not low:
-                continue  # not kept (a credential value, a secret): not remembered either
-            member = "%s: %s" % (_string(low), _string(value))
+            if last is not None:  # a name kept before: only the value is left to judge
+                if last[0] == value:
+                    members.append(last[1])
+                    continue
+                if not _value_kept(value, self.secrets):
+                    continue  # not kept (a credential value, a secret): not remembered either
+                lead = last[2]
+            else:
+                low = _kept_name(name, value, self.secrets, self.credential_headers)
+                if not low:
+                    continue
+                lead = _string(low) + ": "
+            member = lead + _string(value)
             if len(name) + len(value) <= _SHORT:
                 if len(pairs) >= self.MAX_PAIRS:
                     pairs.clear()
-                pairs[name] = (value, member)
+                pairs[name] = (value, member, lead)
             members.append(member)
         return "{" + ", ".join(members) + "}"

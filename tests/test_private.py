@@ -71,6 +71,8 @@ class StoredHeadersTest(unittest.TestCase):
                  [("Host", "h"), ("X-Note", "caf\xe9 \"q\" \\ \x7f"), ("x-note", "second"), ("X-Id", "1")],
                  [("X-Api-Auth", "a"), ("X-Id", "my s3cret value"), ("Content-Type", "text/plain")], []]
         cases += [[("Host", "h"), ("X-Id", "id-%d" % n)] for n in range(StoredHeaders.MAX_PAIRS * 2)]
+        # a name remembered with a kept value, then with a credential or a secret as its value
+        cases += [[("X-Id", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig")], [("X-Id", "my-s3cret")], [("X-Id", "id-0")]]
         stored = StoredHeaders(["s3cret"], {"x-api-auth"})
         for _ in range(2):  # the second round finds what the first one remembered
             for items in cases:
@@ -85,7 +87,8 @@ class StoredHeadersTest(unittest.TestCase):
         for n in range(300):
             items = [("X-Big", "\xff" * 16000 + str(n)), ("X-%d-%s" % (n, "n" * 8000), "v")]
             self.assertEqual(stored.json(Headers(items)), json.dumps(stored_headers(Headers(items), [], ())))
-        remembered = sum(len(name) + len(value) + len(member) for name, (value, member) in stored._pairs.items())
+        remembered = sum(len(name) + len(value) + len(member) + len(lead)
+                         for name, (value, member, lead) in stored._pairs.items())
         remembered += sum(len(name) + len(low) for name, low in redact._NAMES.items())
         self.assertLess(remembered, 1 << 20)
 
