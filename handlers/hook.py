@@ -14,7 +14,7 @@ import json
 import re
 
 from hookd_core import verify
-from hookd_core.api import Integration, NewEvent, Response, dedupe_key, json_or_none
+from hookd_core.api import Integration, NewEvent, Response, dedupe_keyer, json_or_none
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the NAME is a URL path segment
 CONDITION_RE = re.compile(r"^\s*(json|header):([^\s=!]+)\s*(==|!=)\s*(.*?)\s*$")
@@ -77,7 +77,10 @@ class Handler(Integration):
         self.hook = name[len(self.SECTION):] if name.startswith(self.SECTION) else name
         self.route = "/hooks/" + self.hook
         self.check_signature = verify.checker(conf)
-        self.dedupe_rule = (conf.get("dedupe") or "").strip() or verify.default_dedupe(conf.get("verify"))
+        rule = (conf.get("dedupe") or "").strip() or verify.default_dedupe(conf.get("verify"))
+        # the section's rule, else the scheme's other name for its delivery id, else the body hash
+        self._keys = tuple(dedupe_keyer(r) for r in (rule, verify.DEFAULT_DEDUPE_ALIASES.get(rule),
+                                                      None if rule == "none" else "body") if r)
         try:
             self.conditions, self.filter_problem = parse_filter(conf.get("filter")), None
         except ValueError as e:
@@ -102,13 +105,11 @@ class Handler(Integration):
 
     def dedupe(self, req):
         """The section's rule, else the scheme's delivery id; a missing id falls back to the body hash."""
-        rule = self.dedupe_rule
-        key = dedupe_key(rule, req)
-        if key is None and rule in verify.DEFAULT_DEDUPE_ALIASES:
-            key = dedupe_key(verify.DEFAULT_DEDUPE_ALIASES[rule], req)
-        if key is None and rule != "none":
-            key = dedupe_key("body", req)
-        return key
+        for key_of in self._keys:
+            key = key_of(req)
+            if key is not None:
+                return key
+        return None
 
     def card(self, ctx):
         facts = [("hook", self.hook), ("event", ctx.id), ("received", ctx.received_at)]

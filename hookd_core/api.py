@@ -43,6 +43,7 @@ integration writes are declared by ``files()``: the core prunes them after their
 ``min_free_mb`` free under them (``core.need_space(folder)`` before writing raises ``Retry``).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -510,17 +511,40 @@ class JobContext:
 def dedupe_key(rule, req):
     """The dedupe key for ``req`` under ``rule``: ``header:NAME`` (None if the header is absent),
     ``json:dotted.path`` (None if absent), ``body`` or empty (sha256 of the raw body), ``none`` (None)."""
+    return dedupe_keyer(rule)(req)
+
+
+@functools.lru_cache(maxsize=64)
+def dedupe_keyer(rule):
+    """``dedupe_key`` under one ``rule`` (rules come from the configuration: a handful), the rule read
+    once: a function of the request."""
     rule = (rule or "body").strip()
     if rule == "none":
-        return None
+        return _no_key
     if rule.startswith("header:"):
-        value = req.headers.get(rule[7:].strip())
-        return "h:" + value.strip() if value else None
+        name = rule[7:].strip()
+
+        def by_header(req):
+            value = req.headers.get(name)
+            return "h:" + value.strip() if value else None
+        return by_header
     if rule.startswith("json:"):
-        value = json_or_none(req.body)
-        for part in rule[5:].strip().split("."):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
-        return "j:" + (value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+        path = rule[5:].strip().split(".")
+
+        def by_json(req):
+            value = json_or_none(req.body)
+            for part in path:
+                if not isinstance(value, dict) or part not in value:
+                    return None
+                value = value[part]
+            return "j:" + (value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+        return by_json
+    return _body_key
+
+
+def _no_key(req):
+    return None
+
+
+def _body_key(req):
     return "b:" + hashlib.sha256(req.body).hexdigest()

@@ -71,6 +71,7 @@ class App:
         self.server = self.admin_server = None
         self.alerts = None
         self.integrations = []
+        self._routes = (None, {}, ())  # route_for's table, of the integrations it was made for
         self.problems, self.warnings = [], []
         self.classes = discover()
         self._signals = queue.SimpleQueue()
@@ -173,10 +174,31 @@ class App:
 
     # -- routing and intake -------------------------------------------------------------------------
     def route_for(self, path):
-        for integ in self.integrations:
-            if integ.match(path):
-                return integ
-        return None
+        """The first integration, in the configuration's order, whose ``match`` takes ``path``. The routes
+        that are one path (``Integration.match``) are found in a table made once per configuration; an
+        integration with a ``match`` of its own (a path pattern) is still asked when it comes first."""
+        table = self._routes
+        if table[0] is not self.integrations:
+            table = self._route_table()
+        at, integ = table[1].get(path, _NO_ROUTE)
+        for n, pattern in table[2]:
+            if n > at:
+                break
+            if pattern.match(path):
+                return pattern
+        return integ
+
+    def _route_table(self):
+        """(the integrations, {path: (position, integration)} of those matching one path, the others with
+        their positions)."""
+        integrations, paths, patterns = self.integrations, {}, []
+        for n, integ in enumerate(integrations):
+            if type(integ).match is Integration.match:
+                paths.setdefault(integ.route, (n, integ))
+            else:
+                patterns.append((n, integ))
+        self._routes = table = (integrations, paths, tuple(patterns))
+        return table
 
     def integration(self, name):
         for integ in self.integrations:
@@ -415,6 +437,9 @@ class App:
         self.store.close()
         self.log.info("stopped")
         return 0
+
+
+_NO_ROUTE = (float("inf"), None)
 
 
 def _storable(key):

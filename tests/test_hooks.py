@@ -400,6 +400,37 @@ class UnsignedTest(unittest.TestCase):
         self.assertIn("filter 'action is opened'", out)
 
 
+class RouteTest(unittest.TestCase):
+    def test_the_first_integration_in_order_that_matches_takes_the_path(self):
+        """route_for: routes of one path come from a table made per configuration, and an integration
+        with a path pattern of its own is still asked first when it comes first, whatever the order."""
+        from hookd_core.api import Integration
+
+        class Pattern(Integration):
+            def match(self, path):
+                return path.startswith("/p/")
+
+        def exact(name, route):
+            integ = Integration(name, None, None)
+            integ.route = route
+            return integ
+        tmp = tempfile.mkdtemp(prefix="hookd-routes-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        app = app_from(tmp, "[hookd]\nstate_dir = %s\n[hook:w]\nverify = none\nallow_unsigned = true\n"
+                       % os.path.join(tmp, "var"))
+        self.assertEqual(app.route_for("/hooks/w").name, "hook:w")
+        pattern, a, b, again = Pattern("pattern", None, None), exact("a", "/p/a"), exact("b", "/b"), exact("again", "/b")
+        app.integrations = [a, pattern, b, again]  # a reload replaces the list
+        self.assertIs(app.route_for("/p/a"), a)
+        self.assertIs(app.route_for("/p/z"), pattern)
+        self.assertIs(app.route_for("/b"), b)
+        self.assertIsNone(app.route_for("/hooks/w"))
+        self.assertIsNone(app.route_for("/c"))
+        app.integrations = [pattern, a, again, b]
+        self.assertIs(app.route_for("/p/a"), pattern)
+        self.assertIs(app.route_for("/b"), again)
+
+
 class RequestJsonTest(unittest.TestCase):
     def test_the_body_parses_as_json_loads_parses_it(self):
         """Request.json reads a body that is one value end to end with the decoder's scanner and leaves
