@@ -19,8 +19,8 @@ back (a client that sends one request at a time meets an idle writer every time)
 transaction fails (disk full, read-only file) every
 caller of that group gets a StoreError and nothing of the group is stored; a ``write`` function that
 raises is rolled back alone (a savepoint) and the others commit. A request's body is stored once,
-however many events it becomes: in its first event row, which the others name (``body_row``), or, over
-ROW_BODY_BYTES, in ``request_bodies`` (append-only rowid keys, no random-key B-tree); an
+however many events it becomes: in its first event row, which the others name (``body_row``) and which
+alone keeps the request's headers and content type, or, over ROW_BODY_BYTES, in ``request_bodies`` (append-only rowid keys, no random-key B-tree); an
 event of a batch delivery (Preservica's ``events[]``) keeps only its index in that array (``element``),
 never a copy of the envelope. Workers' claims do not wait for their commit: ``_claimed`` makes a claim
 exclusive in the process (against leases too) until the attempt's finish has committed. Reads use a
@@ -117,9 +117,11 @@ NULL = float("nan")
 # the index's own term, so every query that finds events by a status other than done says
 # "status <> 'done' AND ..." (tests/test_store.py checks each one's plan).
 # The schema's version, kept in the database (``PRAGMA user_version``) by ``migrate``: 1 since a request's
-# body may live in its first event row, which hookd before that (user_version 0) reads as an empty body.
+# body may live in its first event row, which hookd before that (user_version 0) reads as an empty body;
+# 2 since a request's other rows keep no headers or content type of their own and a row stored done at
+# intake no note (``_store_requests``), which hookd before that reads as none.
 # A database stamped with a newer version than this is refused: a rollback fails at start, loudly.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_GROUP = 512  # operations per commit; bounds the time one transaction holds the write lock
 GATHER_GAP = 0.0003  # the writer stops waiting for the clients of the group before when none sent for this long
 PREPARE_AT = 4  # answers in a group from which they are prepared on a thread of their own during the COMMIT
@@ -145,12 +147,12 @@ FINISH = ("UPDATE events SET status=?, last_error=?, note=coalesce(?, note), nex
           " WHERE id=? AND status='running'")
 
 # A group's rows go in CHUNKS[0] at a time, then one statement per smaller size that is left; 64 rows of
-# 13 values stay under the 999 variables of old sqlite builds. The texts hold placeholders only.
+# 14 values stay under the 999 variables of old sqlite builds. The texts hold placeholders only.
 CHUNKS = (64, 32, 16, 8, 4, 2, 1)
 _INSERT_NEW = {n: "INSERT OR IGNORE INTO events(id, route, status, received_at, updated_at, dedupe_key,"
-                  " serial_key, headers, content_type, body, body_row, body_id, element, payload, note) VALUES "
-                  + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
-BODY, BODY_ROW = 9, 10  # where a row of _INSERT_NEW has its body and body_row
+                  " serial_key, headers, content_type, body, body_row, body_id, element, payload) VALUES "
+                  + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
+HEADERS, BODY, BODY_ROW = 7, 9, 10  # where a row of _INSERT_NEW has its headers (content_type next), body, body_row
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
 # A body up to this size is kept in its request's first event row (``_store_requests``): the record stays
 # within a 4 KiB page (no overflow page), so a worker's status change rewrites one leaf, not the body.
@@ -161,6 +163,9 @@ ROW_BODY_BYTES = 2048
 _BODY_JOINS = (" LEFT JOIN events h ON h.id = e.body_row AND e.body IS NULL"
                " LEFT JOIN request_bodies b ON b.id = e.body_id")
 _BODY = "coalesce(e.body, h.body, b.data)"
+# A row's headers and content type: its own, or, when it names its request's body row (``body_row``), that
+# row's (``_store_requests`` keeps them once a request).
+_SHARED = {"headers": "coalesce(e.headers, h.headers)", "content_type": "coalesce(e.content_type, h.content_type)"}
 _INSERT_DUPLICATE = ("INSERT INTO events(id, route, status, received_at, updated_at, duplicate_of, headers,"
                      " content_type, note) VALUES (?, ?, 'duplicate', ?, ?, ?, ?, ?, ?)")
 
@@ -723,10 +728,10 @@ class Store:
         now = time.time() if now is None else now
 
         def fn(conn):
-            row = conn.execute("SELECT e.route, e.serial_key, e.headers, e.content_type, e.body_id,"
-                               " CASE WHEN e.body_id IS NULL THEN coalesce(e.body, h.body) END, e.element,"
-                               " e.payload FROM events e" + _BODY_JOINS + " WHERE e.id=?",  # constant text
-                               (event_id,)).fetchone()
+            row = conn.execute("SELECT e.route, e.serial_key, " + _SHARED["headers"] + ", " +  # constant text
+                               _SHARED["content_type"] + ", e.body_id, CASE WHEN e.body_id IS NULL THEN"
+                               " coalesce(e.body, h.body) END, e.element, e.payload FROM events e" + _BODY_JOINS +
+                               " WHERE e.id=?", (event_id,)).fetchone()
             if row is None:
                 return None
             cur = conn.execute(
@@ -1075,7 +1080,11 @@ def _store_requests(conn, ops):
     A request's body goes into its first row (``body``), whose ``body_row`` is the request's last id;
     its other rows hold no copy, only that first row's id in ``body_row`` (a Preservica delivery's 4
     rows share one body). One table less a commit than a row in request_bodies: a B-tree page less to
-    the WAL, a statement less. A body over ROW_BODY_BYTES still goes to request_bodies (``body_id``)."""
+    the WAL, a statement less. A body over ROW_BODY_BYTES still goes to request_bodies (``body_id``).
+    The rows that name the first row keep no headers or content type either (readers take that row's,
+    ``_SHARED``), and a row stored done keeps no note (readers show NOTHING_TO_DO, ``_with_note``):
+    ~500 bytes less a Preservica delivery, so the file grows by fewer pages a commit (each a new leaf,
+    its parent and page 1 to the WAL)."""
     next_id = first_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
     first_body = next_body = None  # request_bodies' next id, read only for a body over ROW_BODY_BYTES
     events, bodies, added = [], [], {}
@@ -1092,28 +1101,31 @@ def _store_requests(conn, ops):
                 continue
         out, shared, last = [], {}, next_id + len(rows) - 1
         for row in rows:
-            body = row.get("body") or b""
-            where = shared.get(id(body))  # (body, body_row, body_id) of a body an earlier row brought
+            body, headers, content_type = row.get("body") or b"", row.get("headers"), row.get("content_type")
+            # (body, body_row, body_id, headers, content_type) of an earlier row with this body and these
+            # headers (App.event_rows gives every row of a request the same objects)
+            where = shared.get((id(body), id(headers), id(content_type)))
             if where is None:
                 if len(body) <= ROW_BODY_BYTES:
-                    where = (body, NULL if last == next_id else last, NULL)
-                    shared[id(body)] = (NULL, next_id, NULL)
+                    where = (body, NULL if last == next_id else last, NULL,
+                             NULL if headers is None else headers, NULL if content_type is None else content_type)
+                    shared[(id(body), id(headers), id(content_type))] = (NULL, next_id, NULL, NULL, NULL)
                 else:
                     if next_body is None:
                         first_body = next_body = (conn.execute("SELECT max(id) FROM request_bodies")
                                                   .fetchone()[0] or 0) + 1
-                    where = shared[id(body)] = (NULL, NULL, next_body)
+                    where = shared[(id(body), id(headers), id(content_type))] = (
+                        NULL, NULL, next_body, NULL if headers is None else headers,
+                        NULL if content_type is None else content_type)
                     bodies.append((next_body, body))
                     next_body += 1
             done = bool(row.get("done"))  # nothing to do for it: stored as done, no worker touches it
-            key, serial, headers, content_type, element, payload = (
-                row.get("dedupe_key"), row.get("serial_key"), row.get("headers"), row.get("content_type"),
-                row.get("element"), row.get("payload"))
+            key, serial, element, payload = (row.get("dedupe_key"), row.get("serial_key"), row.get("element"),
+                                             row.get("payload"))
             events.append((next_id, route, "done" if done else "queued", now, now,
-                           NULL if key is None else key, NULL if serial is None else serial,
-                           NULL if headers is None else headers, NULL if content_type is None else content_type,
+                           NULL if key is None else key, NULL if serial is None else serial, where[3], where[4],
                            where[0], where[1], where[2], NULL if element is None else element,
-                           NULL if payload is None else payload, NOTHING_TO_DO if done else NULL))
+                           NULL if payload is None else payload))
             if not done:
                 added[route] = added.get(route, 0) + 1
             out.append((next_id, "new"))
@@ -1217,7 +1229,8 @@ def _rehome_bodies(conn, events, first_id):
                         (first_id,)).fetchall()
     for old, new in lost:
         placed = events[old - first_id]
-        conn.execute("UPDATE events SET body=?, body_row=? WHERE id=?", (placed[BODY], placed[BODY_ROW], new))
+        conn.execute("UPDATE events SET body=?, body_row=?, headers=?, content_type=? WHERE id=?",
+                     (placed[BODY], placed[BODY_ROW], placed[HEADERS], placed[HEADERS + 1], new))
         conn.execute("UPDATE events SET body_row=? WHERE id > ? AND id <= ? AND body_row=?",
                      (new, new, placed[BODY_ROW], old))
 
@@ -1370,18 +1383,26 @@ COLUMNS = ("id", "route", "status", "attempts", "received_at", "updated_at", "ne
            "element")
 
 
-_ROW_SQL = ("SELECT " + ", ".join("e." + c for c in COLUMNS) +  # constant text only
-            ", " + _BODY + " FROM events e" + _BODY_JOINS + " WHERE e.id=?")
+_ROW_SQL = ("SELECT " + ", ".join(_SHARED.get(c, "e." + c) for c in COLUMNS) +
+            ", " + _BODY + " FROM events e" + _BODY_JOINS + " WHERE e.id=?")  # constant text only
 
 
 def row_dict(conn, event_id, with_body=False):
     row = conn.execute(_ROW_SQL, (event_id,)).fetchone()
     if row is None:
         return None
-    out = dict(zip(COLUMNS + ("body",), row))
+    out = _with_note(dict(zip(COLUMNS + ("body",), row)))
     if not with_body:
         out.pop("body")
     return out
+
+
+def _with_note(event):
+    """``event`` (a dict of its columns) with the note a row stored done at intake shows: it keeps none
+    (``_store_requests``), and only such a row is done without an attempt."""
+    if event["note"] is None and event["status"] == "done" and not event["attempts"]:
+        event["note"] = NOTHING_TO_DO
+    return event
 
 
 def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
@@ -1405,7 +1426,7 @@ def list_events(conn, status=None, route=None, limit=100, text=None, offset=0):
     sql += " ORDER BY e.id DESC LIMIT ? OFFSET ?"
     args += [int(limit), int(offset)]
     cols = ("id", "route", "status", "attempts", "received_at", "updated_at", "next_at", "last_error", "note")
-    return [dict(zip(cols, r)) for r in conn.execute(sql, args)]
+    return [_with_note(dict(zip(cols, r))) for r in conn.execute(sql, args)]
 
 
 def counts(conn):

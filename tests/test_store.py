@@ -675,7 +675,8 @@ class StoreTest(unittest.TestCase):
                                           for i in (plain, full, done)})
         self.assertEqual(kinds[plain], ("null",) * 7)
         self.assertEqual(kinds[full], ("text", "null", "text", "text", "integer", "text", "null"))
-        self.assertEqual(kinds[done], ("null", "null", "text", "text", "null", "null", "text"))
+        self.assertEqual(kinds[done], ("null", "null", "text", "text", "null", "null", "null"))
+        self.assertEqual(self.store.read(lambda c: row_dict(c, done))["note"], store_module.NOTHING_TO_DO)
         self.assertEqual(self.store.read(lambda c: c.execute(
             "SELECT count(*) FROM events INDEXED BY events_dedupe WHERE dedupe_key IS NOT NULL").fetchone()[0]), 1)
         for i in (plain, full):
@@ -699,6 +700,54 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store.read(lambda c: row_dict(c, copy, with_body=True))["body"], body)
         self.assertEqual([e["id"] for e in self.store.read(lambda c: list_events(c, text='"z"'))], [copy] + ids[::-1])
         self.assertEqual([e["id"] for e in self.store.read(lambda c: list_events(c, text="alone"))], [alone])
+
+    def test_a_requests_other_rows_keep_no_headers_and_every_reader_gives_them(self):
+        """A request's headers and content type are kept once, on the row holding its body; the rows that
+        name that row keep none (at 1 connection fewer bytes a delivery grow the file by fewer pages a
+        commit). Every reader gives each row its request's: the row, a claim, a replay, and the row that
+        takes the body over when the first one turns out a duplicate of a stored element."""
+        headers, kind = '{"x-a": "1"}', "text/x"
+        def delivery(elements):
+            return [dict(r, headers=headers, content_type=kind) for r in batch("E", elements)]
+        ids = [i for i, _ in self.store.add_events("r", delivery(["x", "y", "z"]))]
+        stored = self.store.read(lambda c: c.execute(
+            "SELECT headers, content_type FROM events ORDER BY id").fetchall())
+        self.assertEqual(stored, [(headers, kind), (None, None), (None, None)])
+        for event_id in ids:
+            event = self.store.read(lambda c: row_dict(c, event_id))
+            self.assertEqual((event["headers"], event["content_type"]), (headers, kind))
+        claimed = self.store.claim(ids[2], now=1.0)
+        self.assertEqual((claimed["headers"], claimed["content_type"]), (headers, kind))
+        copy = self.store.replay(ids[1])
+        self.assertEqual(self.store.read(lambda c: c.execute(
+            "SELECT headers, content_type FROM events WHERE id=?", (copy,)).fetchone()), (headers, kind))
+        again = self.store.add_events("r", delivery(["x", "v", "w"]))  # the first element is a duplicate
+        self.assertEqual(again[0], (ids[0], "duplicate"))
+        for event_id, _ in again[1:]:
+            event = self.store.read(lambda c: row_dict(c, event_id, with_body=True))
+            self.assertEqual((event["headers"], event["content_type"], event["body"]),
+                             (headers, kind, delivery(["x", "v", "w"])[0]["body"]))
+        body = b'{"events": [1, 2]}'  # one body, different headers: each row keeps its own
+        mixed = self.store.add_events("r", [dict(row(None, body), headers='{"x-b": "2"}'),
+                                            dict(row(None, body), headers=None, content_type=None)])
+        self.assertEqual([self.store.read(lambda c: row_dict(c, i))["headers"] for i, _ in mixed],
+                         ['{"x-b": "2"}', None])
+        self.assertIsNone(self.store.read(lambda c: row_dict(c, mixed[1][0]))["content_type"])
+
+    def test_a_row_stored_done_keeps_no_note_and_readers_show_why_it_is_done(self):
+        """A row stored done at intake (nothing to do for its route) keeps no note: every row of a
+        store-only route would repeat the same 51 bytes. The readers show it (a row, the list), and only
+        for a row done without an attempt: a job that ends done without a note shows none."""
+        [(done, _)] = self.store.add_events("r", [dict(row("d"), done=True)])
+        [(ran, _)] = self.store.add_events("r", [row("q")])
+        self.store.claim(ran, now=1.0)
+        self.store.finish(ran, "r", "done", now=1.0)
+        self.assertEqual(self.store.read(lambda c: c.execute("SELECT note FROM events WHERE id=?", (done,))
+                                         .fetchone()[0]), None)
+        self.assertEqual(self.store.read(lambda c: row_dict(c, done))["note"], store_module.NOTHING_TO_DO)
+        self.assertIsNone(self.store.read(lambda c: row_dict(c, ran))["note"])
+        notes = {e["id"]: e["note"] for e in self.store.read(lambda c: list_events(c))}
+        self.assertEqual(notes, {done: store_module.NOTHING_TO_DO, ran: None})
 
     def test_prune_keeps_the_row_holding_a_body_while_a_row_of_its_request_needs_it(self):
         """A batch delivery's first row holds the body of its other rows: prune takes the done ones but
@@ -999,6 +1048,32 @@ class MigrationTest(unittest.TestCase):
             db = sqlite3.connect(path)  # refused, and left as it was
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], store_module.SCHEMA_VERSION + 1)
             db.close()
+
+    def test_rows_of_schema_1_keep_their_headers_and_notes(self):
+        """Schema 1 (before a request's other rows kept no headers and a row stored done no note) wrote
+        them on every row: they read as stored, and the database is stamped with this schema, which
+        hookd of schema 1 refuses (it would read the new rows' headers as none)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "v1.sqlite3")
+            Store(path).close()
+            db = sqlite3.connect(path)
+            db.execute("PRAGMA user_version=1")
+            body = json.dumps({"events": [1, 2]}).encode()
+            for eid, body_, body_row, note in ((1, body, 2, "kept"), (2, None, 1, "stored; nothing")):
+                db.execute("INSERT INTO events(id, route, status, received_at, updated_at, headers, content_type,"
+                           " body, body_row, element, note) VALUES (?, 'r', 'done', 1.0, 1.0, ?, 'text/x', ?, ?, ?,"
+                           " ?)", (eid, '{"x-row": "%d"}' % eid, body_, body_row, eid - 1, note))
+            db.commit()
+            db.close()
+            store = Store(path)
+            try:
+                for eid, note in ((1, "kept"), (2, "stored; nothing")):
+                    event = store.read(lambda c: row_dict(c, eid, with_body=True))
+                    self.assertEqual((event["headers"], event["content_type"], event["note"], event["body"]),
+                                     ('{"x-row": "%d"}' % eid, "text/x", note, body))
+                self.assertEqual(store.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]), 2)
+            finally:
+                store.close()
 
     def test_bodies_stored_in_request_bodies_are_read_replayed_deduped_and_pruned(self):
         """A database of the schema before bodies moved into event rows: migrate adds the columns and moves
