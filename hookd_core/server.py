@@ -40,7 +40,7 @@ import urllib.parse
 
 from . import admin, clients, framing, logs
 from .api import Busy, NotFound, Reject, Response
-from .store import StoreError
+from .store import StoreError, set_policy
 
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
@@ -320,6 +320,15 @@ class Handler(socketserver.StreamRequestHandler):
     def setup(self):
         super().setup()
         self.app = self.server.app
+        if not self.server.admin and hasattr(os, "SCHED_BATCH"):
+            # A webhook connection's thread, woken by its client's next request, waits for the core
+            # instead of preempting the thread that has it (SCHED_BATCH: the same share of the CPU, no
+            # wake-up preemption). Under load that thread is mostly the store's writer answering a group:
+            # each answer it sends brings that client's next request at once, and a connection thread
+            # that preempted it would only find the GIL held and sleep again (docs/performance.md,
+            # "Connection threads that wait their turn"). Where the call is refused (hookd's unit filters
+            # it) the thread stays as it was.
+            set_policy(os.SCHED_BATCH)
         self._deadline = self.server.reaper.register(self.connection)
         # No socket timeout: a timeout makes every recv a poll() plus a recv. The Reaper enforces
         # read_timeout and write_timeout instead.

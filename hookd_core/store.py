@@ -207,7 +207,7 @@ class _Op:
             log_error()
 
 
-def _set_policy(policy):
+def set_policy(policy):
     """This thread's scheduling policy (Linux); False when the system refuses it."""
     try:
         os.sched_setscheduler(0, policy, os.sched_param(0))
@@ -224,7 +224,7 @@ def _idle_reversible():
     if not hasattr(os, "SCHED_IDLE"):
         return False
     answer = []
-    probe = threading.Thread(target=lambda: answer.append(_set_policy(os.SCHED_IDLE) and _set_policy(os.SCHED_OTHER)),
+    probe = threading.Thread(target=lambda: answer.append(set_policy(os.SCHED_IDLE) and set_policy(os.SCHED_OTHER)),
                              name="hookd-probe")
     probe.start()
     probe.join()
@@ -472,12 +472,12 @@ class Store:
         SCHED_IDLE thread holding it could be starved by any busy process on the core. Started only where
         a thread can leave SCHED_IDLE (``_idle_reversible``); should that stop (RLIMIT_NICE lowered while
         hookd runs), the thread ends and answers are made after the COMMIT again."""
-        idle = _set_policy(os.SCHED_IDLE)
+        idle = set_policy(os.SCHED_IDLE)
         while True:
             todo = self._to_prepare.get()
             if todo is None:
                 return  # the store is closed
-            if idle and not _set_policy(os.SCHED_OTHER):
+            if idle and not set_policy(os.SCHED_OTHER):
                 self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
                 return
             while True:
@@ -490,7 +490,7 @@ class Store:
                 except Exception:  # the answer is then made after the commit, as without preparing
                     self._log_exception()
             if idle:
-                _set_policy(os.SCHED_IDLE)
+                set_policy(os.SCHED_IDLE)
     def _settle(self, group):
         with logs.batched():  # the group's answers log one line each, written together
             for op in group:

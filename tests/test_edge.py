@@ -605,6 +605,60 @@ class PreparedAnswerTest(unittest.TestCase):
         self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
 
 
+def _batch_threads():
+    """The ids of this process's threads whose scheduling policy is SCHED_BATCH (/proc: stat field 41)."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/stat" % tid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        if int(fields[38]) == os.SCHED_BATCH:
+            out.add(int(tid))
+    return out
+
+
+class ConnectionPolicyTest(unittest.TestCase):
+    """A webhook connection's thread runs as SCHED_BATCH: woken by its client's next request, it waits for
+    the core instead of preempting the thread that has it (the writer answering a group), then gets the
+    same share of the CPU as any other. The admin listener's threads stay as they were. The real App and
+    Server, serving a real loopback connection."""
+
+    def setUp(self):
+        from hookd_core.store import set_policy
+        allowed = []
+        probe = threading.Thread(target=lambda: allowed.append(set_policy(os.SCHED_BATCH)))
+        probe.start()
+        probe.join()
+        if allowed != [True]:
+            raise unittest.SkipTest("this system refuses SCHED_BATCH")
+        self.app = in_process_app(self)
+
+    def served_thread_policies(self, admin):
+        """The threads that turned SCHED_BATCH while one connection to a Server (webhook port, or
+        ``admin``) is open after its first answer."""
+        from hookd_core import server
+        before = _batch_threads()
+        srv = server.Server(("127.0.0.1", 0), self.app, admin=admin)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(srv.server_close)
+        self.addCleanup(srv.shutdown)
+        with socket.create_connection(srv.server_address, timeout=10) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += client.recv(65536)
+            self.assertTrue(data.startswith(b"HTTP/1.1 "), data)
+            return _batch_threads() - before  # the connection's thread is waiting for the next request
+
+    def test_a_webhook_connections_thread_is_sched_batch(self):
+        self.assertEqual(len(self.served_thread_policies(admin=False)), 1)
+
+    def test_an_admin_connections_thread_is_not(self):
+        self.assertEqual(self.served_thread_policies(admin=True), set())
+
+
 class ReverseProxyTest(unittest.TestCase):
     """hookd behind a real HAProxy on loopback, the deployment issue 13 is about."""
 
