@@ -13,7 +13,7 @@ import time
 import unittest
 
 from hookd_core import store as store_module
-from hookd_core.store import WAL_KEEP_BYTES, Store, StoreError, list_events, product_path, products, row_dict
+from hookd_core.store import CHECKPOINT_AHEAD, WAL_CHECKPOINT_PAGES, WAL_KEEP_BYTES, Store, StoreError, list_events, product_path, products, row_dict
 
 from tests.support import ROOT
 
@@ -45,6 +45,12 @@ def run_unprivileged(code):
     if out.returncode != 0:
         raise AssertionError(out.stderr[-2000:].decode(errors="replace"))
     return json.loads(out.stdout)
+
+
+def wal_frames(path):
+    """Frames a WAL file holds (4 KiB pages): as many as were written since it was made, while it has not
+    started over (a fresh database the automatic checkpoint has not reached yet)."""
+    return max(0, os.path.getsize(path + "-wal") - 32) // (4096 + 24)
 
 
 def row(key=None, body=b"{}", serial=None):
@@ -538,6 +544,33 @@ class StoreTest(unittest.TestCase):
         self.assertTrue(blocked, "a thread could still start under RLIMIT_NPROC: nothing tested")
         self.assertEqual((answered, errors, died), (17, ["None"], []))
 
+    def test_the_wal_is_copied_by_the_commits_when_no_thread_can_copy_it_ahead(self):
+        # Where the thread that copies the WAL ahead cannot start (RLIMIT_NPROC, as above), every request
+        # is still answered and sqlite's automatic checkpoint copies the WAL, as before that thread.
+        blocked, answered, sent, errors, died, grew = run_unprivileged("""
+            died = []
+            threading.excepthook = lambda args: died.append("%s in %s" % (args.exc_type.__name__, args.thread.name))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # under what the user has already
+            try:
+                threading.Thread(target=lambda: None).start()
+                blocked = False
+            except RuntimeError:
+                blocked = True
+            before, i = os.path.getsize(store.path), 0
+            while os.path.getsize(store.path) == before and i < 3000:  # until a checkpoint copies the WAL
+                i += 1
+                store.submit_events("p", [{"dedupe_key": "k%d" % i, "body": b"x" * 1500}], then=Then())
+            deadline = time.monotonic() + 10
+            while len(answered) < i and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print(json.dumps([blocked, len(answered), i, sorted({repr(e) for e in answered}), died,
+                              os.path.getsize(store.path) > before]))
+            os._exit(0)
+            """)
+        self.assertTrue(blocked, "a thread could still start under RLIMIT_NPROC: nothing tested")
+        self.assertEqual((answered, errors, died, grew), (sent, ["None"], [], True))
+
     def hold_two_groups(self):
         """Group 1 (committed by this caller's thread, the writer being idle) holds the connection until
         ``go[0]``; what is submitted meanwhile with ``fn2`` first is group 2, held inside ``fn2`` until
@@ -654,6 +687,21 @@ class StoreTest(unittest.TestCase):
             self.store.add_events("b", [row("small%d" % i)])
             time.sleep(0.01)
         self.assertLessEqual(os.path.getsize(wal), WAL_KEEP_BYTES)
+
+    def test_the_wal_is_copied_ahead_of_the_automatic_checkpoint(self):
+        # The automatic checkpoint runs inside the COMMIT that crosses WAL_CHECKPOINT_PAGES and holds that
+        # group's answers while it copies the whole WAL (the p99 at 16 connections): from CHECKPOINT_AHEAD
+        # frames on, a thread of the store's own copies them meanwhile, so the database file grows before
+        # the WAL reaches the automatic checkpoint's line.
+        before, i = os.path.getsize(self.path), 0
+        while wal_frames(self.path) < CHECKPOINT_AHEAD + 10:
+            i += 1
+            self.store.add_events("r", [row("k%d" % i, b"x" * 1500)])
+        deadline = time.monotonic() + 30
+        while os.path.getsize(self.path) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertLess(wal_frames(self.path), WAL_CHECKPOINT_PAGES, "the automatic checkpoint ran: nothing tested")
+        self.assertGreater(os.path.getsize(self.path), before)
 
     def test_failing_operation_does_not_sink_its_group(self):
         def bad(conn):
