@@ -259,6 +259,9 @@ def _run_fn(conn, op, isolate):
         return isolate
 
 
+_SHM_FDS = {}  # database path -> a read-only descriptor of its -shm file (``Store._wal_behind``), never closed
+
+
 def _flush(conn, batch):
     """Run a batch of one statement's operations as one executemany; returns a new empty batch."""
     if batch:
@@ -537,10 +540,13 @@ class Store:
         -shm file (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at 96, native byte order).
         A hint read without sqlite's locks; 0 when there is no such file to read."""
         if self._shm is None:
-            try:
-                self._shm = os.open(self.path + "-shm", os.O_RDONLY)
-            except OSError:
-                return 0
+            self._shm = _SHM_FDS.get(self.path)
+            if self._shm is None:
+                try:  # kept open while the process lives: closing any descriptor of the -shm would drop
+                    #     all of this process's sqlite locks on it (POSIX record locks; howtocorrupt.html 2.2)
+                    self._shm = _SHM_FDS[self.path] = os.open(self.path + "-shm", os.O_RDONLY)
+                except OSError:
+                    return 0
         head = os.pread(self._shm, 100, 0)
         if len(head) < 100:
             return 0
@@ -669,8 +675,6 @@ class Store:
             if self._checkpointer:  # it ends, its connection closed, before the writer's (the last) closes
                 self._to_checkpoint.put(False)
                 self._checkpointer.join(10)
-            if self._shm is not None:
-                os.close(self._shm)
             self._conn.close()
             if self._preparer:
                 self._to_prepare.put(None)  # the preparing thread ends

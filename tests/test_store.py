@@ -703,6 +703,22 @@ class StoreTest(unittest.TestCase):
         self.assertLess(wal_frames(self.path), WAL_CHECKPOINT_PAGES, "the automatic checkpoint ran: nothing tested")
         self.assertGreater(os.path.getsize(self.path), before)
 
+    def test_closing_the_store_keeps_the_locks_of_the_wal_index_its_readers_hold(self):
+        # Review R1: the -shm descriptor the store reads the WAL's frames from stays open; closing any
+        # descriptor of that file would drop every sqlite lock this process holds on it (POSIX record
+        # locks), the DMS byte included, and another process would take the index as abandoned and wipe it.
+        self.store.add_events("r", [row("k")])
+        reader = sqlite3.connect(self.path)
+        self.addCleanup(reader.close)
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        self.store.close()
+        probe = ("import fcntl, os, struct, sys\n"
+                 "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                 "req = struct.pack('hhqqi', fcntl.F_WRLCK, 0, 128, 1, 0) + bytes(4)\n"
+                 "print(struct.unpack('hhqqi', fcntl.fcntl(fd, fcntl.F_GETLK, req)[:28])[0] != fcntl.F_UNLCK)\n")
+        out = subprocess.run([sys.executable, "-c", probe, self.path + "-shm"], capture_output=True, text=True)
+        self.assertEqual(out.stdout.strip(), "True", out.stderr)
+
     def test_failing_operation_does_not_sink_its_group(self):
         def bad(conn):
             conn.execute("INSERT INTO no_such_table VALUES (1)")
