@@ -541,11 +541,14 @@ class Store:
         A hint read without sqlite's locks; 0 when there is no such file to read."""
         if self._shm is None:
             self._shm = _SHM_FDS.get(self.path)
-            if self._shm is None:
+            if self._shm is None or not os.fstat(self._shm).st_nlink:  # none yet, or of a file sqlite deleted
                 try:  # kept open while the process lives: closing any descriptor of the -shm would drop
-                    #     all of this process's sqlite locks on it (POSIX record locks; howtocorrupt.html 2.2)
+                    #     all of this process's sqlite locks on it (POSIX record locks; howtocorrupt.html 2.2);
+                    #     sqlite deletes the file when its last connection closes, and a store opened on
+                    #     the path again reads the new one (the old descriptor is left open, as it was)
                     self._shm = _SHM_FDS[self.path] = os.open(self.path + "-shm", os.O_RDONLY)
                 except OSError:
+                    self._shm = None
                     return 0
         head = os.pread(self._shm, 100, 0)
         if len(head) < 100:

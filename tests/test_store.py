@@ -688,11 +688,9 @@ class StoreTest(unittest.TestCase):
             time.sleep(0.01)
         self.assertLessEqual(os.path.getsize(wal), WAL_KEEP_BYTES)
 
-    def test_the_wal_is_copied_ahead_of_the_automatic_checkpoint(self):
-        # The automatic checkpoint runs inside the COMMIT that crosses WAL_CHECKPOINT_PAGES and holds that
-        # group's answers while it copies the whole WAL (the p99 at 16 connections): from CHECKPOINT_AHEAD
-        # frames on, a thread of the store's own copies them meanwhile, so the database file grows before
-        # the WAL reaches the automatic checkpoint's line.
+    def assert_the_wal_is_copied_ahead(self):
+        """Fills the WAL past CHECKPOINT_AHEAD frames: the database file grows before the WAL reaches the
+        automatic checkpoint's line."""
         before, i = os.path.getsize(self.path), 0
         while wal_frames(self.path) < CHECKPOINT_AHEAD + 10:
             i += 1
@@ -702,6 +700,23 @@ class StoreTest(unittest.TestCase):
             time.sleep(0.01)
         self.assertLess(wal_frames(self.path), WAL_CHECKPOINT_PAGES, "the automatic checkpoint ran: nothing tested")
         self.assertGreater(os.path.getsize(self.path), before)
+
+    def test_the_wal_is_copied_ahead_of_the_automatic_checkpoint(self):
+        # The automatic checkpoint runs inside the COMMIT that crosses WAL_CHECKPOINT_PAGES and holds that
+        # group's answers while it copies the whole WAL (the p99 at 16 connections): from CHECKPOINT_AHEAD
+        # frames on, a thread of the store's own copies them meanwhile, so the database file grows before
+        # the WAL reaches the automatic checkpoint's line.
+        self.assert_the_wal_is_copied_ahead()
+
+    def test_a_store_opened_again_in_the_process_copies_the_wal_ahead_too(self):
+        # Review R2: sqlite deletes the -shm file when its last connection closes; a store opened again on
+        # the same path in the same process read the deleted file it had kept open, found nothing behind,
+        # and left every copy to the automatic checkpoint.
+        self.store.add_events("r", [row("first")])
+        self.store.close()
+        self.assertFalse(os.path.exists(self.path + "-shm"), "the -shm file is still there: nothing tested")
+        self.store = Store(self.path)
+        self.assert_the_wal_is_copied_ahead()
 
     def test_closing_the_store_keeps_the_locks_of_the_wal_index_its_readers_hold(self):
         # Review R1: the -shm descriptor the store reads the WAL's frames from stays open; closing any
