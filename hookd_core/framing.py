@@ -338,29 +338,30 @@ class Reader:
         is in the buffer already; else None, with nothing taken, and ``_chunked`` reads it and says why it
         refuses it. One match a chunk: the CRLF after a chunk's data is checked with the next chunk line
         (what ``_chunked`` checks with a match, a slice and a comparison), and a plain ``0`` last chunk
-        with no trailers after the CRLF is one comparison."""
+        with no trailers after the CRLF is one comparison. The chunks' bytes are joined once at the end."""
         data, pos = self._data, self._pos
         m = _CHUNK_LINE.match(data, pos, pos + MAX_CHUNK_LINE)
-        body, total, end_and_line = bytearray(), 0, _CHUNK_END_AND_LINE.match
-        while m is not None:
-            size, start = int(m[1], 16), m.end()
-            if size == 0:
+        if m is None:
+            return None
+        parts, total = [], 0
+        while True:
+            start, size = m.end(), int(m[1], 16)
+            if not size:
                 if data.startswith(b"\r\n", start):
                     self._pos = start + 2
-                    return bytes(body)
+                    return b"".join(parts)
                 return None  # trailers
             total += size
             if total > max_body:
                 return None
             end = start + size
+            parts.append(data[start:end])
             if data.startswith(b"\r\n0\r\n\r\n", end):
-                body += data[start:end]
                 self._pos = end + 7
-                return bytes(body)
-            m = end_and_line(data, end, end + 2 + MAX_CHUNK_LINE)
-            if m is not None:
-                body += data[start:end]
-        return None
+                return b"".join(parts)
+            m = _CHUNK_END_AND_LINE.match(data, end, end + 2 + MAX_CHUNK_LINE)
+            if m is None:
+                return None
 
     def _chunk_line(self):
         """One CRLF-terminated line without its CRLF; an over-long line or a bare LF is an error."""
