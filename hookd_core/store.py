@@ -296,7 +296,8 @@ class Store:
         self._wake.acquire()
         self._idle = True            # the writer is asleep (or about to be) on _wake
         self._committing = threading.Lock()  # held by whoever runs a group on the connection
-        self._waiting = {}
+        self._waiting = {}  # route -> events queued, retrying or running
+        self._waiting_total = 0  # their sum, kept with them (``waiting()``: every request reads it)
         self._claimed = {}           # event id -> serial key: claimed, finish not committed yet
         self._leasing = {}           # event id -> serial key: picked by a lease not committed yet
         self._count_lock = threading.Lock()
@@ -613,12 +614,16 @@ class Store:
             return self._fail_all(group, e)
         self.groups += 1
         with self._count_lock:
+            waiting, total = self._waiting, self._waiting_total
             for op in group:
                 if op.error is None and op.delta:
                     for route, n in op.delta.items():
-                        self._waiting[route] = self._waiting.get(route, 0) + n
+                        waiting[route] = waiting.get(route, 0) + n
+                        total += n
             for route, n in fresh.items():
-                self._waiting[route] = self._waiting.get(route, 0) + n
+                waiting[route] = waiting.get(route, 0) + n
+                total += n
+            self._waiting_total = total
 
     def _fail_all(self, group, exc):
         """The transaction could not commit: nothing of the group is stored, every caller hears why."""
@@ -644,9 +649,9 @@ class Store:
 
     def waiting(self, route=None):
         """Events queued, retrying or running: for ``route``, or in total."""
+        if route is None:  # one int read whole: no lock, no sum (the request thread asks every request)
+            return self._waiting_total
         with self._count_lock:
-            if route is None:
-                return sum(self._waiting.values())
             return self._waiting.get(route, 0)
 
     def recount(self):
@@ -657,7 +662,7 @@ class Store:
         rows = conn.execute("SELECT route, count(*) FROM events WHERE status <> 'done' AND"
                             " status IN ('queued','retry','running') GROUP BY route").fetchall()
         with self._count_lock:
-            self._waiting = dict(rows)
+            self._waiting, self._waiting_total = dict(rows), sum([n for _, n in rows])
 
     def close(self):
         """No new writes; wait (up to 10 s) for the writer to finish what is queued, then close."""
