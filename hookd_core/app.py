@@ -9,6 +9,7 @@ a signal handler), and the main loop acts on it: SIGTERM/SIGINT stop intake and 
 the CLI subcommands, so they work on the daemon's state directory while it runs.
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -284,12 +285,20 @@ class App:
         self.store = Store(os.path.join(self.state_dir, "hookd.sqlite3"))
         self.children = Registry(self.store, self.log)
         self.store.on_dead = alerts.dead_hook(self)
+        self.store.settling = self._settling
         for sql in (alerts.SCHEMA, subscriptions.SCHEMA):
             self.store.write(lambda c, sql=sql: _executescript(c, sql))
         for integ in self.integrations:
             if integ.SCHEMA:
                 self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
         return self.store
+
+    @contextlib.contextmanager
+    def _settling(self):
+        """What a commit group's answers run in: their log lines written together, their requests counted
+        with one lock (the store's ``settling``)."""
+        with logs.batched(), self.metrics.batched():
+            yield
 
     def prune_daily(self):
         """The daily prune (the pool runs it on a thread of its own): old events, alerts, files. A

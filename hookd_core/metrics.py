@@ -1,9 +1,12 @@
 """Prometheus text metrics: counters kept in memory, queue gauges read from the store at scrape time.
 
-Strategy: the request path only bumps a dict entry under a lock (cheap); everything about the queue is
-computed when ``/metrics`` is scraped, from the events table, so the numbers cannot drift from the truth.
+Strategy: the request path only bumps a dict entry under a lock (cheap), and the store's writer, which
+answers a whole commit group at once, counts the group's answers in a dict of its own and adds them under
+the lock once at the group's end (``batched``); everything about the queue is computed when ``/metrics``
+is scraped, from the events table, so the numbers cannot drift from the truth.
 """
 
+import contextlib
 import threading
 import time
 
@@ -23,13 +26,36 @@ class Metrics:
         self.job_sum = 0.0
         self.job_count = 0
         self.leases_expired = {}  # route -> n
+        self._held = threading.local()  # .counts: the requests a thread counts inside ``batched()``
 
     def request(self, route, code):
+        key = (route, code)
+        held = getattr(self._held, "counts", None)
+        if held is not None:
+            held[key] = held.get(key, 0) + 1
+            return
         with self._lock:
-            key = (route, code)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            if code == 401:
-                self.verify_failures[route] = self.verify_failures.get(route, 0) + 1
+            self._add(key, 1)
+
+    def _add(self, key, n):
+        self.requests[key] = self.requests.get(key, 0) + n
+        if key[1] == 401:
+            self.verify_failures[key[0]] = self.verify_failures.get(key[0], 0) + n
+
+    @contextlib.contextmanager
+    def batched(self):
+        """Hold the requests this thread counts inside the block and add them at its end with one
+        lock: the store's writer counts a whole commit group's answers this way (a lock a request cost
+        it ~0.4 µs, a dict entry of its own ~0.1). They show in ``render`` once the block ends, right
+        after the group's last answer."""
+        self._held.counts = held = {}
+        try:
+            yield
+        finally:
+            self._held.counts = None
+            with self._lock:
+                for key, n in held.items():
+                    self._add(key, n)
 
     def dead(self, route):
         with self._lock:

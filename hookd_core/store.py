@@ -306,6 +306,9 @@ class Store:
         # fn(conn, event_id, error), run inside every transaction that moves an event from running to dead
         # (a worker's last attempt, a remote worker's dead, an expired last lease): the App queues its alert
         self.on_dead = None
+        # the context a commit group's answers run in (``_settle``): their log lines written together; the
+        # App adds its metrics' batch (``Metrics.batched``)
+        self.settling = logs.batched
         self._conn = self._connect()
         try:
             migrate(self._conn)
@@ -573,7 +576,7 @@ class Store:
             conn.close()
 
     def _settle(self, group):
-        with logs.batched():  # the group's answers log one line each, written together
+        with self.settling():  # the group's answers log one line each, written together
             for op in group:
                 op.settle(self._log_exception)
 

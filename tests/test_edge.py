@@ -604,6 +604,25 @@ class PreparedAnswerTest(unittest.TestCase):
         self.assertEqual(lines, ["event=6 202 h stored event 6 from %s" % self.answer.client])
         self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
 
+    def test_a_groups_answers_are_counted_at_its_end_with_one_lock(self):
+        """The App's store counts a commit group's answers in a dict of its own (``Metrics.batched``) and
+        adds them to the metrics when the group's last answer is out: inside the group nothing shows yet."""
+        self.app.open_store()
+        self.addCleanup(self.app.store.close)
+        seen = []
+
+        def then(result, error):
+            self.app.metrics.request("h", 202)
+            self.app.metrics.request("h", 401)
+            seen.append((dict(self.app.metrics.requests), dict(self.app.metrics.verify_failures)))
+        self.app.store.submit_events("h", [{"dedupe_key": None, "serial_key": None, "headers": "{}",
+                                            "content_type": None, "body": b"{}", "payload": None}], then=then)
+        self.assertEqual(seen, [({}, {})])
+        self.assertEqual(self.app.metrics.requests, {("h", 202): 1, ("h", 401): 1})
+        self.assertEqual(self.app.metrics.verify_failures, {"h": 1})
+        self.app.metrics.request("h", 202)  # outside a group: counted at once
+        self.assertEqual(self.app.metrics.requests[("h", 202)], 2)
+
 
 def _batch_threads():
     """The ids of this process's threads whose scheduling policy is SCHED_BATCH (/proc: stat field 41)."""
