@@ -491,20 +491,21 @@ class Store:
         return todo
 
     def _prepare_forever(self):
-        """Prepare answers while the core would idle. The thread waits for work as SCHED_IDLE, so it runs
-        only once the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which
-        would only delay the COMMIT), and prepares as a normal thread: it holds the GIL then, and a
-        SCHED_IDLE thread holding it could be starved by any busy process on the core. Started only where
-        a thread can leave SCHED_IDLE (``_idle_reversible``); should that stop (RLIMIT_NICE lowered while
-        hookd runs), the thread ends and answers are made after the COMMIT again."""
-        idle = set_policy(os.SCHED_IDLE)
+        """Prepare answers while the core would idle. The thread runs as SCHED_BATCH: woken by the writer
+        right before its COMMIT, a batch thread does not preempt the thread on the core, so it runs once
+        the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which would only
+        delay the COMMIT), and it holds the GIL at the normal share of the core, which no busy process can
+        starve. One policy for good: waiting as SCHED_IDLE and preparing as SCHED_OTHER cost two
+        ``sched_setscheduler`` calls a group, ~7 µs of CPU each in the daemon, and the switch to SCHED_IDLE
+        often took the core from the thread while it held the GIL (docs/performance.md). Where the call is
+        refused, the thread ends and answers are made after the COMMIT, as without it."""
+        if not set_policy(os.SCHED_BATCH):
+            self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
+            return
         while True:
             todo = self._to_prepare.get()
             if todo is None:
                 return  # the store is closed
-            if idle and not set_policy(os.SCHED_OTHER):
-                self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
-                return
             while True:
                 try:
                     prepare, result = todo.popleft()
@@ -514,8 +515,6 @@ class Store:
                     prepare(result)
                 except Exception:  # the answer is then made after the commit, as without preparing
                     self._log_exception()
-            if idle:
-                set_policy(os.SCHED_IDLE)
 
     def _checkpoint_ahead(self):
         """Have the checkpointing thread copy the WAL into the database when CHECKPOINT_AHEAD frames of
