@@ -226,21 +226,6 @@ def set_policy(policy):
         return False
 
 
-def _idle_reversible():
-    """True when a thread of this process can take SCHED_IDLE and then SCHED_OTHER back: root,
-    CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more. An unprivileged process (hookd's unit: DynamicUser, no
-    capabilities, RLIMIT_NICE 0) can take it but never leave it (sched(7)). Tried on a thread of its own,
-    which then ends with whatever policy it was left."""
-    if not hasattr(os, "SCHED_IDLE"):
-        return False
-    answer = []
-    probe = threading.Thread(target=lambda: answer.append(set_policy(os.SCHED_IDLE) and set_policy(os.SCHED_OTHER)),
-                             name="hookd-probe")
-    probe.start()
-    probe.join()
-    return answer == [True]
-
-
 def _run_fn(conn, op, isolate):
     """Run a function operation; inside a savepoint when others share the transaction, so that one
     that raises is rolled back alone. False when it failed alone (the transaction is rolled back)."""
@@ -321,7 +306,7 @@ class Store:
         self._full = threading.Lock()  # released by the submitter that queues the request _want waits for
         self._full.acquire()
         self._preparer = None  # the thread that prepares a group's answers during its COMMIT (``_prepare``);
-        #                        False where none may (``_idle_reversible``)
+        #                        False where none can start or take its policy
         self._to_prepare = None
         self._checkpointer = None  # the thread that copies the WAL ahead of sqlite's automatic checkpoint
         #                            (``_checkpoint_ahead``); False where none could start
@@ -474,19 +459,15 @@ class Store:
         if len(todo) < PREPARE_AT or self._preparer is False:
             return todo
         if self._preparer is None:
-            try:  # asked once, at the first group this size: then never prepared
-                if not _idle_reversible():
-                    self._preparer = False
-                    return todo
+            try:  # started once, at the first group this size
                 self._to_prepare = queue.SimpleQueue()
-                preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
-                preparer.start()
+                self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
+                self._preparer.start()  # set first: a thread refused its policy sets False at once
             except RuntimeError as e:  # no thread can start now (TasksMax, RLIMIT_NPROC): answered as ever
                 self._preparer = False
                 if self.log is not None:
                     self.log.warning("answers are made after each commit: no thread to prepare them (%s)", e)
                 return todo
-            self._preparer = preparer
         self._to_prepare.put(todo)
         return todo
 
@@ -499,7 +480,7 @@ class Store:
         ``sched_setscheduler`` calls a group, ~7 µs of CPU each in the daemon, and the switch to SCHED_IDLE
         often took the core from the thread while it held the GIL (docs/performance.md). Where the call is
         refused, the thread ends and answers are made after the COMMIT, as without it."""
-        if not set_policy(os.SCHED_BATCH):
+        if not (hasattr(os, "SCHED_BATCH") and set_policy(os.SCHED_BATCH)):
             self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
             return
         while True:
