@@ -21,10 +21,15 @@ last ``STDERR_TAIL`` bytes of stderr (its last words: where it says why it faile
 caller reads), and discarding the rest, so memory stays flat whatever a program prints; at its timeout
 the whole tree gets SIGKILL. ``run`` is
 ``start`` (the pipes) and ``wait``, which takes several programs: it forks them back to back (no GIL
-release in between) and polls them together, so one thread can run a batch of jobs' commands.
+release in between) and polls them together, so one thread can run a batch of jobs' commands. The system
+calls around a worker's forks and after its poll (closing fds, reading /proc files and pipes the poll
+found ready, writing stdin, reaping a child that has exited) keep the GIL (libc through ``ctypes.PyDLL``):
+none of them blocks, and a worker that gives the GIL up while intake is busy waits behind every request
+thread; a file read out of a child's memory (environ) still gives it up.
 """
 
 import contextlib
+import errno
 import os
 import secrets as secrets_mod
 import select
@@ -190,7 +195,9 @@ class _Spawned:
     def wait(self):
         if self.returncode is None:
             try:
-                status = os.waitpid(self.pid, 0)[1]
+                status = _reaped(self.pid)  # it has exited (a zombie) when ``end`` reaps it
+                if status is None:
+                    status = os.waitpid(self.pid, 0)[1]
             except ChildProcessError:  # reaped elsewhere: what Popen says then
                 status = 0
             self.returncode = os.waitstatus_to_exitcode(status)
@@ -274,7 +281,7 @@ def start(argv, stdin=b"", timeout=300, env=None, cwd=None, keep_stdout=True):
     except BaseException:
         for fd in (stdin_r, stdin_w, out_r, out_w if keep_stdout else -1):
             if fd >= 0:
-                os.close(fd)
+                _close(fd)
         raise
     return Running(argv, env, cwd, [stdin_w, out_r, err_r], [stdin_r, out_w if keep_stdout else -1, err_w],
                    out_w, stdin, timeout)
@@ -338,20 +345,20 @@ class Running:
         finally:
             for i, fd in enumerate(self.theirs):
                 if fd >= 0:
-                    os.close(fd)
+                    _close(fd)
                     self.theirs[i] = -1
         self.deadline = time.monotonic() + self.timeout
         self.pidfd = _pidfd(self.child.pid)
 
     def _close(self, i):
-        os.close(self.fds[i])
+        _close(self.fds[i])
         self.fds[i] = -1
 
     def _close_all(self):
         for fds in (self.fds, self.theirs):
             for i, fd in enumerate(fds):
                 if fd >= 0:
-                    os.close(fd)
+                    _close(fd)
                     fds[i] = -1
 
     def polled(self):
@@ -371,7 +378,7 @@ class Running:
             if not self.view:
                 self._close(0)
         else:
-            chunk = os.read(fd, READ_CHUNK)
+            chunk = _read_fd(fd, READ_CHUNK)
             if chunk:
                 (self.out if fd == self.fds[1] else self.err).add(chunk)
             else:
@@ -394,7 +401,7 @@ class Running:
         """Close what is left, kill what is left of its tree and reap it (``end``); sets ``finished``."""
         self._close_all()
         if self.pidfd is not None:
-            os.close(self.pidfd)
+            _close(self.pidfd)
             self.pidfd = None
         if not timed_out:
             _zombies.add(self.child.pid)
@@ -493,7 +500,7 @@ def _pidfd(pid):
 def _write(fd, view):
     """Write what the pipe takes now; returns what is left (nothing when the reader has gone)."""
     try:
-        n = os.write(fd, view[:WRITE_CHUNK])
+        n = _write_fd(fd, view[:WRITE_CHUNK])
     except BlockingIOError:
         return view
     except (BrokenPipeError, ConnectionResetError):
@@ -501,24 +508,131 @@ def _write(fd, view):
     return view[n:]
 
 
+# -- system calls that keep the GIL ---------------------------------------------------------------------
+# A worker's system calls between its forks and its poll, and after the poll up to its next forks (a pipe's
+# end closed, a /proc file read, a pipe read after the poll said it is ready): each takes microseconds and
+# never blocks, but through ``os`` each gives up the GIL, and while intake keeps dozens of request threads
+# waiting for it, a worker that gives it up waits its turn behind all of them (milliseconds) before its
+# next line. Called through a ``ctypes.PyDLL`` of libc they keep it. Where ctypes or libc cannot be had
+# they are ``os``'s own.
+
+def _load_libc():
+    try:
+        import ctypes
+        libc = ctypes.PyDLL(None, use_errno=True)
+        int, size, ssize = ctypes.c_int, ctypes.c_size_t, ctypes.c_ssize_t
+        for name, args, result in (("close", [int], int), ("open", [ctypes.c_char_p, int], int),
+                                   ("waitpid", [int, ctypes.POINTER(int), int], int),
+                                   ("read", [int, ctypes.c_void_p, size], ssize),
+                                   ("pread", [int, ctypes.c_void_p, size, ctypes.c_long], ssize),
+                                   ("write", [int, ctypes.c_char_p, size], ssize)):
+            getattr(libc, name).argtypes, getattr(libc, name).restype = args, result
+        return ctypes, libc
+    except (ImportError, OSError, AttributeError):
+        return None, None
+
+
+_loaded = []  # [(ctypes, libc)], or [(None, None)] without them: loaded at the first call (~0.4 MB; a
+#               hookd that runs no program never loads ctypes)
+
+
+def _libc():
+    """(ctypes, libc as a ``ctypes.PyDLL``), or (None, None) where either cannot be had (not glibc)."""
+    if not _loaded:
+        _loaded.append(_load_libc() if POSIX_SPAWN else (None, None))
+    return _loaded[0]
+
+
+def _call(fn, *args):
+    """``fn(*args)`` of libc, again while it is interrupted; raises OSError (its subclass by errno, as
+    ``os`` does) when it fails."""
+    while True:
+        result = fn(*args)
+        if result >= 0:
+            return result
+        err = _libc()[0].get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _buffer(ctypes, size):
+    """This thread's read buffer, at least ``size`` bytes (at most READ_CHUNK are ever asked for)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = ctypes.create_string_buffer(max(size, 4096))
+    return buf
+
+
+def _close(fd):
+    ctypes, libc = _libc()
+    if libc is None:
+        return os.close(fd)
+    if libc.close(fd) < 0 and ctypes.get_errno() != errno.EINTR:  # never again after EINTR: it is closed
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _open(path, flags):
+    libc = _libc()[1]
+    if libc is None:
+        return os.open(path, flags)
+    return _call(libc.open, os.fsencode(path), flags | os.O_CLOEXEC)
+
+
+def _read_fd(fd, size):
+    ctypes, libc = _libc()
+    if libc is None:
+        return os.read(fd, size)
+    buf = _buffer(ctypes, size)
+    return ctypes.string_at(buf, _call(libc.read, fd, buf, size))
+
+
+def _pread(fd, size, offset):
+    ctypes, libc = _libc()
+    if libc is None:
+        return os.pread(fd, size, offset)
+    buf = _buffer(ctypes, size)
+    return ctypes.string_at(buf, _call(libc.pread, fd, buf, size, offset))
+
+
+def _reaped(pid):
+    """The wait status of ``pid`` if it has exited (reaped now), else None (it has not, or no libc here)."""
+    ctypes, libc = _libc()
+    if libc is None:
+        return None
+    status = ctypes.c_int()
+    return status.value if _call(libc.waitpid, pid, ctypes.byref(status), os.WNOHANG) == pid else None
+
+
+def _write_fd(fd, data):
+    libc = _libc()[1]
+    if libc is None:
+        return os.write(fd, data)
+    data = bytes(data)
+    return _call(libc.write, fd, data, len(data))
+
+
 # -- the process tree in /proc ------------------------------------------------------------------------
 
-def _read(path, size=4096):
+def _read(path, size=4096, their_memory=False):
     """The start of a /proc file, at most ``size`` bytes, or None when it cannot be read (three system
     calls for a small file, no file object: a tree walk reads hundreds of these). It asks for READ_CHUNK
     at a time: a read allocates what it asks for, and an environment of a few KB read against its 1 MiB
-    limit held 1 MiB each time."""
+    limit held 1 MiB each time. A file that is read out of the process's own memory (``their_memory``:
+    environ) is read through ``os``, without the GIL: a page of it the process made fault slowly (a
+    userfaultfd or FUSE mapping of a hostile child) would hold that read, and it must not hold hookd."""
+    opened, read, close = (os.open, os.read, os.close) if their_memory else (_open, _read_fd, _close)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = opened(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        data = os.read(fd, min(size, READ_CHUNK))
+        data = read(fd, min(size, READ_CHUNK))
         if len(data) < READ_CHUNK:  # less than was asked (or all that was asked): nothing more to read
             return data
         parts, got = [data], len(data)
         while got < size:
-            part = os.read(fd, min(size - got, READ_CHUNK))
+            part = read(fd, min(size - got, READ_CHUNK))
             if not part:
                 break
             parts.append(part)
@@ -527,7 +641,7 @@ def _read(path, size=4096):
     except OSError:
         return None
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def start_time(pid):
@@ -565,7 +679,7 @@ def _kept_fd(path, flags=os.O_RDONLY):
 def _reread(path, size=4096):
     """The start of a /proc file kept open (one system call instead of three), or None."""
     try:
-        return os.pread(_kept_fd(path), size, 0)
+        return _pread(_kept_fd(path), size, 0)
     except OSError:
         return None
 
@@ -632,7 +746,7 @@ def _processes():
 
 def _carries(pid, marker):
     """True when ``pid``'s HOOKD_JOB is ``marker`` or nested in it (starts with "marker.")."""
-    environ = _read("/proc/%d/environ" % pid, 1 << 20)
+    environ = _read("/proc/%d/environ" % pid, 1 << 20, their_memory=True)
     if environ is None:
         return False
     setting = b"\0%s=%s" % (MARKER.encode(), marker.encode())
@@ -752,4 +866,4 @@ def _kill(pid, started):
         return 0
     finally:
         if fd is not None:
-            os.close(fd)
+            _close(fd)

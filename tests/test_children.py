@@ -7,6 +7,7 @@ writes, or ffmpeg by the camera URL in its command line. ``proc`` is also called
 command action and the labelers call it.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -310,6 +311,49 @@ class StartTest(Base):
         code = ("import os, sys; fd = os.open(os.devnull, os.O_RDONLY); os.set_inheritable(fd, True); "
                 "from hookd_core import proc; sys.stdout.buffer.write(proc.run(%r).stdout)" % INSPECT)
         self.inspect(subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, timeout=60).stdout)
+
+
+class GilKeepingCallsTest(unittest.TestCase):
+    """The system calls a worker makes around its forks (closing pipe ends, reading /proc, reading a pipe
+    the poll found ready, writing stdin) go to libc through a ``ctypes.PyDLL``, which keeps the GIL, and
+    give what ``os``'s would: the bytes, the count, and the same OSError subclass by errno."""
+
+    @unittest.skipUnless(proc.POSIX_SPAWN, "glibc only")
+    def test_they_keep_the_gil_and_answer_as_os_does(self):
+        import ctypes
+        self.assertIsInstance(proc._libc()[1], ctypes.PyDLL)
+        fd = proc._open("/proc/self/stat", os.O_RDONLY)
+        try:
+            self.assertFalse(os.get_inheritable(fd))
+            self.assertEqual(proc._read_fd(fd, 4096).split()[0], str(os.getpid()).encode())
+            self.assertEqual(proc._pread(fd, 4096, 0), os.pread(fd, 4096, 0))
+            self.assertEqual(proc._pread(fd, 4096, 1 << 20), b"")
+        finally:
+            proc._close(fd)
+        with self.assertRaises(OSError) as bad:
+            proc._close(fd)
+        self.assertEqual(bad.exception.errno, errno.EBADF)
+        self.assertRaises(FileNotFoundError, proc._open, "/proc/self/no-such-file", os.O_RDONLY)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.assertEqual(proc._write_fd(w, memoryview(b"abc")), 3)
+        self.assertEqual(proc._read_fd(r, 10), b"abc")
+        with self.assertRaises(BlockingIOError):
+            while True:
+                proc._write_fd(w, b"x" * 65536)
+        proc._close(r)
+        self.assertRaises(BrokenPipeError, proc._write_fd, w, b"x")
+        proc._close(w)
+        r, w = os.pipe()
+        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", "read x; exit 7"], {},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)])
+        os.close(r)
+        self.assertIsNone(proc._reaped(pid), "still running: not waited for")
+        os.close(w)
+        wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None, 10,
+                   message="the shell to exit")
+        self.assertEqual(os.waitstatus_to_exitcode(proc._reaped(pid)), 7)
+        self.assertRaises(ChildProcessError, proc._reaped, pid)
 
 
 class SiblingTest(Base):
