@@ -229,6 +229,21 @@ def set_policy(policy):
         return False
 
 
+def _idle_reversible():
+    """True when a thread of this process can take SCHED_IDLE and then SCHED_OTHER back: root,
+    CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more. An unprivileged process (hookd's unit: DynamicUser, no
+    capabilities, RLIMIT_NICE 0) can take it but never leave it (sched(7)). Tried on a thread of its own,
+    which then ends with whatever policy it was left."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    answer = []
+    probe = threading.Thread(target=lambda: answer.append(set_policy(os.SCHED_IDLE) and set_policy(os.SCHED_OTHER)),
+                             name="hookd-probe")
+    probe.start()
+    probe.join()
+    return answer == [True]
+
+
 def _run_fn(conn, op, isolate):
     """Run a function operation; inside a savepoint when others share the transaction, so that one
     that raises is rolled back alone. False when it failed alone (the transaction is rolled back)."""
@@ -309,7 +324,7 @@ class Store:
         self._full = threading.Lock()  # released by the submitter that queues the request _want waits for
         self._full.acquire()
         self._preparer = None  # the thread that prepares a group's answers during its COMMIT (``_prepare``);
-        #                        False where none can start or take its policy
+        #                        False where none may (``_idle_reversible``)
         self._to_prepare = None
         self._checkpointer = None  # the thread that copies the WAL ahead of sqlite's automatic checkpoint
         #                            (``_checkpoint_ahead``); False where none could start
@@ -462,34 +477,37 @@ class Store:
         if len(todo) < PREPARE_AT or self._preparer is False:
             return todo
         if self._preparer is None:
-            try:  # started once, at the first group this size
+            try:  # asked once, at the first group this size: then never prepared
+                if not _idle_reversible():
+                    self._preparer = False
+                    return todo
                 self._to_prepare = queue.SimpleQueue()
-                self._preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
-                self._preparer.start()  # set first: a thread refused its policy sets False at once
+                preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
+                preparer.start()
             except RuntimeError as e:  # no thread can start now (TasksMax, RLIMIT_NPROC): answered as ever
                 self._preparer = False
                 if self.log is not None:
                     self.log.warning("answers are made after each commit: no thread to prepare them (%s)", e)
                 return todo
+            self._preparer = preparer
         self._to_prepare.put(todo)
         return todo
 
     def _prepare_forever(self):
-        """Prepare answers while the core would idle. The thread runs as SCHED_BATCH: woken by the writer
-        right before its COMMIT, a batch thread does not preempt the thread on the core, so it runs once
-        the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which would only
-        delay the COMMIT), and it holds the GIL at the normal share of the core, which no busy process can
-        starve. One policy for good: waiting as SCHED_IDLE and preparing as SCHED_OTHER cost two
-        ``sched_setscheduler`` calls a group, ~7 µs of CPU each in the daemon, and the switch to SCHED_IDLE
-        often took the core from the thread while it held the GIL (docs/performance.md). Where the call is
-        refused, the thread ends and answers are made after the COMMIT, as without it."""
-        if not (hasattr(os, "SCHED_BATCH") and set_policy(os.SCHED_BATCH)):
-            self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
-            return
+        """Prepare answers while the core would idle. The thread waits for work as SCHED_IDLE, so it runs
+        only once the writer sleeps in the COMMIT's fdatasync (never ahead of the writer's own work, which
+        would only delay the COMMIT), and prepares as a normal thread: it holds the GIL then, and a
+        SCHED_IDLE thread holding it could be starved by any busy process on the core. Started only where
+        a thread can leave SCHED_IDLE (``_idle_reversible``); should that stop (RLIMIT_NICE lowered while
+        hookd runs), the thread ends and answers are made after the COMMIT again."""
+        idle = set_policy(os.SCHED_IDLE)
         while True:
             todo = self._to_prepare.get()
             if todo is None:
                 return  # the store is closed
+            if idle and not set_policy(os.SCHED_OTHER):
+                self._preparer = False  # what it was given is made after the COMMIT (``_run_group``)
+                return
             while True:
                 try:
                     prepare, result = todo.popleft()
@@ -499,6 +517,8 @@ class Store:
                     prepare(result)
                 except Exception:  # the answer is then made after the commit, as without preparing
                     self._log_exception()
+            if idle:
+                set_policy(os.SCHED_IDLE)
 
     def _checkpoint_ahead(self):
         """Have the checkpointing thread copy the WAL into the database when CHECKPOINT_AHEAD frames of

@@ -53,15 +53,6 @@ def wal_frames(path):
     return max(0, os.path.getsize(path + "-wal") - 32) // (4096 + 24)
 
 
-def _batch_allowed():
-    """True when a thread of this process may take SCHED_BATCH (tried on a thread of its own)."""
-    allowed = []
-    probe = threading.Thread(target=lambda: allowed.append(store_module.set_policy(os.SCHED_BATCH)))
-    probe.start()
-    probe.join()
-    return allowed == [True]
-
-
 def row(key=None, body=b"{}", serial=None):
     return {"dedupe_key": key, "serial_key": serial, "headers": "{}", "content_type": "application/json",
             "body": body, "payload": None}
@@ -440,15 +431,15 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(sum(s == "queued" for _, s in stored), len(first))
         self.assertEqual(sorted(k for k, s in stored if s == "queued"), sorted(first))
 
-    @unittest.skipUnless(_batch_allowed(), "this system refuses SCHED_BATCH: answers are never prepared here")
+    @unittest.skipUnless(store_module._idle_reversible(), "this process could not leave SCHED_IDLE (unprivileged):"
+                         " answers are never prepared here (the test below)")
     def test_a_groups_answers_are_prepared_on_a_thread_of_their_own(self):
         # While the writer's COMMIT waits for the disk, another thread makes the group's answers
         # (``then.prepare(result)``), so that after the COMMIT only their sends are left. That thread runs
         # only while the core would idle and the writer never waits for it: an answer not prepared by the
         # end of the COMMIT is made as before. So groups of 16 are committed until one has answers that
         # were prepared (on a busy machine the first may not); whatever is prepared is prepared once, on
-        # that thread, with the very result its answer then gets. The thread is SCHED_BATCH, waiting for
-        # work as well as preparing (no policy switched twice a group).
+        # that thread, with the very result its answer then gets.
         prepared, seen, n = [], [], 16  # a group of 16 requests, as 16 connections make (PREPARE_AT or more)
 
         class Then:
@@ -475,7 +466,6 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.visible("p"), n * groups)
         preparing = [t for t in threading.enumerate() if t.name == "hookd-prepare" and t.ident == prepared[0][3]]
         self.assertEqual(len(preparing), 1)
-        self.assertEqual(os.sched_getscheduler(preparing[0].native_id), os.SCHED_BATCH)  # waiting for work
         self.store.close()  # and the thread ends with its store
         preparing[0].join(30)
         self.assertFalse(preparing[0].is_alive())
@@ -484,9 +474,8 @@ class StoreTest(unittest.TestCase):
         # An unprivileged process (hookd's unit: DynamicUser, no capabilities, RLIMIT_NICE 0) may take
         # SCHED_IDLE but not leave it (sched(7)). A preparing thread stuck there would hold the GIL at idle
         # priority whenever it prepares, and any busy process on the core (an ffmpeg job) could starve every
-        # thread of hookd. No thread of the store takes SCHED_IDLE (the preparing thread is SCHED_BATCH,
-        # which any process may take and leave), and every request is answered. Run in a process of its
-        # own, unprivileged: RLIMIT_NICE 0, and not root.
+        # thread of hookd. There the answers are made after the COMMIT as before, and no thread of the store
+        # takes SCHED_IDLE. Run in a process of its own, unprivileged: RLIMIT_NICE 0, and not root.
         answered, errors, policies = run_unprivileged("""
             def policies():
                 seen = set()
