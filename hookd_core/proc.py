@@ -532,7 +532,7 @@ def _load_libc():
         return None, None
 
 
-_loaded = []  # [(ctypes, libc)], or [(None, None)] without them: loaded at the first call (~0.4 MB; a
+_loaded = []  # [(ctypes, libc)], or [(None, None)] without them: loaded at the first call (~1 MB; a
 #               hookd that runs no program never loads ctypes)
 
 
