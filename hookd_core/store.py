@@ -476,22 +476,29 @@ class Store:
                       if op.rows is not None and op.error is None and getattr(op.then, "prepare", None) is not None])
         if len(todo) < PREPARE_AT or self._preparer is False:
             return todo
-        if self._preparer is None:
-            try:  # asked once, at the first group this size: then never prepared
-                if not _idle_reversible():
-                    self._preparer = False
-                    return todo
-                self._to_prepare = queue.SimpleQueue()
-                preparer = threading.Thread(target=self._prepare_forever, name="hookd-prepare", daemon=True)
-                preparer.start()
-            except RuntimeError as e:  # no thread can start now (TasksMax, RLIMIT_NPROC): answered as ever
-                self._preparer = False
-                if self.log is not None:
-                    self.log.warning("answers are made after each commit: no thread to prepare them (%s)", e)
+        if self._preparer is None:  # asked once, at the first group this size: then never prepared
+            self._to_prepare = queue.SimpleQueue()
+            self._preparer = self._helper(self._prepare_forever, "hookd-prepare", _idle_reversible,
+                                          "answers are made after each commit: no thread to prepare them")
+            if not self._preparer:
                 return todo
-            self._preparer = preparer
         self._to_prepare.put(todo)
         return todo
+
+    def _helper(self, target, name, allowed, without):
+        """A daemon thread of the store running ``target``, started the first time it is wanted; False
+        where ``allowed()`` says no, or where no thread can start now (TasksMax, RLIMIT_NPROC: ``without``
+        is logged once), and the store does without it for good."""
+        try:
+            if not allowed():
+                return False
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            return thread
+        except RuntimeError as e:
+            if self.log is not None:
+                self.log.warning("%s (%s)", without, e)
+            return False
 
     def _prepare_forever(self):
         """Prepare answers while the core would idle. The thread waits for work as SCHED_IDLE, so it runs
@@ -528,17 +535,11 @@ class Store:
         if self._checkpointer is False or self._checkpointing or self._wal_behind() < CHECKPOINT_AHEAD:
             return
         if self._checkpointer is None:
-            try:
-                self._to_checkpoint = queue.SimpleQueue()
-                checkpointer = threading.Thread(target=self._checkpoint_forever, name="hookd-checkpoint",
-                                                daemon=True)
-                checkpointer.start()
-            except RuntimeError as e:  # TasksMax, RLIMIT_NPROC: sqlite's automatic checkpoint does it all
-                self._checkpointer = False
-                if self.log is not None:
-                    self.log.warning("the WAL is copied inside the commits: no thread to copy it ahead (%s)", e)
+            self._to_checkpoint = queue.SimpleQueue()
+            self._checkpointer = self._helper(self._checkpoint_forever, "hookd-checkpoint", lambda: True,
+                                              "the WAL is copied inside the commits: no thread to copy it ahead")
+            if not self._checkpointer:
                 return
-            self._checkpointer = checkpointer
         self._checkpointing = True
         self._to_checkpoint.put(True)
 
