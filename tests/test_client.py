@@ -181,6 +181,16 @@ class KeepAliveTest(unittest.TestCase):
         self.assertEqual((reply.status, reply.body), (200, b"ok"))  # B's own answer, not "stray"
         self.assertEqual((up.bodies, up.connections), ([b"A", b"B"], 2))
 
+    def test_a_connection_that_sent_more_than_its_answer_is_not_kept(self):
+        """Bytes that came with an answer, past its end, were asked for by nobody: that connection is
+        closed, not kept for the next forward (old code dropped them unread with http.client's buffer and
+        sent the next request on it)."""
+        up = self.upstream([OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray", OK])
+        self.assertEqual(client.request("POST", up.url + "/in", body=b"A", timeout=5, keep_alive=True).body, b"ok")
+        reply = client.request("POST", up.url + "/in", body=b"B", timeout=5, keep_alive=True)
+        self.assertEqual((reply.status, reply.body), (200, b"ok"))
+        self.assertEqual((up.bodies, up.connections), ([b"A", b"B"], 2))
+
     def test_a_request_the_upstream_took_whole_is_not_sent_twice(self):
         """Closed after reading the request, without an answer: the upstream may have acted on it, so it
         is a NetworkError (the event is retried later), never a second delivery inside one call."""
@@ -209,6 +219,70 @@ class KeepAliveTest(unittest.TestCase):
         self.assertLess(abs(took - 2), 1, "took %.1fs" % took)
         self.assertIn("within 2s", str(cm.exception))
         self.assertEqual((up.requests, up.connections), (2, 1))  # the second went on the kept connection
+
+
+class WireTest(unittest.TestCase):
+    """The answer as an upstream may frame it, read by the client's own parser: every length rule of
+    HTTP/1.1, and a clear NetworkError (or Retry when too large) for what is not an answer."""
+
+    def ask(self, answer, method="POST", max_body=client.MAX_REPLY):
+        up = Upstream([answer])  # the answer whole, then the connection closed
+        self.addCleanup(up.close)
+        return client.request(method, up.url + "/in", body=b"{}", timeout=5, max_body=max_body)
+
+    def test_answers_framed_every_way_are_read_whole(self):
+        cases = [
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nok\r\n3\r\n!!!\r\n0\r\n"
+             b"Trailer: t\r\n\r\n", 200, b"ok!!!"),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx", 201, b"x"),
+            (b"HTTP/1.0 200 OK\r\n\r\nall of it", 200, b"all of it"),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+            (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 200, b"ok"),  # bare LF line ends
+            (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nto the end", 200, b"to the end"),
+        ]
+        for answer, status, body in cases:
+            reply = self.ask(answer)
+            self.assertEqual((reply.status, reply.body), (status, body), answer)
+
+    def test_headers_are_read_case_insensitively_folded_lines_joined(self):
+        reply = self.ask(b"HTTP/1.1 503 Busy\r\nretry-after:\r\n  7\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+        self.assertEqual((reply.status, client.retry_after(reply)), (503, 7))
+        self.assertEqual(reply.headers.get_all("set-cookie"), ["a=1", "b=2"])
+
+    def test_what_is_not_an_answer_is_a_network_error(self):
+        for answer in [b"garbage\r\n\r\n", b"HTTP/1.1 2000 Big\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n",
+                       b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+                       b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nok",
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n", b""]:
+            with self.assertRaises(client.NetworkError, msg=answer[:40]):
+                self.ask(answer)
+
+    def test_an_answer_larger_than_max_body_is_refused_every_way(self):
+        for answer in [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11,
+                       b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 11,
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nxxxxxx\r\n6\r\nxxxxxx\r\n0\r\n\r\n"]:
+            with self.assertRaises(Retry) as cm:
+                self.ask(answer, max_body=10)
+            self.assertIn("larger than 10 bytes", str(cm.exception))
+        self.assertEqual(self.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + b"x" * 10, max_body=10).body,
+                         b"x" * 10)
+
+    def test_the_answer_to_a_head_has_no_body(self):
+        reply = self.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")
+        self.assertEqual((reply.status, reply.body), (200, b""))
+
+    def test_a_request_that_could_break_its_framing_is_never_sent(self):
+        up = Upstream([OK])
+        self.addCleanup(up.close)
+        with self.assertRaises(client.NetworkError):
+            client.request("POST", up.url + "/in x", body=b"{}", timeout=5)
+        with self.assertRaises(ValueError):
+            client.request("POST", up.url + "/in", headers={"X-A": "1\r\nX-B: 2"}, body=b"{}", timeout=5)
+        with self.assertRaises(ValueError):
+            client.request("POST", up.url + "/in", headers={"X A:": "1"}, body=b"{}", timeout=5)
+        self.assertEqual(up.requests, 0)
 
 
 class TlsSetupTest(unittest.TestCase):
