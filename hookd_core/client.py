@@ -292,13 +292,14 @@ def _read_head(reader, method):
 
 
 def _read_headers(reader):
-    """The header lines up to the blank line (or EOF), folded lines joined, as an HTTPMessage."""
+    """The header lines up to the blank line (or EOF), folded lines joined, as an HTTPMessage. Every
+    line counts against MAX_HEADERS, folded and colon-less ones too (as http.client counts them)."""
     fields = []
-    while True:
+    for count in range(MAX_HEADERS + 1):
         line = reader.line("header line")
         if not line:
             break
-        if len(fields) >= MAX_HEADERS:
+        if count == MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
         text = str(line, "iso-8859-1")
         if text[0] in " \t":

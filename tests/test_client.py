@@ -253,6 +253,8 @@ class WireTest(unittest.TestCase):
     def test_what_is_not_an_answer_is_a_network_error(self):
         for answer in [b"garbage\r\n\r\n", b"HTTP/1.1 2000 Big\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n",
                        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+                       b"HTTP/1.1 200 OK\r\nX: y\r\n" + b" folded\r\n" * 100 + b"\r\n",  # every line counts
+                       b"HTTP/1.1 200 OK\r\n" + b"no colon\r\n" * 101 + b"\r\n",
                        b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nok",
                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n", b""]:
