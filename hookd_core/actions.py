@@ -8,7 +8,8 @@ other jobs' programs: ``proc.wait``) and returns the note. ``command`` runs a pr
 through ``proc.run`` (no shell, its whole tree killed on timeout, output capped as it arrives) with the
 event JSON on stdin and a clean environment (``job_env``: the HOOKD_* values and ``command.env`` names);
 ``forward`` POSTs the original bytes through ``client.request`` (one deadline for the whole call, never
-a redirect followed); ``teams`` posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a
+a redirect followed; of the answer, read whole whatever its size, only the first ANSWER_KEPT bytes are
+kept); ``teams`` posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a
 legacy MessageCard (https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/
 how-to/connectors-using). Both map the answer with ``client.check``. Notes and errors never contain
 secrets: program output is trimmed and the section's secret values are masked; URLs are logged without
@@ -28,6 +29,7 @@ from .api import Fail, Retry
 MAX_NOTE = 300          # characters of a program's stderr kept in last_error
 TEAMS_FORMATS = ("adaptive", "messagecard")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ANSWER_KEPT = 4096      # bytes of a forward's or a Teams post's answer kept: only its status and start are read
 
 
 # -- command -------------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ def forward(ctx, integration):
     headers = {"Content-Type": ctype, "User-Agent": "hookd", "X-Hookd-Event-Id": str(ctx.id),
                "X-Hookd-Route": str(ctx.route), "X-Hookd-Attempt": str(ctx.attempt)}
     reply = client.request("POST", url, headers=headers, body=body, timeout=conf.float("forward.timeout"),
-                           keep_alive=True)
+                           keep_alive=True, keep=ANSWER_KEPT)
     where = client.redact_url(url)
     # Any answer but 2xx is retried (the receiver may be down or redeploying); credentials refused
     # (401/403) are dead at once, as for every outbound call.
@@ -192,7 +194,7 @@ def post_teams(url, fmt, card, timeout=30):
         raise Fail("teams.format must be adaptive or messagecard, not %r" % fmt)
     doc = adaptive_card(card) if fmt == "adaptive" else message_card(card)
     reply = client.request("POST", url, headers={"Content-Type": "application/json", "User-Agent": "hookd"},
-                           body=json.dumps(doc).encode("utf-8"), timeout=timeout)
+                           body=json.dumps(doc).encode("utf-8"), timeout=timeout, keep=ANSWER_KEPT)
     host = urllib.parse.urlsplit(url).hostname
     if reply.ok and b"HTTP error 429" in reply.body[:1000]:
         raise Retry("teams (%s) throttled: connector answered 2xx with an HTTP 429 text" % host, after=60)

@@ -93,12 +93,15 @@ def redact_url(url):
 
 
 def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None, max_body=MAX_REPLY,
-            context=None, keep_alive=False):
+            context=None, keep_alive=False, keep=None):
     """Send one request and return its Reply within ``timeout`` seconds in all. Raises NetworkError
     (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed). With
     ``keep_alive`` the connection is kept for the next call to the same place (``_Idle``); a kept one
     that the upstream closed meanwhile is replaced, once, when that shows before the request went out
-    whole."""
+    whole. With ``keep`` (bytes) the answer's body is read whole whatever its size, within the deadline,
+    and only its first ``keep`` bytes are kept, instead of refused past ``max_body``: for callers that
+    read only the status and an excerpt (forward, Teams), whose memory an upstream's answer must not
+    grow."""
     scheme, host, port, path = split_url(url)
     if allowed_hosts is not None and host.lower() not in {h.lower() for h in allowed_hosts}:
         raise Fail("host %s is not in the allowed hosts" % host)
@@ -127,7 +130,7 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
             conn.sock.sendall(wire)
         reader = _Reader(conn.sock)
         status, head, length, closes = _read_head(reader, method)
-        data = _read_body(reader, length, max_body)
+        data = _read_body(reader, length, max_body, keep)
         if watch.cut:  # an answer without a length ends at EOF: the cut would look like its end
             raise socket.timeout("cut off")
         _deadlines.forget(watch)
@@ -315,46 +318,73 @@ def _read_headers(reader):
     return head
 
 
-def _read_body(reader, length, max_body):
+def _read_body(reader, length, max_body, keep=None):
     """The answer's body: ``length`` bytes, chunked, or (-1) up to EOF; more than ``max_body`` bytes is a
-    Retry; one cut short (before its Content-Length, a chunk or the last chunk) an IncompleteRead."""
+    Retry; one cut short (before its Content-Length, a chunk or the last chunk) an IncompleteRead. With
+    ``keep``, the body is read whole in pieces, whatever its size (the deadline bounds the time), and
+    only its first ``keep`` bytes are kept."""
+    body = _Body(max_body, keep)
     if length == "chunked":
-        return _read_chunked(reader, max_body)
-    if length > max_body:
-        raise Retry("upstream answer larger than %d bytes" % max_body)
-    if length < 0:
-        data = reader.take(max_body + 1)
-        if len(data) > max_body:
+        _read_chunked(reader, body)
+    elif length < 0:
+        while body.add(reader.take(RECV_SIZE)) == RECV_SIZE:
+            pass
+    else:
+        if keep is None and length > max_body:
             raise Retry("upstream answer larger than %d bytes" % max_body)
-        return data
-    data = reader.take(length)
-    if len(data) < length:
-        raise http.client.IncompleteRead(data, length - len(data))
-    return data
+        _read_exactly(reader, length, body)
+    return b"".join(body.parts)
 
 
-def _read_chunked(reader, max_body):
-    parts, total = [], 0
+class _Body:
+    """An answer's body as it is read: its pieces (the first ``keep`` bytes of them with ``keep``; else all,
+    a Retry past ``max_body``) and how many bytes were read."""
+
+    __slots__ = ("parts", "got", "max_body", "keep")
+
+    def __init__(self, max_body, keep):
+        self.parts, self.got, self.max_body, self.keep = [], 0, max_body, keep
+
+    def add(self, data):
+        """Take ``data``; returns its length."""
+        if self.keep is None:
+            if self.got + len(data) > self.max_body:
+                raise Retry("upstream answer larger than %d bytes" % self.max_body)
+            self.parts.append(data)
+        elif self.got < self.keep:
+            self.parts.append(data[:self.keep - self.got])
+        self.got += len(data)
+        return len(data)
+
+
+def _read_exactly(reader, n, body):
+    """``n`` bytes into ``body``, RECV_SIZE at most at a time; fewer before EOF is an IncompleteRead."""
+    while n > 0:
+        got = body.add(reader.take(min(n, RECV_SIZE)))
+        if got < min(n, RECV_SIZE):
+            raise http.client.IncompleteRead(b"".join(body.parts), n - got)
+        n -= got
+
+
+def _read_chunked(reader, body):
     while True:
         line = reader.line("chunk size")
         try:
             size = int(line.split(b";", 1)[0], 16)
         except (AttributeError, ValueError):  # None: EOF
-            raise http.client.IncompleteRead(b"".join(parts))
+            raise http.client.IncompleteRead(b"".join(body.parts))
         if size < 0:
-            raise http.client.IncompleteRead(b"".join(parts))
+            raise http.client.IncompleteRead(b"".join(body.parts))
         if size == 0:
             break
-        if total + size > max_body:
-            raise Retry("upstream answer larger than %d bytes" % max_body)
-        data = reader.take(size)
-        if len(data) < size or reader.line("chunk end") is None:
-            raise http.client.IncompleteRead(b"".join(parts) + data)
-        parts.append(data)
-        total += size
+        if body.keep is None and body.got + size > body.max_body:
+            raise Retry("upstream answer larger than %d bytes" % body.max_body)
+        _read_exactly(reader, size, body)
+        if reader.line("chunk end") is None:
+            raise http.client.IncompleteRead(b"".join(body.parts))
     for _ in range(MAX_HEADERS + 1):  # the trailer, read and dropped
         if not reader.line("trailer line"):
-            return b"".join(parts)
+            return
     raise http.client.HTTPException("got more than %d trailer lines" % MAX_HEADERS)
 
 

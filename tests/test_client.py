@@ -271,6 +271,24 @@ class WireTest(unittest.TestCase):
         self.assertEqual(self.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + b"x" * 10, max_body=10).body,
                          b"x" * 10)
 
+    def test_with_keep_any_size_of_answer_is_read_whole_and_only_its_start_kept(self):
+        """Forward and Teams read only the status and an excerpt: a 2xx with a body of any size is their
+        answer (review R2: read up to 64 MiB into memory before), and at most ``keep`` bytes of it stay."""
+        big = b"x" * 300000
+        for answer in [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+                       b"HTTP/1.1 200 OK\r\n\r\n" + big,
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(big) + big +
+                       b"\r\n5\r\nxxxxx\r\n0\r\n\r\n"]:
+            up = Upstream([answer])
+            self.addCleanup(up.close)
+            reply = client.request("POST", up.url + "/in", body=b"{}", timeout=5, max_body=10,
+                                   keep=actions.ANSWER_KEPT)
+            self.assertEqual((reply.status, reply.body), (200, b"x" * actions.ANSWER_KEPT), answer[:40])
+        with self.assertRaises(client.NetworkError):  # cut short is still cut short
+            up = Upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" + big])
+            self.addCleanup(up.close)
+            client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep=actions.ANSWER_KEPT)
+
     def test_the_answer_to_a_head_has_no_body(self):
         reply = self.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")
         self.assertEqual((reply.status, reply.body), (200, b""))
