@@ -142,8 +142,17 @@ WAL_KEEP_BYTES = 8 << 20
 # writer's fdatasync of the WAL waits behind whatever that fsync writes on the same disk (800 frames at a
 # time slowed the commits beside it from 0.37 to 0.8-1.0 ms, 2 % of the groups at 16 connections; 200 at
 # a time, four times as often, to 0.43-0.45 ms).
+# The WAL starts over at the first BEGIN that finds it all copied (nBackfill = mxFrame): a copy beside a
+# writer that never pauses never gets there, and the COMMIT crossing WAL_CHECKPOINT_PAGES still copied the
+# rest (~170 frames, 1.5-1.9 ms instead of 0.4: the slowest 1 % at 16 connections). So once the WAL holds
+# RESTART_FROM frames, the COMMIT after which fewer than RESTART_BEHIND are left to copy has the
+# checkpointing thread copy them while its answers go out, and the next group's BEGIN waits for that copy
+# (``_copy_to_restart``, ``_wal_restart_wait``): the WAL starts over there, short of the automatic line.
 WAL_CHECKPOINT_PAGES = 1000  # sqlite's default wal_autocheckpoint
 CHECKPOINT_AHEAD = 200
+RESTART_FROM = WAL_CHECKPOINT_PAGES - CHECKPOINT_AHEAD
+RESTART_BEHIND = CHECKPOINT_AHEAD // 2
+RESTART_WAIT = 0.1  # seconds a group waits at most for that copy (two fsyncs); then it goes on without
 CLOCK_SLACK = 3600.0  # seconds a row may be received out of order and still be pruned on time (``prune``)
 IDS_PER_READ = 20000  # events to delete, or bodies no event needs, that prune finds in one read (its memory)
 EVENTS_PER_DELETE = 1000  # ... events it deletes in one write (with their ended leases and products),
@@ -262,7 +271,7 @@ def _run_fn(conn, op, isolate):
         return isolate
 
 
-_SHM_FDS = {}  # database path -> a read-only descriptor of its -shm file (``Store._wal_behind``), never closed
+_SHM_FDS = {}  # database path -> a read-only descriptor of its -shm file (``Store._wal_frames``), never closed
 
 
 def _flush(conn, batch):
@@ -330,7 +339,9 @@ class Store:
         #                            (``_checkpoint_ahead``); False where none could start
         self._to_checkpoint = None
         self._checkpointing = False  # it was asked and has not finished yet
-        self._shm = None  # the -shm file, read by ``_wal_behind``
+        self._shm = None  # the -shm file, read by ``_wal_frames``
+        self._restarting = None  # released when the copy that lets the WAL start over is done
+        self._restarted = None  # the WAL's frames when that copy was asked for, until the WAL starts over
         self._writer = threading.Thread(target=self._write_forever, name="hookd-writer", daemon=True)
         self._writer.start()
 
@@ -457,11 +468,13 @@ class Store:
 
     def _run_group(self, group):
         """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
+        self._wal_restart_wait()
         staged = self._stage(group)
         if staged is not None:
             preparing = self._prepare(group)
             self._commit(group, staged)
             preparing.clear()  # what the preparing thread has not begun, its answer makes itself
+            self._copy_to_restart()
         self._settle(group)
         if staged is not None:
             self._checkpoint_ahead()
@@ -529,10 +542,10 @@ class Store:
 
     def _checkpoint_ahead(self):
         """Have the checkpointing thread copy the WAL into the database when CHECKPOINT_AHEAD frames of
-        it are not copied yet (read from the wal-index header, ``_wal_behind``), and it is not already
+        it are not copied yet (read from the wal-index header, ``_wal_frames``), and it is not already
         at it. Started at the first such moment; where no thread can start, the automatic checkpoint
         does it all, as before."""
-        if self._checkpointer is False or self._checkpointing or self._wal_behind() < CHECKPOINT_AHEAD:
+        if self._checkpointer is False or self._checkpointing or self._wal_frames()[1] < CHECKPOINT_AHEAD:
             return
         if self._checkpointer is None:
             self._to_checkpoint = queue.SimpleQueue()
@@ -543,10 +556,38 @@ class Store:
         self._checkpointing = True
         self._to_checkpoint.put(True)
 
-    def _wal_behind(self):
-        """WAL frames not yet copied into the database: mxFrame - nBackfill of the wal-index header in the
-        -shm file (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at 96, native byte order).
-        A hint read without sqlite's locks; 0 when there is no such file to read."""
+    def _copy_to_restart(self):
+        """Right after a COMMIT: once the WAL holds RESTART_FROM frames and fewer than RESTART_BEHIND of
+        them are not copied, have the checkpointing thread copy them now, while the group's answers go
+        out, and have the next group's BEGIN wait for it (``_wal_restart_wait``), so that it finds the WAL
+        all copied and starts it over: no COMMIT crosses the automatic checkpoint's line. Once a WAL: when
+        the WAL did not start over (a reader still reads frames of it), the automatic checkpoint copies
+        the rest, as before."""
+        if not self._checkpointer or self._checkpointing or self._restarted is not None:
+            return
+        frames, behind = self._wal_frames()
+        if frames < RESTART_FROM or not 0 < behind < RESTART_BEHIND:
+            return
+        self._restarted = frames
+        self._restarting = threading.Lock()
+        self._restarting.acquire()
+        self._checkpointing = True
+        self._to_checkpoint.put(self._restarting)
+
+    def _wal_restart_wait(self):
+        """Before a group's BEGIN: wait for the copy ``_copy_to_restart`` asked for, if any (at most
+        RESTART_WAIT seconds; the automatic checkpoint is the backstop), and forget the WAL it was asked
+        for once the WAL has started over."""
+        if self._restarting is not None:
+            self._restarting.acquire(timeout=RESTART_WAIT)
+            self._restarting = None
+        elif self._restarted is not None and self._wal_frames()[0] < self._restarted:
+            self._restarted = None
+
+    def _wal_frames(self):
+        """(mxFrame, mxFrame - nBackfill) of the wal-index header in the -shm file: the WAL's frames, and
+        those not yet copied into the database (sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at
+        96, native byte order). A hint read without sqlite's locks; (0, 0) when there is no file to read."""
         if self._shm is None:
             self._shm = _SHM_FDS.get(self.path)
             if self._shm is None or not os.fstat(self._shm).st_nlink:  # none yet, or of a file sqlite deleted
@@ -557,11 +598,12 @@ class Store:
                     self._shm = _SHM_FDS[self.path] = os.open(self.path + "-shm", os.O_RDONLY)
                 except OSError:
                     self._shm = None
-                    return 0
+                    return 0, 0
         head = os.pread(self._shm, 100, 0)
         if len(head) < 100:
-            return 0
-        return int.from_bytes(head[16:20], sys.byteorder) - int.from_bytes(head[96:100], sys.byteorder)
+            return 0, 0
+        frames = int.from_bytes(head[16:20], sys.byteorder)
+        return frames, frames - int.from_bytes(head[96:100], sys.byteorder)
 
     def _checkpoint_forever(self):
         """Copy the WAL into the database (a PASSIVE checkpoint: it never waits for the writer or the
@@ -570,12 +612,18 @@ class Store:
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=FULL")
-            while self._to_checkpoint.get():
+            while True:
+                done = self._to_checkpoint.get()  # True, or the lock the writer waits on (``_copy_to_restart``)
+                if not done:
+                    return
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error:  # the automatic checkpoint copies what this one could not
                     pass
-                self._checkpointing = False
+                finally:
+                    self._checkpointing = False
+                    if done is not True:
+                        done.release()
         finally:
             conn.close()
 
