@@ -808,6 +808,33 @@ class StoreTest(unittest.TestCase):
         for i in (plain, full):
             self.assertIsNone(self.store.read(lambda c: row_dict(c, i))["serial_key"])
 
+    def test_a_request_alone_in_its_group_is_stored_as_in_a_larger_group(self):
+        """A group of one request (a request thread's own commit, as at 1 connection) goes in with a
+        statement of its rows' shape that binds only the values they have (``_store_one``); its rows must
+        be what the general path stores in a larger group, column for column, a redelivery included."""
+        requests = [batch("E", ["x", "y", "z"]), [row("k", b'{"a": 1}')], [dict(row(None, b"{}"), done=True)],
+                    [dict(row("p", serial="s"), element=3, payload='{"p": 1}'), dict(row(), headers=None)],
+                    [dict(r, done=True) for r in batch("F", ["x"])], batch("E", ["x", "q", "z", "w"]),
+                    [row("k", b'{"a": 2}')], [dict(row(None, b"b" * (store_module.ROW_BODY_BYTES + 1)))]]
+        alone = [self.store.add_events("r", rows, now=5.0) for rows in requests]
+        other = Store(os.path.join(self.tmp.name, "group.sqlite3"))
+        try:
+            answered = []
+            with other._committing:  # the writer takes them all as one group once this is let go
+                ops = [other.submit_events("r", rows, now=5.0, then=lambda result, error: answered.append(error))
+                       for rows in requests]
+            deadline = time.monotonic() + 30
+            while len(answered) < len(ops) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.assertEqual((answered, other.groups), ([None] * len(ops), 1))
+            self.assertEqual([op.result for op in ops], alone)
+            tables = [s.read(lambda c: [c.execute("SELECT * FROM %s ORDER BY 1" % t).fetchall()
+                                        for t in ("events", "request_bodies")]) for s in (self.store, other)]
+        finally:
+            other.close()
+        self.assertEqual(tables[0], tables[1])
+        self.assertEqual(len(tables[0][0]), 3 + 1 + 1 + 2 + 1 + 4 + 1 + 1)
+
     def test_a_requests_body_is_kept_in_its_first_event_row(self):
         """A request's body goes into its first event row, which the request's other rows name: one table
         (and one B-tree page to the WAL) less a commit than a row in request_bodies, where every body went
