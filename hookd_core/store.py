@@ -175,10 +175,11 @@ _INSERT_NEW = {n: "INSERT OR IGNORE INTO events(id, route, status, received_at, 
                   " serial_key, headers, content_type, body, body_row, body_id, element, payload) VALUES "
                   + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
 HEADERS, BODY, BODY_ROW = 7, 9, 10  # where a row of _INSERT_NEW has its headers (content_type next), body, body_row
-# A group of one request (``_store_one``) of up to ONE_ROWS rows goes in with a statement kept per shape,
-# for the first ONE_SHAPES shapes (sqlite3's statement cache holds 128 texts a connection).
-ONE_ROWS, ONE_SHAPES = 16, 32
-_ONE_STATEMENTS = {}
+# A group of requests of one shape (``_store_alike``) of up to SHAPED_ROWS rows goes in with a statement
+# kept per shape and number of requests, for the first SHAPES of them (sqlite3's statement cache holds 128
+# texts a connection); a group of more rows, or of another shape once SHAPES are kept, the general way.
+SHAPED_ROWS, SHAPES = 64, 64
+_SHAPED = {}
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
 # A body up to this size is kept in its request's first event row (``_store_requests``): the record stays
 # within a 4 KiB page (no overflow page), so a worker's status change rewrites one leaf, not the body.
@@ -1233,10 +1234,9 @@ def _store_requests(conn, ops):
     ~500 bytes less a Preservica delivery, so the file grows by fewer pages a commit (each a new leaf,
     its parent and page 1 to the WAL)."""
     next_id = first_id = (conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0) + 1
-    if len(ops) == 1:
-        added = _store_one(conn, ops[0], first_id)
-        if added is not None:
-            return added
+    added = _store_alike(conn, ops, first_id)
+    if added is not None:
+        return added
     first_body = next_body = None  # request_bodies' next id, read only for a body over ROW_BODY_BYTES
     events, bodies, added = [], [], {}
     for op in ops:
@@ -1292,83 +1292,96 @@ def _store_requests(conn, ops):
     return added
 
 
-def _store_one(conn, op, first_id):
-    """``_store_requests`` for a group of one request (what a request thread commits itself when the
-    writer is idle, as at 1 connection) whose rows share one body of up to ROW_BODY_BYTES, its headers
-    and content type (``App.event_rows`` gives every row the same objects), when it holds at most
-    ONE_ROWS rows and no ``limit``: the rows as the general path stores them, in one statement whose
-    text is kept per shape (``_one_statement``) so that only the values a row has are bound, the
-    request's id, route, time, body, headers and content type once. Returns {route: events now
-    waiting}, or None when the general path must store it: a request of another kind, or a key that
-    was already stored (a redelivery; the rows just inserted are taken out again first, and the general
-    path sorts out the duplicates as before). Measured: a 4-event delivery binds 15 values instead of 56."""
-    rows, route = op.rows, op.route
-    n = len(rows)
-    if op.limit is not None or n > ONE_ROWS:
-        return None
-    head = rows[0]
-    body, headers, content_type = head.get("body"), head.get("headers"), head.get("content_type")
-    data = body or b""
-    if len(data) > ROW_BODY_BYTES:
-        return None
-    params = [first_id, route, op.now, data]
-    if headers is not None:
-        params.append(headers)
-    if content_type is not None:
-        params.append(content_type)
-    shape, waiting = [n, headers is None, content_type is None], 0
-    for row in rows:
-        if row.get("body") is not body or row.get("headers") is not headers or row.get("content_type") is not content_type:
+def _store_alike(conn, ops, first_id):
+    """``_store_requests`` for a group whose requests all have the same shape (``_alike_statement``), as
+    a client that sends one request at a time makes (a group of one, on the request's own thread) and
+    one kind of delivery from many clients does: each request's rows share one body of up to
+    ROW_BODY_BYTES, its headers and content type (``App.event_rows`` gives every row the same objects),
+    and no request has a ``limit``; SHAPED_ROWS rows at most. The rows are what the general path
+    stores, in one statement whose text is kept per shape, so that only the values a row has are bound
+    and each request's id, route, time, body, headers and content type once (a 4-event Preservica
+    delivery binds 15 values instead of 56). Returns {route: events now waiting}, or None when the
+    general path must store the group: requests of other shapes, or a key that was already stored (a
+    redelivery; the rows just inserted are taken out again first, and the general path sorts out the
+    duplicates as before)."""
+    params, shape, added, next_id = [], None, {}, first_id
+    for op in ops:
+        rows, route = op.rows, op.route
+        if op.limit is not None or next_id - first_id + len(rows) > SHAPED_ROWS:
             return None
-        key, serial, element, payload = (row.get("dedupe_key"), row.get("serial_key"), row.get("element"),
-                                         row.get("payload"))
-        done = bool(row.get("done"))
-        shape.append((done, key is None, serial is None, element is None, payload is None))
-        params += [v for v in (key, serial, element, payload) if v is not None]
-        waiting += not done
-    statement = _ONE_STATEMENTS.get(tuple(shape))
+        head = rows[0]
+        body, headers, content_type = head.get("body"), head.get("headers"), head.get("content_type")
+        data = body or b""
+        if len(data) > ROW_BODY_BYTES:
+            return None
+        params += (next_id, route, op.now, data)
+        if headers is not None:
+            params.append(headers)
+        if content_type is not None:
+            params.append(content_type)
+        request, waiting = [headers is None, content_type is None], 0
+        for row in rows:
+            if row.get("body") is not body or row.get("headers") is not headers or \
+                    row.get("content_type") is not content_type:
+                return None
+            key, serial, element, payload = (row.get("dedupe_key"), row.get("serial_key"), row.get("element"),
+                                             row.get("payload"))
+            done = bool(row.get("done"))
+            request.append((done, key is None, serial is None, element is None, payload is None))
+            params += [v for v in (key, serial, element, payload) if v is not None]
+            waiting += not done
+        if shape is None:
+            shape = request
+        elif request != shape:
+            return None
+        op.result = [(event_id, "new") for event_id in range(next_id, next_id + len(rows))]
+        if waiting:
+            added[route] = added.get(route, 0) + waiting
+        next_id += len(rows)
+    statement = _SHAPED.get((tuple(shape), len(ops)))
     if statement is None:
-        statement = _one_statement(shape)
+        if len(_SHAPED) >= SHAPES:
+            return None
+        statement = _SHAPED[(tuple(shape), len(ops))] = _alike_statement(shape, len(ops))
     before = conn.total_changes
     conn.execute(statement, params)
-    if conn.total_changes - before < n:
+    if conn.total_changes - before < next_id - first_id:
         conn.execute("DELETE FROM events WHERE id >= ?", (first_id,))
         return None
-    op.result = [(event_id, "new") for event_id in range(first_id, first_id + n)]
-    return {route: waiting} if waiting else {}
+    return added
 
 
-def _one_statement(shape):
-    """``_store_one``'s statement for ``shape`` ([rows, no headers, no content type, then per row (done,
-    no key, no serial key, no element, no payload)]): numbered parameters ?1 id, ?2 route, ?3 time, ?4
-    body, then headers and content type when there are any, then each row's key, serial key, element and
-    payload where it has one; NULL where it has none. The first row holds the body, headers, content type
-    and the request's last id (``body_row``); the others name the first. The text holds placeholders,
-    NULL, the two status words and row offsets only, never a value. Kept for the first ONE_SHAPES shapes."""
-    n, no_headers, no_type = shape[:3]
-    number = 4
-    shared = []
-    for none in (no_headers, no_type):
-        number += not none
-        shared.append("NULL" if none else "?%d" % number)
-    values = []
-    for i, (done, *missing) in enumerate(shape[3:]):
-        own = []
-        for none in missing:
+def _alike_statement(shape, count):
+    """``_store_alike``'s statement for ``count`` requests of ``shape`` ([no headers, no content type,
+    then per row (done, no key, no serial key, no element, no payload)]). Each request's numbered
+    parameters, from its first (?b): ?b its first id, ?b+1 route, ?b+2 time, ?b+3 body, then headers and
+    content type when there are any, then each row's key, serial key, element and payload where it has
+    one; NULL where it has none. A request's first row holds the body, headers, content type and the
+    request's last id (``body_row``); its other rows name the first. The text holds placeholders, NULL,
+    the two status words and row offsets only, never a value."""
+    no_headers, no_type, rows = shape[0], shape[1], shape[2:]
+    values, number = [], 0
+    for _ in range(count):
+        base = number + 1
+        number += 4
+        shared = []
+        for none in (no_headers, no_type):
             number += not none
-            own.append("NULL" if none else "?%d" % number)
-        key, serial, element, payload = own
-        if i == 0:
-            first = ("?1", shared[0], shared[1], "?4", "NULL" if n == 1 else "?1+%d" % (n - 1))
-        else:
-            first = ("?1+%d" % i, "NULL", "NULL", "NULL", "?1")
-        values.append("(%s, ?2, '%s', ?3, ?3, %s, %s, %s, %s, %s, %s, NULL, %s, %s)" % (
-            first[0], "done" if done else "queued", key, serial, first[1], first[2], first[3], first[4],
-            element, payload))
-    statement = _INSERT_NEW[1].split(" VALUES ")[0] + " VALUES " + ", ".join(values)
-    if len(_ONE_STATEMENTS) < ONE_SHAPES:
-        _ONE_STATEMENTS[tuple(shape)] = statement
-    return statement
+            shared.append("NULL" if none else "?%d" % number)
+        for i, (done, *missing) in enumerate(rows):
+            own = []
+            for none in missing:
+                number += not none
+                own.append("NULL" if none else "?%d" % number)
+            if i == 0:
+                first = ("?%d" % base, shared[0], shared[1], "?%d" % (base + 3),
+                         "NULL" if len(rows) == 1 else "?%d+%d" % (base, len(rows) - 1))
+            else:
+                first = ("?%d+%d" % (base, i), "NULL", "NULL", "NULL", "?%d" % base)
+            values.append("(%s, ?%d, '%s', ?%d, ?%d, %s, %s, %s, %s, %s, %s, NULL, %s, %s)" % (
+                first[0], base + 1, "done" if done else "queued", base + 2, base + 2, own[0], own[1], first[1],
+                first[2], first[3], first[4], own[2], own[3]))
+    return _INSERT_NEW[1].split(" VALUES ")[0] + " VALUES " + ", ".join(values)
 
 
 def _insert_rows(conn, statements, rows):

@@ -90,6 +90,12 @@ def due_index_entries(store):
                                           ).fetchone()[0])
 
 
+def stored_rows(store):
+    """Every row of events and of request_bodies, in id order."""
+    return store.read(lambda c: [c.execute("SELECT * FROM %s ORDER BY id" % table).fetchall()  # constant names
+                                 for table in ("events", "request_bodies")])
+
+
 class StoreTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -808,16 +814,10 @@ class StoreTest(unittest.TestCase):
         for i in (plain, full):
             self.assertIsNone(self.store.read(lambda c: row_dict(c, i))["serial_key"])
 
-    def test_a_request_alone_in_its_group_is_stored_as_in_a_larger_group(self):
-        """A group of one request (a request thread's own commit, as at 1 connection) goes in with a
-        statement of its rows' shape that binds only the values they have (``_store_one``); its rows must
-        be what the general path stores in a larger group, column for column, a redelivery included."""
-        requests = [batch("E", ["x", "y", "z"]), [row("k", b'{"a": 1}')], [dict(row(None, b"{}"), done=True)],
-                    [dict(row("p", serial="s"), element=3, payload='{"p": 1}'), dict(row(), headers=None)],
-                    [dict(r, done=True) for r in batch("F", ["x"])], batch("E", ["x", "q", "z", "w"]),
-                    [row("k", b'{"a": 2}')], [dict(row(None, b"b" * (store_module.ROW_BODY_BYTES + 1)))]]
-        alone = [self.store.add_events("r", rows, now=5.0) for rows in requests]
-        other = Store(os.path.join(self.tmp.name, "group.sqlite3"))
+    def stored_in_one_group(self, requests):
+        """Store ``requests`` (each a list of rows) as one group in a new store: (their results, every row of
+        events and request_bodies)."""
+        other = Store(os.path.join(self.tmp.name, "group%d.sqlite3" % len(os.listdir(self.tmp.name))))
         try:
             answered = []
             with other._committing:  # the writer takes them all as one group once this is let go
@@ -827,13 +827,30 @@ class StoreTest(unittest.TestCase):
             while len(answered) < len(ops) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.assertEqual((answered, other.groups), ([None] * len(ops), 1))
-            self.assertEqual([op.result for op in ops], alone)
-            tables = [s.read(lambda c: [c.execute("SELECT * FROM %s ORDER BY 1" % t).fetchall()
-                                        for t in ("events", "request_bodies")]) for s in (self.store, other)]
+            return [op.result for op in ops], stored_rows(other)
         finally:
             other.close()
-        self.assertEqual(tables[0], tables[1])
-        self.assertEqual(len(tables[0][0]), 3 + 1 + 1 + 2 + 1 + 4 + 1 + 1)
+
+    def test_requests_of_one_shape_are_stored_as_by_the_general_path(self):
+        """A group whose requests have one shape (a request alone in its group, as at 1 connection, or
+        deliveries of one kind) goes in with a statement of that shape that binds only the values its rows
+        have (``_store_alike``); its rows must be what the general path stores for a group of requests of
+        several shapes, column for column, redeliveries included."""
+        requests = [batch("E", ["x", "y", "z"]), [row("k", b'{"a": 1}')], [dict(row(None, b"{}"), done=True)],
+                    [dict(row("p", serial="s"), element=3, payload='{"p": 1}'), dict(row(), headers=None)],
+                    [dict(r, done=True) for r in batch("F", ["x"])], batch("E", ["x", "q", "z", "w"]),
+                    [row("k", b'{"a": 2}')], [dict(row(None, b"b" * (store_module.ROW_BODY_BYTES + 1)))]]
+        alone = [self.store.add_events("r", rows, now=5.0) for rows in requests]
+        self.assertEqual(self.stored_in_one_group(requests), (alone, stored_rows(self.store)))
+        self.assertEqual(len(stored_rows(self.store)[0]), 3 + 1 + 1 + 2 + 1 + 4 + 1 + 1)
+        alike = [batch(e, ["x", "y", e]) for e in "GHIJ"]
+        redelivered = alike + [batch("G", ["x", "y", "G"]), batch("K", ["x", "y", "K"])]
+        for i, group in enumerate((alike, redelivered)):
+            self.store.close()
+            self.store = Store(os.path.join(self.tmp.name, "alone%d.sqlite3" % i))
+            alone = [self.store.add_events("r", rows, now=5.0) for rows in group]
+            self.assertEqual(self.stored_in_one_group(group), (alone, stored_rows(self.store)))
+        self.assertEqual(alone[4], [(event_id, "duplicate") for event_id, _ in alone[0]])
 
     def test_a_requests_body_is_kept_in_its_first_event_row(self):
         """A request's body goes into its first event row, which the request's other rows name: one table
