@@ -215,18 +215,20 @@ class Handler(Integration):
         keys arrive roughly in order and each commit adds them at the end of the dedupe index instead of
         scattered over all of it (measured: 47 KB of WAL per 4-event delivery with hash-first keys, 11
         KB with timestamp-first ones)."""
-        stamp = body.get("timestamp")
+        stamp, first = body.get("timestamp"), body["events"][0]
+        subscription, trigger = body.get("subscriptionId"), body.get("trigger")
+        if stamp and stamp.__class__ is str and subscription.__class__ is str and trigger.__class__ is str:
+            # the usual delivery: json.dumps([subscription, stamp, trigger]) without building an encoder (~1
+            # µs), in one format with the first element's part (~0.4 µs)
+            material = "[%s, %s, %s]\0%d\0%s\0%s\0%s" % (
+                _json_string(subscription), _json_string(stamp), _json_string(trigger), 0, first.get("entityRef"),
+                first.get("entityType"), first.get("event"))
+            return "pv:%s:%s" % (stamp[:MAX_KEY_STAMP],
+                                 hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32])
         if stamp:
-            subscription, trigger = body.get("subscriptionId"), body.get("trigger")
-            if stamp.__class__ is str and subscription.__class__ is str and trigger.__class__ is str:
-                # json.dumps([subscription, stamp, trigger]) without building an encoder (~1 µs)
-                base = "[%s, %s, %s]" % (_json_string(subscription), _json_string(stamp), _json_string(trigger))
-            else:
-                base = json.dumps([subscription, stamp, trigger])
-            prefix = "pv:%s:" % str(stamp)[:MAX_KEY_STAMP]
+            base, prefix = json.dumps([subscription, stamp, trigger]), "pv:%s:" % str(stamp)[:MAX_KEY_STAMP]
         else:
             base, prefix = "body:" + hashlib.sha256(raw).hexdigest(), "pv:"
-        first = body["events"][0]
         material = "%s\0%d\0%s\0%s\0%s" % (base, 0, first.get("entityRef"), first.get("entityType"),
                                            first.get("event"))
         return prefix + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
