@@ -175,9 +175,10 @@ _INSERT_NEW = {n: "INSERT OR IGNORE INTO events(id, route, status, received_at, 
                   " serial_key, headers, content_type, body, body_row, body_id, element, payload) VALUES "
                   + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in CHUNKS}
 HEADERS, BODY, BODY_ROW = 7, 9, 10  # where a row of _INSERT_NEW has its headers (content_type next), body, body_row
-# A group of requests of one shape (``_store_alike``) of up to SHAPED_ROWS rows goes in with a statement
-# kept per shape and number of requests, for the first SHAPES of them (sqlite3's statement cache holds 128
-# texts a connection); a group of more rows, or of another shape once SHAPES are kept, the general way.
+# A group of requests of one shape (``_store_alike``) goes in SHAPED_ROWS rows or fewer a statement, whose
+# text is kept per shape and number of requests, for the first SHAPES of them (sqlite3's statement cache
+# holds 128 texts a connection); a request of more rows, or another shape once SHAPES are kept, goes the
+# general way.
 SHAPED_ROWS, SHAPES = 64, 64
 _SHAPED = {}
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
@@ -1297,18 +1298,21 @@ def _store_alike(conn, ops, first_id):
     a client that sends one request at a time makes (a group of one, on the request's own thread) and
     one kind of delivery from many clients does: each request's rows share one body of up to
     ROW_BODY_BYTES, its headers and content type (``App.event_rows`` gives every row the same objects),
-    and no request has a ``limit``; SHAPED_ROWS rows at most. The rows are what the general path
-    stores, in one statement whose text is kept per shape, so that only the values a row has are bound
-    and each request's id, route, time, body, headers and content type once (a 4-event Preservica
-    delivery binds 15 values instead of 56). Returns {route: events now waiting}, or None when the
-    general path must store the group: requests of other shapes, or a key that was already stored (a
-    redelivery; the rows just inserted are taken out again first, and the general path sorts out the
-    duplicates as before)."""
-    params, shape, added, next_id = [], None, {}, first_id
+    and no request has a ``limit``. The rows are what the general path stores, in one statement per
+    SHAPED_ROWS rows or fewer whose text is kept per shape and number of requests, so that only the
+    values a row has are bound and each request's id, route, time, body, headers and content type once
+    (a 4-event Preservica delivery binds 15 values instead of 56). Returns {route: events now waiting},
+    or None when the general path must store the group: requests of other shapes, or a key that was
+    already stored (a redelivery; the rows just inserted are taken out again first, and the general
+    path sorts out the duplicates as before)."""
+    chunks, params, count, shape, added, next_id, start = [], [], 0, None, {}, first_id, first_id
     for op in ops:
         rows, route = op.rows, op.route
-        if op.limit is not None or next_id - first_id + len(rows) > SHAPED_ROWS:
+        if op.limit is not None or len(rows) > SHAPED_ROWS:
             return None
+        if next_id + len(rows) - start > SHAPED_ROWS:  # this statement is full: the next one begins here
+            chunks.append((count, params))
+            params, count, start = [], 0, next_id
         head = rows[0]
         body, headers, content_type = head.get("body"), head.get("headers"), head.get("content_type")
         data = body or b""
@@ -1331,20 +1335,26 @@ def _store_alike(conn, ops, first_id):
             params += [v for v in (key, serial, element, payload) if v is not None]
             waiting += not done
         if shape is None:
-            shape = request
-        elif request != shape:
+            shape = tuple(request)
+        elif shape != tuple(request):
             return None
         op.result = [(event_id, "new") for event_id in range(next_id, next_id + len(rows))]
         if waiting:
             added[route] = added.get(route, 0) + waiting
         next_id += len(rows)
-    statement = _SHAPED.get((tuple(shape), len(ops)))
-    if statement is None:
-        if len(_SHAPED) >= SHAPES:
-            return None
-        statement = _SHAPED[(tuple(shape), len(ops))] = _alike_statement(shape, len(ops))
+        count += 1
+    chunks.append((count, params))
+    statements = []
+    for count, params in chunks:
+        statement = _SHAPED.get((shape, count))
+        if statement is None:
+            if len(_SHAPED) >= SHAPES:
+                return None
+            statement = _SHAPED[(shape, count)] = _alike_statement(shape, count)
+        statements.append((statement, params))
     before = conn.total_changes
-    conn.execute(statement, params)
+    for statement, params in statements:
+        conn.execute(statement, params)
     if conn.total_changes - before < next_id - first_id:
         conn.execute("DELETE FROM events WHERE id >= ?", (first_id,))
         return None

@@ -845,7 +845,8 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(len(stored_rows(self.store)[0]), 3 + 1 + 1 + 2 + 1 + 4 + 1 + 1)
         alike = [batch(e, ["x", "y", e]) for e in "GHIJ"]
         redelivered = alike + [batch("G", ["x", "y", "G"]), batch("K", ["x", "y", "K"])]
-        for i, group in enumerate((alike, redelivered)):
+        many = [batch("M%d" % i, ["x", "y", "z", str(i)]) for i in range(20)]  # 80 rows: more than a statement's
+        for i, group in enumerate((many, alike, redelivered)):
             self.store.close()
             self.store = Store(os.path.join(self.tmp.name, "alone%d.sqlite3" % i))
             alone = [self.store.add_events("r", rows, now=5.0) for rows in group]
