@@ -1308,7 +1308,7 @@ def _store_alike(conn, ops, first_id):
     chunks, params, count, shape, added, next_id, start = [], [], 0, None, {}, first_id, first_id
     for op in ops:
         rows, route = op.rows, op.route
-        if op.limit is not None or len(rows) > SHAPED_ROWS:
+        if op.limit is not None or not rows or len(rows) > SHAPED_ROWS:
             return None
         if next_id + len(rows) - start > SHAPED_ROWS:  # this statement is full: the next one begins here
             chunks.append((count, params))

@@ -839,7 +839,7 @@ class StoreTest(unittest.TestCase):
         requests = [batch("E", ["x", "y", "z"]), [row("k", b'{"a": 1}')], [dict(row(None, b"{}"), done=True)],
                     [dict(row("p", serial="s"), element=3, payload='{"p": 1}'), dict(row(), headers=None)],
                     [dict(r, done=True) for r in batch("F", ["x"])], batch("E", ["x", "q", "z", "w"]),
-                    [row("k", b'{"a": 2}')], [dict(row(None, b"b" * (store_module.ROW_BODY_BYTES + 1)))]]
+                    [row("k", b'{"a": 2}')], [dict(row(None, b"b" * (store_module.ROW_BODY_BYTES + 1)))], []]
         alone = [self.store.add_events("r", rows, now=5.0) for rows in requests]
         self.assertEqual(self.stored_in_one_group(requests), (alone, stored_rows(self.store)))
         self.assertEqual(len(stored_rows(self.store)[0]), 3 + 1 + 1 + 2 + 1 + 4 + 1 + 1)
