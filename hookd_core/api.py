@@ -202,11 +202,12 @@ class Headers:
         if before is None:
             self._items = items = list(items)
             self.first = first = {name.lower(): value for name, value in reversed(items)}  # the first one wins
-        else:
-            first = {name.lower(): value for name, value in reversed(items)}
-            first.update(before[1])  # the first one wins: those before
+        else:  # the index of those before, copied, and each new name added once: the first one wins
+            self.first = first = before[1].copy()
+            add = first.setdefault
+            for name, value in items:
+                add(name.lower(), value)
             self._items = items = before[0] + items
-            self.first = first
         self.repeated = len(first) < len(items)
         self._by_name = None
 
