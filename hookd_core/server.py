@@ -593,20 +593,21 @@ class Answer:
         self.ready = None
 
     def prepare(self, stored):
-        """Before the commit is known to have succeeded, on the store's preparing thread: for one new
-        event (most requests), its answer's bytes and log line, kept as (stored, bytes, message, line)."""
-        if len(stored) == 1 and stored[0][1] == "new":
-            event_id = stored[0][0]
-            body, message = _one_new(self.route, event_id, self.client)
+        """Before the commit is known to have succeeded, on the store's preparing thread: for a request
+        whose events are all new (most requests: one event, or a batch delivery's several), its answer's
+        bytes and log line, kept as (stored, bytes, message, line)."""
+        ids = _new_ids(stored)
+        if ids is not None:
+            body, message = _all_new(self.route, ids, self.client)
             self.ready = (stored, _answer_bytes(202, body, "application/json", (), self.close), message,
-                          logs.rendered(self.handler.app.log, message, event_id))
+                          logs.rendered(self.handler.app.log, message, ids[0]))
 
     def __call__(self, stored, error):
         handler = self.handler
         try:
             ready = self.ready
             if ready is not None and error is None and ready[0] is stored:  # committed as prepared
-                _stored_one(handler.app, self.route, self.rows[0], stored[0][0], ready[2], ready[3])
+                _stored_new(handler.app, self.route, self.rows, stored, ready[2], ready[3])
                 data, close = ready[1], False
             else:
                 status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
@@ -677,10 +678,10 @@ def outcome(app, route, rows, stored, error, client):
         app.log.error("500 %s: fault inside hookd: %r", route, error)
         app.metrics.request(route, 500)
         return 500, b'{"error": "internal error"}', (), True
-    if len(stored) == 1 and stored[0][1] == "new":  # one new event (most deliveries): the same, without the lists
-        event_id = stored[0][0]
-        body, message = _one_new(route, event_id, client)
-        _stored_one(app, route, rows[0], event_id, message)
+    ids = _new_ids(stored)
+    if ids is not None:  # every event new (most deliveries): as Answer.prepare makes it
+        body, message = _all_new(route, ids, client)
+        _stored_new(app, route, rows, stored, message)
         return 202, body, (), False
     fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
     for event_id, row in fresh:
@@ -698,18 +699,31 @@ def outcome(app, route, rows, stored, error, client):
     return 200, json.dumps({"id": first, "ids": [i for i, _ in stored], "status": "duplicate"}).encode(), (), False
 
 
-def _one_new(route, event_id, client):
-    """The body and log message of the answer to a request stored as one new event."""
-    return (b'{"id": %d, "ids": [%d], "status": "queued"}' % (event_id, event_id),
-            "202 %s stored event %d from %s" % (route, event_id, client))
+def _new_ids(stored):
+    """The ids of a request's events when every one was stored new (most requests), else None."""
+    if len(stored) == 1:  # one event (most requests): no list walked
+        return [stored[0][0]] if stored[0][1] == "new" else None
+    ids = [event_id for event_id, status in stored if status == "new"]
+    return ids if ids and len(ids) == len(stored) else None
 
 
-def _stored_one(app, route, row, event_id, message, line=None):
-    """After the commit, for a request stored as one new event: queue it for a worker (unless it is done),
-    log its line (``line``: made beforehand by ``logs.rendered``), count its 202."""
-    if not row.get("done"):
-        app.pool.submit(event_id, route, row.get("serial_key"))
-    logs.info(app.log, message, event_id, line)
+def _all_new(route, ids, client):
+    """The body and log message of the answer to a request whose events (``ids``) were all stored new."""
+    if len(ids) == 1:
+        return (b'{"id": %d, "ids": [%d], "status": "queued"}' % (ids[0], ids[0]),
+                "202 %s stored event %d from %s" % (route, ids[0], client))
+    text = [str(i) for i in ids]
+    return (b'{"id": %d, "ids": [%s], "status": "queued"}' % (ids[0], ", ".join(text).encode()),
+            "202 %s stored event %s from %s" % (route, ",".join(text), client))
+
+
+def _stored_new(app, route, rows, stored, message, line=None):
+    """After the commit, for a request whose events were all stored new: queue each for a worker (unless
+    it is done), log the request's line (``line``: made beforehand by ``logs.rendered``), count its 202."""
+    for (event_id, _), row in zip(stored, rows):
+        if not row.get("done"):
+            app.pool.submit(event_id, route, row.get("serial_key"))
+    logs.info(app.log, message, stored[0][0], line)
     app.metrics.request(route, 202)
 
 

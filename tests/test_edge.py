@@ -591,6 +591,30 @@ class PreparedAnswerTest(unittest.TestCase):
         self.assertEqual(lines, ["event=5 202 h stored event 5 from %s" % self.answer.client])
         self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
 
+    def test_a_batch_delivery_of_new_events_is_prepared_too(self):
+        """A request stored as several events, all new (a Preservica delivery's elements), has its answer
+        made beforehand like a request of one event, and answers, logs and counts as without preparing."""
+        self.answer.rows = [{"done": True}] * 3
+        stored = [(5, "new"), (6, "new"), (7, "new")]
+        self.answer.prepare(stored)
+        self.assertIsNotNone(self.answer.ready)
+        data, lines = self.answered(stored, stored, None)
+        self.assertTrue(data.startswith(b"HTTP/1.1 202 Accepted\r\n"), data)
+        self.assertTrue(data.endswith(b'{"id": 5, "ids": [5, 6, 7], "status": "queued"}'), data)
+        self.assertEqual(lines, ["event=5 202 h stored event 5,6,7 from %s" % self.answer.client])
+        self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
+
+    def test_a_redelivery_with_duplicates_is_not_prepared(self):
+        """Only a request whose events are all new is prepared; one with duplicates among them is answered
+        after the commit, as always (its new ids in the log line, every id in the body)."""
+        self.answer.rows = [{"done": True}] * 2
+        stored = [(5, "duplicate"), (6, "new")]
+        self.answer.prepare(stored)
+        self.assertIsNone(self.answer.ready)
+        data, lines = self.answered(stored, stored, None)
+        self.assertTrue(data.endswith(b'{"id": 5, "ids": [5, 6], "status": "queued"}'), data)
+        self.assertEqual(lines, ["event=6 202 h stored event 6 from %s" % self.answer.client])
+
     def test_a_failed_commit_is_answered_as_failed(self):
         from hookd_core.store import StoreError
         data, lines = self.answered([(5, "new")], None, StoreError("disk full"))
