@@ -1,16 +1,21 @@
 """Run every tests/test_*.py with unittest, one module at a time, and print a count line at the end.
 
 Each module runs in its own ``python3 -m unittest`` process, so a crash or a stray thread in one module
-cannot take the others down, and the time per module is printed. The last line is
-``N passed, N failed, N skipped`` (what CI reads); the exit code is 0 only when nothing failed.
+cannot take the others down, and the time per module is printed. Each gets a temporary directory of its
+own as TMPDIR (for it and every daemon it starts), removed when the module ends: the tests make their
+scratch directories with ``tempfile`` and a daemon's state lives there, so a suite run leaves nothing
+behind in /tmp. The last line is ``N passed, N failed, N skipped`` (what CI reads); the exit code is 0
+only when nothing failed.
 Usage: python3 tests/runner.py [test_module_name ...]
 """
 
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +40,16 @@ def counts(output):
 
 def run_module(name):
     started = time.monotonic()
+    scratch = tempfile.mkdtemp(prefix="hookd-suite-")
     try:
         proc = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-m", "unittest", "-v",
                                "tests." + name], cwd=ROOT, capture_output=True, text=True,
-                              timeout=MODULE_TIMEOUT)
+                              timeout=MODULE_TIMEOUT, env=dict(os.environ, TMPDIR=scratch))
         output, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         output, code = (e.stdout or b"").decode(errors="replace") + "\nTIMEOUT\n", -1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     ran, failed, skipped = counts(output)
     if code != 0 and failed == 0:
         failed = max(1, ran)  # the module crashed or hung: count it as failed, never as passed
