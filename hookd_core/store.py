@@ -178,7 +178,10 @@ HEADERS, BODY, BODY_ROW = 7, 9, 10  # where a row of _INSERT_NEW has its headers
 # A group of requests of one shape (``_store_alike``) goes in SHAPED_ROWS rows or fewer a statement, whose
 # text is kept per shape and number of requests, for the first SHAPES of them (sqlite3's statement cache
 # holds 128 texts a connection); a request of more rows, or another shape once SHAPES are kept, goes the
-# general way.
+# general way. The numbers of requests are those of CHUNKS (a statement per binary digit, as the general
+# path does), so a shape keeps at most 7 texts: one for every number up to 64 kept 64 prepared
+# statements of up to 64 rows each: peak RSS 38.8 / 39.3 MB against 35.9 / 35.8 with these (Standard
+# Webhooks at 16 and 64 connections, two alternating bench/run rounds).
 SHAPED_ROWS, SHAPES = 64, 64
 _SHAPED = {}
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
@@ -1346,12 +1349,17 @@ def _store_alike(conn, ops, first_id):
     chunks.append((count, params))
     statements = []
     for count, params in chunks:
-        statement = _SHAPED.get((shape, count))
-        if statement is None:
-            if len(_SHAPED) >= SHAPES:
-                return None
-            statement = _SHAPED[(shape, count)] = _alike_statement(shape, count)
-        statements.append((statement, params))
+        each, at = len(params) // count, 0  # one shape: every request binds as many values
+        for size in CHUNKS:
+            while count >= size:
+                statement = _SHAPED.get((shape, size))
+                if statement is None:
+                    if len(_SHAPED) >= SHAPES:
+                        return None
+                    statement = _SHAPED[(shape, size)] = _alike_statement(shape, size)
+                statements.append((statement, params[at:at + size * each]))
+                at += size * each
+                count -= size
     before = conn.total_changes
     for statement, params in statements:
         conn.execute(statement, params)
