@@ -8,8 +8,8 @@ other jobs' programs: ``proc.wait``) and returns the note. ``command`` runs a pr
 through ``proc.run`` (no shell, its whole tree killed on timeout, output capped as it arrives) with the
 event JSON on stdin and a clean environment (``job_env``: the HOOKD_* values and ``command.env`` names);
 ``forward`` POSTs the original bytes through ``client.request`` (one deadline for the whole call, never
-a redirect followed; of the answer, read whole whatever its size, only the first ANSWER_KEPT bytes are
-kept); ``teams`` posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a
+a redirect followed; of the answer, whatever its size, only the first ANSWER_KEPT bytes are kept, and
+at most client.KEEP_DRAIN more are read); ``teams`` posts the integration's ``card(ctx)`` as a Workflows Adaptive Card or a
 legacy MessageCard (https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/
 how-to/connectors-using). Both map the answer with ``client.check``. Notes and errors never contain
 secrets: program output is trimmed and the section's secret values are masked; URLs are logged without

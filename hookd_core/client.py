@@ -98,10 +98,11 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
     (retry: unreachable, cut off, too slow) or Fail (not an http(s) URL, host not allowed). With
     ``keep_alive`` the connection is kept for the next call to the same place (``_Idle``); a kept one
     that the upstream closed meanwhile is replaced, once, when that shows before the request went out
-    whole. With ``keep`` (bytes) the answer's body is read whole whatever its size, within the deadline,
-    and only its first ``keep`` bytes are kept, instead of refused past ``max_body``: for callers that
-    read only the status and an excerpt (forward, Teams), whose memory an upstream's answer must not
-    grow."""
+    whole. With ``keep`` (bytes) the answer's body is not refused past ``max_body``: only its first
+    ``keep`` bytes are kept, the rest read and dropped up to KEEP_DRAIN bytes more (so that the
+    connection can be kept), and past that the reading stops and the connection is closed: for callers
+    that read only the status and an excerpt (forward, Teams), whose memory and time an upstream's answer
+    must not grow (review R6: an endless answer held a worker, reading, until the deadline)."""
     scheme, host, port, path = split_url(url)
     if allowed_hosts is not None and host.lower() not in {h.lower() for h in allowed_hosts}:
         raise Fail("host %s is not in the allowed hosts" % host)
@@ -130,11 +131,11 @@ def request(method, url, headers=None, body=None, timeout=30, allowed_hosts=None
             conn.sock.sendall(wire)
         reader = _Reader(conn.sock)
         status, head, length, closes = _read_head(reader, method)
-        data = _read_body(reader, length, max_body, keep)
+        data, whole = _read_body(reader, length, max_body, keep)
         if watch.cut:  # an answer without a length ends at EOF: the cut would look like its end
             raise socket.timeout("cut off")
         _deadlines.forget(watch)
-        if keep_alive and not closes and not reader.buf:
+        if keep_alive and whole and not closes and not reader.buf:
             _idle.put(place, conn)  # never one holding bytes past the answer: nobody asked for them
             conn = None
         return Reply(status, head, data)
@@ -319,21 +320,31 @@ def _read_headers(reader):
 
 
 def _read_body(reader, length, max_body, keep=None):
-    """The answer's body: ``length`` bytes, chunked, or (-1) up to EOF; more than ``max_body`` bytes is a
-    Retry; one cut short (before its Content-Length, a chunk or the last chunk) an IncompleteRead. With
-    ``keep``, the body is read whole in pieces, whatever its size (the deadline bounds the time), and
-    only its first ``keep`` bytes are kept."""
+    """(the answer's body, whether it was read to its end): ``length`` bytes, chunked, or (-1) up to EOF;
+    more than ``max_body`` bytes is a Retry; one cut short (before its Content-Length, a chunk or the last
+    chunk) an IncompleteRead. With ``keep``, the body is read in pieces whatever its size and only its
+    first ``keep`` bytes are kept; past ``keep`` + KEEP_DRAIN bytes the reading stops (not whole)."""
     body = _Body(max_body, keep)
-    if length == "chunked":
-        _read_chunked(reader, body)
-    elif length < 0:
-        while body.add(reader.take(RECV_SIZE)) == RECV_SIZE:
-            pass
-    else:
-        if keep is None and length > max_body:
-            raise Retry("upstream answer larger than %d bytes" % max_body)
-        _read_exactly(reader, length, body)
-    return b"".join(body.parts)
+    try:
+        if length == "chunked":
+            _read_chunked(reader, body)
+        elif length < 0:
+            while body.add(reader.take(RECV_SIZE)) == RECV_SIZE:
+                pass
+        else:
+            if keep is None and length > max_body:
+                raise Retry("upstream answer larger than %d bytes" % max_body)
+            _read_exactly(reader, length, body)
+    except _Enough:
+        return b"".join(body.parts), False
+    return b"".join(body.parts), True
+
+
+KEEP_DRAIN = 1 << 20  # bytes of an answer read past ``keep`` (and dropped) before the reading stops
+
+
+class _Enough(Exception):
+    """More of an answer than ``keep`` + KEEP_DRAIN bytes: the caller has what it keeps."""
 
 
 class _Body:
@@ -354,6 +365,8 @@ class _Body:
         elif self.got < self.keep:
             self.parts.append(data[:self.keep - self.got])
         self.got += len(data)
+        if self.keep is not None and self.got > self.keep + KEEP_DRAIN:
+            raise _Enough()
         return len(data)
 
 

@@ -22,10 +22,11 @@ class Upstream:
     """A loopback server that reads each request (head, then a Content-Length body) and answers the k-th
     request on a connection with ``answers[k]``, the last of them one byte every ``interval`` seconds,
     then closes the connection (without saying so in the answer, as an upstream whose idle timeout
-    passed does). Counts connections and requests. Stops by itself when closed."""
+    passed does), or with ``endless`` sends it after the last answer again and again until the client
+    goes. Counts connections and requests. Stops by itself when closed."""
 
-    def __init__(self, answers, interval=0):
-        self.answers, self.interval = answers, interval
+    def __init__(self, answers, interval=0, endless=None):
+        self.answers, self.interval, self.endless = answers, interval, endless
         self.connections = self.requests = self.ended = 0
         self.bodies = []
         self.sock = socket.socket()
@@ -73,6 +74,8 @@ class Upstream:
                             break
                         if self.closed.wait(self.interval):
                             return
+                while self.endless and not self.closed.is_set():
+                    conn.sendall(self.endless)
             except OSError:
                 return  # the client cut us off: what the deadline is for
             finally:
@@ -288,6 +291,21 @@ class WireTest(unittest.TestCase):
             up = Upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" + big])
             self.addCleanup(up.close)
             client.request("POST", up.url + "/in", body=b"{}", timeout=5, keep=actions.ANSWER_KEPT)
+
+    def test_with_keep_an_endless_answer_ends_after_a_bounded_read(self):
+        """An answer that never ends (to EOF, or chunks without a last one) is read no further than ``keep``
+        + KEEP_DRAIN bytes: the caller has its status and excerpt, and the connection is not kept (review
+        R6: it was read until the deadline, a worker's whole forward.timeout spent reading)."""
+        chunk = b"x" * 65536
+        for head, piece in [(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n", chunk),
+                            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                             b"%x\r\n" % len(chunk) + chunk + b"\r\n")]:
+            up = Upstream([head + piece * 64], endless=piece)
+            self.addCleanup(up.close)
+            reply = client.request("POST", up.url + "/in", body=b"{}", timeout=20, keep_alive=True,
+                                   keep=actions.ANSWER_KEPT)
+            self.assertEqual((reply.status, reply.body), (200, b"x" * actions.ANSWER_KEPT), head)
+            self.assertIsNone(client._idle.take((("http",) + client.split_url(up.url)[1:3] + (None,)), 1))
 
     def test_the_answer_to_a_head_has_no_body(self):
         reply = self.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")
