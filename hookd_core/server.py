@@ -598,7 +598,7 @@ class Answer:
         bytes and log line, kept as (stored, bytes, message, line)."""
         ids = _new_ids(stored)
         if ids is not None:
-            body, message = _all_new(self.route, ids, self.client)
+            body, message = _queued(self.route, ids, ids, self.client)
             self.ready = (stored, _answer_bytes(202, body, "application/json", (), self.close), message,
                           logs.rendered(self.handler.app.log, message, ids[0]))
 
@@ -607,7 +607,7 @@ class Answer:
         try:
             ready = self.ready
             if ready is not None and error is None and ready[0] is stored:  # committed as prepared
-                _stored_new(handler.app, self.route, self.rows, stored, ready[2], ready[3])
+                _stored_new(handler.app, self.route, self.rows, stored, stored[0][0], ready[2], ready[3])
                 data, close = ready[1], False
             else:
                 status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
@@ -678,22 +678,13 @@ def outcome(app, route, rows, stored, error, client):
         app.log.error("500 %s: fault inside hookd: %r", route, error)
         app.metrics.request(route, 500)
         return 500, b'{"error": "internal error"}', (), True
-    ids = _new_ids(stored)
-    if ids is not None:  # every event new (most deliveries): as Answer.prepare makes it
-        body, message = _all_new(route, ids, client)
-        _stored_new(app, route, rows, stored, message)
-        return 202, body, (), False
-    fresh = [(i, r) for (i, status), r in zip(stored, rows) if status == "new"]
-    for event_id, row in fresh:
-        if not row.get("done"):
-            app.pool.submit(event_id, route, row.get("serial_key"))
-    first = stored[0][0] if stored else None
+    ids = _new_ids(stored)  # every event new (most deliveries): as Answer.prepare makes it
+    fresh = ids if ids is not None else [i for i, status in stored if status == "new"]
     if fresh:
-        logs.info(app.log, "202 %s stored event %s from %s" % (route, ",".join([str(i) for i, _ in fresh]), client),
-                  fresh[0][0])
-        app.metrics.request(route, 202)
-        ids = ", ".join([str(i) for i, _ in stored]).encode()
-        return 202, b'{"id": %d, "ids": [%s], "status": "queued"}' % (first, ids), (), False
+        body, message = _queued(route, ids or [i for i, _ in stored], fresh, client)
+        _stored_new(app, route, rows, stored, fresh[0], message)
+        return 202, body, (), False
+    first = stored[0][0] if stored else None
     logs.info(app.log, "200 %s duplicate of event %s" % (route, first if stored else "-"))
     app.metrics.request(route, 200)
     return 200, json.dumps({"id": first, "ids": [i for i, _ in stored], "status": "duplicate"}).encode(), (), False
@@ -707,23 +698,26 @@ def _new_ids(stored):
     return ids if ids and len(ids) == len(stored) else None
 
 
-def _all_new(route, ids, client):
-    """The body and log message of the answer to a request whose events (``ids``) were all stored new."""
-    if len(ids) == 1:
+def _queued(route, ids, fresh, client):
+    """The body and log message of a 202: ``ids`` every event's id, ``fresh`` those stored new (the log
+    line names only them)."""
+    if len(ids) == 1:  # one event, new (most requests)
         return (b'{"id": %d, "ids": [%d], "status": "queued"}' % (ids[0], ids[0]),
                 "202 %s stored event %d from %s" % (route, ids[0], client))
     text = [str(i) for i in ids]
+    named = text if fresh is ids else [str(i) for i in fresh]
     return (b'{"id": %d, "ids": [%s], "status": "queued"}' % (ids[0], ", ".join(text).encode()),
-            "202 %s stored event %s from %s" % (route, ",".join(text), client))
+            "202 %s stored event %s from %s" % (route, ",".join(named), client))
 
 
-def _stored_new(app, route, rows, stored, message, line=None):
-    """After the commit, for a request whose events were all stored new: queue each for a worker (unless
-    it is done), log the request's line (``line``: made beforehand by ``logs.rendered``), count its 202."""
-    for (event_id, _), row in zip(stored, rows):
-        if not row.get("done"):
+def _stored_new(app, route, rows, stored, first, message, line=None):
+    """After the commit, for a request with events stored new: queue each of them for a worker (unless it
+    is done), log the request's line under the first of them (``first``; ``line``: made beforehand by
+    ``logs.rendered``), count its 202."""
+    for (event_id, status), row in zip(stored, rows):
+        if status == "new" and not row.get("done"):
             app.pool.submit(event_id, route, row.get("serial_key"))
-    logs.info(app.log, message, stored[0][0], line)
+    logs.info(app.log, message, first, line)
     app.metrics.request(route, 202)
 
 
