@@ -436,12 +436,16 @@ class Store:
         requests are queued as the group before answered: their clients usually send again as soon as
         they have their answer, and a group that closed while half of them were still being read would
         split the clients into smaller groups, each paying a COMMIT (docs/performance.md, the
-        16-connection gap). It waits at most as long as the group before took to commit and answer, so
-        a request waits at most about one group's time more, however steadily others arrive."""
-        answered, took = 0, 0.0
+        16-connection gap). It waits for those queued while the group before ran as well (none of them
+        is from a client that group answered): without them, a group that once split in two halves (an
+        idle moment, a slow client) stayed split, each half finding the other already queued and taking
+        it alone, every request waiting for the other half's commit before its own. It waits at most as
+        long as the group before took to commit and answer, so a request waits at most about one group's
+        time more, however steadily others arrive."""
+        want, took = 0, 0.0
         while True:
-            if answered > 1:
-                self._gather(answered, took)
+            if want > 1:
+                self._gather(want, took)
             with self._plock:
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
                 if not group:
@@ -450,7 +454,7 @@ class Store:
                 answered = sum([1 for op in group if op.rows is not None])
                 self._requests -= answered
             start = time.monotonic()
-            self._run_group(group)
+            want = answered + self._run_group(group)
             took = time.monotonic() - start
 
     def _gather(self, n, most):
@@ -476,7 +480,8 @@ class Store:
         self._full.acquire()
 
     def _run_group(self, group):
-        """Commit ``group`` and settle every operation in it (the caller holds ``_committing``)."""
+        """Commit ``group`` and settle every operation in it (the caller holds ``_committing``). Returns
+        the requests queued for the writer meanwhile, before the group's answers went out."""
         self._wal_restart_wait()
         staged = self._stage(group)
         if staged is not None:
@@ -484,9 +489,11 @@ class Store:
             self._commit(group, staged)
             preparing.clear()  # what the preparing thread has not begun, its answer makes itself
             self._copy_to_restart()
+        queued = self._requests
         self._settle(group)
         if staged is not None:
             self._checkpoint_ahead()
+        return queued
 
     def _prepare(self, group):
         """Have the group's answers prepared (``then.prepare(result)``: their bytes and log lines, nothing

@@ -650,6 +650,41 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(set(seen.values()), {set(first.values()).pop() + 1}, seen)
         self.assertEqual(self.visible("b"), 3)
 
+    def test_the_next_group_also_waits_for_the_clients_answered_by_the_one_before(self):
+        # Two requests (a) are committed in one group while two others (b) are queued; a's clients send
+        # again once answered. The next group takes b and a's new requests together: one group of the
+        # four clients. The old writer waited only for as many as it had answered (two), found b queued
+        # already and committed b alone, then a's requests alone: split in two halves for good, each
+        # request waiting for the other half's commit before its own. (GATHER_GAP set long, and a's first
+        # answer takes 2 s, so the writer may wait that long: only the four requests end its wait.)
+        store_module.GATHER_GAP, gap = 30.0, store_module.GATHER_GAP
+        self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
+        go = self.hold_two_groups()[0]
+        inside, release, seen = threading.Event(), threading.Event(), {}
+
+        def hold(conn):
+            inside.set()
+            self.assertTrue(release.wait(30))
+        self.store.write_soon(hold)
+
+        def then(name):
+            def answer(result, error):
+                time.sleep(2.0 if name == "a0" else 0)
+                seen.setdefault(name, self.store.groups)
+            return answer
+        for name in ("a0", "a1"):
+            self.store.submit_events("a", [row(name)], then=then(name))
+        go[0].set()
+        self.assertTrue(inside.wait(30))
+        for name in ("b0", "b1"):
+            self.store.submit_events("b", [row(name)], then=then(name))
+        release.set()
+        self.assertTrue(self.wait_for(lambda: "a0" in seen and "a1" in seen))
+        for name in ("a2", "a3"):
+            self.store.submit_events("a", [row(name)], then=then(name))
+        self.assertTrue(self.wait_for(lambda: len(seen) == 6))
+        self.assertEqual({seen[n] for n in ("b0", "b1", "a2", "a3")}, {seen["a0"] + 1}, seen)
+
     def test_the_wait_for_the_next_group_is_bounded_even_while_requests_keep_coming(self):
         # Senders that never pause (here: a gap longer than the test, so every arrival counts as "still
         # coming") must not hold a request until the group before's size is reached: the writer waits
