@@ -634,15 +634,21 @@ class StoreTest(unittest.TestCase):
     def test_the_next_group_waits_for_the_clients_answered_by_the_one_before(self):
         # Three requests answered in one group: their clients usually send again at once, so the writer
         # waits for three requests before it commits again (GATHER_GAP set long here: it waits as long as
-        # they keep coming, and at most as long as the group before took: 5 s of answers here). The old
+        # they keep coming, and at most twice as long as the group before took: 5 s of answers here). The old
         # writer committed the first one that came alone.
+        self.assert_one_group_of_late_clients(hold=5.0, late=0.3)
+
+    def assert_one_group_of_late_clients(self, hold, late):
+        """Three requests answered in one group (its first answer taking ``hold`` seconds); one of their
+        clients sends again at once, the other two ``late`` seconds later: the three make one group
+        (GATHER_GAP set long here: only the bound or the third request ends the writer's wait)."""
         store_module.GATHER_GAP, gap = 30.0, store_module.GATHER_GAP
         self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
-        first = self.answered_group("a", 3, hold=5.0)
+        first = self.answered_group("a", 3, hold=hold)
         self.assertEqual(len(set(first.values())), 1, first)
         seen = {}
         self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.setdefault("b0", self.store.groups))
-        self.assertFalse(self.wait_for(lambda: seen, 0.3), "b0 was committed before the others came")
+        self.assertFalse(self.wait_for(lambda: seen, late), "b0 was committed before the others came")
         for i in (1, 2):
             self.store.submit_events("b", [row("b%d" % i)],
                                      then=lambda r, e, i=i: seen.setdefault("b%d" % i, self.store.groups))
@@ -684,6 +690,13 @@ class StoreTest(unittest.TestCase):
             self.store.submit_events("a", [row(name)], then=then(name))
         self.assertTrue(self.wait_for(lambda: len(seen) == 6))
         self.assertEqual({seen[n] for n in ("b0", "b1", "a2", "a3")}, {seen["a0"] + 1}, seen)
+
+    def test_the_next_group_waits_for_late_clients_up_to_twice_the_time_the_one_before_took(self):
+        # The group before took ~1 s (its first answer 1 s); its clients' requests come at 0 s and 1.5 s
+        # after it: one group, since the writer waits up to twice that time for them (GATHER_GAP set long:
+        # only the bound or the third request ends the wait). The old writer waited once that time and
+        # committed the first request alone at ~1 s.
+        self.assert_one_group_of_late_clients(hold=1.0, late=1.5)
 
     def test_the_wait_for_the_next_group_is_bounded_even_while_requests_keep_coming(self):
         # Senders that never pause (here: a gap longer than the test, so every arrival counts as "still
