@@ -67,6 +67,7 @@ TRIGGER_WORDS = {
 }
 ENTITY_PATHS = {"IO": "information-objects", "SO": "structural-objects", "CO": "content-objects"}
 ENTITY_WORDS = {"IO": "asset", "SO": "folder", "CO": "content object"}
+_sha256 = hashlib.sha256  # one global look-up a delivery key, not a global and an attribute
 
 
 def safe_name(ref):
@@ -104,7 +105,10 @@ class Handler(Integration):
         super().__init__(name, conf, core)
         self.api = PreservicaApi(conf)
         # read once: a Section never changes (a reload builds new handlers)
-        self._secrets, self._rule, self._lane = [conf.get("secret.key")], conf.get("dedupe"), name + ":"
+        self._rule, self._lane = conf.get("dedupe"), name + ":"
+        # its key prepared now (a section without secret.key is a problem check-config reports, not a crash)
+        self._verify = verify.hex_hmac_checker([conf.get("secret.key") or ""], "Preservica-Signature",
+                                               SIGNED_MESSAGE)
         unlisted = [n for n, key in GENERIC.items() if conf.get(key) and n not in self.wanted()]
         if unlisted and core is not None:
             core.log.warning("[%s] not listed in actions, so not run: %s", name, ", ".join(unlisted))
@@ -154,7 +158,7 @@ class Handler(Integration):
     def accept(self, req):
         if "challengeCode" in req.query:
             return self.challenge(req.query1("challengeCode", ""))
-        verify.hex_hmac(req.headers, req.body, self._secrets, "Preservica-Signature", SIGNED_MESSAGE)
+        self._verify(req.headers, req.body)
         body = req.json()
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise BadPayload("body is not an object with an events array")
@@ -184,12 +188,13 @@ class Handler(Integration):
         instead of one per element (measured: ~4 µs a 4-event delivery in the writer, ~4 µs of keys on
         the request thread)."""
         lane = self._lane
-        out = []
-        for index, element in enumerate(body["events"]):
-            ref = element.get("entityRef") if isinstance(element, dict) else None
+        out, index = [], 0
+        for element in body["events"]:
+            ref = element.get("entityRef") if element.__class__ is dict or isinstance(element, dict) else None
             if ref.__class__ is not str or not ref.strip():
                 raise self._bad_element(index, element)
             out.append(NewEvent(None, None, lane + ref, index))
+            index += 1
         rule = self._rule
         if rule:
             key = dedupe_key(rule, req)
@@ -220,11 +225,11 @@ class Handler(Integration):
         if stamp and stamp.__class__ is str and subscription.__class__ is str and trigger.__class__ is str:
             # the usual delivery: json.dumps([subscription, stamp, trigger]) without building an encoder (~1
             # µs), in one format with the first element's part (~0.4 µs)
-            material = "[%s, %s, %s]\0%d\0%s\0%s\0%s" % (
-                _json_string(subscription), _json_string(stamp), _json_string(trigger), 0, first.get("entityRef"),
+            material = "[%s, %s, %s]\x000\x00%s\x00%s\x00%s" % (  # the first element's position, 0, in the text
+                _json_string(subscription), _json_string(stamp), _json_string(trigger), first.get("entityRef"),
                 first.get("entityType"), first.get("event"))
             return "pv:%s:%s" % (stamp[:MAX_KEY_STAMP],
-                                 hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32])
+                                 _sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32])
         if stamp:
             base, prefix = json.dumps([subscription, stamp, trigger]), "pv:%s:" % str(stamp)[:MAX_KEY_STAMP]
         else:

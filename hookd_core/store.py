@@ -31,6 +31,7 @@ while the daemon runs).
 
 import hashlib
 import json
+import operator
 import os
 import queue
 import secrets
@@ -185,6 +186,9 @@ HEADERS, BODY, BODY_ROW = 7, 9, 10  # where a row of _INSERT_NEW has its headers
 # Webhooks at 16 and 64 connections, two alternating bench/run rounds).
 SHAPED_ROWS, SHAPES = 64, 64
 _SHAPED = {}
+# What ``_store_alike`` reads of each row, in one call a row (App.event_rows gives every row all of them).
+_ROW_NAMES = ("body", "headers", "content_type", "done", "dedupe_key", "serial_key", "element", "payload")
+_ROW_FIELDS = operator.itemgetter(*_ROW_NAMES)
 _INSERT_BODIES = {n: "INSERT INTO request_bodies(id, data) VALUES " + ", ".join(["(?, ?)"] * n) for n in CHUNKS}
 # A body up to this size is kept in its request's first event row (``_store_requests``): the record stays
 # within a 4 KiB page (no overflow page), so a worker's status change rewrites one leaf, not the body.
@@ -1327,8 +1331,11 @@ def _store_alike(conn, ops, first_id):
         if next_id + len(rows) - start > SHAPED_ROWS:  # this statement is full: the next one begins here
             chunks.append((count, params))
             params, count, start = [], 0, next_id
-        head = rows[0]
-        body, headers, content_type = head.get("body"), head.get("headers"), head.get("content_type")
+        try:
+            fields = list(map(_ROW_FIELDS, rows))
+        except KeyError:  # a row without some of App.event_rows' keys: those it lacks are None
+            fields = [tuple(map(row.get, _ROW_NAMES)) for row in rows]
+        body, headers, content_type = fields[0][:3]
         data = body or b""
         if len(data) > ROW_BODY_BYTES:
             return None
@@ -1338,15 +1345,19 @@ def _store_alike(conn, ops, first_id):
         if content_type is not None:
             params.append(content_type)
         request, waiting = [headers is None, content_type is None], 0
-        for row in rows:
-            if row.get("body") is not body or row.get("headers") is not headers or \
-                    row.get("content_type") is not content_type:
+        for row_body, row_headers, row_type, done, key, serial, element, payload in fields:
+            if row_body is not body or row_headers is not headers or row_type is not content_type:
                 return None
-            key, serial, element, payload = (row.get("dedupe_key"), row.get("serial_key"), row.get("element"),
-                                             row.get("payload"))
-            done = bool(row.get("done"))
+            done = bool(done)
             request.append((done, key is None, serial is None, element is None, payload is None))
-            params += [v for v in (key, serial, element, payload) if v is not None]
+            if key is not None:
+                params.append(key)
+            if serial is not None:
+                params.append(serial)
+            if element is not None:
+                params.append(element)
+            if payload is not None:
+                params.append(payload)
             waiting += not done
         if shape is None:
             shape = tuple(request)

@@ -392,6 +392,15 @@ class RejectTest(PreservicaCase):
         self.assertEqual(self.d.events(), [])
 
 
+class CheckConfigTest(unittest.TestCase):
+    def test_preservica_without_secret_key_is_a_problem_line(self):
+        # the handler prepares its signature key when it is built, which check-config does for a section
+        # whose secret.key is missing too: that is a problem line and exit 1, never a traceback
+        r = Daemon("[preservica]\nserver = https://eu.preservica.com\n").cli("check-config")
+        self.assertEqual((r.returncode, r.stderr), (1, ""))
+        self.assertIn("[preservica] secret.key is required", r.stdout.splitlines())
+
+
 class ThumbnailKeepDaysTest(PreservicaCase):
     """thumbnail.keep_days: the daily prune (which also runs once at start) deletes older thumbnails."""
 
