@@ -417,10 +417,11 @@ class ThumbnailKeepDaysTest(PreservicaCase):
                 % (SECRET, cls.fake.url, PASSWORD, cls.thumbs))
 
     def test_daily_prune_deletes_thumbnails_older_than_keep_days(self):
-        wait_until(lambda: not os.path.exists(os.path.join(self.thumbs, "old-ref.jpg")), 10,
-                   message="the old thumbnail to be pruned")
-        self.assertEqual(sorted(os.listdir(self.thumbs)), ["keep.txt", "new-ref.jpg"])
-        self.assertIn("pruned 2 thumbnails older than 1 days", self.d.log())
+        # the prune deletes one file at a time: wait for the whole listing, not for the first file
+        wait_until(lambda: sorted(os.listdir(self.thumbs)) == ["keep.txt", "new-ref.jpg"], 10,
+                   message="both old thumbnails to be pruned, the new one and keep.txt kept")
+        wait_until(lambda: "pruned 2 thumbnails older than 1 days" in self.d.log(), 10,
+                   message="the prune's log line")
 
 
 class LowDiskThumbnailTest(PreservicaCase):
