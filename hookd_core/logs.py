@@ -113,39 +113,45 @@ class LineHandler(logging.Handler):
 
     @staticmethod
     def write(text):
-        line = (text + "\n").encode("utf-8", "replace")
-        held = getattr(_batch, "lines", None)
-        if held is None:
-            os.write(2, line)
-        else:
-            held.append(line)
+        put((text + "\n").encode("utf-8", "replace"))
 
 
-def info(log, message, event=None, text=None):
+def put(line):
+    """Write ``line`` (bytes: one whole line and its newline) to file descriptor 2, or hold it inside
+    ``batched()``."""
+    held = getattr(_batch, "lines", None)
+    if held is None:
+        os.write(2, line)
+    else:
+        held.append(line)
+
+
+def info(log, message, event=None, line=None):
     """``log.info("%s", message, extra={"event": event})`` for the request path: when ``log`` is as
     ``setup`` left it (one LineHandler, nothing filtered), the same line in the same format goes to the
     same place without building a LogRecord (the writer thread logs every answer; a record costs ~6 µs).
-    Any other logger or set-up goes through ``logging`` as usual. ``text``: the line ``rendered`` made
-    of the same message earlier, written as it is."""
-    if text is None:
-        text = rendered(log, message, event)
-    if text is not None:
-        return LineHandler.write(text)
+    Any other logger or set-up goes through ``logging`` as usual. ``line``: what ``rendered`` made of
+    the same message earlier, written as it is."""
+    if line is None:
+        line = rendered(log, message, event)
+    if line is not None:
+        return put(line)
     if log.isEnabledFor(logging.INFO):  # not as ``setup`` left it, or the formatter failed: logging reports it
         log.info("%s", message, extra={"event": event} if event is not None else None)
 
 
 def rendered(log, message, event=None):
-    """The line ``info`` writes for ``message``, formatted now (its time is now); None when ``log`` is
-    not enabled for INFO or not as ``setup`` left it. Formatting has no side effect, so the store's
-    writer has a group's lines made while its COMMIT waits for the disk, and writes them after it."""
+    """The line ``info`` writes for ``message``, formatted now (its time is now) and encoded with its
+    newline, as ``put`` takes it; None when ``log`` is not enabled for INFO or not as ``setup`` left it.
+    Formatting has no side effect, so the store's writer has a group's lines made while its COMMIT waits
+    for the disk, and writes them after it."""
     if not log.isEnabledFor(logging.INFO):
         return None
     handlers = log.handlers
     if len(handlers) == 1 and type(handlers[0]) is LineHandler and not log.filters and not handlers[0].filters \
             and handlers[0].level <= logging.INFO:
         try:
-            return handlers[0].formatter.line(time.time(), "INFO", event, message)
+            return (handlers[0].formatter.line(time.time(), "INFO", event, message) + "\n").encode("utf-8", "replace")
         except Exception:
             return None
     return None
@@ -153,28 +159,38 @@ def rendered(log, message, event=None):
 
 @contextlib.contextmanager
 def batched():
-    """Hold the lines this thread logs inside the block and write them at its end, in as few writes as
-    keep every line whole (each write at most PIPE_BUF bytes, cut between lines). The store's writer
-    thread logs a whole commit group's answers this way: one write instead of one per request, each of
-    which would give up the GIL. A write that fails (stderr a pipe whose reader went away) loses the
-    lines and nothing else: the writer thread goes on answering."""
-    _batch.lines = []
+    """Hold the lines this thread logs inside the block and write them at its end (``hold`` and
+    ``write_held``). The store's writer thread logs a whole commit group's answers this way: one write
+    instead of one per request, each of which would give up the GIL."""
+    hold()
     try:
         yield
     finally:
-        lines, _batch.lines = _batch.lines, None
-        chunk, size = [], 0
-        try:
-            for line in lines:
-                if chunk and size + len(line) > select.PIPE_BUF:
-                    os.write(2, b"".join(chunk))
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            if chunk:
+        write_held()
+
+
+def hold():
+    """From now on hold the lines this thread logs, until ``write_held``."""
+    _batch.lines = []
+
+
+def write_held():
+    """Write the lines held since ``hold`` in as few writes as keep every line whole (each write at most
+    PIPE_BUF bytes, cut between lines), and hold no more. A write that fails (stderr a pipe whose reader
+    went away) loses the lines and nothing else: the writer thread goes on answering."""
+    lines, _batch.lines = _batch.lines, None
+    chunk, size = [], 0
+    try:
+        for line in lines:
+            if chunk and size + len(line) > select.PIPE_BUF:
                 os.write(2, b"".join(chunk))
-        except OSError:
-            pass  # stderr is gone (EPIPE) or failing: the lines are lost, never the block's own work
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            os.write(2, b"".join(chunk))
+    except OSError:
+        pass  # stderr is gone (EPIPE) or failing: the lines are lost, never the block's own work
 
 
 def setup(fmt="text", level=logging.INFO):

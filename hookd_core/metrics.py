@@ -45,17 +45,25 @@ class Metrics:
     @contextlib.contextmanager
     def batched(self):
         """Hold the requests this thread counts inside the block and add them at its end with one
-        lock: the store's writer counts a whole commit group's answers this way (a lock a request cost
-        it ~0.4 µs, a dict entry of its own ~0.1). They show in ``render`` once the block ends, right
-        after the group's last answer."""
-        self._held.counts = held = {}
+        lock (``hold`` and ``add_held``): the store's writer counts a whole commit group's answers this
+        way (a lock a request cost it ~0.4 µs, a dict entry of its own ~0.1). They show in ``render`` once
+        the block ends, right after the group's last answer."""
+        self.hold()
         try:
             yield
         finally:
-            self._held.counts = None
-            with self._lock:
-                for key, n in held.items():
-                    self._add(key, n)
+            self.add_held()
+
+    def hold(self):
+        """From now on hold the requests this thread counts, until ``add_held``."""
+        self._held.counts = {}
+
+    def add_held(self):
+        """Add the requests held since ``hold`` under one lock, and hold no more."""
+        held, self._held.counts = self._held.counts, None
+        with self._lock:
+            for key, n in held.items():
+                self._add(key, n)
 
     def dead(self, route):
         with self._lock:

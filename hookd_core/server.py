@@ -595,19 +595,20 @@ class Answer:
     def prepare(self, stored):
         """Before the commit is known to have succeeded, on the store's preparing thread: for a request
         whose events are all new (most requests: one event, or a batch delivery's several), its answer's
-        bytes and log line, kept as (stored, bytes, message, line)."""
+        bytes, log message and line (encoded) and the jobs it gives the workers, kept as (stored, bytes,
+        message, line, jobs), so that after the COMMIT only the bookkeeping and the send are left."""
         ids = _new_ids(stored)
         if ids is not None:
             body, message = _queued(self.route, ids, ids, self.client)
             self.ready = (stored, _answer_bytes(202, body, "application/json", (), self.close), message,
-                          logs.rendered(self.handler.app.log, message, ids[0]))
+                          logs.rendered(self.handler.app.log, message, ids[0]), _jobs(stored, self.rows))
 
     def __call__(self, stored, error):
         handler = self.handler
         try:
             ready = self.ready
             if ready is not None and error is None and ready[0] is stored:  # committed as prepared
-                _stored_new(handler.app, self.route, self.rows, stored, stored[0][0], ready[2], ready[3])
+                _stored_new(handler.app, self.route, ready[4], stored[0][0], ready[2], ready[3])
                 data, close = ready[1], False
             else:
                 status, body, headers, close = outcome(handler.app, self.route, self.rows, stored, error, self.client)
@@ -682,7 +683,7 @@ def outcome(app, route, rows, stored, error, client):
     fresh = ids if ids is not None else [i for i, status in stored if status == "new"]
     if fresh:
         body, message = _queued(route, ids or [i for i, _ in stored], fresh, client)
-        _stored_new(app, route, rows, stored, fresh[0], message)
+        _stored_new(app, route, _jobs(stored, rows), fresh[0], message)
         return 202, body, (), False
     first = stored[0][0] if stored else None
     logs.info(app.log, "200 %s duplicate of event %s" % (route, first if stored else "-"))
@@ -710,13 +711,18 @@ def _queued(route, ids, fresh, client):
             "202 %s stored event %s from %s" % (route, ",".join(named), client))
 
 
-def _stored_new(app, route, rows, stored, first, message, line=None):
-    """After the commit, for a request with events stored new: queue each of them for a worker (unless it
-    is done), log the request's line under the first of them (``first``; ``line``: made beforehand by
+def _jobs(stored, rows):
+    """(id, serial key) of each event of a request stored new that a worker runs (not stored done)."""
+    return [(event_id, row.get("serial_key")) for (event_id, status), row in zip(stored, rows)
+            if status == "new" and not row.get("done")]
+
+
+def _stored_new(app, route, jobs, first, message, line=None):
+    """After the commit, for a request with events stored new: queue its ``jobs`` (``_jobs``) for the
+    workers, log the request's line under the first new event (``first``; ``line``: made beforehand by
     ``logs.rendered``), count its 202."""
-    for (event_id, status), row in zip(stored, rows):
-        if status == "new" and not row.get("done"):
-            app.pool.submit(event_id, route, row.get("serial_key"))
+    for event_id, serial_key in jobs:
+        app.pool.submit(event_id, route, serial_key)
     logs.info(app.log, message, first, line)
     app.metrics.request(route, 202)
 
