@@ -2,11 +2,10 @@
 
 Strategy: the request path only bumps a dict entry under a lock (cheap), and the store's writer, which
 answers a whole commit group at once, counts the group's answers in a dict of its own and adds them under
-the lock once at the group's end (``batched``); everything about the queue is computed when ``/metrics``
+the lock once at the group's end (``hold`` and ``add_held``); everything about the queue is computed when ``/metrics``
 is scraped, from the events table, so the numbers cannot drift from the truth.
 """
 
-import contextlib
 import threading
 import time
 
@@ -26,7 +25,7 @@ class Metrics:
         self.job_sum = 0.0
         self.job_count = 0
         self.leases_expired = {}  # route -> n
-        self._held = threading.local()  # .counts: the requests a thread counts inside ``batched()``
+        self._held = threading.local()  # .counts: the requests a thread counts between ``hold`` and ``add_held``
 
     def request(self, route, code):
         key = (route, code)
@@ -41,18 +40,6 @@ class Metrics:
         self.requests[key] = self.requests.get(key, 0) + n
         if key[1] == 401:
             self.verify_failures[key[0]] = self.verify_failures.get(key[0], 0) + n
-
-    @contextlib.contextmanager
-    def batched(self):
-        """Hold the requests this thread counts inside the block and add them at its end with one
-        lock (``hold`` and ``add_held``): the store's writer counts a whole commit group's answers this
-        way (a lock a request cost it ~0.4 µs, a dict entry of its own ~0.1). They show in ``render`` once
-        the block ends, right after the group's last answer."""
-        self.hold()
-        try:
-            yield
-        finally:
-            self.add_held()
 
     def hold(self):
         """From now on hold the requests this thread counts, until ``add_held``."""

@@ -629,7 +629,7 @@ class PreparedAnswerTest(unittest.TestCase):
         self.assertEqual(self.app.metrics.requests, {("h", 202): 1})
 
     def test_a_groups_answers_are_counted_at_its_end_with_one_lock(self):
-        """The App's store counts a commit group's answers in a dict of its own (``Metrics.batched``) and
+        """The App's store counts a commit group's answers in a dict of its own (``Metrics.hold``) and
         adds them to the metrics when the group's last answer is out: inside the group nothing shows yet."""
         self.app.open_store()
         self.addCleanup(self.app.store.close)
