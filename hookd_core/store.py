@@ -12,8 +12,9 @@ holds. Only after the COMMIT does a caller learn its result: a blocked caller is
 runs on the writer thread, so a request's answer can leave as soon as its commit is on disk without
 waking the request's own thread first. Before it takes the next group the writer waits, as long as
 requests keep coming, until as many are queued as the group before answered (their clients usually send
-again at once): one group of all the clients, one COMMIT, instead of groups that split them into halves,
-each paying a COMMIT. When the writer is idle and nothing is queued, a request's
+again at once) plus those queued while it ran, and at most GATHER_MOST times as long as that group took:
+one group of all the clients, one COMMIT, instead of groups that split them into halves, each paying a
+COMMIT. When the writer is idle and nothing is queued, a request's
 (or a waiting ``write``'s) own thread commits it as a group of one instead: no thread switch there and
 back (a client that sends one request at a time meets an idle writer every time). If the
 transaction fails (disk full, read-only file) every
@@ -333,7 +334,7 @@ class Store:
         # (a worker's last attempt, a remote worker's dead, an expired last lease): the App queues its alert
         self.on_dead = None
         # the context a commit group's answers run in (``_settle``): their log lines written together; the
-        # App adds its metrics' batch (``Metrics.batched``)
+        # App's ``Settling`` also holds its metrics' counts (``Metrics.hold``)
         self.settling = logs.batched
         self._conn = self._connect()
         try:

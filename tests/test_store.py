@@ -701,7 +701,8 @@ class StoreTest(unittest.TestCase):
     def test_the_wait_for_the_next_group_is_bounded_even_while_requests_keep_coming(self):
         # Senders that never pause (here: a gap longer than the test, so every arrival counts as "still
         # coming") must not hold a request until the group before's size is reached: the writer waits
-        # at most about as long as that group took. The old writer waited as long as requests came.
+        # at most GATHER_MOST (2) times as long as that group took. The old writer waited as long as
+        # requests came.
         store_module.GATHER_GAP, gap = 60.0, store_module.GATHER_GAP
         self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
         self.answered_group("a", 3)
@@ -709,6 +710,19 @@ class StoreTest(unittest.TestCase):
         self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.append(r[0][1] if r else e))
         self.assertTrue(self.wait_for(lambda: seen, 20), "b0 waited for requests that did not come")
         self.assertEqual((seen, self.visible("b")), (["new"], 1))
+
+    def test_the_wait_for_the_next_group_ends_at_twice_the_time_the_one_before_took(self):
+        # The group before took ~1 s (its first answer 1 s); only one of its three clients sends again and
+        # GATHER_GAP is set long, so only the bound ends the wait: b0 is committed about 2 s after that
+        # group, neither at once 1 s (a bound of once that time) nor much later (a looser bound).
+        store_module.GATHER_GAP, gap = 60.0, store_module.GATHER_GAP
+        self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
+        self.answered_group("a", 3, hold=1.0)
+        start, seen = time.monotonic(), []
+        self.store.submit_events("b", [row("b0")], then=lambda r, e: seen.append(time.monotonic() - start))
+        self.assertTrue(self.wait_for(lambda: seen, 5.0), "b0 waited past twice the group before's time")
+        self.assertGreater(seen[0], 1.5, "b0 was committed before twice the group before's time")
+        self.assertEqual(self.visible("b"), 1)
 
     def test_a_client_that_does_not_send_again_does_not_hold_the_others(self):
         # Only one of the three clients comes back: the writer stops waiting once nothing came for
