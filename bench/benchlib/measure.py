@@ -1,16 +1,24 @@
-"""The intake measurement: for each workload, start each target, drive it at 1/16/64 connections, 3 runs.
+"""The intake measurement: for each workload, every target at 1/16/64 connections, 3 runs, interleaved.
 
-Strategy: the ceiling runs first in every workload block so its rates size the other targets' pools
-(each run gets a fresh pool of distinct requests, 1.6x the rate it is expected to reach, and the Lua
-script reports any wrap-around). The server's CPU use during each run is recorded as a share of one
-core: a target near 100% is CPU-bound, one far below it is waiting on something. Each target process serves all runs of one workload, then is stopped;
-its peak RSS is read after every run. For hookd and every target that stores, each run is checked:
-stored events (read-only from its database) must equal the 2xx answers, give or take the requests
-still in flight when wrk stopped. For hookd the workers get up to DRAIN_LIMIT seconds to drain
-before the next run (what is left is reported as backlog, not hidden); after the block the CLI's
-``events --json`` count must equal the database count. Points with errors are flagged, never hidden.
+Strategy: a ratio divides a target's median by the ceiling's at the same workload and connection count,
+so the runs it comes from are taken in the same minutes. Within one workload and one connection count the
+targets' runs alternate (``run_order``): run 1 of every target in turn (ceiling, naive-durable, hookd,
+the peers), then run 2 of every target, and so on. Each target keeps one server process for the whole
+workload: all are started before its first run and stopped after its last (an idle server costs next to
+nothing; each run records the other servers' CPU share meanwhile, ``others_cpu_share``). The ceiling's
+first run at a connection count sizes the other targets' pools there (each run gets a fresh pool of
+distinct requests, 1.6x the rate it is expected to reach, and the Lua script reports any wrap-around).
+The server's CPU use during each run is recorded as a share of one core: a target near 100% is
+CPU-bound, one far below it is waiting on something. Its peak RSS is read after every run. For hookd and
+every target that stores, each run is checked: stored events (read-only from its database) must equal
+the 2xx answers, give or take the requests still in flight when wrk stopped. After each of hookd's runs
+its workers get up to DRAIN_LIMIT seconds to drain before the next run of any target starts (what is
+left is reported as backlog, not hidden, and the run that starts beside it is flagged); after the
+workload the CLI's ``events --json`` count must equal the database count. Points with errors are
+flagged, never hidden.
 """
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -19,7 +27,9 @@ import time
 from . import hookdctl, pool, procs, wrkrun
 from .targets import TARGETS, WORKLOADS
 
-DRAIN_LIMIT = 3.0  # seconds the workers get to empty hookd's queue between runs (the backlog is reported)
+DRAIN_LIMIT = 3.0  # seconds the workers get to empty hookd's queue after each run (the backlog is reported)
+ORDER = ("interleaved: per workload and connection count, run 1 of every target in turn (ceiling first),"
+         " then run 2, ...; one server per target for the whole workload")
 
 
 class Plan:
@@ -32,39 +42,97 @@ class Plan:
 
 
 def intake(plan, log):
-    """All intake points, as a list of dicts (see ``_point``)."""
+    """All intake points, as a list of dicts (see ``workload_block``)."""
     points = []
     for workload in WORKLOADS:
         if workload.name not in plan.workloads:
             continue
-        ceiling = {}
-        for target in TARGETS:
-            if target.name in plan.targets and workload.name in target.workloads:
-                points += _target_block(plan, target, workload, ceiling, log)
+        chosen = [t for t in TARGETS if t.name in plan.targets and workload.name in t.workloads]
+        points += workload_block(plan, chosen, workload, log)
     return points
 
 
-def _target_block(plan, target, workload, ceiling, log, env=None, tag=""):
-    """Every connection count of one target on one workload, with one server process. ``env``: extra
-    environment for the server (the slow-disk shim); ``tag`` names the scratch directory."""
+def run_order(targets, conns, runs):
+    """The runs of one workload in the order they are taken, as (conns, run index, target): for each
+    connection count, run 1 of every target in the order given, then run 2 of every target, ..."""
+    return [(c, r, t) for c in conns for r in range(runs) for t in targets]
+
+
+def workload_block(plan, targets, workload, log, env=None, tag=""):
+    """Every connection count of ``targets`` (the ceiling first, if it is one of them) on one workload,
+    their runs interleaved (``run_order``), one server process per target. ``env``: extra environment for
+    the servers (the slow-disk shim); ``tag`` names the scratch directories. One point per target and
+    connection count, targets in the order given."""
+    workdirs = {t.name: _workdir(plan, t, workload, tag) for t in targets}
+    if time.monotonic() > plan.deadline:
+        return [_skipped(t, workload, c) for t in targets for c in plan.conns]
+    points = {(t.name, c): _new_point(t, workload, c) for t in targets for c in plan.conns}
+    with contextlib.ExitStack() as stack:
+        servers = {t.name: stack.enter_context(_server(t, workdirs[t.name], env)) for t in targets}
+        _interleave(plan, targets, workload, servers, workdirs, points, log)
+        for target in targets:
+            if target.role == "hookd":
+                _cli_check([points[(target.name, c)] for c in plan.conns], workdirs[target.name], log)
+    return [points[(t.name, c)] for t in targets for c in plan.conns]
+
+
+def _workdir(plan, target, workload, tag):
     workdir = os.path.join(plan.workdir, "%s-%s%s" % (target.name, workload.name, tag))
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    if time.monotonic() > plan.deadline:
-        return [_skipped(target, workload, c) for c in plan.conns]
+    return workdir
+
+
+def _server(target, workdir, env):
     port = procs.free_port()
-    server = procs.Server(target.name, target.argv(port, workdir), port,
-                          os.path.join(workdir, "server.log"), env=dict(_env(), **(env or {})), cwd=workdir)
-    points = []
-    with server:
-        for conns in plan.conns:
-            point = _point(plan, target, workload, conns, server, workdir, ceiling, log)
-            if target.role == "ceiling" and point["runs"]:
-                ceiling[conns] = point["rps"]
-            points.append(point)
-        if target.role == "hookd":
-            _cli_check(points, workdir, log)
-    return points
+    return procs.Server(target.name, target.argv(port, workdir), port, os.path.join(workdir, "server.log"),
+                        env=dict(_env(), **(env or {})), cwd=workdir)
+
+
+def _new_point(target, workload, conns):
+    return {"target": target.name, "role": target.role, "workload": workload.name, "conns": conns,
+            "runs": [], "flags": []}
+
+
+def _interleave(plan, targets, workload, servers, workdirs, points, log):
+    """Take the runs in ``run_order``; stops a target's point when its server died, every point when the
+    time budget runs out. Summarises every point."""
+    base = {}  # conns -> the ceiling's first run's rate there, which sizes the other targets' pools
+    stopped = set()
+    backlog = None  # hookd's events left after its drain limit, beside which the next run goes
+    for conns, r, target in run_order(targets, plan.conns, plan.runs):
+        key = (target.name, conns)
+        point = points[key]
+        if key in stopped:
+            continue
+        if time.monotonic() > plan.deadline:
+            for name, c in points:
+                if (name, c) not in stopped and len(points[(name, c)]["runs"]) < plan.runs:
+                    points[(name, c)]["flags"].append("time budget ran out after %d runs"
+                                                      % len(points[(name, c)]["runs"]))
+            break
+        server = servers[target.name]
+        if not server.alive():
+            point["flags"].append("server died")
+            stopped.add(key)
+            continue
+        if backlog:
+            point["flags"].append("run %d: started beside hookd's backlog of %s events" % (r + 1, backlog))
+        shape = target.request_shape(workload)
+        expect = _expect(target, base.get(conns, 20000.0), point["runs"])
+        others = [s for name, s in servers.items() if name != target.name]
+        idle0, t0 = sum(s.cpu_seconds() for s in others), time.monotonic()
+        run = _one_run(plan, target, workload, conns, server, workdirs[target.name], shape, expect)
+        run["others_cpu_share"] = (sum(s.cpu_seconds() for s in others) - idle0) / (time.monotonic() - t0)
+        backlog = run.get("backlog_after_drain")
+        point["runs"].append(run)
+        if target.role == "ceiling" and r == 0:
+            base[conns] = run["rps"]
+        log("  %-14s %-18s c=%-3d run %d: %8.0f req/s  p99 %7.1f ms  non2xx %d  sockerr %d%s"
+            % (target.name, workload.name, conns, r + 1, run["rps"], run["p99_us"] / 1000.0,
+               run["non2xx"], run["socket_errors"], _check_text(run)))
+    for point in points.values():
+        _summarise(point)
 
 
 def _env():
@@ -74,31 +142,11 @@ def _env():
     return env
 
 
-def _point(plan, target, workload, conns, server, workdir, ceiling, log):
-    point = {"target": target.name, "role": target.role, "workload": workload.name, "conns": conns,
-             "runs": [], "flags": []}
-    scheme, route, header = target.request_shape(workload)
-    base = ceiling.get(conns, 20000.0)
-    expect = max(base, 20000.0)  # a first run may beat the ceiling (a compiled peer does)
-    for r in range(plan.runs):
-        if time.monotonic() > plan.deadline:
-            point["flags"].append("time budget ran out after %d runs" % r)
-            break
-        if not server.alive():
-            point["flags"].append("server died")
-            break
-        run = _one_run(plan, target, workload, conns, server, workdir, (scheme, route, header), expect)
-        expect = _expect(target, base, point["runs"] + [run])
-        point["runs"].append(run)
-        log("  %-14s %-18s c=%-3d run %d: %8.0f req/s  p99 %7.1f ms  non2xx %d  sockerr %d%s"
-            % (target.name, workload.name, conns, r + 1, run["rps"], run["p99_us"] / 1000.0,
-               run["non2xx"], run["socket_errors"], _check_text(run)))
-    _summarise(point)
-    return point
-
-
 def _expect(target, base, runs):
-    """The rate the next run may reach, to size its pool (a wrap is reported, never hidden)."""
+    """The rate the next run may reach, to size its pool (a wrap is reported, never hidden); ``runs``:
+    the target's runs so far at this point, ``base``: the ceiling's first run there (or 20000)."""
+    if not runs:
+        return max(base, 20000.0)  # a first run may beat the ceiling (a compiled peer does)
     fastest = max(r["rps"] for r in runs)
     if target.role == "ceiling":
         return max(base, 1.3 * fastest)
@@ -213,7 +261,7 @@ def _cli_check(points, workdir, log):
 
 
 def _skipped(target, workload, conns):
-    point = {"target": target.name, "role": target.role, "workload": workload.name, "conns": conns,
-             "runs": [], "flags": ["skipped: time budget ran out"]}
+    point = _new_point(target, workload, conns)
+    point["flags"].append("skipped: time budget ran out")
     _summarise(point)
     return point

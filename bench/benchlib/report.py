@@ -208,6 +208,7 @@ def _machine_md(doc):
             "- %d s per run, %d runs per point (median reported), connections %s; wrk -t1; server pinned to"
             " CPU 0, wrk to CPU 1 (%s); total %.0f s" % (s["seconds"], s["runs"], s["conns"],
                                                       s["pinning"], doc.get("elapsed_s", 0)),
+            "- order of runs: %s" % s["order"],
             ""]
 
 

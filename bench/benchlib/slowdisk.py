@@ -4,7 +4,8 @@ Strategy: this VM flushes in about 0.3 ms, which hides what group commit is for:
 flush takes milliseconds, and one commit per request then caps a server at a few hundred requests per
 second whatever its CPU. ``bench/run`` builds ``slowfsync.so`` (bench/slowfsync.c) with ``cc``; it is
 preloaded (LD_PRELOAD) into naive-durable and hookd only, which then serve the Standard Webhooks
-workload at 16 and 64 connections with the same runs and honesty checks as the intake phase. Reported:
+workload at 16 and 64 connections with the same runs, interleaved the same way, and honesty checks as
+the intake phase. Reported:
 each point's req/s and hookd's ratio to naive-durable at the same connection count.
 """
 
@@ -27,10 +28,8 @@ def run(plan, log):
     plan = measure.Plan(plan.seconds, plan.runs, CONNS, plan.targets, plan.workloads, plan.workdir, BUDGET)
     env = {"LD_PRELOAD": SHIM, "BENCH_FSYNC_DELAY_US": str(DELAY_US)}
     workload = [w for w in WORKLOADS if w.name == "standard"][0]
-    points = []
-    for name in ("naive-durable", "hookd"):
-        target = [t for t in TARGETS if t.name == name][0]
-        points += measure._target_block(plan, target, workload, {}, log, env=env, tag="-slowdisk")
+    chosen = [t for name in ("naive-durable", "hookd") for t in TARGETS if t.name == name]
+    points = measure.workload_block(plan, chosen, workload, log, env=env, tag="-slowdisk")
     by = {(p["target"], p["conns"]): p for p in points}
     for p in points:
         naive = by.get(("naive-durable", p["conns"]))
