@@ -127,7 +127,7 @@ def main(argv=None):
            "peer_versions": peer_versions(), "hookd_commit": hookd_commit(),
            "settings": {"seconds": args.seconds, "runs": args.runs, "conns": args.conns,
                         "quick": args.quick, "pinning": "taskset" if shutil.which("taskset") else "none",
-                        "targets": plan.targets, "order": measure.ORDER}}
+                        "targets": plan.targets, "order": measure.ORDER, "cpu": measure.CPU_WINDOW}}
     doc["points"] = measure.intake(plan, log)
     report.add_ratios(doc["points"])
     if "hookd" in plan.targets and not args.no_processing:

@@ -1,13 +1,20 @@
-"""The benchmark takes the runs a ratio divides in the same minutes: within one workload and one connection
-count, run 1 of every target (the ceiling first), then run 2 of every target, and so on, so that no target's
-runs at a point sit in a block of their own, minutes away from the ceiling's they are divided by."""
+"""The benchmark's own honesty. It takes the runs a ratio divides in the same minutes: within one workload and
+one connection count, run 1 of every target (the ceiling first), then run 2 of every target, and so on, so
+that no target's runs at a point sit in a block of their own, minutes away from the ceiling's they are
+divided by. It reads a server's CPU over wrk's run alone (real wrk against the real ceiling server), waits
+for just-started servers to go quiet before a workload's first run (real processes), and its report shows
+what stood beside each run (from a constructed results dict)."""
 
 import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from benchlib import measure  # noqa: E402
+from benchlib import measure, pool, procs, report, targets, wrkrun  # noqa: E402
 
 
 class RunOrderTest(unittest.TestCase):
@@ -28,6 +35,150 @@ class RunOrderTest(unittest.TestCase):
             for first, second in zip(at, at[1:]):
                 between = {t for _, _, t in order[first + 1:second]}
                 self.assertEqual(between, set(names) - {name}, "between two runs of %s" % name)
+
+
+@unittest.skipUnless(shutil.which("wrk"), "wrk is not installed: the CPU meter's window is wrk's own run")
+class WrkWindowTest(unittest.TestCase):
+    """The server's CPU is read over wrk's run alone: the meter starts at the Lua script's BENCHREADY
+    line, which init() prints after it has read the whole request pool, and stops when wrk has exited."""
+
+    def test_meter_starts_after_wrk_has_read_its_pool(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        built = os.path.join(tmp, "pool.txt")
+        pool.build(built, "standard", 20000)
+        # wrk reads the pool through a FIFO that this test writes, so the moment its last byte went in
+        # is known: nothing wrk does after reading the pool can come before it.
+        fifo = os.path.join(tmp, "pool.fifo")
+        os.mkfifo(fifo)
+        ceiling = [t for t in targets.TARGETS if t.name == "ceiling"][0]
+        port = procs.free_port()
+        with procs.Server("ceiling", ceiling.argv(port, tmp), port, os.path.join(tmp, "server.log")) as server:
+            meter, answer = measure.CpuMeter([server]), {}
+
+            def drive():
+                answer["result"] = wrkrun.run("stdwebhooks.lua", "http://127.0.0.1:%d" % port, 2, 1, fifo,
+                                              "/hooks/bench", meters=(meter,))
+            driver = threading.Thread(target=drive)
+            driver.start()
+            with open(fifo, "wb") as sink, open(built, "rb") as source:
+                shutil.copyfileobj(source, sink)
+                last_byte = time.monotonic()  # wrk sees the pool's end only when this file closes
+            driver.join(90)
+            ended = time.monotonic()
+        result = answer["result"]
+        self.assertGreater(result["requests"], 0)
+        self.assertGreater(meter.started, last_byte, "the meter started before wrk had read its pool")
+        self.assertLessEqual(meter.stopped, ended)
+        self.assertGreater(meter.share, 0.0, "the ceiling served wrk's requests inside the meter's window")
+        self.assertGreater(result["ready_s"], 0.0)
+
+
+BUSY_THEN_IDLE = """
+import socket, sys, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    pass
+open(sys.argv[3], "w").close()
+time.sleep(600)
+"""
+
+
+class WaitQuietTest(unittest.TestCase):
+    """A workload's first run waits until the servers just started have gone quiet (below 2 % of a core
+    over a 0.5 s window), at most a bound, and records whether they did."""
+
+    def _server(self, busy_s, tmp):
+        port = procs.free_port()
+        idle_mark = os.path.join(tmp, "idle-%d" % port)
+        argv = [sys.executable, "-c", BUSY_THEN_IDLE, str(port), str(busy_s), idle_mark]
+        server = procs.Server("busy", argv, port, os.path.join(tmp, "server-%d.log" % port))
+        server.start()
+        self.addCleanup(server.stop)
+        return server, idle_mark
+
+    def test_waits_until_a_server_busy_after_its_start_is_idle(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        busy, idle_mark = self._server(1.5, tmp)
+        idle, _ = self._server(0, tmp)
+        settle = measure.wait_quiet({"busy": busy, "idle": idle})
+        self.assertTrue(os.path.exists(idle_mark), "returned while the server still burned its core")
+        self.assertTrue(settle["quiet"], settle)
+        self.assertLess(settle["shares"]["busy"], measure.QUIET_SHARE)
+
+    def test_a_server_that_never_goes_quiet_is_recorded_after_the_bound(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        busy, idle_mark = self._server(60, tmp)
+        settle = measure.wait_quiet({"busy": busy}, most=1.2)
+        self.assertFalse(settle["quiet"], settle)
+        self.assertGreaterEqual(settle["waited_s"], 1.2)
+        self.assertGreaterEqual(settle["shares"]["busy"], measure.QUIET_SHARE)
+        self.assertFalse(os.path.exists(idle_mark))
+
+
+def _run(rps, **extra):
+    run = {"rps": rps, "p50_us": 900, "p99_us": 3000, "rss_kb": 20000, "cpu_share": 0.9, "non2xx": 0,
+           "socket_errors": 0, "wraps": 0, "others_cpu_share": 0.001}
+    run.update(extra)
+    return run
+
+
+class ReportGuardsTest(unittest.TestCase):
+    """The report shows what stood beside each run: the other servers' CPU above 2 % of a core, servers
+    not quiet before the first run, and hookd's backlog on every run until a hookd drain reads 0."""
+
+    def doc(self):
+        hookd_runs = [_run(9000, backlog_after_drain=500), _run(9100, backlog_after_drain=0),
+                      _run(9200, backlog_after_drain=0)]
+        settle = {"quiet": False, "waited_s": 10.2, "shares": {"ceiling": 0.001, "gunicorn": 0.065}}
+        runs = {"ceiling": [_run(10000, settle=settle), _run(10100), _run(10200, others_cpu_share=0.015)],
+                "naive-durable": [_run(2000), _run(2100), _run(2200, others_cpu_share=0.035)],
+                "hookd": hookd_runs}
+        points = []
+        for name, role in (("ceiling", "ceiling"), ("naive-durable", "reference"), ("hookd", "hookd")):
+            point = {"target": name, "role": role, "workload": "standard", "conns": 16, "runs": runs[name],
+                     "flags": []}
+            measure._summarise(point)
+            points.append(point)
+        report.add_ratios(points)
+        machine = {"cpu_model": "test", "cpus": 2, "mem_total": "1 kB", "platform": "test", "python": "3",
+                   "sqlite": "3", "wrk": "wrk", "webhook": "webhook", "loadavg": ["0", "0", "0"]}
+        doc = {"started": "now", "machine": machine, "points": points,
+               "settings": {"seconds": 3, "runs": 3, "conns": [16], "pinning": "taskset", "order": "o"}}
+        doc["verdicts"] = report.verdicts(doc)
+        return doc
+
+    def rows(self, text):
+        return {line.split("|")[1].strip(): line for line in text.splitlines()
+                if line.startswith("| ") and "| 16 |" in line}
+
+    def test_backlog_is_flagged_on_every_run_until_a_hookd_drain_reads_0(self):
+        rows = self.rows(report.markdown(self.doc()))
+        for name in ("ceiling", "naive-durable", "hookd"):
+            self.assertIn("run 2: started beside hookd's backlog of 500 events", rows[name])
+            self.assertNotIn("run 3: started beside", rows[name])
+            self.assertNotIn("run 1: started beside", rows[name])
+
+    def test_other_servers_cpu_above_2_percent_of_a_core_is_flagged(self):
+        rows = self.rows(report.markdown(self.doc()))
+        self.assertIn("run 3: the other servers used 3.5 % of a core meanwhile", rows["naive-durable"])
+        self.assertNotIn("the other servers used", rows["ceiling"])  # 1.5 %: below the flag
+        self.assertNotIn("the other servers used", rows["hookd"])
+
+    def test_servers_not_quiet_before_the_first_run_are_flagged(self):
+        rows = self.rows(report.markdown(self.doc()))
+        self.assertIn("run 1: servers not quiet after 10 s of waiting (gunicorn 6.5 % of a core)", rows["ceiling"])
+
+    def test_a_backlog_beside_hookd_fails_the_honesty_target(self):
+        verdicts = {text: (met, detail) for text, met, detail in self.doc()["verdicts"]}
+        met, detail = [v for text, v in verdicts.items() if text.startswith("every request distinct")][0]
+        self.assertFalse(met)
+        self.assertIn("run 2: started beside hookd's backlog of 500 events", detail)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,21 @@ Strategy: a ratio divides a target's median by the ceiling's at the same workloa
 so the runs it comes from are taken in the same minutes. Within one workload and one connection count the
 targets' runs alternate (``run_order``): run 1 of every target in turn (ceiling, naive-durable, hookd,
 the peers), then run 2 of every target, and so on. Each target keeps one server process for the whole
-workload: all are started before its first run and stopped after its last (an idle server costs next to
-nothing; each run records the other servers' CPU share meanwhile, ``others_cpu_share``). The ceiling's
+workload: all are started before its first run and stopped after its last, and the first run waits until
+every one of them has gone quiet after its start (``wait_quiet``: below QUIET_SHARE of a core, at most
+QUIET_MOST seconds; a server that does not settle is recorded on that run). The ceiling's
 first run at a connection count sizes the other targets' pools there (each run gets a fresh pool of
 distinct requests, 1.6x the rate it is expected to reach, and the Lua script reports any wrap-around).
 The server's CPU use during each run is recorded as a share of one core: a target near 100% is
-CPU-bound, one far below it is waiting on something. Its peak RSS is read after every run. For hookd and
+CPU-bound, one far below it is waiting on something. A ``CpuMeter`` reads it over wrk's run alone (from
+wrk's ready marker, after its pool is read, to its exit; see wrkrun.py), and another the other servers'
+CPU share over the same seconds (``others_cpu_share``: idle servers should cost next to nothing; the
+report flags a run where they did not). Its peak RSS is read after every run. For hookd and
 every target that stores, each run is checked: stored events (read-only from its database) must equal
 the 2xx answers, give or take the requests still in flight when wrk stopped. After each of hookd's runs
 its workers get up to DRAIN_LIMIT seconds to drain before the next run of any target starts (what is
-left is reported as backlog, not hidden, and the run that starts beside it is flagged); after the
+left is reported as backlog, not hidden: the report flags every run that starts before a drain of
+hookd's reads 0 again); after the
 workload the CLI's ``events --json`` count must equal the database count. Points with errors are
 flagged, never hidden.
 """
@@ -28,8 +33,58 @@ from . import hookdctl, pool, procs, wrkrun
 from .targets import TARGETS, WORKLOADS
 
 DRAIN_LIMIT = 3.0  # seconds the workers get to empty hookd's queue after each run (the backlog is reported)
+# Before a workload's first run every started server must use less than QUIET_SHARE of a core over a
+# QUIET_WINDOW: a peer's boot (gunicorn's took 6-7 % of a core for seconds) would otherwise run beside
+# the ceiling's first run. At most QUIET_MOST seconds, then the run goes on and the record says so.
+QUIET_SHARE = 0.02
+QUIET_WINDOW = 0.5
+QUIET_MOST = 10.0
 ORDER = ("interleaved: per workload and connection count, run 1 of every target in turn (ceiling first),"
          " then run 2, ...; one server per target for the whole workload")
+CPU_WINDOW = ("a server's CPU over wrk's run alone, from its ready line (the request pool read) to its exit;"
+              " a workload's first run after every server used < %.0f %% of a core for %.1f s (at most %.0f s)"
+              % (QUIET_SHARE * 100, QUIET_WINDOW, QUIET_MOST))
+
+
+class CpuMeter:
+    """The CPU that ``servers`` (procs.Server, each summed over its process group, so a master's workers
+    count) use between ``start()`` and ``stop()``: ``share`` of one core over ``seconds``, from
+    monotonic ``started`` to ``stopped``."""
+
+    def __init__(self, servers):
+        self.servers = list(servers)
+        self.started = self.stopped = self.seconds = self.share = None
+        self._cpu0 = None
+
+    def _cpu(self):
+        return sum(s.cpu_seconds() for s in self.servers)
+
+    def start(self):
+        self._cpu0, self.started = self._cpu(), time.monotonic()
+
+    def stop(self):
+        cpu, self.stopped = self._cpu(), time.monotonic()
+        self.seconds = self.stopped - self.started
+        self.share = (cpu - self._cpu0) / self.seconds
+
+
+def wait_quiet(servers, most=QUIET_MOST):
+    """Until every server of ``servers`` ({name: procs.Server}) uses less than QUIET_SHARE of a core over
+    one QUIET_WINDOW, at most ``most`` seconds. Returns {"quiet": bool, "waited_s", "shares": {name: share
+    in the last window}}."""
+    begun = time.monotonic()
+    while True:
+        meters = {name: CpuMeter([server]) for name, server in servers.items()}
+        for meter in meters.values():
+            meter.start()
+        time.sleep(QUIET_WINDOW)  # the measuring window itself
+        for meter in meters.values():
+            meter.stop()
+        shares = {name: round(m.share, 4) for name, m in meters.items()}
+        quiet = all(share < QUIET_SHARE for share in shares.values())
+        waited = time.monotonic() - begun
+        if quiet or waited >= most:
+            return {"quiet": quiet, "waited_s": round(waited, 2), "shares": shares}
 
 
 class Plan:
@@ -69,7 +124,10 @@ def workload_block(plan, targets, workload, log, env=None, tag=""):
     points = {(t.name, c): _new_point(t, workload, c) for t in targets for c in plan.conns}
     with contextlib.ExitStack() as stack:
         servers = {t.name: stack.enter_context(_server(t, workdirs[t.name], env)) for t in targets}
-        _interleave(plan, targets, workload, servers, workdirs, points, log)
+        settle = wait_quiet(servers)
+        if not settle["quiet"]:
+            log("  servers not quiet after %.0f s: %s" % (settle["waited_s"], settle["shares"]))
+        _interleave(plan, targets, workload, servers, workdirs, points, log, settle)
         for target in targets:
             if target.role == "hookd":
                 _cli_check([points[(target.name, c)] for c in plan.conns], workdirs[target.name], log)
@@ -94,12 +152,12 @@ def _new_point(target, workload, conns):
             "runs": [], "flags": []}
 
 
-def _interleave(plan, targets, workload, servers, workdirs, points, log):
+def _interleave(plan, targets, workload, servers, workdirs, points, log, settle):
     """Take the runs in ``run_order``; stops a target's point when its server died, every point when the
-    time budget runs out. Summarises every point."""
+    time budget runs out. The first run taken records ``settle`` (``wait_quiet``'s answer before it).
+    Summarises every point."""
     base = {}  # conns -> the ceiling's first run's rate there, which sizes the other targets' pools
     stopped = set()
-    backlog = None  # hookd's events left after its drain limit, beside which the next run goes
     for conns, r, target in run_order(targets, plan.conns, plan.runs):
         key = (target.name, conns)
         point = points[key]
@@ -116,15 +174,12 @@ def _interleave(plan, targets, workload, servers, workdirs, points, log):
             point["flags"].append("server died")
             stopped.add(key)
             continue
-        if backlog:
-            point["flags"].append("run %d: started beside hookd's backlog of %s events" % (r + 1, backlog))
         shape = target.request_shape(workload)
         expect = _expect(target, base.get(conns, 20000.0), point["runs"])
         others = [s for name, s in servers.items() if name != target.name]
-        idle0, t0 = sum(s.cpu_seconds() for s in others), time.monotonic()
-        run = _one_run(plan, target, workload, conns, server, workdirs[target.name], shape, expect)
-        run["others_cpu_share"] = (sum(s.cpu_seconds() for s in others) - idle0) / (time.monotonic() - t0)
-        backlog = run.get("backlog_after_drain")
+        run = _one_run(plan, target, workload, conns, server, others, workdirs[target.name], shape, expect)
+        if settle is not None:
+            run["settle"], settle = settle, None
         point["runs"].append(run)
         if target.role == "ceiling" and r == 0:
             base[conns] = run["rps"]
@@ -153,17 +208,18 @@ def _expect(target, base, runs):
     return max(2.0 * fastest, 0.25 * base)
 
 
-def _one_run(plan, target, workload, conns, server, workdir, shape, expect):
+def _one_run(plan, target, workload, conns, server, others, workdir, shape, expect):
     scheme, route, header = shape
     count = int(expect * 1.6 * plan.seconds) + 500
     pool_path = os.path.join(workdir, "pool.txt")
     pool.build(pool_path, scheme, count)
     store = target.store_path(workdir)
     before = hookdctl.count_db(workdir, store) if target.stores else None
-    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    own, idle = CpuMeter([server]), CpuMeter(others)
     run = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % server.port, conns, plan.seconds,
-                     pool_path, route, header)
-    run["cpu_share"] = (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                     pool_path, route, header, meters=(own, idle))
+    run["cpu_share"], run["others_cpu_share"] = own.share, idle.share
+    run["cpu_window_s"] = round(own.seconds, 3)
     run["pool"] = count
     if target.closes:
         _close_delimited(run)

@@ -5,8 +5,9 @@ workload at 64 connections for one run length, and ``py-spy record --nonblocking
 the benchmark venv) samples every thread meanwhile; ``--gil`` keeps only the thread holding the GIL in
 each sample, which is the resource a CPU-bound Python server runs out of. The collapsed stacks are folded into self time per function
 and inclusive time per function (line numbers dropped), as shares of all samples; the top entries go
-into the results file, with hookd's CPU use during the profiled run (a share of one core far below
-100% means hookd is waiting, not computing, and the profile then shows only the smaller part).
+into the results file, with hookd's CPU use during the profiled run (over wrk's run alone, see
+wrkrun.py; a share of one core far below 100% means hookd is waiting, not computing, and the profile
+then shows only the smaller part).
 """
 
 import collections
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import time
 
-from . import pool, procs, wrkrun
+from . import measure, pool, procs, wrkrun
 from .targets import WORKLOADS, hookd_argv, hookd_config, venv_python
 
 _LINE = re.compile(r":\d+\)")
@@ -33,17 +34,16 @@ def run(plan, log, top=25):
     port = procs.free_port()
     argv = hookd_argv(port, hookd_config(workdir))
     with procs.Server("hookd", argv, port, os.path.join(workdir, "server.log"), cwd=workdir) as hookd:
-        cpu0, t0 = hookd.cpu_seconds(), time.monotonic()
-        raw, rps = _record(spy, hookd, workdir, plan.seconds)
-        cpu_share = (hookd.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+        meter = measure.CpuMeter([hookd])
+        raw, rps = _record(spy, hookd, workdir, plan.seconds, meter)
     result = fold(raw, top)
-    result.update(cpu_share=cpu_share, rps=rps)
+    result.update(cpu_share=meter.share, rps=rps)
     log("  profile: %d samples; top self: %s" % (result.get("samples", 0), ", ".join(
         "%.0f%% %s" % (s * 100, f) for s, f in result.get("self", [])[:5])))
     return result
 
 
-def _record(spy, hookd, workdir, seconds):
+def _record(spy, hookd, workdir, seconds, meter):
     out = os.path.join(workdir, "pyspy.txt")
     workload = [w for w in WORKLOADS if w.name == "preservica-cl"][0]
     pool_path = os.path.join(workdir, "pool.txt")
@@ -54,7 +54,7 @@ def _record(spy, hookd, workdir, seconds):
     try:
         time.sleep(0.3)
         res = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % hookd.port, 64, seconds, pool_path,
-                         workload.route, workload.header)
+                         workload.route, workload.header, meters=(meter,))
         rec.wait(seconds + 30)
     finally:
         if rec.poll() is None:

@@ -4,21 +4,31 @@ Strategy: everything is computed from the list of points and processing results;
 the ceiling measured in the same run at the same workload and connection count (absolute numbers drift
 on a shared machine, ratios much less). ``verdicts`` applies the issue's targets to hookd's points;
 ``markdown`` renders one table per workload; ``write`` stores both files under bench/results/.
+``guards`` reads from the runs' records what stood beside each run (the other servers' CPU, servers
+that had not gone quiet, hookd's backlog), so a disturbed point says so in its notes.
 """
 
+import collections
 import json
 import os
 import platform
 import subprocess
 import sys
 
+from . import measure
 from .targets import TARGETS, WORKLOADS
+
+OTHERS_SHARE = 0.02  # flagged above this: the other (idle) servers' CPU beside a run, a share of a core
 
 FRAMINGS = ("preservica-cl", "preservica-chunked")
 
 
+def _key(p):
+    return (p["target"], p["workload"], p["conns"])
+
+
 def index(points):
-    return {(p["target"], p["workload"], p["conns"]): p for p in points}
+    return {_key(p): p for p in points}
 
 
 def add_ratios(points):
@@ -29,6 +39,39 @@ def add_ratios(points):
         ok = c and c.get("rps") and p.get("rps") is not None
         p["ratio"] = p["rps"] / c["rps"] if ok else None
         p["p99_ratio"] = p["p99_us"] / c["p99_us"] if ok and c["p99_us"] else None
+
+
+def guards(points):
+    """{(target, workload, conns): [texts]}: each run's neighbours, walking every workload's runs in the
+    order they were taken (measure.run_order over the points' targets and connection counts, as listed).
+    Flagged: the other servers using more than OTHERS_SHARE of a core during a run; servers not quiet
+    before a workload's first run; and every run from the one after a hookd drain that left a backlog
+    up to the next hookd drain that read 0 (the workers still ran beside them)."""
+    notes = collections.defaultdict(list)
+    for workload in dict.fromkeys(p["workload"] for p in points):
+        by = {(p["target"], p["conns"]): p for p in points if p["workload"] == workload}
+        names = list(dict.fromkeys(name for name, _ in by))
+        conns = list(dict.fromkeys(c for _, c in by))
+        backlog = None
+        for c, r, name in measure.run_order(names, conns, max(len(p["runs"]) for p in by.values())):
+            runs = by[(name, c)]["runs"] if (name, c) in by else []
+            if r >= len(runs):
+                continue
+            run, out = runs[r], notes[(name, workload, c)]
+            settle = run.get("settle")
+            if settle and not settle["quiet"]:
+                loud = ["%s %.1f %% of a core" % (n, share * 100) for n, share in settle["shares"].items()
+                        if share >= measure.QUIET_SHARE]
+                out.append("run %d: servers not quiet after %.0f s of waiting (%s)"
+                           % (r + 1, settle["waited_s"], ", ".join(loud)))
+            if (run.get("others_cpu_share") or 0) > OTHERS_SHARE:
+                out.append("run %d: the other servers used %.1f %% of a core meanwhile"
+                           % (r + 1, run["others_cpu_share"] * 100))
+            if backlog:
+                out.append("run %d: started beside hookd's backlog of %s events" % (r + 1, backlog))
+            if run.get("backlog_after_drain") is not None:
+                backlog = run["backlog_after_drain"]
+    return notes
 
 
 def cpu_us(p):
@@ -132,9 +175,11 @@ def _workers_target(processing):
 
 
 def _honesty_target(doc, hookd):
-    slow = [p for p in (doc.get("slow_disk") or {}).get("points", []) if p["target"] == "hookd"]
-    flagged = ["%s c=%d: %s" % (p["workload"], p["conns"], "; ".join(p["flags"])) for p in hookd + slow
-               if p["flags"]]
+    slow = (doc.get("slow_disk") or {}).get("points", [])
+    seen, seen_slow = guards(doc["points"]), guards(slow)
+    noted = [(p, p["flags"] + seen[_key(p)]) for p in hookd]
+    noted += [(p, p["flags"] + seen_slow[_key(p)]) for p in slow if p["target"] == "hookd"]
+    flagged = ["%s c=%d: %s" % (p["workload"], p["conns"], "; ".join(texts)) for p, texts in noted if texts]
     return ("every request distinct; no errors; stored events = 2xx answers (database and events --json)",
             None if not hookd else not flagged, "; ".join(flagged) or "all hookd points clean")
 
@@ -184,8 +229,9 @@ def markdown(doc):
     for text, met, detail in doc["verdicts"]:
         lines.append("| %s | %s | %s |" % (text, {True: "yes", False: "**no**", None: "n/a"}[met], detail))
     lines.append("")
+    seen = guards(doc["points"])
     for w in WORKLOADS:
-        lines += _workload_md(doc, w)
+        lines += _workload_md(doc, w, seen)
     lines += _summary_md(doc)
     lines += _processing_md(doc)
     lines += _slow_disk_md(doc.get("slow_disk"))
@@ -209,10 +255,11 @@ def _machine_md(doc):
             " CPU 0, wrk to CPU 1 (%s); total %.0f s" % (s["seconds"], s["runs"], s["conns"],
                                                       s["pinning"], doc.get("elapsed_s", 0)),
             "- order of runs: %s" % s["order"],
+            "- server CPU read: %s" % s.get("cpu", "over wrk's whole process, its pool's reading included"),
             ""]
 
 
-def _workload_md(doc, w):
+def _workload_md(doc, w, seen):
     pts = [p for p in doc["points"] if p["workload"] == w.name]
     if not pts:
         return []
@@ -226,12 +273,13 @@ def _workload_md(doc, w):
             _fmt(p.get("p50_us") and p["p50_us"] / 1000.0), _fmt(p.get("p99_us") and p["p99_us"] / 1000.0),
             _fmt(p.get("p99_ratio")), _fmt(p.get("cpu_share") and p["cpu_share"] * 100, 0),
             _fmt(p.get("rss_kb") and p["rss_kb"] / 1024.0, 1),
-            p.get("non2xx", "—"), p.get("socket_errors", "—"), _notes(p)))
+            p.get("non2xx", "—"), p.get("socket_errors", "—"), _notes(p, seen)))
     return out + [""]
 
 
-def _notes(p):
-    notes = list(p["flags"])
+def _notes(p, seen):
+    """A point's notes: its flags, then what ``guards`` (``seen``) found beside its runs, then its runs."""
+    notes = p["flags"] + seen[_key(p)]
     if p.get("close_delimited"):
         notes.append("%d wrk read errors not counted: each is a response ended by closing the connection"
                      % p["close_delimited"])
@@ -277,11 +325,12 @@ def _slow_disk_md(slow):
         return out + ["Not run: %s" % slow["error"], ""]
     out += ["| target | conns | req/s | × naive-durable | CPU µs/req | p99 ms | non-2xx | socket errors | notes |",
             "|---|---|---|---|---|---|---|---|---|"]
+    seen = guards(slow["points"])
     for p in slow["points"]:
         out.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s |" % (
             p["target"], p["conns"], _fmt(p.get("rps"), 0), _fmt(p.get("x_naive"), 1), _fmt(cpu_us(p), 0),
             _fmt(p.get("p99_us") and p["p99_us"] / 1000.0), p.get("non2xx", "—"), p.get("socket_errors", "—"),
-            _notes(p)))
+            _notes(p, seen)))
     return out + [""]
 
 
