@@ -724,6 +724,51 @@ class StoreTest(unittest.TestCase):
         self.assertGreater(seen[0], 1.5, "b0 was committed before twice the group before's time")
         self.assertEqual(self.visible("b"), 1)
 
+    def test_the_first_look_waits_as_long_as_the_clients_took_to_come_the_time_before(self):
+        # 16 clients answered in one group came back one every 50 ms (GATHER_GAP set to 0.3 s here: a
+        # pace of a sixth of it); the next time, after the first of them, they pause 0.7 s and then come
+        # at once. The writer's first look comes after about as long as the 16 took the time before
+        # (x GATHER_SLACK, ~1.0 s), so the pause ends inside it: one group. The old writer looked first
+        # after GATHER_GAP, saw the first request, found nothing new at the next look (0.6 s) and
+        # committed it alone. (Each group's first answer takes 1 s, so the bound ends no wait.)
+        c = self.clients_after_a_paced_gather(pace=0.05)
+        self.assertEqual(len(set(c.values())), 1, c)
+
+    def test_the_first_look_stays_gather_gap_after_clients_that_came_slowly(self):
+        # As above, but the clients came back one every 0.1 s the time before (a third of GATHER_GAP:
+        # slower than GATHER_GAP/4): the writer's first look stays GATHER_GAP, so a pause after the first
+        # of them still ends the group without the others (an independent sender's request waits no
+        # longer than it did).
+        c = self.clients_after_a_paced_gather(pace=0.1)
+        self.assertEqual(sorted(c.values()).count(c["c0"]), 1, c)
+
+    def clients_after_a_paced_gather(self, pace, n=16):
+        """Commit ``n`` requests (a) in one group; their clients (b) come back one every ``pace``
+        seconds, and once answered (c) again: the first at once, the others 0.7 s later, together.
+        Returns {c's names: the commit count their answers saw}, after checking b made one group."""
+        store_module.GATHER_GAP, gap = 0.3, store_module.GATHER_GAP
+        self.addCleanup(setattr, store_module, "GATHER_GAP", gap)
+        self.answered_group("a", n, hold=1.0)
+        seen = {}
+
+        def then(name):
+            def answer(result, error):
+                time.sleep(1.0 if name == "b0" else 0)
+                seen.setdefault(name, self.store.groups)
+            return answer
+        for i in range(n):
+            time.sleep(pace)  # the clients' pace, which the writer learns
+            self.store.submit_events("b", [row("b%d" % i)], then=then("b%d" % i))
+        self.assertTrue(self.wait_for(lambda: len(seen) == n))
+        self.assertEqual(len(set(seen.values())), 1, seen)
+        self.store.submit_events("c", [row("c0")], then=then("c0"))
+        time.sleep(0.7)  # the pause: longer than two looks GATHER_GAP apart
+        for i in range(1, n):
+            self.store.submit_events("c", [row("c%d" % i)], then=then("c%d" % i))
+        self.assertTrue(self.wait_for(lambda: len(seen) == 2 * n))
+        self.assertEqual(self.visible("c"), n)
+        return {name: group for name, group in seen.items() if name.startswith("c")}
+
     def test_a_client_that_does_not_send_again_does_not_hold_the_others(self):
         # Only one of the three clients comes back: the writer stops waiting once nothing came for
         # GATHER_GAP and commits it.
