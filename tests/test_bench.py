@@ -5,6 +5,7 @@ divided by. It reads a server's CPU over wrk's run alone (real wrk against the r
 for just-started servers to go quiet before a workload's first run (real processes), and its report shows
 what stood beside each run (from a constructed results dict)."""
 
+import errno
 import os
 import shutil
 import sys
@@ -61,7 +62,9 @@ class WrkWindowTest(unittest.TestCase):
                                               "/hooks/bench", meters=(meter,))
             driver = threading.Thread(target=drive)
             driver.start()
-            with open(fifo, "wb") as sink, open(built, "rb") as source:
+            fd = _open_for_writing_once_read(fifo, driver, time.monotonic() + 60)
+            self.assertIsNotNone(fd, "wrk ended before it opened its pool (%r)" % answer)
+            with open(fd, "wb") as sink, open(built, "rb") as source:
                 shutil.copyfileobj(source, sink)
                 last_byte = time.monotonic()  # wrk sees the pool's end only when this file closes
             driver.join(90)
@@ -72,6 +75,23 @@ class WrkWindowTest(unittest.TestCase):
         self.assertLessEqual(meter.stopped, ended)
         self.assertGreater(meter.share, 0.0, "the ceiling served wrk's requests inside the meter's window")
         self.assertGreater(result["ready_s"], 0.0)
+
+
+def _open_for_writing_once_read(fifo, reader, deadline):
+    """A descriptor writing into ``fifo`` (blocking) once ``reader`` (a thread) has it open for reading;
+    None if that thread ends or ``deadline`` passes first, so a wrk that fails before it opens its pool
+    fails the test instead of leaving it blocked in open()."""
+    while reader.is_alive() and time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            reader.join(0.01)
+            continue
+        os.set_blocking(fd, True)
+        return fd
+    return None
 
 
 BUSY_THEN_IDLE = """
@@ -87,9 +107,47 @@ time.sleep(600)
 """
 
 
+FORKS_A_BUSY_CHILD = """
+import os, socket, subprocess, sys, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+subprocess.run([sys.executable, "-c", "import time\\nend = time.process_time() + 0.4\\nwhile time.process_time() < end: pass"])
+open(sys.argv[3], "w").close()
+time.sleep(600)
+"""
+
+
+class ChildCpuTest(unittest.TestCase):
+    """A server that runs a command per request (adnanh/webhook) spends its CPU in children that have
+    exited by the time the meter stops: their time, which the kernel adds to the parent's cutime and
+    cstime when it waits for them, is the server's."""
+
+    def test_the_cpu_of_a_child_that_has_exited_counts(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        go, done = os.path.join(tmp, "go"), os.path.join(tmp, "done")
+        port = procs.free_port()
+        server = procs.Server("forks", [sys.executable, "-c", FORKS_A_BUSY_CHILD, str(port), go, done], port,
+                              os.path.join(tmp, "server.log"))
+        server.start()
+        self.addCleanup(server.stop)
+        meter = measure.CpuMeter([server])
+        meter.start()
+        open(go, "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        meter.stop()
+        self.assertTrue(os.path.exists(done), "the server's child did not finish within 30 s")
+        self.assertGreaterEqual(meter.share * meter.seconds, 0.35, "the child's 0.4 s of CPU was not counted")
+
+
 class WaitQuietTest(unittest.TestCase):
     """A workload's first run waits until the servers just started have gone quiet (below 2 % of a core
-    over a 0.5 s window), at most a bound, and records whether they did."""
+    over a QUIET_WINDOW), at most a bound, and records whether they did."""
 
     def _server(self, busy_s, tmp):
         port = procs.free_port()

@@ -37,7 +37,7 @@ DRAIN_LIMIT = 3.0  # seconds the workers get to empty hookd's queue after each r
 # QUIET_WINDOW: a peer's boot (gunicorn's took 6-7 % of a core for seconds) would otherwise run beside
 # the ceiling's first run. At most QUIET_MOST seconds, then the run goes on and the record says so.
 QUIET_SHARE = 0.02
-QUIET_WINDOW = 0.5
+QUIET_WINDOW = 2.0  # one clock tick (10 ms) is 0.5 % of a core over it: 0.5 s could not tell 2 % from 0
 QUIET_MOST = 10.0
 ORDER = ("interleaved: per workload and connection count, run 1 of every target in turn (ceiling first),"
          " then run 2, ...; one server per target for the whole workload")

@@ -93,6 +93,7 @@ def _measure(plan, hookd, workdir, drain_limit):
     res = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % hookd.port, CONNS, plan.seconds, pool_path,
                      workload.route)
     t1 = time.monotonic()
+    t0 += res["ready_s"]  # intake began once wrk had read its pool (BENCHREADY), not at its start
     res["metric_oldest_s"] = [v for _, v in hookdctl.metrics(workdir).get("hookd_oldest_queued_seconds", [])]
     _wait_empty(sampler, t1, t1 + drain_limit)
     sampler.stop.set()

@@ -120,7 +120,9 @@ def _cpu(pid):
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    # utime + stime, and cutime + cstime: the CPU of its children that have exited and been waited for
+    # (adnanh/webhook runs its command as a child per request; that CPU is the server's work too)
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / float(os.sysconf("SC_CLK_TCK"))
 
 
 def _vm_hwm(pid):
