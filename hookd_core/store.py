@@ -459,8 +459,9 @@ class Store:
         one first looks."""
         want, took, pace = 0, 0.0, 0.0
         while True:
-            if want > 1:
-                pace = self._gather(want, took * GATHER_MOST, pace)
+            # the pace is the gather just before's: when none ran (a group of worker operations, or of one
+            # request with nothing queued behind it) there is none, and an older one may no longer hold
+            pace = self._gather(want, took * GATHER_MOST, pace) if want > 1 else 0.0
             with self._plock:
                 group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
                 if not group:
