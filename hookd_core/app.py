@@ -23,7 +23,7 @@ import time
 import urllib.parse
 
 from . import config as config_mod
-from . import actions, admin, alerts, clients, logs, subscriptions, systemd_glue
+from . import actions, admin, alerts, clients, logs, proc, subscriptions, systemd_glue
 from .children import Registry
 from .api import Core, Integration, NewEvent, dedupe_key, free_mb
 from .metrics import Metrics
@@ -57,6 +57,17 @@ def handler_for(section, classes):
         if name.endswith(":") and section.startswith(name) and len(section) > len(name):
             return cls
     return None
+
+
+def job_idle_after(settings):
+    """``job_idle_after`` in seconds, None for "off"; raises ConfigError when it is neither."""
+    value = settings.get("job_idle_after").strip().lower()
+    if value == "off":
+        return None
+    seconds = settings.float("job_idle_after")
+    if not seconds >= 0:
+        raise config_mod.ConfigError("[hookd] job_idle_after must be off or seconds, at least 0")
+    return seconds
 
 
 class Settling:
@@ -137,6 +148,7 @@ class App:
             self.state_dir = os.path.abspath(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
                                              or settings.get("state_dir"))
             self.log = logs.setup(settings.get("log.format"))
+            proc.idle_after(job_idle_after(settings), self.log)
         return not problems
 
     def _check_settings(self, s):
@@ -155,6 +167,10 @@ class App:
                     out.append("[hookd] %s must not be negative" % key)
             except config_mod.ConfigError as e:
                 out.append(str(e))
+        try:
+            job_idle_after(s)
+        except config_mod.ConfigError as e:
+            out.append(str(e))
         if s.get("log.format") not in ("text", "json"):
             out.append("[hookd] log.format must be text or json")
         if bool(s.get("tls.cert")) != bool(s.get("tls.key")):

@@ -39,6 +39,7 @@ HOOKD_KEYS = {
     "alert.command": "",
     "subscriptions.check_interval": "900",
     "min_free_mb": "500",
+    "job_idle_after": "0.1",
 }
 
 # Keys every integration section accepts: the generic actions, the dedupe rule and the filter.

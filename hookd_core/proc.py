@@ -1,9 +1,10 @@
 """Starting and ending every outside program hookd runs (commands, labelers, ffmpeg, ffprobe, alert commands).
 
 Strategy: ``spawn`` is the one way a child starts (``run`` starts its own through ``os.posix_spawn`` where
-that gives the same child, ``_Spawned``): no shell, its own session (so its process group is its
-own), no fd but its stdin, stdout and stderr, a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_* values and the
-names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable holding
+that gives the same child, ``_Spawned``): no shell, its own process group in hookd's session, SCHED_IDLE
+once it has run ``job_idle_after`` (``idle_after``: a busy job then barely slows intake), no fd but its
+stdin, stdout and stderr, a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_*
+values and the names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable holding
 one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit. ``kill_tree``
 ends a child and everything it started: its process group, every process descended from those by parent
 pid (a grandchild that called ``setsid`` is still a descendant while its parent lives), and every process
@@ -35,6 +36,7 @@ import secrets as secrets_mod
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -107,13 +109,16 @@ def _base_env():
 
 
 def spawn(argv, env=None, **popen_args):
-    """Start ``argv`` (a list, never a shell string) in its own session with ``env`` (default: the clean
+    """Start ``argv`` (a list, never a shell string) in its own process group with ``env`` (default: the clean
     ``child_env()``) plus its marker (named by this thread's watcher, else random), and report it to the
     watcher. Raises OSError."""
     watcher = getattr(_local, "watcher", None)
     popen, marker, since = _fork(watcher, env, lambda env: subprocess.Popen(
-        argv, env=env, start_new_session=True, close_fds=True, **popen_args))
-    return _started(popen, marker, since, watcher)
+        argv, env=env, close_fds=True, **OWN_GROUP, **popen_args))
+    child = _started(popen, marker, since, watcher)
+    if _idle_after[0] is not None:  # a recording: long by nature, idle from its start
+        _idle(child)
+    return child
 
 
 def _fork(watcher, env, start, since=None):
@@ -133,6 +138,41 @@ def _fork(watcher, env, start, since=None):
         raise
 
 
+_idle_after = [None, None]  # seconds a child runs before it goes SCHED_IDLE (None: never), the log
+
+
+def idle_after(seconds, log):
+    """Children started from now on go SCHED_IDLE once they have run ``seconds`` (``job_idle_after``; 0:
+    at once, None: never); ``log`` hears once if the kernel refuses it."""
+    _idle_after[:] = [seconds, log]
+
+
+def _idle(child):
+    """Move every thread of the child's tree (``tree``) to SCHED_IDLE: it gets a CPU only when no other task
+    wants it, and what it starts from now on inherits that. Without CAP_SYS_NICE, and with RLIMIT_NICE at
+    0 (the default), it can never leave it. It never fails the job: where the call is refused (a seccomp
+    filter), the child runs on at hookd's priority, said once in the log."""
+    for pid in tree(child.pid, child.start, child.marker, child.since):
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        for tid in tids:
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:
+                pass  # gone meanwhile
+            except OSError as e:
+                if not _told:
+                    _told.append(True)
+                    _idle_after[1].warning("job_idle_after: jobs cannot be made idle (%s); they run at"
+                                           " hookd's priority", e.strerror)
+                return
+
+
+_told = []  # the warning above is logged once
+
+
 def _started(popen, marker, since, watcher):
     """The Child of a fork that worked, reported to ``watcher``."""
     child = Child(popen, marker, since, watcher)
@@ -140,6 +180,11 @@ def _started(popen, marker, since, watcher):
         watcher.started(child)
     return child
 
+
+# A child's own process group, in hookd's session: in its own session it would be a scheduling group of its
+# own where the kernel groups tasks by session (autogroups: a desktop kernel outside a CPU cgroup), and
+# weigh as much as all of hookd whatever its nice. Popen before Python 3.11 can only start a new session.
+OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 
 _uncloexec = [0]  # blocks running now that may open a file without close-on-exec (``may_open_inheritable``)
 _uncloexec_lock = threading.Lock()
@@ -172,13 +217,13 @@ def _start(argv, env, cwd, fds):
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         if not _uncloexec[0]:
             return _Spawned(argv, env, actions)
-    return subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True, cwd=cwd, stdin=fds[0],
+    return subprocess.Popen(argv, env=env, close_fds=True, cwd=cwd, stdin=fds[0], **OWN_GROUP,
                             stdout=fds[1], stderr=fds[2])
 
 
 class _Spawned:
     """What ``run`` needs of a Popen (``pid``, ``wait()``, ``returncode``) for a program started by
-    ``os.posix_spawn``: its own session, ``actions`` giving it its stdin, stdout and stderr, SIGPIPE and SIGXFSZ back
+    ``os.posix_spawn``: its own process group, ``actions`` giving it its stdin, stdout and stderr, SIGPIPE and SIGXFSZ back
     to their defaults (Python ignores them; Popen restores them too), and no other fd. posix_spawn keeps
     the GIL while the kernel starts the program (Popen's fork_exec lets it go and waits to take it back
     behind the request threads, then waits again on its exec-error pipe: most of a job's time while
@@ -189,7 +234,7 @@ class _Spawned:
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
 
     def __init__(self, argv, env, actions):
-        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=self.SIGNALS)
+        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setpgroup=0, setsigdef=self.SIGNALS)
         self.returncode = None
 
     def wait(self):
@@ -302,13 +347,14 @@ def drive(steps):
 class Running:
     """A program of ``start``: its pipes (ours: stdin ``fds[0]``, stdout ``fds[1]`` or -1, stderr
     ``fds[2]``; the program's ends in ``theirs``; -1 once closed), the part of stdin not yet written, its
-    output so far, its pidfd (None where the kernel has none) and deadline once started; ``error`` (the
+    output so far, its pidfd (None where the kernel has none), deadline and ``idle_at`` (when it goes
+    SCHED_IDLE; None once it has, or never) once started; ``error`` (the
     OSError) when it could not be started (``child`` None) or what ``wait`` raised before it was done,
     else ``finished`` (a Finished) once ``wait`` has ended it."""
 
     def __init__(self, argv, env, cwd, fds, theirs, stdout, data, timeout):
         self.argv, self.env, self.cwd, self.fds, self.theirs, self.stdout = argv, env, cwd, fds, theirs, stdout
-        self.timeout, self.deadline, self.child, self.pidfd = timeout, None, None, None
+        self.timeout, self.deadline, self.idle_at, self.child, self.pidfd = timeout, None, None, None, None
         self.watcher = getattr(_local, "watcher", None)
         self.out, self.err = _Kept(MAX_OUTPUT), _Kept(STDERR_TAIL, tail=True)
         self.exited, self.finished, self.error = False, None, None
@@ -347,7 +393,9 @@ class Running:
                 if fd >= 0:
                     _close(fd)
                     self.theirs[i] = -1
-        self.deadline = time.monotonic() + self.timeout
+        now = time.monotonic()
+        self.deadline = now + self.timeout
+        self.idle_at = None if _idle_after[0] is None else now + _idle_after[0]
         self.pidfd = _pidfd(self.child.pid)
 
     def _close(self, i):
@@ -435,9 +483,12 @@ def wait(runnings):
                 if done or r.deadline <= now:
                     live.remove(r)
                     r.end(timed_out=not done)
+                elif r.idle_at is not None and r.idle_at <= now:
+                    r.idle_at = None
+                    _idle(r.child)
             if len(live) < len(runnings):
                 return
-            left = min(r.deadline for r in live) - now
+            left = min(r.deadline if r.idle_at is None else min(r.deadline, r.idle_at) for r in live) - now
             if any(r.pidfd is None and not r.piped() for r in live):
                 left = min(left, 0.01)
             poller, owners = select.poll(), {}

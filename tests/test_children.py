@@ -282,21 +282,23 @@ INSPECT = ["/bin/sh", "-c", "ls /proc/$$/fd; cut -d' ' -f1,5,6 /proc/$$/stat; gr
 
 
 class StartTest(Base):
-    """However ``run`` starts a program: its three pipes and nothing else, its own session and group,
+    """However ``run`` starts a program: its three pipes and nothing else, its own process group in hookd's
+    session (in a session of its own, an autogroup would weigh it as much as all of hookd: IdleTest),
     SIGPIPE and SIGXFSZ at their defaults (Python ignores both; a pipeline would never end)."""
 
-    def inspect(self, out=None):
+    def inspect(self, out=None, popen=False):
         if out is None:
             done = proc.run(INSPECT, timeout=30)
             self.assertEqual(done.returncode, 0, done.stderr)
             out = done.stdout
         *fds, ids, ignored = out.decode().splitlines()
         pid, pgid, sid = ids.split()
-        self.assertEqual((fds, pgid, sid), (["0", "1", "2"], pid, pid))
+        session = pid if popen and sys.version_info < (3, 11) else str(os.getsid(0))  # Popen: no process_group
+        self.assertEqual((fds, pgid, sid), (["0", "1", "2"], pid, session))
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             self.assertFalse(int(ignored.split()[1], 16) & (1 << (sig - 1)), "signal %d ignored: %s" % (sig, ignored))
 
-    def test_a_program_gets_its_pipes_a_session_and_default_signals(self):
+    def test_a_program_gets_its_pipes_a_group_and_default_signals(self):
         self.inspect()
 
     def test_no_inheritable_fd_reaches_it_even_while_one_may_be_opened(self):
@@ -304,13 +306,96 @@ class StartTest(Base):
         self.addCleanup(os.close, fd)
         os.set_inheritable(fd, True)  # what OpenSSL's fopen of a CA file leaves while a TLS call runs
         with proc.may_open_inheritable():
-            self.inspect()
+            self.inspect(popen=True)
 
     def test_an_fd_hookd_inherited_reaches_no_program(self):
         # a fresh process that holds an inheritable fd from the start, as one its parent left open
         code = ("import os, sys; fd = os.open(os.devnull, os.O_RDONLY); os.set_inheritable(fd, True); "
                 "from hookd_core import proc; sys.stdout.buffer.write(proc.run(%r).stdout)" % INSPECT)
         self.inspect(subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, timeout=60).stdout)
+
+
+# Prints its scheduling policy at its start, then (until it is SCHED_IDLE, or 20 s) of itself, of a thread it
+# starts and of a process it started at its start, the first line of output.
+SCHEDULING = textwrap.dedent("""\
+    import os, subprocess, sys, threading, time
+    first = os.sched_getscheduler(0)
+    kid = subprocess.Popen([sys.executable, "-c", "import os, sys, time; deadline = time.monotonic() + 20\\n"
+                            "while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:\\n"
+                            "    time.sleep(0.01)\\nprint(os.sched_getscheduler(0))"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen = [first, os.sched_getscheduler(0)]
+    t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+    t.start()
+    t.join()
+    print(*seen, kid.communicate()[0])
+    """)
+
+
+class IdleTest(Base):
+    """``job_idle_after``: a program hookd starts that still runs after it goes SCHED_IDLE, with its threads
+    and the processes it started (a CPU only when nothing else wants it: a busy job never slows intake),
+    however it was started: posix_spawn, Popen (a working directory), ``spawn`` (ffmpeg's recordings,
+    idle from their start)."""
+
+    HOW = ("posix_spawn", "popen", "spawn")
+
+    def scheduling(self, how, code=SCHEDULING):
+        """The policies ``code`` printed."""
+        argv = [sys.executable, "-c", code]
+        if how == "spawn":
+            child = proc.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out = child.popen.communicate(timeout=60)[0]
+            proc.end(child)
+        else:
+            done = proc.run(argv, timeout=60, cwd=self.tmp if how == "popen" else None)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            out = done.stdout
+        return [int(n) for n in out.split()]
+
+    def after(self, seconds):
+        proc.idle_after(seconds, logging.getLogger("hookd"))
+        self.addCleanup(proc.idle_after, None, None)
+
+    def test_idle_at_once_however_started(self):
+        self.after(0)
+        self.assertEqual([(how, self.scheduling(how)) for how in self.HOW],
+                         [(how, [os.SCHED_IDLE] * 4) for how in self.HOW])
+
+    def test_idle_once_it_has_run_the_time_with_what_it_started_before(self):
+        self.after(1.0)
+        for how in ("posix_spawn", "popen"):
+            self.assertEqual(self.scheduling(how), [os.SCHED_OTHER] + [os.SCHED_IDLE] * 3, how)
+
+    def test_a_program_done_in_time_never_goes_idle_and_off_is_never(self):
+        self.after(5.0)
+        self.assertEqual(self.scheduling("posix_spawn", "import os; print(os.sched_getscheduler(0))"),
+                         [os.SCHED_OTHER])
+        self.after(None)
+        self.assertEqual(self.scheduling("posix_spawn", "import os, time; time.sleep(0.3);"
+                                                        " print(os.sched_getscheduler(0))"), [os.SCHED_OTHER])
+
+    def test_the_daemon_makes_a_command_idle_after_a_tenth_of_a_second_by_default(self):
+        out = os.path.join(self.tmp, "policy")
+        d = self.daemon(textwrap.dedent("""\
+            [hookd]
+            [hook:job]
+            verify = none
+            allow_unsigned = true
+            command = %s %s %s
+            """) % (sys.executable, self.script("policy.py", textwrap.dedent("""\
+                import os, sys, time
+                first, deadline = os.sched_getscheduler(0), time.monotonic() + 20
+                while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                open(sys.argv[1], "w").write("%d %d" % (first, os.sched_getscheduler(0)))
+                """)), out))
+        d.wait_status(self.accepted(d), "done")
+        with open(out) as f:
+            self.assertEqual(f.read(), "%d %d" % (os.SCHED_OTHER, os.SCHED_IDLE))
+        d.stop()
 
 
 class GilKeepingCallsTest(unittest.TestCase):

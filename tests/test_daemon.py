@@ -472,7 +472,7 @@ class CheckConfigTest(unittest.TestCase):
         tmp = tempfile.mkdtemp(prefix="hookd-cc-")
         path = os.path.join(tmp, "bad.properties")
         with open(path, "w") as f:
-            f.write("[hookd]\nworkers = many\nlog.format = xml\nbogus = 1\n[hook:a]\nverify = none\n"
+            f.write("[hookd]\nworkers = many\nlog.format = xml\nbogus = 1\njob_idle_after = soon\n[hook:a]\nverify = none\n"
                     "[nonsense]\nx = 1\n")
         os.chmod(path, 0o600)
         from tests.support import HOOKD
@@ -483,6 +483,7 @@ class CheckConfigTest(unittest.TestCase):
         out = r.stdout
         self.assertIn("workers", out)
         self.assertIn("log.format", out)
+        self.assertIn("job_idle_after", out)
         self.assertIn("allow_unsigned", out)
         self.assertIn("unknown key bogus", out)
         self.assertIn("unknown section [nonsense]", out)
