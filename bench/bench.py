@@ -5,7 +5,8 @@ Usage (normally through ``bench/run``, which prepares wrk, adnanh/webhook and th
 [--workloads a,b] [--budget S] [--out STEM] [--profile] [--ixon]``. It measures every target on every
 workload it takes (see benchlib/targets.py), computes ratios to the ceiling of the same run, checks
 hookd's stored events against its 2xx answers, measures processing throughput and hookd against
-naive-durable on a slow disk (a 2 ms fsync shim, benchlib/slowdisk.py), optionally profiles
+naive-durable on a slow disk (a 2 ms fsync shim, benchlib/slowdisk.py) and hookd's intake beside a
+busy job of its own (benchlib/busyjob.py), optionally profiles
 hookd's request path with py-spy, and writes bench/results/STEM.md and STEM.json (STEM defaults to
 today's UTC date, with "-quick" for a quick run). Every server it starts is stopped before it exits.
 """
@@ -19,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import measure, processing, profile, report, slowdisk, targets  # noqa: E402
+from benchlib import busyjob, measure, processing, profile, report, slowdisk, targets  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +37,7 @@ def parse(argv):
     ap.add_argument("--out", help="results file stem under bench/results (default: UTC date)")
     ap.add_argument("--no-processing", action="store_true", help="skip the worker throughput phase")
     ap.add_argument("--no-slow-disk", action="store_true", help="skip the 2 ms fsync phase")
+    ap.add_argument("--no-busy-job", action="store_true", help="skip intake beside a busy job of hookd's")
     ap.add_argument("--profile", action="store_true", help="py-spy profile of hookd's request path")
     ap.add_argument("--ixon", action="store_true", help="also run bench/ixon_bench.py if present")
     args = ap.parse_args(argv)
@@ -134,6 +136,8 @@ def main(argv=None):
         doc["processing"] = processing.run(plan, 5.0 if args.quick else 8.0, log)
     if "hookd" in plan.targets and not args.no_slow_disk:
         doc["slow_disk"] = slowdisk.run(plan, log)
+    if "hookd" in plan.targets and not args.no_busy_job:
+        doc["busy_job"] = busyjob.run(plan, log)
     if args.profile and "hookd" in plan.targets:
         doc["profile"] = profile.run(plan, log)
     if "hookd" in plan.targets:

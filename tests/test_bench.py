@@ -3,7 +3,8 @@ one connection count, run 1 of every target (the ceiling first), then run 2 of e
 that no target's runs at a point sit in a block of their own, minutes away from the ceiling's they are
 divided by. It reads a server's CPU over wrk's run alone (real wrk against the real ceiling server), waits
 for just-started servers to go quiet before a workload's first run (real processes), and its report shows
-what stood beside each run (from a constructed results dict)."""
+what stood beside each run (from a constructed results dict); its busy-job phase runs the real hookd beside
+a real busy job of its own."""
 
 import errno
 import os
@@ -15,7 +16,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from benchlib import measure, pool, procs, report, targets, wrkrun  # noqa: E402
+from benchlib import busyjob, measure, pool, procs, report, targets, wrkrun  # noqa: E402
 
 
 class RunOrderTest(unittest.TestCase):
@@ -143,6 +144,25 @@ class ChildCpuTest(unittest.TestCase):
         meter.stop()
         self.assertTrue(os.path.exists(done), "the server's child did not finish within 30 s")
         self.assertGreaterEqual(meter.share * meter.seconds, 0.35, "the child's 0.4 s of CPU was not counted")
+
+
+@unittest.skipUnless(shutil.which("wrk"), "wrk is not installed")
+class BusyJobTest(unittest.TestCase):
+    """The busy-job phase measures the real hookd beside a real CPU-bound job of its own: the job is seen
+    running, at the policy hookd gave it (SCHED_IDLE past job_idle_after), and nothing of it is left
+    when the phase is over."""
+
+    def test_intake_is_measured_beside_an_idle_job_and_the_job_is_gone_after(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        plan = measure.Plan(1, 1, [16], ["hookd"], ["standard"], tmp, 120)
+        result = busyjob.run(plan, lambda msg: None)
+        self.assertNotIn("error", result, result.get("error"))
+        self.assertEqual(result["policy"], ["idle"])
+        self.assertEqual(result["errors"], 0)
+        self.assertTrue(result["unloaded_rps"] > 0 and result["busy_rps"] > 0, result)
+        self.assertEqual(busyjob._running(), [])
+        self.assertIn("| 1 × `", "\n".join(report._busy_job_md(result)))
 
 
 class WaitQuietTest(unittest.TestCase):

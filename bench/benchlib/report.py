@@ -235,6 +235,7 @@ def markdown(doc):
     lines += _summary_md(doc)
     lines += _processing_md(doc)
     lines += _slow_disk_md(doc.get("slow_disk"))
+    lines += _busy_job_md(doc.get("busy_job"))
     lines += _stages_md(doc.get("stages"))
     lines += profile_md(doc.get("profile"))
     lines += _ixon_md(doc.get("ixon"))
@@ -332,6 +333,22 @@ def _slow_disk_md(slow):
             _fmt(p.get("p99_us") and p["p99_us"] / 1000.0), p.get("non2xx", "—"), p.get("socket_errors", "—"),
             _notes(p, seen)))
     return out + [""]
+
+
+def _busy_job_md(busy):
+    if not busy:
+        return []
+    out = ["## Intake beside a busy job of hookd's (Standard Webhooks, %d connections; the job on hookd's core)"
+           % busy.get("conns", 16), ""]
+    if "error" in busy:
+        return out + ["Not run: %s" % busy["error"], ""]
+    out += ["| busy jobs | their policy | unloaded req/s | beside them req/s | share | p99 ms unloaded | p99 ms beside"
+            " them | hookd CPU % unloaded / beside | non-2xx + socket errors |", "|---|---|---|---|---|---|---|---|---|",
+            "| %d × `%s` | %s | %.0f | %.0f | %.0f%% | %.1f | %.1f | %.0f / %.0f | %d |" % (
+                busy["jobs"], busy["command"], "/".join(busy["policy"]), busy["unloaded_rps"], busy["busy_rps"],
+                100 * busy["share"], busy["unloaded_p99_us"] / 1000.0, busy["busy_p99_us"] / 1000.0,
+                100 * busy["unloaded_cpu_share"], 100 * busy["busy_cpu_share"], busy["errors"]), ""]
+    return out
 
 
 def _processing_md(doc):
