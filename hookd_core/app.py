@@ -64,9 +64,12 @@ def job_idle_after(settings):
     value = settings.get("job_idle_after").strip().lower()
     if value == "off":
         return None
-    seconds = settings.float("job_idle_after")
-    if not seconds >= 0:
-        raise config_mod.ConfigError("[hookd] job_idle_after must be off or seconds, at least 0")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is None or not seconds >= 0:
+        raise config_mod.ConfigError("[hookd] job_idle_after must be off or a number of seconds, at least 0")
     return seconds
 
 
@@ -148,7 +151,7 @@ class App:
             self.state_dir = os.path.abspath(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
                                              or settings.get("state_dir"))
             self.log = logs.setup(settings.get("log.format"))
-            proc.idle_after(job_idle_after(settings), self.log)
+            self.idle_after = job_idle_after(settings)  # applied by ``serve`` (a daemon, a worker), not by a CLI
         return not problems
 
     def _check_settings(self, s):
@@ -366,6 +369,7 @@ class App:
         n = self.store.requeue_running()
         if n:
             self.log.warning("requeued %d events left running by an earlier stop", n)
+        proc.idle_after(self.idle_after, self.log)
         self.pool = Pool(self, self.settings.int("workers"))
         # before any port listens: a signal from now on waits in the queue for the main loop (a SIGTERM
         # right after the first 202 drains like any other), never takes its default action
@@ -447,6 +451,7 @@ class App:
             for integ in self.integrations:
                 if integ.SCHEMA:
                     self.store.write(lambda c, sql=integ.SCHEMA: _executescript(c, sql))
+            proc.idle_after(self.idle_after, self.log)
             for w in self.warnings:
                 self.log.warning("config: %s", w)
             self.log.info("configuration reloaded: %d integrations (workers, state_dir and the address"

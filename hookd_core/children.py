@@ -171,7 +171,7 @@ class Registry:
             return False
         pids = set()
         for child in live:
-            pids.update(proc.tree(child.pid, child.start or 0, child.marker, child.since))
+            pids.update(child.tree())
         if sock.family == socket.AF_UNIX:
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             return pid in pids

@@ -1,8 +1,9 @@
 """Starting and ending every outside program hookd runs (commands, labelers, ffmpeg, ffprobe, alert commands).
 
 Strategy: ``spawn`` is the one way a child starts (``run`` starts its own through ``os.posix_spawn`` where
-that gives the same child, ``_Spawned``): no shell, its own process group in hookd's session, SCHED_IDLE
-once it has run ``job_idle_after`` (``idle_after``: a busy job then barely slows intake), no fd but its
+that gives the same child, ``_Spawned``): no shell, its own process group in hookd's session (``_session``),
+SCHED_IDLE once it has run ``job_idle_after`` (``idle_after``: a busy job then barely slows intake; a
+recording keeps its own session and hookd's priority), no fd but its
 stdin, stdout and stderr, a clean environment (``child_env``: PATH, LANG, LC_*, TZ, HOME, the job's HOOKD_*
 values and the names a section lists in ``command.env``; never CREDENTIALS_DIRECTORY, NOTIFY_SOCKET or a variable holding
 one of hookd's secrets), and a marker ``HOOKD_JOB=<random>`` that its descendants inherit. ``kill_tree``
@@ -31,6 +32,7 @@ thread; a file read out of a child's memory (environ) still gives it up.
 
 import contextlib
 import errno
+import logging
 import os
 import secrets as secrets_mod
 import select
@@ -53,6 +55,10 @@ RESERVED_PIDS = 300  # after wrapping at pid_max, the kernel hands out pids from
 NEW_PIDS_READ = 64  # at most this many pids handed out since a child started are read one by one
 
 _local = threading.local()
+_idle_after = [None, None]  # seconds a child of ``run`` runs before it goes SCHED_IDLE (None: never), the log
+_told = []  # ``_idle`` has logged that it cannot: once is enough
+_terminal = []  # [True or False]: hookd had a controlling terminal before its first child (``_session``)
+IDLE_PASSES = 4  # walks of a child's tree at most, until one finds no thread that is not idle yet
 _running = {}  # pid -> marker of each child ``run`` started and has not reaped yet
 _zombies = set()  # those of them known to have exited (zombies until ``end`` reaps them)
 
@@ -74,6 +80,10 @@ class Child:
         self.popen, self.marker, self.pid, self.since = popen, marker, popen.pid, since
         self.watcher = watcher  # told when it ends, whichever thread ends it
         self.start = start_time(popen.pid)
+
+    def tree(self):
+        """{pid: start time} of its tree now (``tree``)."""
+        return tree(self.pid, self.start or 0, self.marker, self.since)
 
 
 def child_env(hookd_vars=None, names=(), secrets=(), environ=None):
@@ -109,16 +119,15 @@ def _base_env():
 
 
 def spawn(argv, env=None, **popen_args):
-    """Start ``argv`` (a list, never a shell string) in its own process group with ``env`` (default: the clean
+    """Start ``argv`` (a list, never a shell string) in its own session with ``env`` (default: the clean
     ``child_env()``) plus its marker (named by this thread's watcher, else random), and report it to the
-    watcher. Raises OSError."""
+    watcher. Raises OSError. ffmpeg's recordings start here: a live stream cannot wait, so they keep
+    hookd's priority, and their own session (a scheduling group of their own where the kernel groups
+    tasks by session), as every child did before ``job_idle_after``."""
     watcher = getattr(_local, "watcher", None)
     popen, marker, since = _fork(watcher, env, lambda env: subprocess.Popen(
-        argv, env=env, close_fds=True, **OWN_GROUP, **popen_args))
-    child = _started(popen, marker, since, watcher)
-    if _idle_after[0] is not None:  # a recording: long by nature, idle from its start
-        _idle(child)
-    return child
+        argv, env=env, start_new_session=True, close_fds=True, **popen_args))
+    return _started(popen, marker, since, watcher)
 
 
 def _fork(watcher, env, start, since=None):
@@ -138,41 +147,6 @@ def _fork(watcher, env, start, since=None):
         raise
 
 
-_idle_after = [None, None]  # seconds a child runs before it goes SCHED_IDLE (None: never), the log
-
-
-def idle_after(seconds, log):
-    """Children started from now on go SCHED_IDLE once they have run ``seconds`` (``job_idle_after``; 0:
-    at once, None: never); ``log`` hears once if the kernel refuses it."""
-    _idle_after[:] = [seconds, log]
-
-
-def _idle(child):
-    """Move every thread of the child's tree (``tree``) to SCHED_IDLE: it gets a CPU only when no other task
-    wants it, and what it starts from now on inherits that. Without CAP_SYS_NICE, and with RLIMIT_NICE at
-    0 (the default), it can never leave it. It never fails the job: where the call is refused (a seccomp
-    filter), the child runs on at hookd's priority, said once in the log."""
-    for pid in tree(child.pid, child.start, child.marker, child.since):
-        try:
-            tids = os.listdir("/proc/%d/task" % pid)
-        except FileNotFoundError:
-            continue  # gone meanwhile
-        for tid in tids:
-            try:
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
-            except ProcessLookupError:
-                pass  # gone meanwhile
-            except OSError as e:
-                if not _told:
-                    _told.append(True)
-                    _idle_after[1].warning("job_idle_after: jobs cannot be made idle (%s); they run at"
-                                           " hookd's priority", e.strerror)
-                return
-
-
-_told = []  # the warning above is logged once
-
-
 def _started(popen, marker, since, watcher):
     """The Child of a fork that worked, reported to ``watcher``."""
     child = Child(popen, marker, since, watcher)
@@ -181,10 +155,69 @@ def _started(popen, marker, since, watcher):
     return child
 
 
-# A child's own process group, in hookd's session: in its own session it would be a scheduling group of its
-# own where the kernel groups tasks by session (autogroups: a desktop kernel outside a CPU cgroup), and
-# weigh as much as all of hookd whatever its nice. Popen before Python 3.11 can only start a new session.
-OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+def _session(popen):
+    """The arguments that start a child of ``run`` (``posix_spawn``'s, or Popen's with ``popen``) in its own
+    process group in hookd's session: in a session of its own it would be a scheduling group of its own
+    where the kernel groups tasks by session (autogroups, outside a cgroup CPU controller), weighing as
+    much as all of hookd whatever its policy, and SCHED_IDLE would not yield to hookd's threads. Except
+    while hookd has a controlling terminal (started from a shell, ``docker run -t``; read once, before its
+    first child): a job in its session could stop on SIGTTIN waiting for input, or type into the
+    operator's shell (TIOCSTI), so each child leads a session of its own, as before. Popen before Python
+    3.11 can only start a new session."""
+    if not _terminal:
+        try:
+            os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
+            _terminal.append(True)
+        except OSError:
+            _terminal.append(False)
+    if _terminal[0] or (popen and sys.version_info < (3, 11)):
+        return {"start_new_session": True} if popen else {"setsid": True}
+    return {"process_group": 0} if popen else {"setpgroup": 0}
+
+
+def idle_after(seconds, log):
+    """Children ``run`` starts from now on go SCHED_IDLE once they have run ``seconds`` (``job_idle_after``;
+    0: at once, None: never); ``log`` hears once if the kernel refuses it."""
+    _idle_after[:] = [seconds, log]
+
+
+def _idle(child):
+    """Move every thread of the child's tree (``Child.tree``) to SCHED_IDLE: it gets a CPU only when no other
+    task wants it, and what it starts from now on inherits that. Without CAP_SYS_NICE, with RLIMIT_NICE
+    at 0 (the unit sets it), it can never leave it. The tree is walked again while a walk finds a thread
+    not idle yet (one started by a thread not yet moved), at most IDLE_PASSES times; a pid that no longer
+    has the start time the walk read, or a thread of hookd's own, is never touched. It never fails the job:
+    where the call is refused (a seccomp filter, a process of another user), that thread runs on at its
+    priority, and a refusal for the child itself is logged once."""
+    own = set(os.listdir("/proc/self/task"))
+    for _ in range(IDLE_PASSES):
+        moved = False
+        for pid, start in child.tree().items():
+            try:
+                tids = os.listdir("/proc/%d/task" % pid)
+            except OSError:
+                continue  # gone meanwhile (or another user's: not to be read)
+            info = _stat(pid)
+            if info is None or info[3] != start:
+                continue  # gone, or the pid is another process's by now
+            for tid in tids:
+                if tid in own:
+                    continue
+                try:
+                    if os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
+                        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                        moved = True
+                except ProcessLookupError:
+                    pass  # gone meanwhile
+                except OSError as e:
+                    if pid == child.pid and not _told:
+                        _told.append(True)
+                        (_idle_after[1] or logging.getLogger("hookd")).warning(
+                            "job_idle_after: a job cannot be made idle (%s); it runs at hookd's priority",
+                            e.strerror)
+        if not moved:
+            return
+
 
 _uncloexec = [0]  # blocks running now that may open a file without close-on-exec (``may_open_inheritable``)
 _uncloexec_lock = threading.Lock()
@@ -216,25 +249,25 @@ def _start(argv, env, cwd, fds):
             _close_on_exec_all()
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         if not _uncloexec[0]:
-            return _Spawned(argv, env, actions)
-    return subprocess.Popen(argv, env=env, close_fds=True, cwd=cwd, stdin=fds[0], **OWN_GROUP,
-                            stdout=fds[1], stderr=fds[2])
+            return _Spawned(argv, env, actions, _session(popen=False))
+    return subprocess.Popen(argv, env=env, close_fds=True, cwd=cwd, stdin=fds[0], stdout=fds[1],
+                            stderr=fds[2], **_session(popen=True))
 
 
 class _Spawned:
     """What ``run`` needs of a Popen (``pid``, ``wait()``, ``returncode``) for a program started by
-    ``os.posix_spawn``: its own process group, ``actions`` giving it its stdin, stdout and stderr, SIGPIPE and SIGXFSZ back
-    to their defaults (Python ignores them; Popen restores them too), and no other fd. posix_spawn keeps
-    the GIL while the kernel starts the program (Popen's fork_exec lets it go and waits to take it back
-    behind the request threads, then waits again on its exec-error pipe: most of a job's time while
-    intake is busy) and costs no pipe. It has no "close every other fd": every fd Python and sqlite open
+    ``os.posix_spawn``: its own process group (``_session``), ``actions`` giving it its stdin, stdout and
+    stderr, SIGPIPE and SIGXFSZ back to their defaults (Python ignores them; Popen restores them too), and
+    no other fd. posix_spawn keeps the GIL while the kernel starts the program (Popen's fork_exec lets it
+    go and waits to take it back behind the request threads, then waits again on its exec-error pipe: most
+    of a job's time while intake is busy) and costs no pipe. It has no "close every other fd": every fd Python and sqlite open
     is close-on-exec, the ones hookd inherited are made so before the first child, and while code that
     may open one without it runs (``may_open_inheritable``) ``run`` uses Popen."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
 
-    def __init__(self, argv, env, actions):
-        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setpgroup=0, setsigdef=self.SIGNALS)
+    def __init__(self, argv, env, actions, session):
+        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsigdef=self.SIGNALS, **session)
         self.returncode = None
 
     def wait(self):
@@ -848,8 +881,10 @@ def _elsewhere(pid, marker):
     """True when ``pid`` is another child ``run`` started and has not reaped (so the pid is still that
     child's) whose marker is not nested in ``marker``: it is not in the tree, and reading /proc to learn
     so costs two files (stat, environ) per such child, for every job that ends while others run. Such a
-    child is in no other child's tree: its parent is hookd, its group its own (a session leader's never
-    changes), its marker its own."""
+    child is in no other child's tree: its parent is hookd, its group its own, its marker its own. (A child
+    that is not a session leader may move into another group of hookd's session, e.g. another child's:
+    this fast path then leaves it out of that child's tree, where a walk of all of /proc would put it in;
+    it is still its own job's, and killed with it.)"""
     theirs = _running.get(pid)
     return theirs is not None and theirs != marker and not theirs.startswith(marker + ".")
 

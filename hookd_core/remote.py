@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from . import client, config as config_mod
+from . import client, config as config_mod, proc
 from .api import Fail, JobContext, Retry
 from .app import App
 from .logs import EventLog
@@ -115,6 +115,7 @@ class RemoteWorker:
     # -- lifecycle ------------------------------------------------------------------------------------
     def serve(self):
         """Run the slots until SIGTERM/SIGINT, then drain within shutdown_grace; returns the exit code."""
+        proc.idle_after(self.app.idle_after, self.log)
         signals = queue.SimpleQueue()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, f: signals.put(s))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import tracemalloc
 import unittest
 
@@ -281,19 +283,30 @@ class LeftoverTest(Base):
 INSPECT = ["/bin/sh", "-c", "ls /proc/$$/fd; cut -d' ' -f1,5,6 /proc/$$/stat; grep SigIgn /proc/$$/status"]
 
 
+def has_terminal():
+    """True when this process has a controlling terminal (the suite run from a shell)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+        return True
+    except OSError:
+        return False
+
+
 class StartTest(Base):
     """However ``run`` starts a program: its three pipes and nothing else, its own process group in hookd's
-    session (in a session of its own, an autogroup would weigh it as much as all of hookd: IdleTest),
-    SIGPIPE and SIGXFSZ at their defaults (Python ignores both; a pipeline would never end)."""
+    session (in a session of its own, an autogroup would weigh it as much as all of hookd: IdleTest) unless
+    hookd has a terminal, SIGPIPE and SIGXFSZ at their defaults (Python ignores both; a
+    pipeline would never end)."""
 
-    def inspect(self, out=None, popen=False):
+    def inspect(self, out=None, popen=False, terminal=None):
         if out is None:
             done = proc.run(INSPECT, timeout=30)
             self.assertEqual(done.returncode, 0, done.stderr)
             out = done.stdout
         *fds, ids, ignored = out.decode().splitlines()
         pid, pgid, sid = ids.split()
-        session = pid if popen and sys.version_info < (3, 11) else str(os.getsid(0))  # Popen: no process_group
+        own = has_terminal() if terminal is None else terminal
+        session = pid if own or (popen and sys.version_info < (3, 11)) else str(os.getsid(0))
         self.assertEqual((fds, pgid, sid), (["0", "1", "2"], pid, session))
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             self.assertFalse(int(ignored.split()[1], 16) & (1 << (sig - 1)), "signal %d ignored: %s" % (sig, ignored))
@@ -314,41 +327,74 @@ class StartTest(Base):
                 "from hookd_core import proc; sys.stdout.buffer.write(proc.run(%r).stdout)" % INSPECT)
         self.inspect(subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, timeout=60).stdout)
 
+    def test_a_child_of_a_hookd_with_a_terminal_has_none(self):
+        """Started on a terminal (a shell, ``docker run -t``), hookd's children lead sessions of their own: in
+        its session they could stop on SIGTTIN at /dev/tty, or type into the operator's shell (TIOCSTI)."""
+        code = ("import sys; from hookd_core import proc; "
+                "done = proc.run(['/bin/sh', '-c', 'if sh -c \\': </dev/tty\\' 2>/dev/null; then echo tty; else echo none; fi; ' + %r]); "
+                "sys.stdout.write(done.stdout.decode())" % INSPECT[2])
+        pid, master = pty.fork()
+        if pid == 0:  # the child: a session leader whose controlling terminal is the pty
+            try:
+                os.chdir(ROOT)
+                os.execv(sys.executable, [sys.executable, "-c", code])
+            finally:
+                os._exit(127)
+        out = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        os.waitpid(pid, 0)
+        tty, *rest = out.decode().replace("\r\n", "\n").splitlines()
+        self.assertEqual(tty, "none", out)
+        self.inspect("\n".join(rest).encode(), terminal=True)
 
-# Prints its scheduling policy at its start, then (until it is SCHED_IDLE, or 20 s) of itself, of a thread it
-# starts and of a process it started at its start, the first line of output.
+
+# Prints its scheduling policy at its start; then, once it is SCHED_IDLE (or after 20 s), its own again, that of
+# a thread it started at its start, of a thread it starts then, and of a process it started at its start.
 SCHEDULING = textwrap.dedent("""\
     import os, subprocess, sys, threading, time
-    first = os.sched_getscheduler(0)
-    kid = subprocess.Popen([sys.executable, "-c", "import os, sys, time; deadline = time.monotonic() + 20\\n"
-                            "while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:\\n"
-                            "    time.sleep(0.01)\\nprint(os.sched_getscheduler(0))"], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:
-        time.sleep(0.01)
-    seen = [first, os.sched_getscheduler(0)]
-    t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
-    t.start()
-    t.join()
-    print(*seen, kid.communicate()[0])
+    WAIT = "import os, time\\nt = time.monotonic() + 20\\n" \\
+           "while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < t:\\n    time.sleep(0.01)\\n"
+    first, seen = os.sched_getscheduler(0), {}
+    kid = subprocess.Popen([sys.executable, "-c", WAIT + "print(os.sched_getscheduler(0))"], stdout=subprocess.PIPE,
+                           text=True)
+    def early():
+        exec(WAIT)
+        seen["early"] = os.sched_getscheduler(0)
+    started = threading.Thread(target=early)
+    started.start()
+    exec(WAIT)
+    late = threading.Thread(target=lambda: seen.update(late=os.sched_getscheduler(0)))
+    late.start()
+    late.join()
+    started.join()
+    print(first, os.sched_getscheduler(0), seen["early"], seen["late"], kid.communicate()[0])
     """)
 
 
 class IdleTest(Base):
-    """``job_idle_after``: a program hookd starts that still runs after it goes SCHED_IDLE, with its threads
-    and the processes it started (a CPU only when nothing else wants it: a busy job never slows intake),
-    however it was started: posix_spawn, Popen (a working directory), ``spawn`` (ffmpeg's recordings,
-    idle from their start)."""
-
-    HOW = ("posix_spawn", "popen", "spawn")
+    """``job_idle_after``: a program ``run`` starts that still runs after it goes SCHED_IDLE, with its threads
+    (those it had and those it starts) and the processes it started (a CPU only when nothing else wants it:
+    a busy job barely slows intake), however it was started: posix_spawn, or Popen (a working directory).
+    A recording (``spawn``) keeps hookd's priority: a live stream cannot wait."""
 
     def scheduling(self, how, code=SCHEDULING):
         """The policies ``code`` printed."""
         argv = [sys.executable, "-c", code]
         if how == "spawn":
             child = proc.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            out = child.popen.communicate(timeout=60)[0]
-            proc.end(child)
+            try:
+                out = child.popen.communicate(timeout=60)[0]
+            finally:
+                proc.end(child)
         else:
             done = proc.run(argv, timeout=60, cwd=self.tmp if how == "popen" else None)
             self.assertEqual(done.returncode, 0, done.stderr)
@@ -361,40 +407,42 @@ class IdleTest(Base):
 
     def test_idle_at_once_however_started(self):
         self.after(0)
-        self.assertEqual([(how, self.scheduling(how)) for how in self.HOW],
-                         [(how, [os.SCHED_IDLE] * 4) for how in self.HOW])
+        for how in ("posix_spawn", "popen"):
+            self.assertEqual(self.scheduling(how), [os.SCHED_IDLE] * 5, how)
 
-    def test_idle_once_it_has_run_the_time_with_what_it_started_before(self):
+    def test_idle_once_it_has_run_the_time_with_its_threads_and_what_it_started(self):
         self.after(1.0)
         for how in ("posix_spawn", "popen"):
-            self.assertEqual(self.scheduling(how), [os.SCHED_OTHER] + [os.SCHED_IDLE] * 3, how)
+            self.assertEqual(self.scheduling(how), [os.SCHED_OTHER] + [os.SCHED_IDLE] * 4, how)
 
-    def test_a_program_done_in_time_never_goes_idle_and_off_is_never(self):
+    def test_a_program_done_in_time_never_goes_idle_nor_with_off_nor_a_recording(self):
         self.after(5.0)
         self.assertEqual(self.scheduling("posix_spawn", "import os; print(os.sched_getscheduler(0))"),
                          [os.SCHED_OTHER])
+        self.after(0)
+        quick = "import os, time; time.sleep(0.3); print(os.sched_getscheduler(0))"
+        self.assertEqual(self.scheduling("spawn", quick), [os.SCHED_OTHER])
         self.after(None)
-        self.assertEqual(self.scheduling("posix_spawn", "import os, time; time.sleep(0.3);"
-                                                        " print(os.sched_getscheduler(0))"), [os.SCHED_OTHER])
+        self.assertEqual(self.scheduling("posix_spawn", quick), [os.SCHED_OTHER])
 
     def test_the_daemon_makes_a_command_idle_after_a_tenth_of_a_second_by_default(self):
         out = os.path.join(self.tmp, "policy")
+        # /bin/sh reads its own policy (field 41 of its stat) within milliseconds of its start
+        script = ("cut -d' ' -f41 /proc/$$/stat > %s.first; i=0; while [ $i -lt 400 ]; do"
+                  " [ $(cut -d' ' -f41 /proc/$$/stat) = %d ] && break; sleep 0.05; i=$((i+1)); done;"
+                  " cut -d' ' -f41 /proc/$$/stat > %s" % (out, os.SCHED_IDLE, out))
+        with open(os.path.join(self.tmp, "policy.sh"), "w") as f:
+            f.write(script + "\n")
         d = self.daemon(textwrap.dedent("""\
             [hookd]
             [hook:job]
             verify = none
             allow_unsigned = true
-            command = %s %s %s
-            """) % (sys.executable, self.script("policy.py", textwrap.dedent("""\
-                import os, sys, time
-                first, deadline = os.sched_getscheduler(0), time.monotonic() + 20
-                while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                open(sys.argv[1], "w").write("%d %d" % (first, os.sched_getscheduler(0)))
-                """)), out))
+            command = /bin/sh %s
+            """) % os.path.join(self.tmp, "policy.sh"))
         d.wait_status(self.accepted(d), "done")
-        with open(out) as f:
-            self.assertEqual(f.read(), "%d %d" % (os.SCHED_OTHER, os.SCHED_IDLE))
+        with open(out + ".first") as first, open(out) as last:
+            self.assertEqual((int(first.read()), int(last.read())), (os.SCHED_OTHER, os.SCHED_IDLE))
         d.stop()
 
 

@@ -483,7 +483,7 @@ class CheckConfigTest(unittest.TestCase):
         out = r.stdout
         self.assertIn("workers", out)
         self.assertIn("log.format", out)
-        self.assertIn("job_idle_after", out)
+        self.assertIn("job_idle_after must be off or a number of seconds, at least 0", out)
         self.assertIn("allow_unsigned", out)
         self.assertIn("unknown key bogus", out)
         self.assertIn("unknown section [nonsense]", out)
