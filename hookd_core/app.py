@@ -103,6 +103,7 @@ class App:
         self.store = None
         self.children = None  # the job processes' registry, once the store is open
         self.pool = None
+        self.idle_after = None  # job_idle_after, once loaded
         self.server = self.admin_server = None
         self.alerts = None
         self.integrations = []

@@ -161,15 +161,13 @@ def _session(popen):
     where the kernel groups tasks by session (autogroups, outside a cgroup CPU controller), weighing as
     much as all of hookd whatever its policy, and SCHED_IDLE would not yield to hookd's threads. Except
     while hookd has a controlling terminal (started from a shell, ``docker run -t``; read once, before its
-    first child): a job in its session could stop on SIGTTIN waiting for input, or type into the
-    operator's shell (TIOCSTI), so each child leads a session of its own, as before. Popen before Python
-    3.11 can only start a new session."""
-    if not _terminal:
-        try:
-            os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
-            _terminal.append(True)
-        except OSError:
-            _terminal.append(False)
+    first child; unreadable counts as one): a job in its session could stop on SIGTTIN waiting for input,
+    or type into the operator's shell (TIOCSTI), so each child leads a session of its own, as before (it
+    still goes SCHED_IDLE, which then yields less to hookd where sessions are scheduling groups). Popen
+    before Python 3.11 can only start a new session."""
+    if not _terminal:  # tty_nr, the 7th field of /proc/self/stat: 0 without a controlling terminal
+        stat = _read("/proc/self/stat")
+        _terminal.append(stat is None or stat.rsplit(b")", 1)[1].split()[4] != b"0")
     if _terminal[0] or (popen and sys.version_info < (3, 11)):
         return {"start_new_session": True} if popen else {"setsid": True}
     return {"process_group": 0} if popen else {"setpgroup": 0}
@@ -184,8 +182,10 @@ def idle_after(seconds, log):
 def _idle(child):
     """Move every thread of the child's tree (``Child.tree``) to SCHED_IDLE: it gets a CPU only when no other
     task wants it, and what it starts from now on inherits that. Without CAP_SYS_NICE, with RLIMIT_NICE
-    at 0 (the unit sets it), it can never leave it. The tree is walked again while a walk finds a thread
-    not idle yet (one started by a thread not yet moved), at most IDLE_PASSES times; a pid that no longer
+    at 0 (the unit sets it), it can never leave it. The tree is walked again while a walk moved a thread
+    (one may have been started meanwhile by a thread not yet moved), at most IDLE_PASSES times: at least
+    two walks once a job has run ``job_idle_after``, each of all of /proc when the kernel has handed out
+    more than NEW_PIDS_READ pids since the fork (``tree``); a pid that no longer
     has the start time the walk read, or a thread of hookd's own, is never touched. It never fails the job:
     where the call is refused (a seccomp filter, a process of another user), that thread runs on at its
     priority, and a refusal for the child itself is logged once."""
@@ -204,8 +204,10 @@ def _idle(child):
                 if tid in own:
                     continue
                 try:
-                    if os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
-                        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                    policy = os.sched_getscheduler(int(tid))
+                    if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_IDLE:  # keep the flag: dropping it is refused
+                        os.sched_setscheduler(int(tid), os.SCHED_IDLE | (policy & os.SCHED_RESET_ON_FORK),
+                                              os.sched_param(0))
                         moved = True
                 except ProcessLookupError:
                     pass  # gone meanwhile

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -342,16 +343,20 @@ class StartTest(Base):
                 os._exit(127)
         out = b""
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the child has exited and closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-        os.close(master)
-        os.waitpid(pid, 0)
+        try:
+            while select.select([master], [], [], max(0, deadline - time.monotonic()))[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child has exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            os.close(master)
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still there at the deadline (stopped, stuck)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         tty, *rest = out.decode().replace("\r\n", "\n").splitlines()
         self.assertEqual(tty, "none", out)
         self.inspect("\n".join(rest).encode(), terminal=True)

@@ -446,6 +446,9 @@ class UnitFileTest(unittest.TestCase):
                     allowed |= named
         self.assertEqual(calls("@resources") & allowed, {"sched_setscheduler"})
         self.assertFalse(calls("@privileged") & allowed)
+        values = dict(unit_settings(UNIT))  # and a job made idle cannot raise itself back
+        self.assertEqual((values.get("LimitNICE"), values.get("LimitRTPRIO"), values.get("RestrictRealtime")),
+                         ("0", "0", "yes"))
 
     def test_verify_finds_no_problem(self):
         tool = shutil.which("systemd-analyze")

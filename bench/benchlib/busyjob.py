@@ -39,17 +39,21 @@ def run(plan, log):
     os.makedirs(workdir)
     program = ENCODE if shutil.which("ffmpeg") else LOOP
     route = "\n[hook:busy]\nverify = none\nallow_unsigned = true\ncommand = %s\ncommand.timeout = 900\n" % program
+    if _running():
+        return {"error": "a process with %r in its command line already runs (an earlier run's?)" % MARK}
     port = procs.free_port()
     hookd = procs.Server("hookd", hookd_argv(port, hookd_config(workdir, route)), port,
                          os.path.join(workdir, "server.log"), cwd=workdir)
+    jobs = {}  # pid -> start time of the busy programs hookd started
     try:
         with hookd:
-            result = _measure(plan, hookd, workdir, port)
+            result = _measure(plan, hookd, workdir, port, jobs)
     finally:  # hookd kills its jobs on SIGTERM; one left by a hookd that had to be killed goes here
-        for pid in _running():
+        for pid, start in jobs.items():
             try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
+                if _start(pid) == start:
+                    os.kill(pid, 9)
+            except OSError:
                 pass
     if "error" not in result:
         result.update(program=program.split()[0].rsplit("/", 1)[-1], command=program)
@@ -60,7 +64,7 @@ def run(plan, log):
     return result
 
 
-def _measure(plan, hookd, workdir, port):
+def _measure(plan, hookd, workdir, port, jobs):
     measure.wait_quiet({"hookd": hookd})
     unloaded = [_one(plan, hookd, workdir, n) for n in range(plan.runs)]
     for n in range(JOBS):
@@ -68,14 +72,19 @@ def _measure(plan, hookd, workdir, port):
             "http://127.0.0.1:%d/hooks/busy" % port, data=b'{"job": %d}' % n,
             headers={"Content-Type": "application/json"}), timeout=10).read()
     deadline = time.monotonic() + 30
-    while len(_running()) < JOBS and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        jobs.update((pid, _start(pid)) for pid in _running(hookd.proc.pid))
+        if len(jobs) >= JOBS:
+            break
         time.sleep(0.05)
-    pids = _running()
-    if len(pids) < JOBS:
-        return {"error": "%d of %d busy jobs seen running after 30 s; see %s" % (len(pids), JOBS, hookd.log_path)}
+    if len(jobs) < JOBS:
+        return {"error": "%d of %d busy jobs seen running after 30 s; see %s" % (len(jobs), JOBS, hookd.log_path)}
     time.sleep(0.5)  # past job_idle_after, whatever it is set to below that
-    policy = sorted({_policy(pid) for pid in pids})
+    policy = _policies(jobs)
     busy = [_one(plan, hookd, workdir, plan.runs + n) for n in range(plan.runs)]
+    if sorted(_running(hookd.proc.pid)) != sorted(jobs) or _policies(jobs) != policy:
+        return {"error": "the busy jobs %s did not run through the busy runs as they began (policies %s, then"
+                         " %s)" % (sorted(jobs), policy, _policies(jobs))}
     result = {"jobs": JOBS, "conns": CONNS, "unloaded": unloaded, "busy": busy, "policy": policy}
     for name in ("unloaded", "busy"):
         for key in ("rps", "p99_us", "cpu_share"):
@@ -98,9 +107,10 @@ def _one(plan, hookd, workdir, n):
     return res
 
 
-def _running():
-    """Pids of the busy programs: their command line holds MARK."""
-    return [pid for pid in _pids() if pid != os.getpid() and MARK.encode() in _cmdline(pid)]
+def _running(parent=None):
+    """Pids of the busy programs (their command line holds MARK), only ``parent``'s children if given."""
+    return [pid for pid in _pids() if pid != os.getpid() and MARK.encode() in _cmdline(pid)
+            and (parent is None or _stat_fields(pid)[:1] == [str(parent)])]
 
 
 def _pids():
@@ -115,9 +125,33 @@ def _cmdline(pid):
         return b""
 
 
-def _policy(pid):
-    """The scheduling policy of ``pid``'s main thread, by name ("gone" if it has ended)."""
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (ppid first), or [] when it is gone."""
     try:
-        return POLICIES.get(os.sched_getscheduler(pid), str(os.sched_getscheduler(pid)))
-    except OSError:
-        return "gone"
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[1:]
+    except (OSError, IndexError):
+        return []
+
+
+def _start(pid):
+    fields = _stat_fields(pid)
+    return fields[18] if len(fields) > 18 else None
+
+
+def _policies(jobs):
+    """The scheduling policies of every thread of the jobs, by name ("gone" for a job that has ended)."""
+    seen = set()
+    for pid in jobs:
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            seen.add("gone")
+            continue
+        for tid in tids:
+            try:
+                policy = os.sched_getscheduler(int(tid)) & ~os.SCHED_RESET_ON_FORK
+                seen.add(POLICIES.get(policy, str(policy)))
+            except OSError:
+                pass
+    return sorted(seen)
