@@ -4,7 +4,9 @@ Strategy: ``main(argv)`` looks at the first word. A known subcommand (``check-co
 ``event``, ``retry``, ``replay``, ``prune``, or one that an integration adds through ``COMMANDS``) runs on
 an ``App`` that opens the store but starts no server and no workers; ``worker`` runs jobs leased from
 another hookd (``remote.py``); anything else is the daemon's
-``[HOST:PORT]``. Exit codes: 0 success, 1 a problem the message explains, 2 bad usage.
+``[HOST:PORT]``. Exit codes: 0 success, 1 a problem the message explains, 2 bad usage. What a sender or
+a job wrote (a body, a last error, a note) is printed with its control characters escaped
+(``logs.escaped``), so it can never drive the operator's terminal; ``--json`` escapes them too.
 """
 
 import argparse
@@ -13,7 +15,7 @@ import os
 import sys
 
 from . import config as config_mod
-from . import subscriptions
+from . import logs, subscriptions
 from .api import Fail, Retry
 from .app import App
 from .admin import public_event
@@ -216,7 +218,7 @@ def cmd_events(app, ns):
     print("%-8s %-20s %-9s %-4s %-24s %s" % ("ID", "ROUTE", "STATUS", "TRY", "RECEIVED", "LAST ERROR"))
     for e in events:
         print("%-8s %-20s %-9s %-4s %-24s %s" % (e["id"], e["route"][:20], e["status"], e["attempts"],
-                                                 e["received_at"], (e["last_error"] or "")[:80]))
+                                                 e["received_at"], logs.escaped((e["last_error"] or "")[:80])))
     return 0
 
 
@@ -231,10 +233,10 @@ def cmd_event(app, ns):
     else:
         for key in ("id", "route", "status", "attempts", "received_at", "updated_at", "next_attempt_at",
                     "last_error", "note", "duplicate_of", "content_type"):
-            print("%-16s %s" % (key + ":", "" if event.get(key) is None else event[key]))
+            print("%-16s %s" % (key + ":", "" if event.get(key) is None else logs.escaped(str(event[key]))))
         print("payload:")
         print(json.dumps(event["payload"], indent=1) if event["payload"] is not None
-              else event.get("body", "(binary body)"))
+              else "\n".join(logs.escaped(line) for line in event.get("body", "(binary body)").split("\n")))
     return 0
 
 

@@ -8,6 +8,7 @@ daemon still serves the next good request.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -465,6 +466,30 @@ class AdminAndCliTest(unittest.TestCase):
         self.assertEqual(self.d.cli("events", "--status", "bogus").returncode, 2)
         self.assertEqual(self.d.cli("retry").returncode, 2)
         self.assertEqual(self.d.cli("event").returncode, 2)
+
+
+# Fails with terminal escapes (set the window title, clear the screen) and a bidi override in its last words.
+HOSTILE = ("import sys; sys.stdin.read(); sys.stderr.write('\\x1b]0;owned\\x07\\x1b[2J\\u202eevil\\n'); sys.exit(3)")
+
+
+class TerminalEscapeTest(unittest.TestCase):
+    """What a sender or a job wrote never reaches the operator's terminal raw: ``events`` and ``event``
+    print its control characters escaped."""
+
+    def test_a_hostile_last_error_and_body_are_printed_escaped(self):
+        tmp = tempfile.mkdtemp(prefix="hookd-esc-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        text, _ = hook_config(tmp, command="%s %s" % (sys.executable, script(tmp, "hostile.py", HOSTILE)))
+        d = Daemon(text, tmpdir=tmp).start()
+        self.addCleanup(d.stop)
+        eid = json.loads(d.post("/hooks/t", b"\x1b[2Jplain\nline two", dict(auth(), **{"Content-Type": "text/plain"}))[2])["id"]
+        wait_until(lambda: "owned" in (d.event(eid).get("last_error") or ""), 20, message="the job's first failure")
+        for argv in (("events",), ("event", str(eid))):
+            r = d.cli(*argv)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertFalse(any(c in r.stdout for c in "\x1b\x07\u202e"), r.stdout)
+            self.assertIn("\\x1b]0;owned\\x07", r.stdout)
+        self.assertIn("\\x1b[2Jplain\nline two", d.cli("event", str(eid)).stdout)
 
 
 class CheckConfigTest(unittest.TestCase):
