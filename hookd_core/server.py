@@ -326,8 +326,8 @@ class Handler(socketserver.StreamRequestHandler):
             # wake-up preemption). Under load that thread is mostly the store's writer answering a group:
             # each answer it sends brings that client's next request at once, and a connection thread
             # that preempted it would only find the GIL held and sleep again (docs/performance.md,
-            # "Connection threads that wait their turn"). Where the call is refused (hookd's unit filters
-            # it) the thread stays as it was.
+            # "Connection threads that wait their turn"). Where the call is refused (a seccomp filter;
+            # the shipped unit allows it since job_idle_after) the thread stays as it was.
             set_policy(os.SCHED_BATCH)
         self._deadline = self.server.reaper.register(self.connection)
         # No socket timeout: a timeout makes every recv a poll() plus a recv. The Reaper enforces
