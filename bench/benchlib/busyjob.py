@@ -82,9 +82,10 @@ def _measure(plan, hookd, workdir, port, jobs):
     time.sleep(0.5)  # past job_idle_after, whatever it is set to below that
     policy = _policies(jobs)
     busy = [_one(plan, hookd, workdir, plan.runs + n) for n in range(plan.runs)]
-    if sorted(_running(hookd.proc.pid)) != sorted(jobs) or _policies(jobs) != policy:
+    after = _policies(jobs)
+    if sorted(_running(hookd.proc.pid)) != sorted(jobs) or after != policy:
         return {"error": "the busy jobs %s did not run through the busy runs as they began (policies %s, then"
-                         " %s)" % (sorted(jobs), policy, _policies(jobs))}
+                         " %s)" % (sorted(jobs), policy, after)}
     result = {"jobs": JOBS, "conns": CONNS, "unloaded": unloaded, "busy": busy, "policy": policy}
     for name in ("unloaded", "busy"):
         for key in ("rps", "p99_us", "cpu_share"):
@@ -109,12 +110,8 @@ def _one(plan, hookd, workdir, n):
 
 def _running(parent=None):
     """Pids of the busy programs (their command line holds MARK), only ``parent``'s children if given."""
-    return [pid for pid in _pids() if pid != os.getpid() and MARK.encode() in _cmdline(pid)
-            and (parent is None or _stat_fields(pid)[:1] == [str(parent)])]
-
-
-def _pids():
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    return [pid for pid in procs.pids() if pid != os.getpid() and MARK.encode() in _cmdline(pid)
+            and (parent is None or procs.stat_fields(pid)[1:2] == [str(parent)])]
 
 
 def _cmdline(pid):
@@ -125,18 +122,9 @@ def _cmdline(pid):
         return b""
 
 
-def _stat_fields(pid):
-    """The fields of /proc/PID/stat after the command name (ppid first), or [] when it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[1:]
-    except (OSError, IndexError):
-        return []
-
-
 def _start(pid):
-    fields = _stat_fields(pid)
-    return fields[18] if len(fields) > 18 else None
+    """Its start time in clock ticks since boot (a string), or None when it is gone."""
+    return (procs.stat_fields(pid)[19:20] or [None])[0]
 
 
 def _policies(jobs):

@@ -99,26 +99,28 @@ def _signal_group(pgid, sig):
         pass
 
 
+def pids():
+    """Every pid in /proc now."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (the state first, then ppid, pgrp, ...), or []
+    when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _group_pids(pgid):
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
+    return [pid for pid in pids() if stat_fields(pid)[2:3] == [str(pgid)]]
 
 
 def _cpu(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = stat_fields(pid)
+    if not fields:
         return 0.0
     # utime + stime, and cutime + cstime: the CPU of its children that have exited and been waited for
     # (adnanh/webhook runs its command as a child per request; that CPU is the server's work too)
