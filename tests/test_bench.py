@@ -199,6 +199,34 @@ class WaitQuietTest(unittest.TestCase):
         self.assertFalse(os.path.exists(idle_mark))
 
 
+class DiskMeterTest(unittest.TestCase):
+    """The disk beside a run: what the kernel still had to write back at its start, and what the device
+    under the work directory wrote and flushed during it."""
+
+    def test_dirty_pages_at_the_start_and_the_synced_writes_during_the_run(self):
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        meter = measure.DiskMeter(tmp)
+        if meter._stats() is None:
+            self.skipTest("the tests' directory is not on a block device in /proc/diskstats")
+        with open(os.path.join(tmp, "dirty"), "wb") as f:
+            f.write(b"d" * (32 << 20))  # left for the kernel to write back: 30 s before it starts to
+        meter.start()
+        fd = os.open(os.path.join(tmp, "synced"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for _ in range(64):
+                os.write(fd, b"s" * 65536)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        meter.stop()
+        record = meter.record()
+        self.assertGreaterEqual(record["dirty_kb"] + record["writeback_kb"], 16 << 10, record)
+        self.assertGreaterEqual(record["disk_writes"], 1, record)
+        self.assertGreaterEqual(record["disk_mb_written"], 4.0, record)
+        self.assertIsNotNone(record["disk_write_ms_avg"], record)
+
+
 def _run(rps, **extra):
     run = {"rps": rps, "p50_us": 900, "p99_us": 3000, "rss_kb": 20000, "cpu_share": 0.9, "non2xx": 0,
            "socket_errors": 0, "wraps": 0, "others_cpu_share": 0.001}
@@ -211,8 +239,9 @@ class ReportGuardsTest(unittest.TestCase):
     not quiet before the first run, and hookd's backlog on every run until a hookd drain reads 0."""
 
     def doc(self):
-        hookd_runs = [_run(9000, backlog_after_drain=500), _run(9100, backlog_after_drain=0),
-                      _run(9200, backlog_after_drain=0)]
+        hookd_runs = [_run(9000, backlog_after_drain=500, dirty_kb=2048, disk_flush_ms_avg=0.25),
+                      _run(9100, backlog_after_drain=0, dirty_kb=184320, disk_flush_ms_avg=1.5),
+                      _run(9200, backlog_after_drain=0, p99_us=4200, dirty_kb=0, disk_flush_ms_avg=None)]
         settle = {"quiet": False, "waited_s": 10.2, "shares": {"ceiling": 0.001, "gunicorn": 0.065}}
         runs = {"ceiling": [_run(10000, settle=settle), _run(10100), _run(10200, others_cpu_share=0.015)],
                 "naive-durable": [_run(2000), _run(2100), _run(2200, others_cpu_share=0.035)],
@@ -251,6 +280,13 @@ class ReportGuardsTest(unittest.TestCase):
     def test_servers_not_quiet_before_the_first_run_are_flagged(self):
         rows = self.rows(report.markdown(self.doc()))
         self.assertIn("run 1: servers not quiet after 10 s of waiting (gunicorn 6.5 % of a core)", rows["ceiling"])
+
+    def test_hookd_runs_show_their_p99_and_the_disk_beside_them(self):
+        rows = self.rows(report.markdown(self.doc()))
+        self.assertIn("p99 ms: 3.0, 3.0, 4.2", rows["hookd"])
+        self.assertIn("dirty MB at start: 2, 180, 0", rows["hookd"])
+        self.assertIn("disk flush ms (average): 0.250, 1.500, —", rows["hookd"])
+        self.assertNotIn("dirty MB", rows["ceiling"])
 
     def test_a_backlog_beside_hookd_fails_the_honesty_target(self):
         verdicts = {text: (met, detail) for text, met, detail in self.doc()["verdicts"]}

@@ -13,7 +13,11 @@ The server's CPU use during each run is recorded as a share of one core: a targe
 CPU-bound, one far below it is waiting on something. A ``CpuMeter`` reads it over wrk's run alone (from
 wrk's ready marker, after its pool is read, to its exit; see wrkrun.py), and another the other servers'
 CPU share over the same seconds (``others_cpu_share``: idle servers should cost next to nothing; the
-report flags a run where they did not). Its peak RSS is read after every run. For hookd and
+report flags a run where they did not). A ``DiskMeter`` reads, over the same seconds, what the disk under
+the work directory did (writes, flushes and their average time, from /proc/diskstats) and, at the run's
+start, how much the kernel still had to write back (Dirty and Writeback in /proc/meminfo): a server that
+fdatasyncs waits behind whatever else is being written, and a target's runs follow other targets' writes.
+Its peak RSS is read after every run. For hookd and
 every target that stores, each run is checked: stored events (read-only from its database) must equal
 the 2xx answers, give or take the requests still in flight when wrk stopped. After each of hookd's runs
 its workers get up to DRAIN_LIMIT seconds to drain before the next run of any target starts (what is
@@ -66,6 +70,61 @@ class CpuMeter:
         cpu, self.stopped = self._cpu(), time.monotonic()
         self.seconds = self.stopped - self.started
         self.share = (cpu - self._cpu0) / self.seconds
+
+
+class DiskMeter:
+    """What the block device holding ``path`` did between ``start()`` and ``stop()``, and the dirty memory at
+    ``start()``: ``record()`` is {"dirty_kb", "writeback_kb", "disk_writes", "disk_mb_written",
+    "disk_write_ms_avg", "disk_flushes", "disk_flush_ms_avg"} (the device's figures None where it is not
+    in /proc/diskstats, as on tmpfs)."""
+
+    def __init__(self, path):
+        st = os.stat(path)
+        self.device = (os.major(st.st_dev), os.minor(st.st_dev))
+        self.dirty = self._before = self._after = None
+
+    def _stats(self):
+        """The device's counters after its name (reads, ..., writes, writes merged, sectors written, ms
+        writing, ..., flushes, ms flushing), or None."""
+        try:
+            with open("/proc/diskstats") as f:
+                for line in f:
+                    fields = line.split()
+                    if (int(fields[0]), int(fields[1])) == self.device:
+                        return [int(x) for x in fields[3:]]
+        except OSError:
+            pass
+        return None
+
+    def start(self):
+        self.dirty = _meminfo_kb("Dirty", "Writeback")
+        self._before = self._stats()
+
+    def stop(self):
+        self._after = self._stats()
+
+    def record(self):
+        out = {"dirty_kb": self.dirty.get("Dirty"), "writeback_kb": self.dirty.get("Writeback")}
+        b, a = self._before, self._after
+        if not b or not a:
+            return dict(out, disk_writes=None, disk_mb_written=None, disk_write_ms_avg=None,
+                        disk_flushes=None, disk_flush_ms_avg=None)
+        writes, flushes = a[4] - b[4], (a[15] - b[15] if len(a) > 16 else None)
+        return dict(out, disk_writes=writes, disk_mb_written=round((a[6] - b[6]) * 512 / 1e6, 1),
+                    disk_write_ms_avg=round((a[7] - b[7]) / writes, 3) if writes else None,
+                    disk_flushes=flushes,
+                    disk_flush_ms_avg=round((a[16] - b[16]) / flushes, 3) if flushes else None)
+
+
+def _meminfo_kb(*names):
+    """{name: kB} for ``names`` in /proc/meminfo."""
+    found = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in names:
+                found[name] = int(rest.split()[0])
+    return found
 
 
 def wait_quiet(servers, most=QUIET_MOST):
@@ -215,9 +274,10 @@ def _one_run(plan, target, workload, conns, server, others, workdir, shape, expe
     pool.build(pool_path, scheme, count)
     store = target.store_path(workdir)
     before = hookdctl.count_db(workdir, store) if target.stores else None
-    own, idle = CpuMeter([server]), CpuMeter(others)
+    own, idle, disk = CpuMeter([server]), CpuMeter(others), DiskMeter(workdir)
     run = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % server.port, conns, plan.seconds,
-                     pool_path, route, header, meters=(own, idle))
+                     pool_path, route, header, meters=(own, idle, disk))
+    run.update(disk.record())
     run["cpu_share"], run["others_cpu_share"] = own.share, idle.share
     run["cpu_window_s"] = round(own.seconds, 3)
     run["pool"] = count

@@ -290,6 +290,13 @@ def _notes(p, seen):
     stored = [r for r in p["runs"] if "stored" in r]
     if stored:
         notes.append("stored/2xx: " + ", ".join("%s/%d" % (r["stored"], r["ok_2xx"]) for r in stored))
+    if p["role"] == "hookd" and p["runs"]:
+        notes.append("p99 ms: " + ", ".join("%.1f" % (r["p99_us"] / 1000.0) for r in p["runs"]))
+        disk = [r for r in p["runs"] if r.get("dirty_kb") is not None]
+        if disk:
+            notes.append("dirty MB at start: " + ", ".join("%.0f" % (r["dirty_kb"] / 1024.0) for r in disk))
+            notes.append("disk flush ms (average): " + ", ".join(_fmt(r.get("disk_flush_ms_avg"), 3)
+                                                                 for r in disk))
     backlog = [r for r in p["runs"] if "backlog_after_drain" in r]
     if backlog:
         notes.append("queue left after the %.0f s drain wait: " % backlog[0].get("drain_limit", 3)
