@@ -199,6 +199,22 @@ class WaitQuietTest(unittest.TestCase):
         self.assertFalse(os.path.exists(idle_mark))
 
 
+class StealMeterTest(unittest.TestCase):
+    def test_the_eighth_time_of_the_cpu_line_is_the_hosts(self):
+        # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
+        line = "cpu  4700 20 1200 14000 120 0 140 758 300 0\n"
+        self.assertEqual(measure.StealMeter.times(line), (20938, 758))
+
+    def test_reads_this_machines_stat_over_a_busy_half_second(self):
+        meter = measure.StealMeter()
+        meter.start()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:  # the clock must move for the share to be read
+            pass
+        meter.stop()
+        self.assertTrue(0.0 <= meter.share <= 1.0, meter.share)
+
+
 class DiskMeterTest(unittest.TestCase):
     """The disk beside a run: what the kernel still had to write back at its start, and what the device
     under the work directory wrote and flushed during it."""
@@ -239,12 +255,14 @@ class ReportGuardsTest(unittest.TestCase):
     not quiet before the first run, and hookd's backlog on every run until a hookd drain reads 0."""
 
     def doc(self):
-        hookd_runs = [_run(9000, backlog_after_drain=500, dirty_kb=2048, disk_flush_ms_avg=0.25),
+        hookd_runs = [_run(9000, backlog_after_drain=500, dirty_kb=2048, disk_flush_ms_avg=0.25,
+                           steal_share=0.05),
                       _run(9100, backlog_after_drain=0, dirty_kb=184320, disk_flush_ms_avg=1.5),
                       _run(9200, backlog_after_drain=0, p99_us=4200, dirty_kb=0, disk_flush_ms_avg=None)]
         settle = {"quiet": False, "waited_s": 10.2, "shares": {"ceiling": 0.001, "gunicorn": 0.065}}
         runs = {"ceiling": [_run(10000, settle=settle), _run(10100), _run(10200, others_cpu_share=0.015)],
-                "naive-durable": [_run(2000), _run(2100), _run(2200, others_cpu_share=0.035)],
+                "naive-durable": [_run(2000, steal_share=0.088), _run(2100, steal_share=0.015),
+                                  _run(2200, others_cpu_share=0.035)],
                 "hookd": hookd_runs}
         points = []
         for name, role in (("ceiling", "ceiling"), ("naive-durable", "reference"), ("hookd", "hookd")):
@@ -277,6 +295,12 @@ class ReportGuardsTest(unittest.TestCase):
         self.assertNotIn("the other servers used", rows["ceiling"])  # 1.5 %: below the flag
         self.assertNotIn("the other servers used", rows["hookd"])
 
+    def test_a_run_whose_host_took_over_2_percent_of_the_cpus_is_noted(self):
+        rows = self.rows(report.markdown(self.doc()))
+        self.assertIn("the host took the CPUs' time (steal) in run 1: 8.8 %;", rows["naive-durable"])
+        self.assertNotIn("run 2: 1.5 %", rows["naive-durable"])  # below the flag
+        self.assertIn("the host took the CPUs' time (steal) in run 1: 5.0 %", rows["hookd"])
+
     def test_servers_not_quiet_before_the_first_run_are_flagged(self):
         rows = self.rows(report.markdown(self.doc()))
         self.assertIn("run 1: servers not quiet after 10 s of waiting (gunicorn 6.5 % of a core)", rows["ceiling"])
@@ -293,6 +317,7 @@ class ReportGuardsTest(unittest.TestCase):
         met, detail = [v for text, v in verdicts.items() if text.startswith("every request distinct")][0]
         self.assertFalse(met)
         self.assertIn("run 2: started beside hookd's backlog of 500 events", detail)
+        self.assertNotIn("steal", detail)  # the host's doing, not the bench's
 
 
 if __name__ == "__main__":

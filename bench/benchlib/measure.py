@@ -17,6 +17,8 @@ report flags a run where they did not). A ``DiskMeter`` reads, over the same sec
 the work directory did (writes, flushes and their average time, from /proc/diskstats) and, at the run's
 start, how much the kernel still had to write back (Dirty and Writeback in /proc/meminfo): a server that
 fdatasyncs waits behind whatever else is being written, and a target's runs follow other targets' writes.
+A ``StealMeter`` reads the share of the CPUs' time the virtual machine's host took meanwhile (steal):
+the report flags a run where it passed report.STEAL_SHARE.
 Its peak RSS is read after every run. For hookd and
 every target that stores, each run is checked: stored events (read-only from its database) must equal
 the 2xx answers, give or take the requests still in flight when wrk stopped. After each of hookd's runs
@@ -114,6 +116,36 @@ class DiskMeter:
                     disk_write_ms_avg=round((a[7] - b[7]) / writes, 3) if writes else None,
                     disk_flushes=flushes,
                     disk_flush_ms_avg=round((a[16] - b[16]) / flushes, 3) if flushes else None)
+
+
+class StealMeter:
+    """The share of the machine's CPU time its host took (``steal`` in /proc/stat: time a virtual CPU was
+    ready to run and did not) between ``start()`` and ``stop()``: ``share``, 0.0 where the kernel does not
+    count it. A run beside a busy neighbour on the host is slowed in every target alike only by chance."""
+
+    def __init__(self):
+        self.share = None
+        self._before = None
+
+    @staticmethod
+    def times(line):
+        """(all CPU time, stolen time) from /proc/stat's first line: user, nice, system, idle, iowait, irq,
+        softirq, steal (guest time is counted in user already)."""
+        fields = [int(x) for x in line.split()[1:9]]
+        return sum(fields), (fields[7] if len(fields) > 7 else 0)
+
+    @staticmethod
+    def _read():
+        with open("/proc/stat") as f:
+            return f.readline()
+
+    def start(self):
+        self._before = self.times(self._read())
+
+    def stop(self):
+        total, steal = self.times(self._read())
+        elapsed = total - self._before[0]
+        self.share = (steal - self._before[1]) / elapsed if elapsed > 0 else 0.0
 
 
 def _meminfo_kb(*names):
@@ -274,10 +306,11 @@ def _one_run(plan, target, workload, conns, server, others, workdir, shape, expe
     pool.build(pool_path, scheme, count)
     store = target.store_path(workdir)
     before = hookdctl.count_db(workdir, store) if target.stores else None
-    own, idle, disk = CpuMeter([server]), CpuMeter(others), DiskMeter(workdir)
+    own, idle, disk, host = CpuMeter([server]), CpuMeter(others), DiskMeter(workdir), StealMeter()
     run = wrkrun.run(workload.lua, "http://127.0.0.1:%d" % server.port, conns, plan.seconds,
-                     pool_path, route, header, meters=(own, idle, disk))
+                     pool_path, route, header, meters=(own, idle, disk, host))
     run.update(disk.record())
+    run["steal_share"] = host.share
     run["cpu_share"], run["others_cpu_share"] = own.share, idle.share
     run["cpu_window_s"] = round(own.seconds, 3)
     run["pool"] = count

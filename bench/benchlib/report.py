@@ -19,6 +19,7 @@ from . import measure
 from .targets import TARGETS, WORKLOADS
 
 OTHERS_SHARE = 0.02  # flagged above this: the other (idle) servers' CPU beside a run, a share of a core
+STEAL_SHARE = 0.02  # flagged above this: the CPUs' time the host took during a run (steal)
 
 FRAMINGS = ("preservica-cl", "preservica-chunked")
 
@@ -284,6 +285,10 @@ def _notes(p, seen):
     if p.get("close_delimited"):
         notes.append("%d wrk read errors not counted: each is a response ended by closing the connection"
                      % p["close_delimited"])
+    stolen = ["run %d: %.1f %%" % (i + 1, r["steal_share"] * 100) for i, r in enumerate(p["runs"])
+              if (r.get("steal_share") or 0) > STEAL_SHARE]
+    if stolen:  # the host's doing, not the bench's: noted, and no guard of the honesty target
+        notes.append("the host took the CPUs' time (steal) in " + ", ".join(stolen))
     runs = ", ".join("%.0f" % r["rps"] for r in p["runs"])
     if runs:
         notes.append("runs: " + runs)
