@@ -200,6 +200,13 @@ class WaitQuietTest(unittest.TestCase):
 
 
 class StealMeterTest(unittest.TestCase):
+    def test_a_run_the_host_took_over_5_percent_of_is_taken_again_at_most_twice(self):
+        self.assertFalse(measure.retake(_run(9000, steal_share=0.049), []))
+        self.assertFalse(measure.retake(_run(9000), []))  # a kernel that counts no steal
+        self.assertTrue(measure.retake(_run(1177, steal_share=0.382), []))
+        self.assertTrue(measure.retake(_run(1177, steal_share=0.382), [{}]))
+        self.assertFalse(measure.retake(_run(1177, steal_share=0.382), [{}, {}]))
+
     def test_the_eighth_time_of_the_cpu_line_is_the_hosts(self):
         # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
         line = "cpu  4700 20 1200 14000 120 0 140 758 300 0\n"
@@ -264,6 +271,8 @@ class ReportGuardsTest(unittest.TestCase):
                 "naive-durable": [_run(2000, steal_share=0.088), _run(2100, steal_share=0.015),
                                   _run(2200, others_cpu_share=0.035)],
                 "hookd": hookd_runs}
+        runs["ceiling"][1]["retaken"] = [{"rps": 1177, "p99_us": 90000, "steal_share": 0.382},
+                                         {"rps": 3100, "p99_us": 20000, "steal_share": 0.091}]
         points = []
         for name, role in (("ceiling", "ceiling"), ("naive-durable", "reference"), ("hookd", "hookd")):
             point = {"target": name, "role": role, "workload": "standard", "conns": 16, "runs": runs[name],
@@ -300,6 +309,12 @@ class ReportGuardsTest(unittest.TestCase):
         self.assertIn("the host took the CPUs' time (steal) in run 1: 8.8 %;", rows["naive-durable"])
         self.assertNotIn("run 2: 1.5 %", rows["naive-durable"])  # below the flag
         self.assertIn("the host took the CPUs' time (steal) in run 1: 5.0 %", rows["hookd"])
+
+    def test_the_runs_taken_again_are_listed_with_what_they_read(self):
+        rows = self.rows(report.markdown(self.doc()))
+        self.assertIn("taken again after the host took over 5 % of the CPUs' time: run 2 (1177 req/s at 38 % steal,"
+                      " 3100 req/s at 9 % steal)", rows["ceiling"])
+        self.assertNotIn("taken again", rows["hookd"])
 
     def test_servers_not_quiet_before_the_first_run_are_flagged(self):
         rows = self.rows(report.markdown(self.doc()))

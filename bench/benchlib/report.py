@@ -289,6 +289,12 @@ def _notes(p, seen):
               if (r.get("steal_share") or 0) > STEAL_SHARE]
     if stolen:  # the host's doing, not the bench's: noted, and no guard of the honesty target
         notes.append("the host took the CPUs' time (steal) in " + ", ".join(stolen))
+    again = ["run %d (%s)" % (i + 1, ", ".join("%.0f req/s at %.0f %% steal" % (x["rps"], x["steal_share"] * 100)
+                                               for x in r["retaken"]))
+             for i, r in enumerate(p["runs"]) if r.get("retaken")]
+    if again:
+        notes.append("taken again after the host took over %.0f %% of the CPUs' time: %s"
+                     % (measure.RETAKE_STEAL * 100, ", ".join(again)))
     runs = ", ".join("%.0f" % r["rps"] for r in p["runs"])
     if runs:
         notes.append("runs: " + runs)
