@@ -48,14 +48,9 @@ QUIET_WINDOW = 2.0  # one clock tick (10 ms) is 0.5 % of a core over it: 0.5 s c
 QUIET_MOST = 10.0
 # A run during which the host took more than RETAKE_STEAL of the CPUs' time (steal: a busy neighbour on
 # the host, which on this VM took 20-38 % in some runs and cut any target's rate to a fifth) is taken
-# again, at most RETAKES times; the report lists every run replaced, and what it read. Such a neighbour
-# stays busy for tens of seconds, so the retake first waits until the host took at most HOST_QUIET of
-# the CPUs' time over a HOST_QUIET_WINDOW (at most HOST_QUIET_MOST seconds; the wait is recorded).
+# again at once, at most RETAKES times; the report lists every run replaced, and what it read.
 RETAKE_STEAL = 0.05
 RETAKES = 2
-HOST_QUIET = 0.02
-HOST_QUIET_WINDOW = 1.0
-HOST_QUIET_MOST = 30.0
 ORDER = ("interleaved: per workload and connection count, run 1 of every target in turn (ceiling first),"
          " then run 2, ...; one server per target for the whole workload")
 CPU_WINDOW = ("a server's CPU over wrk's run alone, from its ready line (the request pool read) to its exit;"
@@ -283,10 +278,8 @@ def _interleave(plan, targets, workload, servers, workdirs, points, log, settle)
         retaken = []
         while retake(run, retaken) and time.monotonic() < plan.deadline and server.alive():
             retaken.append({k: run.get(k) for k in ("rps", "p99_us", "steal_share")})
-            retaken[-1]["waited_s"] = wait_host_quiet()
-            log("  %-14s %-18s c=%-3d run %d taken again: the host took %.0f %% of the CPUs' time (%.0f req/s);"
-                " waited %.0f s for it to go quiet" % (target.name, workload.name, conns, r + 1,
-                                                        run["steal_share"] * 100, run["rps"], retaken[-1]["waited_s"]))
+            log("  %-14s %-18s c=%-3d run %d taken again: the host took %.0f %% of the CPUs' time (%.0f req/s)"
+                % (target.name, workload.name, conns, r + 1, run["steal_share"] * 100, run["rps"]))
             run = _one_run(plan, target, workload, conns, server, others, workdirs[target.name], shape, expect)
         if retaken:
             run["retaken"] = retaken
@@ -306,20 +299,6 @@ def retake(run, retaken):
     """Whether ``run`` is to be taken again: the host took more than RETAKE_STEAL of the CPUs' time during
     it, and it has been taken again fewer than RETAKES times (``retaken``: the runs it replaced)."""
     return (run.get("steal_share") or 0) > RETAKE_STEAL and len(retaken) < RETAKES
-
-
-def wait_host_quiet(most=HOST_QUIET_MOST, window=HOST_QUIET_WINDOW):
-    """Until the host took at most HOST_QUIET of the CPUs' time over one ``window``, at most ``most``
-    seconds; returns the seconds waited."""
-    begun = time.monotonic()
-    while True:
-        meter = StealMeter()
-        meter.start()
-        time.sleep(window)
-        meter.stop()
-        waited = time.monotonic() - begun
-        if meter.share <= HOST_QUIET or waited >= most:
-            return round(waited, 1)
 
 
 def _env():
