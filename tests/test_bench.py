@@ -207,6 +207,24 @@ class StealMeterTest(unittest.TestCase):
         self.assertTrue(measure.retake(_run(1177, steal_share=0.382), [{}]))
         self.assertFalse(measure.retake(_run(1177, steal_share=0.382), [{}, {}]))
 
+    def test_the_take_with_the_least_steal_is_kept(self):
+        takes = [_run(5000, steal_share=0.06), _run(1000, steal_share=0.40), _run(1200, steal_share=0.38)]
+        kept, replaced = measure.keep(takes)
+        self.assertIs(kept, takes[0])
+        self.assertEqual(replaced, takes[1:])
+        kept, replaced = measure.keep([_run(7000, steal_share=0.01)])
+        self.assertEqual((kept["rps"], replaced), (7000, []))
+
+    def test_what_a_replaced_take_would_have_flagged_is_flagged(self):
+        take = _run(1000, steal_share=0.4, wraps=1, socket_errors=3, backlog_after_drain=250, stored=990,
+                    ok_2xx=1000)
+        flags = measure._replaced_flags(take, 1, 16)
+        self.assertIn("run 2, a take replaced: 3 socket errors", flags)
+        self.assertIn("run 2, a take replaced: request pool wrapped (duplicates sent)", flags)
+        self.assertIn("run 2, a take replaced: hookd's drain left a backlog of 250 events", flags)
+        self.assertTrue(any("stored 990 events for 1000 2xx answers" in f for f in flags), flags)
+        self.assertEqual(measure._replaced_flags(_run(7000, steal_share=0.3), 0, 16), [])
+
     def test_the_eighth_time_of_the_cpu_line_is_the_hosts(self):
         # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
         line = "cpu  4700 20 1200 14000 120 0 140 758 300 0\n"
