@@ -218,12 +218,20 @@ class StealMeterTest(unittest.TestCase):
     def test_what_a_replaced_take_would_have_flagged_is_flagged(self):
         take = _run(1000, steal_share=0.4, wraps=1, socket_errors=3, backlog_after_drain=250, stored=990,
                     ok_2xx=1000)
-        flags = measure._replaced_flags(take, 1, 16)
-        self.assertIn("run 2, a take replaced: 3 socket errors", flags)
-        self.assertIn("run 2, a take replaced: request pool wrapped (duplicates sent)", flags)
-        self.assertIn("run 2, a take replaced: hookd's drain left a backlog of 250 events", flags)
+        kept = _run(7000, steal_share=0.01, retaken=[take])
+        point = {"target": "hookd", "role": "hookd", "workload": "standard", "conns": 16,
+                 "runs": [_run(7100), kept], "flags": []}
+        measure._summarise(point)
+        flags = point["flags"]
+        self.assertIn("3 socket errors", flags)
+        self.assertIn("request pool wrapped (duplicates sent)", flags)
+        self.assertIn("run 2: a take replaced left hookd's backlog of 250 events", flags)
         self.assertTrue(any("stored 990 events for 1000 2xx answers" in f for f in flags), flags)
-        self.assertEqual(measure._replaced_flags(_run(7000, steal_share=0.3), 0, 16), [])
+        self.assertEqual(point["rps"], 7050)  # the medians are over the kept runs alone
+        clean = {"target": "hookd", "role": "hookd", "workload": "standard", "conns": 16,
+                 "runs": [_run(7000, retaken=[_run(2000, steal_share=0.3)])], "flags": []}
+        measure._summarise(clean)
+        self.assertEqual(clean["flags"], [])
 
     def test_the_eighth_time_of_the_cpu_line_is_the_hosts(self):
         # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
@@ -289,8 +297,8 @@ class ReportGuardsTest(unittest.TestCase):
                 "naive-durable": [_run(2000, steal_share=0.088), _run(2100, steal_share=0.015),
                                   _run(2200, others_cpu_share=0.035)],
                 "hookd": hookd_runs}
-        runs["ceiling"][1]["retaken"] = [{"rps": 1177, "p99_us": 90000, "steal_share": 0.382},
-                                         {"rps": 3100, "p99_us": 20000, "steal_share": 0.091}]
+        runs["ceiling"][1]["retaken"] = [_run(1177, p99_us=90000, steal_share=0.382),
+                                         _run(3100, p99_us=20000, steal_share=0.091)]
         points = []
         for name, role in (("ceiling", "ceiling"), ("naive-durable", "reference"), ("hookd", "hookd")):
             point = {"target": name, "role": role, "workload": "standard", "conns": 16, "runs": runs[name],

@@ -50,7 +50,7 @@ QUIET_MOST = 10.0
 # A run during which the host took more than RETAKE_STEAL of the CPUs' time (steal: a busy neighbour on
 # the host, which on this VM took up to 43 % in some runs and cut any target's rate to an eighth) is taken
 # again at once, at most RETAKES times, and the take with the least steal is kept; the report lists every
-# take replaced, and what it read; what a replaced take would have flagged is flagged on its point.
+# take replaced, and what it read; a replaced take is checked as a kept run is (``_summarise``).
 RETAKE_STEAL = 0.05
 RETAKES = 2
 ORDER = ("interleaved: per workload and connection count, run 1 of every target in turn (ceiling first),"
@@ -83,9 +83,8 @@ class CpuMeter:
 
 
 class DiskMeter:
-    """What the disk holding ``path`` (the whole disk, for a partition) did between ``start()`` and ``stop()``,
-    and the dirty memory at
-    ``start()``: ``record()`` is {"dirty_kb", "writeback_kb", "disk_writes", "disk_mb_written",
+    """What the disk holding ``path`` (the whole disk, for a partition) did between ``start()`` and
+    ``stop()``, and the dirty memory at ``start()``: ``record()`` is {"dirty_kb", "writeback_kb", "disk_writes", "disk_mb_written",
     "disk_write_ms_avg", "disk_flushes", "disk_flush_ms_avg"} (the device's figures None where it is not
     in /proc/diskstats, as on tmpfs)."""
 
@@ -298,10 +297,8 @@ def _interleave(plan, targets, workload, servers, workdirs, points, log, settle)
             takes.append(_one_run(plan, target, workload, conns, server, others, workdirs[target.name], shape,
                                   expect))
         run, replaced = keep(takes)
-        if replaced:
-            run["retaken"] = [{k: t.get(k) for k in ("rps", "p99_us", "steal_share")} for t in replaced]
-            for take in replaced:
-                point["flags"] += _replaced_flags(take, r, conns)
+        if replaced:  # kept whole: their errors, wraps, stored counts and backlogs are checked as a run's
+            run["retaken"] = replaced
         if settle is not None:
             run["settle"], settle = settle, None
         point["runs"].append(run)
@@ -325,23 +322,6 @@ def keep(takes):
     """(the take of a run kept, [the takes it replaces]): the one during which the host took least."""
     kept = min(takes, key=lambda t: t.get("steal_share") or 0)
     return kept, [t for t in takes if t is not kept]
-
-
-def _replaced_flags(take, r, conns):
-    """What a replaced take would have flagged, said of its run: errors, a wrapped pool, stored events off
-    its 2xx answers, and hookd's backlog its drain left (the next take or target ran beside it)."""
-    flags = []
-    if take.get("non2xx"):
-        flags.append("%d non-2xx answers" % take["non2xx"])
-    if take.get("socket_errors"):
-        flags.append("%d socket errors" % take["socket_errors"])
-    if take.get("wraps"):
-        flags.append("request pool wrapped (duplicates sent)")
-    if "stored" in take:
-        _flag_stored(flags, r, take, conns)
-    if take.get("backlog_after_drain"):
-        flags.append("hookd's drain left a backlog of %s events" % take["backlog_after_drain"])
-    return ["run %d, a take replaced: %s" % (r + 1, f) for f in flags]
 
 
 def _env():
@@ -423,6 +403,8 @@ def _check_text(run):
 
 
 def _summarise(point):
+    """The point's medians over its kept runs; its error counts and checks over every take, replaced ones
+    too (``keep``)."""
     runs = point["runs"]
     if not runs:
         point.update(rps=None, p50_us=None, p99_us=None, rss_kb=None, cpu_share=None)
@@ -433,9 +415,10 @@ def _summarise(point):
     point["p99_us"] = statistics.median(r["p99_us"] for r in runs)
     point["rss_kb"] = max(r["rss_kb"] for r in runs)
     point["cpu_share"] = statistics.median(r["cpu_share"] for r in runs)
-    point["non2xx"] = sum(r["non2xx"] for r in runs)
-    point["socket_errors"] = sum(r["socket_errors"] for r in runs)
-    point["wraps"] = sum(r["wraps"] for r in runs)
+    takes = runs + [t for r in runs for t in r.get("retaken", ())]
+    point["non2xx"] = sum(t["non2xx"] for t in takes)
+    point["socket_errors"] = sum(t["socket_errors"] for t in takes)
+    point["wraps"] = sum(t["wraps"] for t in takes)
     _flag(point)
 
 
@@ -450,8 +433,13 @@ def _flag(point):
     if point["wraps"]:
         flags.append("request pool wrapped (duplicates sent)")
     for i, run in enumerate(point["runs"]):
-        if "stored" in run:
-            _flag_stored(flags, i, run, point["conns"])
+        for take in [run] + run.get("retaken", []):
+            if "stored" in take:
+                _flag_stored(flags, i, take, point["conns"])
+        for take in run.get("retaken", ()):
+            if take.get("backlog_after_drain"):  # the next take, or target, ran beside it
+                flags.append("run %d: a take replaced left hookd's backlog of %s events"
+                             % (i + 1, take["backlog_after_drain"]))
 
 
 def _flag_stored(flags, i, run, conns):
