@@ -353,6 +353,21 @@ class ReportGuardsTest(unittest.TestCase):
         self.assertIn("disk flush ms (average): 0.250, 1.500, —", rows["hookd"])
         self.assertNotIn("dirty MB", rows["ceiling"])
 
+    def test_runs_spread_over_a_quarter_are_noted_and_so_are_the_ratios_to_them(self):
+        doc = self.doc()
+        text = report.markdown(doc)
+        self.assertNotIn("spread", text)  # 10000-10200 and 9000-9200: steady
+        doc["points"][0]["runs"][2]["rps"] = 13000  # the ceiling's runs: 10000, 10100, 13000
+        doc["verdicts"] = report.verdicts(doc)
+        rows = self.rows(report.markdown(doc))
+        self.assertIn("its runs spread 1.30× (fastest over slowest)", rows["ceiling"])
+        self.assertNotIn("spread", rows["hookd"])
+        verdicts = {text: detail for text, met, detail in doc["verdicts"]}
+        self.assertIn("standard c=16: 0.90× (99 µs/req; the ceiling's runs spread 1.30×)",
+                      verdicts["Standard Webhooks ≥ 1.0× the ceiling at 16 and 64 connections, both framings"])
+        self.assertIn("standard c=16: 1.00× (the ceiling's runs spread 1.30×)",
+                      verdicts["p99 ≤ the ceiling's p99 at 16 and 64 connections"])
+
     def test_a_backlog_beside_hookd_fails_the_honesty_target(self):
         verdicts = {text: (met, detail) for text, met, detail in self.doc()["verdicts"]}
         met, detail = [v for text, v in verdicts.items() if text.startswith("every request distinct")][0]
