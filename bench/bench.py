@@ -90,14 +90,18 @@ def hookd_commit():
 
 def stages(log):
     """hookd's CPU per request stage by stage (benchlib/stages.py, in a child: hookd logs to stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "benchlib.stages"], cwd=BENCH, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, timeout=300, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchlib.stages"], cwd=BENCH, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "benchlib.stages did not finish within 300 s"}
     try:
         result = json.loads(proc.stdout.decode())
     except ValueError:
         return {"error": "benchlib.stages exited %s without a result" % proc.returncode}
-    log("  stages (µs/request): %s" % "; ".join("%s %s" % (k, ", ".join("%s %.1f" % kv for kv in v.items()))
-                                                 for k, v in result.items()))
+    log("  stages (µs/request, fastest of %s passes): %s" % (
+        result.get("passes", 1), "; ".join("%s %s" % (k, ", ".join("%s %.1f" % kv for kv in v.items()))
+                                           for k, v in result.items() if k != "passes")))
     return result
 
 

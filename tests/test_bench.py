@@ -367,6 +367,23 @@ class ReportGuardsTest(unittest.TestCase):
                       verdicts["Standard Webhooks ≥ 1.0× the ceiling at 16 and 64 connections, both framings"])
         self.assertIn("standard c=16: 1.00× (the ceiling's runs spread 1.30×)",
                       verdicts["p99 ≤ the ceiling's p99 at 16 and 64 connections"])
+        doc["points"][0]["runs"][2]["rps"] = 12500  # 1.25x: at the line, not over it
+        doc["points"][2]["runs"][0]["rps"] = 0  # hookd: a run that served nothing
+        doc["verdicts"] = report.verdicts(doc)
+        rows = self.rows(report.markdown(doc))
+        self.assertNotIn("spread", rows["ceiling"])
+        self.assertIn("its runs spread from 0 req/s up (fastest over slowest)", rows["hookd"])
+        self.assertIn("hookd's runs spread from 0 req/s up", doc["verdicts"][0][2])
+
+    def test_the_stages_table_says_how_many_passes_it_kept_the_fastest_of(self):
+        stages = {"passes": 5, "standard": {"reader": 6.0, "accept": 4.0}, "preservica": {"reader": 6.5, "accept": 9.0}}
+        text = "\n".join(report._stages_md(stages))
+        self.assertIn("thread CPU clock, the fastest of 5 passes)", text)
+        self.assertIn("| **sum** | 10.0 | 15.5 |", text)
+        self.assertIn("the sum is below what any one pass took", text)
+        old = "\n".join(report._stages_md({"standard": {"reader": 6.0}}))  # results files before ece7481
+        self.assertNotIn("passes", old)
+        self.assertIn("| **sum** | 6.0 |", old)
 
     def test_a_backlog_beside_hookd_fails_the_honesty_target(self):
         verdicts = {text: (met, detail) for text, met, detail in self.doc()["verdicts"]}

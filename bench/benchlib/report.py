@@ -20,10 +20,11 @@ from .targets import TARGETS, WORKLOADS
 
 OTHERS_SHARE = 0.02  # flagged above this: the other (idle) servers' CPU beside a run, a share of a core
 STEAL_SHARE = 0.02  # flagged above this: the CPUs' time the host took during a run (steal)
-# Noted above this: a point's fastest run over its slowest (req/s). In the readable full runs (the
-# thirteenth and fourteenth) the ceiling's runs at a point spread 1.03-1.23x; in the fifteenth and
-# sixteenth, on a host whose CPU ran one loop at two speeds about 1.8x apart, with no steal, 1.17-6.0x
-# (docs/performance.md, "The host's two speeds, sixteenth round").
+# Noted above this: a point's fastest run over its slowest (req/s; a run at 0 req/s makes it infinite).
+# In the readable full runs (the thirteenth and fourteenth) the ceiling's runs at a point spread
+# 1.03-1.23x; in the fifteenth, with up to 43 % steal, 1.16-6.0x; in the sixteenth, whose host ran one
+# loop at two speeds about 1.8x apart with no steal, 1.17-1.72x (docs/performance.md, "The host's two
+# speeds, sixteenth round").
 SPREAD = 1.25
 
 FRAMINGS = ("preservica-cl", "preservica-chunked")
@@ -82,19 +83,26 @@ def guards(points):
 
 def spread(p):
     """A point's fastest run over its slowest (req/s); None with fewer than two runs."""
-    rates = [r["rps"] for r in p["runs"] if r.get("rps")]
-    return max(rates) / min(rates) if len(rates) > 1 else None
+    rates = [r["rps"] for r in p["runs"] if r.get("rps") is not None]
+    if len(rates) < 2 or not max(rates):
+        return None
+    return max(rates) / min(rates) if min(rates) else float("inf")
+
+
+def _times(x):
+    return "%.2f×" % x if x != float("inf") else "from 0 req/s up"
 
 
 def _unsteady(idx, p):
-    """Said beside a ratio of ``p`` to the ceiling when the runs of either spread over SPREAD: a bare
-    server's runs spread that far only when the host's speed changed between them, and then the medians
-    divided are not readings of one machine. "" when neither does."""
+    """Said beside a ratio of ``p`` to the ceiling when the runs of either spread over SPREAD: then the
+    medians divided are not readings of one steady machine (a bare server's runs spread that far only
+    when the host's speed changed between them; hookd's may also have a cause of its own). "" when
+    neither does."""
     parts = []
     for name, q in (("the ceiling", idx.get(("ceiling", p["workload"], p["conns"]))), ("hookd", p)):
         x = q and spread(q)
         if x and x > SPREAD:
-            parts.append("%s's runs spread %.2f×" % (name, x))
+            parts.append("%s's runs spread %s" % (name, _times(x)))
     return ", ".join(parts)
 
 
@@ -331,7 +339,7 @@ def _notes(p, seen):
                      % (measure.RETAKE_STEAL * 100, ", ".join(again)))
     x = spread(p)
     if x and x > SPREAD:
-        notes.append("its runs spread %.2f× (fastest over slowest)" % x)
+        notes.append("its runs spread %s (fastest over slowest)" % _times(x))
     runs = ", ".join("%.0f" % r["rps"] for r in p["runs"])
     if runs:
         notes.append("runs: " + runs)
@@ -435,17 +443,21 @@ STAGES = (("reader", "framing.Reader: request line, headers, body"),
 def _stages_md(stages):
     if not stages:
         return []
+    passes = stages.get("passes", 1)  # results files before ece7481 have one pass and no "passes"
     out = ["## Where hookd's CPU per request goes (bench/benchlib/stages.py: each stage of the request path,"
-           " real code, no sockets, thread CPU clock)", ""]
+           " real code, no sockets, thread CPU clock%s)" % (", the fastest of %d passes" % passes if passes > 1 else ""),
+           ""]
     if "error" in stages:
         return out + [stages["error"], ""]
-    schemes = list(stages)
+    schemes = [s for s in stages if s != "passes"]
     out += ["| stage | " + " | ".join("%s µs/req" % s for s in schemes) + " |", "|---|" + "---|" * len(schemes)]
     for key, title in STAGES:
         out.append("| %s | %s |" % (title, " | ".join(_fmt(stages[s].get(key), 1) for s in schemes)))
     out.append("| **sum** | %s |" % " | ".join(_fmt(sum(v for v in stages[s].values()), 1) for s in schemes))
+    below = (" Each stage is its fastest pass, so the sum is below what any one pass took, and the difference"
+             " is at most their cost.") if passes > 1 else ""
     return out + ["", "Not in these figures: socket reads and writes, thread switches and waiting for the GIL,"
-                  " the Reaper's deadline; the intake tables' CPU µs/req minus this sum is their cost.", ""]
+                  " the Reaper's deadline; the intake tables' CPU µs/req minus this sum is their cost.%s" % below, ""]
 
 
 def _ixon_md(ixon):
