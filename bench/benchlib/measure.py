@@ -84,9 +84,9 @@ class CpuMeter:
 
 class DiskMeter:
     """What the disk holding ``path`` (the whole disk, for a partition) did between ``start()`` and
-    ``stop()``, and the dirty memory at ``start()``: ``record()`` is {"dirty_kb", "writeback_kb", "disk_writes", "disk_mb_written",
-    "disk_write_ms_avg", "disk_flushes", "disk_flush_ms_avg"} (the device's figures None where it is not
-    in /proc/diskstats, as on tmpfs)."""
+    ``stop()``, and the dirty memory at ``start()``: ``record()`` is {"dirty_kb", "writeback_kb",
+    "disk_writes", "disk_mb_written", "disk_write_ms_avg", "disk_flushes", "disk_flush_ms_avg"} (the
+    device's figures None where it is not in /proc/diskstats, as on tmpfs)."""
 
     def __init__(self, path):
         st = os.stat(path)

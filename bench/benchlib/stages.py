@@ -1,25 +1,25 @@
 """Where hookd's CPU per request goes, stage by stage, measured in one process without sockets.
 
 Usage: ``python3 -m benchlib.stages`` from bench/ (bench.py runs it in a child whose stderr is thrown
-away, since hookd logs there); prints one JSON object. Strategy: the same signed requests the intake
-phase sends (benchlib/pool.py) are fed, N at a time, through each stage of hookd's request path with
-the real code and a real App: ``framing.Reader`` (head and body from the raw bytes), route lookup and
+away, since hookd logs there); prints one JSON object. Strategy: signed requests like those the intake
+phase sends (benchlib/pool.py) are fed, N at a time, through each stage of hookd's request path with the
+real code and a real App: ``framing.Reader`` (head and body from the raw bytes), route lookup and
 ``Request``, the integration's ``accept`` (signature check, JSON parse, Preservica's per-element keys),
 ``App.event_rows`` (stored headers, rows), the store (the rows of GROUP requests per transaction,
 committed with synchronous=FULL, as the writer does under load), and the answer (the log line, the
-metric, the 202's bytes; a group's log lines written together, as the writer writes them). Each stage is timed with the thread's CPU clock over all N requests; what is
-left out (socket reads and writes, thread switches, the GIL) is the difference to the intake phase's
-CPU per request. The schemes take turns REPEATS times, PAUSE seconds apart, each pass with requests of
-its own, and each stage keeps its fastest pass (as ``timeit`` advises: a slower pass also measures what
-else ran, such as a garbage collection, which here walks the N requests a pass keeps alive at once where
-the server keeps a few). With one pass, five runs on one machine read Preservica's ``event_rows`` at
-8.4-12.4 us a request (12.7 and 15.7 in two more, 4.3 and 6.4 with the collector off), and 3.6-5.2 with
-the fastest of five. It does not remove a host
-whose CPU runs at two speeds for seconds at a time (docs/performance.md, "The host's two speeds,
+metric, the 202's bytes; a group's log lines written together, as the writer writes them). Each stage is
+timed with the thread's CPU clock over all N requests; what is left out (socket reads and writes, thread
+switches, the GIL) is the difference to the intake phase's CPU per request. The schemes take turns
+REPEATS times, PAUSE seconds apart, each pass with requests of its own, and each stage keeps its fastest
+pass (as ``timeit`` advises: a slower pass also measures what else ran, such as a garbage collection,
+which here walks the N requests a pass keeps alive at once where the server keeps a few). With one pass,
+five runs on one machine read Preservica's ``event_rows`` at 8.4-12.4 us a request (12.7 and 15.7 in two
+more, 4.3 and 6.4 with the collector off), and 3.6-5.2 with the fastest of five. It does not remove a
+host whose CPU runs at two speeds for seconds at a time (docs/performance.md, "The host's two speeds,
 sixteenth round"): there the sums still spread 1.2-1.5x from run to run. Each pass stores into what the
-passes before it stored (4,000 more events a scheme), as a daemon's store grows. The writer's part is read from
-its thread's own CPU clock (``pthread_getcpuclockid``), to the nanosecond; /proc's ticks, read before,
-moved in steps of 2.5 us a request.
+passes before it stored (4,000 more events a scheme), as a daemon's store grows. The writer's part is
+read from its thread's own CPU clock (``pthread_getcpuclockid``), to the nanosecond; /proc's ticks, read
+before, moved in steps of 2.5 us a request.
 """
 
 import json
