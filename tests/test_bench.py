@@ -393,5 +393,29 @@ class ReportGuardsTest(unittest.TestCase):
         self.assertNotIn("steal", detail)  # the host's doing, not the bench's
 
 
+class BudgetTest(unittest.TestCase):
+    """A point the time budget cut short says so beside its runs; it is not an error of what was measured."""
+
+    def test_a_point_cut_short_by_the_budget_is_noted_and_its_runs_still_judged(self):
+        plan = measure.Plan(3, 3, [16], None, None, None, budget=-1)  # the budget is spent already
+        chosen = [t for t in targets.TARGETS if t.name in ("ceiling", "hookd")]
+        workload = [w for w in targets.WORKLOADS if w.name == "standard"][0]
+        points = {(t.name, 16): measure._new_point(t, workload, 16) for t in chosen}
+        for (name, _), point in points.items():
+            rps = 10000 if name == "ceiling" else 9000
+            point["runs"] = [_run(rps, stored=rps * 3, ok_2xx=rps * 3), _run(rps + 100, stored=rps * 3, ok_2xx=rps * 3)]
+        measure._interleave(plan, chosen, workload, {}, {}, points, lambda msg: None, None)
+        doc = {"points": list(points.values())}
+        report.add_ratios(doc["points"])
+        honesty = [v for v in report.verdicts(doc) if v[0].startswith("every request distinct")][0]
+        self.assertEqual((honesty[1], honesty[2]), (True, "all hookd points clean"))
+        notes = report._notes(points[("hookd", 16)], report.guards(doc["points"]))
+        self.assertIn("time budget ran out after 2 runs", notes)
+        # a point that got no run at all cannot vouch for anything
+        points[("hookd", 16)]["runs"] = []
+        measure._summarise(points[("hookd", 16)])
+        self.assertFalse([v for v in report.verdicts(doc) if v[0].startswith("every request distinct")][0][1])
+
+
 if __name__ == "__main__":
     unittest.main()

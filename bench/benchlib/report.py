@@ -322,8 +322,9 @@ def _workload_md(doc, w, seen):
 
 
 def _notes(p, seen):
-    """A point's notes: its flags, then what ``guards`` (``seen``) found beside its runs, then its runs."""
-    notes = p["flags"] + seen[_key(p)]
+    """A point's notes: its flags, the time budget's cut, then what ``guards`` (``seen``) found beside its
+    runs, then its runs."""
+    notes = p["flags"] + ([p["cut"]] if p.get("cut") else []) + seen[_key(p)]
     if p.get("close_delimited"):
         notes.append("%d wrk read errors not counted: each is a response ended by closing the connection"
                      % p["close_delimited"])
