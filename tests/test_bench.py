@@ -403,7 +403,7 @@ class BudgetTest(unittest.TestCase):
         points = {(t.name, 16): measure._new_point(t, workload, 16) for t in chosen}
         for (name, _), point in points.items():
             rps = 10000 if name == "ceiling" else 9000
-            point["runs"] = [_run(rps, stored=rps * 3, ok_2xx=rps * 3), _run(rps + 100, stored=rps * 3, ok_2xx=rps * 3)]
+            point["runs"] = [_run(rps + n, stored=rps * 3, ok_2xx=rps * 3) for n in (0, 100)]
         measure._interleave(plan, chosen, workload, {}, {}, points, lambda msg: None, None)
         doc = {"points": list(points.values())}
         report.add_ratios(doc["points"])
@@ -411,6 +411,12 @@ class BudgetTest(unittest.TestCase):
         self.assertEqual((honesty[1], honesty[2]), (True, "all hookd points clean"))
         notes = report._notes(points[("hookd", 16)], report.guards(doc["points"]))
         self.assertIn("time budget ran out after 2 runs", notes)
+        standard = report.verdicts(doc)[0]  # and beside the ratio that divides the two medians
+        self.assertIn("standard c=16: 0.90× (", standard[2])
+        self.assertIn("the ceiling's time budget ran out after 2 runs, hookd's time budget ran out after 2 runs",
+                      standard[2])
+        slow = {"points": [{"target": "hookd", "conns": 64, "x_naive": 14.6, "cut": "time budget ran out after 3 runs"}]}
+        self.assertEqual(report._slow_disk_target(slow)[1:], (True, "c=64: 14.6× (time budget ran out after 3 runs)"))
         # a point that got no run at all cannot vouch for anything
         points[("hookd", 16)]["runs"] = []
         measure._summarise(points[("hookd", 16)])

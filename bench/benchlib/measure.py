@@ -279,8 +279,9 @@ def _interleave(plan, targets, workload, servers, workdirs, points, log, settle)
             continue
         if time.monotonic() > plan.deadline:  # noted, not flagged: the runs taken are judged as they are
             for name, c in points:
-                if (name, c) not in stopped and len(points[(name, c)]["runs"]) < plan.runs:
-                    points[(name, c)]["cut"] = "time budget ran out after %d runs" % len(points[(name, c)]["runs"])
+                taken = len(points[(name, c)]["runs"])
+                if (name, c) not in stopped and taken < plan.runs:
+                    points[(name, c)]["cut"] = "time budget ran out after %d runs" % taken
             break
         server = servers[target.name]
         if not server.alive():

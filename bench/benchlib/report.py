@@ -96,13 +96,15 @@ def _times(x):
 def _unsteady(idx, p):
     """Said beside a ratio of ``p`` to the ceiling when the runs of either spread over SPREAD: then the
     medians divided are not readings of one steady machine (a bare server's runs spread that far only
-    when the host's speed changed between them; hookd's may also have a cause of its own). "" when
-    neither does."""
+    when the host's speed changed between them; hookd's may also have a cause of its own); and when the
+    time budget cut either short, the median of fewer runs. "" when neither."""
     parts = []
     for name, q in (("the ceiling", idx.get(("ceiling", p["workload"], p["conns"]))), ("hookd", p)):
         x = q and spread(q)
         if x and x > SPREAD:
             parts.append("%s's runs spread %s" % (name, _times(x)))
+        if q and q.get("cut"):
+            parts.append("%s's %s" % (name, q["cut"]))
     return ", ".join(parts)
 
 
@@ -203,7 +205,8 @@ def _slow_disk_target(slow):
                 (slow or {}).get("error", "not run"))
     pts = [p for p in slow["points"] if p["target"] == "hookd" and p.get("x_naive") is not None]
     at64 = [p for p in pts if p["conns"] == 64]
-    detail = ", ".join("c=%d: %s×" % (p["conns"], _fmt(p["x_naive"], 1)) for p in pts)
+    detail = ", ".join("c=%d: %s×%s" % (p["conns"], _fmt(p["x_naive"], 1), " (%s)" % p["cut"] if p.get("cut") else "")
+                       for p in pts)
     return ("slow disk (2 ms fsync): hookd ≥ 10× naive-durable at 64 connections",
             (at64[0]["x_naive"] >= 10) if at64 else None, detail)
 
