@@ -415,7 +415,8 @@ class BudgetTest(unittest.TestCase):
         self.assertIn("standard c=16: 0.90× (", standard[2])
         self.assertIn("the ceiling's time budget ran out after 2 runs, hookd's time budget ran out after 2 runs",
                       standard[2])
-        slow = {"points": [{"target": "hookd", "conns": 64, "x_naive": 14.6, "cut": "time budget ran out after 3 runs"}]}
+        slow = {"points": [{"target": "hookd", "conns": 64, "x_naive": 14.6,
+                            "cut": "time budget ran out after 3 runs"}]}
         self.assertEqual(report._slow_disk_target(slow)[1:], (True, "c=64: 14.6× (time budget ran out after 3 runs)"))
         # a point that got no run at all cannot vouch for anything
         points[("hookd", 16)]["runs"] = []

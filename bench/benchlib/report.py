@@ -93,7 +93,7 @@ def _times(x):
     return "%.2f×" % x if x != float("inf") else "from 0 req/s up"
 
 
-def _unsteady(idx, p):
+def _caveats(idx, p):
     """Said beside a ratio of ``p`` to the ceiling when the runs of either spread over SPREAD: then the
     medians divided are not readings of one steady machine (a bare server's runs spread that far only
     when the host's speed changed between them; hookd's may also have a cause of its own); and when the
@@ -109,15 +109,15 @@ def _unsteady(idx, p):
 
 
 def _ratio_detail(idx, p):
-    unsteady = _unsteady(idx, p)
+    caveats = _caveats(idx, p)
     return "%s c=%d: %s× (%s µs/req%s)" % (p["workload"], p["conns"], _fmt(p["ratio"]), _fmt(cpu_us(p), 0),
-                                           "; " + unsteady if unsteady else "")
+                                           "; " + caveats if caveats else "")
 
 
 def _p99_detail(idx, p):
-    unsteady = _unsteady(idx, p)
+    caveats = _caveats(idx, p)
     return "%s c=%d: %s×%s" % (p["workload"], p["conns"], _fmt(p["p99_ratio"]),
-                               " (%s)" % unsteady if unsteady else "")
+                               " (%s)" % caveats if caveats else "")
 
 
 def cpu_us(p):
@@ -205,8 +205,8 @@ def _slow_disk_target(slow):
                 (slow or {}).get("error", "not run"))
     pts = [p for p in slow["points"] if p["target"] == "hookd" and p.get("x_naive") is not None]
     at64 = [p for p in pts if p["conns"] == 64]
-    detail = ", ".join("c=%d: %s×%s" % (p["conns"], _fmt(p["x_naive"], 1), " (%s)" % p["cut"] if p.get("cut") else "")
-                       for p in pts)
+    detail = ", ".join("c=%d: %s×%s" % (p["conns"], _fmt(p["x_naive"], 1),
+                                         " (%s)" % p["cut"] if p.get("cut") else "") for p in pts)
     return ("slow disk (2 ms fsync): hookd ≥ 10× naive-durable at 64 connections",
             (at64[0]["x_naive"] >= 10) if at64 else None, detail)
 
